@@ -1,0 +1,55 @@
+"""The micro-batch contract between the data pipeline, the model and the losses.
+
+One micro-batch holds ``P`` preference pairs. Every image tile of a pair is stored once
+in ``pixel_values``; both of the pair's responses read the same vision features through
+``image_token_index``. Responses are identified by a *response slot*: slot ``i`` is the
+chosen response of pair ``i`` and slot ``P + i`` its rejected response. Token rows may
+hold one response each (unpacked: row ``r`` is slot ``r``) or a shared prompt followed by
+both responses (packed); the model and the losses only see slots, so both layouts give
+the same per-sequence log-probs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class PairBatch:
+    """A collated micro-batch. ``R`` token rows of length ``S``, ``T`` image tiles."""
+
+    input_ids: torch.Tensor  # [R, S] long; image positions hold the IMG_CONTEXT id
+    position_ids: torch.Tensor  # [R, S] long
+    labels: torch.Tensor  # [R, S] long; target of position t (token t+1), 0 where unused
+    response_index: torch.Tensor  # [R, S] long; slot whose log-prob sum label t adds to, -1 = none
+    image_token_index: torch.Tensor  # [R, S] long; row in the flat [T*tokens_per_tile] vision features, -1 = text
+    pixel_values: torch.Tensor  # [T, 3, H, W] float; T may be 0 (text-only micro-batch)
+    num_pairs: int  # P
+    attention_mask: Optional[torch.Tensor] = None  # [R, 1, S, S] bool, True = masked; None = causal
+    ref_chosen_logps: Optional[torch.Tensor] = None  # [P] float64/float32 reference sums
+    ref_rejected_logps: Optional[torch.Tensor] = None  # [P]
+    keys: list = field(default_factory=list)  # sample keys, for joins and debugging
+
+    @property
+    def num_slots(self) -> int:
+        return 2 * self.num_pairs
+
+    def to(self, device: torch.device) -> "PairBatch":
+        """A copy with every tensor on ``device``."""
+        moved = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            moved[f.name] = value.to(device) if isinstance(value, torch.Tensor) else value
+        return PairBatch(**moved)
+
+    def num_tokens(self) -> int:
+        """Tokens the model computes on (all positions of all rows)."""
+        return int(self.input_ids.numel())
+
+
+def causal_mask(seq_len: int) -> torch.Tensor:
+    """[1, 1, S, S] bool mask, True above the diagonal (megatron-core's convention)."""
+    return torch.ones(1, 1, seq_len, seq_len, dtype=torch.bool).triu(diagonal=1)

@@ -1,0 +1,246 @@
+"""Write MMPR-style preference data as deterministic WebDataset tar shards.
+
+Order of work: read every annotation (main process), select lines by ``repeat_time``
+(seeded per dataset), shuffle all selected occurrences once with the seed (so shards
+mix datasets), then check records and read their images in a process pool, in that
+order (``imap`` keeps it), and write shards of ``samples_per_shard`` accepted samples.
+
+Each sample is ``KEY.json`` (question with ``<image>`` placeholders, chosen, rejected,
+dataset, line, id, num_images, images, [max_dynamic_patch]) and ``KEY.img{i}.{ext}``
+holding the original image bytes. Keys are ``{dataset}-L{line}-r{occurrence}`` with no
+dots. Tar headers are fixed (mtime, owner, mode), so equal input and seed give equal
+bytes. Shards and ``index.json`` are written under a temporary name and renamed.
+Refused records are counted by reason and listed in ``refused.jsonl``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import multiprocessing
+import os
+import random
+import sys
+import tarfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, List, Optional
+
+from megatron_mpo.data.mmpr import SourceSpec, check_record, load_meta, read_annotation, safe_key_part, select_indices
+from megatron_mpo.errors import UserError
+
+INDEX_NAME = "index.json"
+REFUSED_NAME = "refused.jsonl"
+INDEX_FORMAT = "megatron_mpo.shards/1"
+TAR_MTIME = 946684800  # 2000-01-01: fixed so that shard bytes are reproducible
+
+
+@dataclass
+class MakeShardsConfig:
+    """What make_shards reads and how it writes."""
+
+    out: str
+    meta: Optional[str] = None  # MMPR meta.json ...
+    jsonl: Optional[str] = None  # ... or one annotation file
+    image_root: Optional[str] = None  # images of --jsonl (default: its folder)
+    name: Optional[str] = None  # dataset name of --jsonl (default: file stem)
+    samples_per_shard: int = 1000
+    seed: int = 0
+    workers: int = 1
+    progress: bool = True
+
+
+def shard_filename(index: int) -> str:
+    return f"shard-{index:06d}.tar"
+
+
+def _sources(config: MakeShardsConfig) -> List[SourceSpec]:
+    if (config.meta is None) == (config.jsonl is None):
+        raise UserError("give either --meta META.json or --jsonl FILE (with --image-root and --name)")
+    if config.meta is not None:
+        return load_meta(config.meta)
+    if not os.path.isfile(config.jsonl):
+        raise UserError(f"annotation file {config.jsonl} does not exist")
+    root = config.image_root or os.path.dirname(os.path.abspath(config.jsonl))
+    if not os.path.isdir(root):
+        raise UserError(f"image root {root} is not a directory")
+    name = config.name or os.path.splitext(os.path.basename(config.jsonl))[0]
+    return [SourceSpec(name, root, config.jsonl, 1.0, None)]
+
+
+def _plan(specs: List[SourceSpec], seed: int):
+    """All selected occurrences in output order, and per-source line counts."""
+    used = set()
+    prefixes = []
+    for i, spec in enumerate(specs):
+        prefix = safe_key_part(spec.name)
+        if prefix in used:
+            prefix = f"{prefix}{i}"
+        used.add(prefix)
+        prefixes.append(prefix)
+    tasks = []
+    stats = {}
+    for ds_index, spec in enumerate(specs):
+        lines = read_annotation(spec)
+        rng = random.Random(f"{seed}:{spec.name}")
+        picked = select_indices(len(lines), spec.repeat_time, rng)
+        occurrences: Counter = Counter()
+        for idx in picked:
+            line_no, raw = lines[idx]
+            occ = occurrences[line_no]
+            occurrences[line_no] += 1
+            tasks.append(
+                {
+                    "dataset": spec.name,
+                    "root": spec.root,
+                    "line": line_no,
+                    "raw": raw,
+                    "max_dynamic_patch": spec.max_dynamic_patch,
+                    "key": f"{prefixes[ds_index]}-L{line_no}-r{occ}",
+                }
+            )
+        stats[spec.name] = {
+            "annotation": spec.annotation,
+            "root": spec.root,
+            "repeat_time": spec.repeat_time,
+            "lines": len(lines),
+            "selected": len(picked),
+            "written": 0,
+            "refused": 0,
+        }
+        if spec.max_dynamic_patch is not None:
+            stats[spec.name]["max_dynamic_patch"] = spec.max_dynamic_patch
+    random.Random(seed).shuffle(tasks)
+    return tasks, stats
+
+
+def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = TAR_MTIME
+    info.mode = 0o444
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+class _ShardSink:
+    """Accepted samples -> shard-NNNNNN.tar files, each written atomically."""
+
+    def __init__(self, out: str, per_shard: int):
+        self.out, self.per_shard = out, per_shard
+        self.shards: List[Dict[str, object]] = []
+        self._tar: Optional[tarfile.TarFile] = None
+        self._count = 0
+
+    def add(self, key: str, meta: dict, images) -> None:
+        if self._tar is None:
+            name = shard_filename(len(self.shards))
+            self._tmp = os.path.join(self.out, name + ".tmp")
+            self._tar = tarfile.open(self._tmp, "w", format=tarfile.GNU_FORMAT)
+            self._count = 0
+        payload = json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8")
+        _tar_member(self._tar, f"{key}.json", payload)
+        for i, (ext, data) in enumerate(images):
+            _tar_member(self._tar, f"{key}.img{i}.{ext}", data)
+        self._count += 1
+        if self._count >= self.per_shard:
+            self.close()
+
+    def close(self) -> None:
+        if self._tar is None:
+            return
+        self._tar.close()
+        name = shard_filename(len(self.shards))
+        os.replace(self._tmp, os.path.join(self.out, name))
+        self.shards.append({"name": name, "samples": self._count})
+        self._tar = None
+
+
+def _results(tasks: List[dict], workers: int) -> Iterator[dict]:
+    if workers <= 1:
+        for task in tasks:
+            yield check_record(task)
+        return
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        yield from pool.imap(check_record, tasks, chunksize=8)
+
+
+def _write_json_atomic(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, ensure_ascii=False, indent=1, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def make_shards(config: MakeShardsConfig, log: Optional[Callable[[str], None]] = None) -> dict:
+    """Write the shards, ``refused.jsonl`` and ``index.json``; returns the index."""
+    if config.samples_per_shard < 1:
+        raise UserError("--samples-per-shard must be >= 1")
+    if config.workers < 1:
+        raise UserError("--workers must be >= 1")
+    if log is None:
+        log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    specs = _sources(config)
+    tasks, stats = _plan(specs, config.seed)
+    try:
+        os.makedirs(config.out, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create output directory {config.out}: {exc}") from None
+
+    sink = _ShardSink(config.out, config.samples_per_shard)
+    refused_counts: Counter = Counter()
+    refused_seen = set()
+    refused_rows = []
+    refused_samples = 0
+    total = len(tasks)
+    start = last = time.monotonic()
+    for done, (task, result) in enumerate(zip(tasks, _results(tasks, config.workers)), start=1):
+        if result["ok"]:
+            sink.add(task["key"], result["meta"], result["images"])
+            stats[task["dataset"]]["written"] += 1
+        else:
+            refused_samples += 1
+            stats[task["dataset"]]["refused"] += 1
+            ident = (task["dataset"], task["line"])
+            if ident not in refused_seen:  # a repeated bad line is reported once
+                refused_seen.add(ident)
+                refused_counts[result["reason"]] += 1
+                row = {"dataset": task["dataset"], "line": task["line"], "reason": result["reason"], "detail": result["detail"]}
+                if result.get("id") is not None:
+                    row["id"] = result["id"]
+                refused_rows.append(row)
+        now = time.monotonic()
+        if config.progress and (now - last >= 1.0 or done == total):
+            last = now
+            rate = done / max(now - start, 1e-9)
+            log(f"make_shards: {done}/{total} samples ({rate:.1f}/s), {refused_samples} refused")
+    sink.close()
+
+    with open(os.path.join(config.out, REFUSED_NAME + ".tmp"), "w", encoding="utf-8") as f:
+        for row in refused_rows:
+            f.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
+    os.replace(os.path.join(config.out, REFUSED_NAME + ".tmp"), os.path.join(config.out, REFUSED_NAME))
+
+    keep = {s["name"] for s in sink.shards}
+    for entry in os.listdir(config.out):  # shards of an earlier, larger run
+        if entry.startswith("shard-") and entry.endswith(".tar") and entry not in keep:
+            os.remove(os.path.join(config.out, entry))
+    index = {
+        "format": INDEX_FORMAT,
+        "shards": sink.shards,
+        "total": sum(int(s["samples"]) for s in sink.shards),
+        "seed": config.seed,
+        "samples_per_shard": config.samples_per_shard,
+        "sources": stats,
+        "refused": dict(sorted(refused_counts.items())),
+        "refused_samples": refused_samples,
+    }
+    _write_json_atomic(os.path.join(config.out, INDEX_NAME), index)
+    if refused_counts:
+        reasons = ", ".join(f"{k}={v}" for k, v in sorted(refused_counts.items()))
+        log(f"make_shards: refused {sum(refused_counts.values())} records ({reasons}); see {os.path.join(config.out, REFUSED_NAME)}")
+    log(f"make_shards: wrote {index['total']} samples in {len(sink.shards)} shards to {config.out}")
+    return index

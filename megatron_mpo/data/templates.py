@@ -1,0 +1,103 @@
+"""Chat templates of the InternVL family and the `<image>` placeholder rule.
+
+The strings reproduce InternVL's conversation templates (``internvl/conversation.py``,
+separator style MPT) so that a model fine-tuned by InternVL sees exactly the prompt it
+was trained on:
+
+    {bos?}<|im_start|>system\\n{system}{sep}<|im_start|>user\\n{question}{sep}<|im_start|>assistant\\n
+
+with ``sep = "<|im_end|>"`` for ``internlm2-chat`` / ``Hermes-2`` and ``"<|im_end|>\\n"``
+for ``internvl2_5``. A response is ``{text}<|im_end|>``; its ``<|im_end|>`` is trained
+(InternVL's ``preprocess_internvl2_5`` also leaves the trailing ``\\n`` unlabelled, so
+it is not part of a response here). InternVL prepends the tokenizer's BOS for
+``internlm2-chat`` and ``internvl2_5`` when the tokenizer adds one (InternLM2), never
+for ``Hermes-2``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+from megatron_mpo.errors import UserError
+
+IMAGE_PLACEHOLDER = "<image>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+IMG_START = "<img>"
+IMG_END = "</img>"
+IMG_CONTEXT = "<IMG_CONTEXT>"
+
+# InternVL2's system message (internlm2-chat, Hermes-2, phi3-chat).
+INTERNVL2_SYSTEM = "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
+# InternVL2.5's system message (template internvl2_5).
+INTERNVL2_5_SYSTEM = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """One ChatML-style template: how a question and a response become text."""
+
+    name: str
+    system_message: str
+    sep: str  # closes every turn
+    bos: bool  # prepend the tokenizer's BOS when the tokenizer adds one
+
+    def render_prompt(self, question: str, system_message: Optional[str] = None) -> str:
+        """The prompt text up to and including ``<|im_start|>assistant\\n``."""
+        system = self.system_message if system_message is None else system_message
+        return (
+            f"{IM_START}system\n{system}{self.sep}"
+            f"{IM_START}user\n{question}{self.sep}"
+            f"{IM_START}assistant\n"
+        )
+
+    def render_response(self, response: str) -> str:
+        """The trained text of a response: the answer and the end-of-turn token."""
+        return f"{response}{IM_END}"
+
+
+TEMPLATES: Dict[str, ChatTemplate] = {
+    "internlm2-chat": ChatTemplate("internlm2-chat", INTERNVL2_SYSTEM, IM_END, bos=True),
+    "Hermes-2": ChatTemplate("Hermes-2", INTERNVL2_SYSTEM, IM_END, bos=False),
+    "internvl2_5": ChatTemplate("internvl2_5", INTERNVL2_5_SYSTEM, IM_END + "\n", bos=True),
+}
+
+
+def get_template(name: str) -> ChatTemplate:
+    """The template called ``name``; a UserError names the known ones otherwise."""
+    try:
+        return TEMPLATES[name]
+    except KeyError:
+        raise UserError(f"unknown chat template {name!r}; known: {', '.join(sorted(TEMPLATES))}") from None
+
+
+def normalize_placeholders(question: str, num_images: int) -> Optional[str]:
+    """Make the question hold exactly one ``<image>`` per image, or None when it cannot.
+
+    Rule: a question that already holds ``num_images`` placeholders is kept; one that
+    holds none gets ``"<image>\\n"`` prepended once per image (InternVL's single-image
+    rule, extended); any other count (including placeholders in a text-only record) is
+    ambiguous and refused.
+    """
+    count = question.count(IMAGE_PLACEHOLDER)
+    if count == num_images:
+        return question
+    if count == 0:
+        return (IMAGE_PLACEHOLDER + "\n") * num_images + question
+    return None
+
+
+def expand_image_placeholders(text: str, tiles_per_image: list, tokens_per_tile: int) -> str:
+    """Text with each ``<image>`` replaced by ``<img>`` + ``<IMG_CONTEXT>`` x n + ``</img>``.
+
+    The pipeline builds the same token ids directly (without tokenizing thousands of
+    context tokens); this text form is for inspection and tests.
+    """
+    parts = text.split(IMAGE_PLACEHOLDER)
+    if len(parts) - 1 != len(tiles_per_image):
+        raise ValueError(f"{len(parts) - 1} placeholders for {len(tiles_per_image)} images")
+    out = [parts[0]]
+    for tiles, part in zip(tiles_per_image, parts[1:]):
+        out.append(IMG_START + IMG_CONTEXT * (tiles * tokens_per_tile) + IMG_END + part)
+    return "".join(out)

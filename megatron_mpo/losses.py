@@ -1,0 +1,496 @@
+"""Mixed Preference Optimization loss (arXiv 2411.10442), usable by any trainer.
+
+    L = w_p * L_p + w_q * L_q + w_g * L_g
+    r_c = beta * (log pi(y_c|x) - log pi_0(y_c|x)),  r_r likewise for the rejected response
+    L_p = preference loss on h = (log pi(y_c) - log pi_0(y_c)) - (log pi(y_r) - log pi_0(y_r))
+    L_q = -log sigmoid(r_c - delta) - log sigmoid(-(r_r - delta))     (BCO pair)
+    L_g = -log pi(y_c|x) / |y_c|                                      (SFT on the chosen response)
+
+Everything here is pure torch; torch.distributed is used only to all-reduce the reward
+shift ``delta`` over the data-parallel group, and megatron-core only for the optional
+vocab-parallel token log-prob helper. The preference variants follow TRL's
+``DPOTrainer.dpo_loss`` (v0.9-v0.28, huggingface/trl ``trl/trainer/dpo_trainer.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from megatron_mpo.errors import UserError
+
+__all__ = [
+    "PREFERENCE_LOSSES",
+    "DELTA_UPDATES",
+    "LossWeights",
+    "MPOLossConfig",
+    "RewardShift",
+    "mpo_loss",
+    "MPOLoss",
+    "preference_loss",
+    "sequence_log_probs",
+    "token_log_probs_from_vocab_parallel_logits",
+]
+
+PREFERENCE_LOSSES = ("sigmoid", "ipo", "hinge", "robust")
+DELTA_UPDATES = ("step", "micro_batch")
+METRIC_NAMES = (
+    "loss",
+    "loss_preference",
+    "loss_quality",
+    "loss_generation",
+    "reward_chosen",
+    "reward_rejected",
+    "reward_margin",
+    "reward_accuracy",
+    "delta",
+)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass
+class LossWeights:
+    """Weights of the three MPO terms; the paper / InternVL defaults are 0.8, 0.2, 1.0."""
+
+    preference: float = 0.8
+    quality: float = 0.2
+    generation: float = 1.0
+
+
+@dataclass
+class MPOLossConfig:
+    """Hyper-parameters of the MPO loss (names follow TRL's DPOConfig where one exists).
+
+    ``average_log_probs`` switches the preference and quality terms (and the reported
+    rewards) from per-sequence log-prob sums to per-token averages; the generation term
+    is always the per-token average. ``delta_update`` picks how the BCO reward shift is
+    kept, see :class:`RewardShift`.
+    """
+
+    beta: float = 0.1
+    preference: str = "sigmoid"
+    label_smoothing: float = 0.0
+    weights: LossWeights = field(default_factory=LossWeights)
+    average_log_probs: bool = False
+    delta_update: str = "step"
+
+    def __post_init__(self) -> None:
+        # Accept the weights as a mapping or a (preference, quality, generation) triple,
+        # which is what YAML / CLI layers naturally produce.
+        if isinstance(self.weights, Mapping):
+            unknown = sorted(set(self.weights) - {f.name for f in dataclasses.fields(LossWeights)})
+            if unknown:
+                raise UserError(
+                    f"unknown loss weight(s) {unknown}; the weights are preference, quality, generation"
+                )
+            self.weights = LossWeights(**self.weights)
+        elif isinstance(self.weights, (tuple, list)):
+            if len(self.weights) != 3:
+                raise UserError(
+                    f"loss weights must be 3 numbers (preference, quality, generation), got {list(self.weights)}"
+                )
+            self.weights = LossWeights(*self.weights)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`UserError` (one line: what is wrong, how to fix it) on a bad value."""
+        if self.preference not in PREFERENCE_LOSSES:
+            raise UserError(
+                f"unknown preference loss {self.preference!r}; choose one of {', '.join(PREFERENCE_LOSSES)}"
+            )
+        if not _is_number(self.beta) or not math.isfinite(self.beta) or self.beta <= 0:
+            raise UserError(f"beta must be a positive number (the paper uses 0.1), got {self.beta!r}")
+        if not _is_number(self.label_smoothing) or not 0.0 <= self.label_smoothing < 0.5:
+            raise UserError(
+                f"label_smoothing must be in [0, 0.5), got {self.label_smoothing!r}; use 0 to turn it off"
+            )
+        if self.label_smoothing > 0 and self.preference not in ("sigmoid", "robust"):
+            raise UserError(
+                f"label_smoothing={self.label_smoothing} has no effect with preference {self.preference!r}; "
+                "set it to 0 or use preference sigmoid or robust"
+            )
+        if not isinstance(self.weights, LossWeights):
+            raise UserError(
+                f"loss weights must be LossWeights, a mapping or 3 numbers, got {type(self.weights).__name__}"
+            )
+        for name in ("preference", "quality", "generation"):
+            w = getattr(self.weights, name)
+            if not _is_number(w) or not math.isfinite(w) or w < 0:
+                raise UserError(f"loss weight {name} must be a number >= 0, got {w!r}")
+        if self.weights.preference == 0 and self.weights.quality == 0 and self.weights.generation == 0:
+            raise UserError(
+                "all loss weights (preference, quality, generation) are 0; set at least one above 0 "
+                "(the paper uses 0.8, 0.2, 1.0)"
+            )
+        if not isinstance(self.average_log_probs, bool):
+            raise UserError(f"average_log_probs must be true or false, got {self.average_log_probs!r}")
+        if self.delta_update not in DELTA_UPDATES:
+            raise UserError(
+                f"unknown delta_update {self.delta_update!r}; choose one of {', '.join(DELTA_UPDATES)}"
+            )
+
+
+# --------------------------------------------------------------------------- reward shift
+
+
+def _active_group_size(group: Optional[dist.ProcessGroup]) -> int:
+    """World size of ``group``, or 1 when there is nothing to reduce over."""
+    if group is None or not dist.is_available() or not dist.is_initialized():
+        return 1
+    return dist.get_world_size(group)
+
+
+def _reduce_device(group: dist.ProcessGroup, hint: Optional[torch.device]) -> torch.device:
+    """NCCL groups can only reduce CUDA tensors; gloo reduces CPU ones."""
+    if dist.get_backend(group) == "nccl":
+        if hint is not None and hint.type == "cuda":
+            return hint
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+class RewardShift:
+    """The BCO reward shift ``delta``: a running mean of past rewards.
+
+    ``mode="step"`` (default; the paper's "moving average of previous rewards"): delta is
+    the mean of every reward (chosen and rejected, each counted once) of all *previous*
+    optimizer steps over the whole data-parallel group, and 0 during the first step. The
+    loss calls :meth:`observe` for each micro-batch; the trainer calls :meth:`end_step`
+    once per optimizer step, which all-reduces the step's (sum, count) and folds it in.
+    Sums are float64 and counts exact, so delta does not depend on the micro-batch size or
+    the data-parallel layout (up to float64 rounding). delta is constant within a step, so
+    reading it never synchronizes with the GPU.
+
+    ``mode="micro_batch"`` reproduces TRL's ``bco_pair`` (TRL v0.9.3-v0.28,
+    ``DPOTrainer.dpo_loss`` + ``trl.trainer.utils.RunningMoments``): before computing the
+    loss of every micro-batch, the scalar mean of that micro-batch's rewards
+    ``cat(r_c, r_r).mean()`` is pushed into a running mean; with several processes each
+    pushes its local micro-batch mean, they are summed over the group and the running
+    mean gets their average with weight = number of processes (``get_global_statistics``
+    over ``accelerator.reduce``). delta therefore includes the current micro-batch, is the
+    equally weighted mean of micro-batch means, and needs a collective (over ``group``)
+    inside every loss call. TRL keeps the running mean as a python float updated with
+    float32 arithmetic and a 1e-24 initial count; here it is float64 with count 0, which
+    agrees to float32 rounding. (TRL also updates during evaluation; call the loss with
+    ``update_shift=False`` there if that is not wanted. TRL >= 0.29 dropped the shift.)
+    """
+
+    def __init__(self, mode: str = "step", group: Optional[dist.ProcessGroup] = None) -> None:
+        if mode not in DELTA_UPDATES:
+            raise UserError(f"unknown delta_update {mode!r}; choose one of {', '.join(DELTA_UPDATES)}")
+        self.mode = mode
+        self.group = group
+        # Completed history: step mode -> sum and count of all rewards of finished steps;
+        # micro_batch mode -> running mean and number of (per-process) updates.
+        self._sum = 0.0
+        self._count = 0.0
+        self._mean = 0.0
+        # Current step (step mode only): a float64 tensor on the rewards' device (so
+        # observe() never syncs with the GPU) and an exact python count.
+        self._step_sum: Optional[torch.Tensor] = None
+        self._step_count = 0
+
+    # -- reading
+    def current(self) -> float:
+        """delta to use for the micro-batch being computed now."""
+        if self.mode == "step":
+            return self._sum / self._count if self._count > 0 else 0.0
+        return self._mean
+
+    # -- step mode
+    @torch.no_grad()
+    def observe(self, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> None:
+        """Accumulate this micro-batch's rewards into the running step (step mode)."""
+        if self.mode != "step":
+            raise RuntimeError("observe() is for delta_update='step'; micro_batch mode uses update()")
+        total = chosen_rewards.detach().double().sum() + rejected_rewards.detach().double().sum()
+        self._step_sum = total if self._step_sum is None else self._step_sum + total.to(self._step_sum.device)
+        self._step_count += chosen_rewards.numel() + rejected_rewards.numel()
+
+    @torch.no_grad()
+    def end_step(self, group: Optional[dist.ProcessGroup] = None) -> None:
+        """Fold the finished optimizer step into delta; call once per step on every DP rank.
+
+        ``group`` is the data-parallel group (defaults to the one given at construction).
+        It is a collective when the group has more than one rank. A no-op in micro_batch
+        mode, where the shift moves inside every loss call.
+        """
+        if self.mode != "step":
+            return
+        group = group if group is not None else self.group
+        hint = self._step_sum.device if self._step_sum is not None else None
+        if _active_group_size(group) > 1:
+            device = _reduce_device(group, hint)
+            stats = torch.zeros(2, dtype=torch.float64, device=device)
+            if self._step_sum is not None:
+                stats[0] = self._step_sum.to(device)
+            stats[1] = float(self._step_count)
+            dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
+            step_sum, step_count = stats.tolist()
+        else:
+            step_sum = float(self._step_sum.item()) if self._step_sum is not None else 0.0
+            step_count = float(self._step_count)
+        self._sum += step_sum
+        self._count += step_count
+        self._step_sum = None
+        self._step_count = 0
+
+    # -- micro_batch mode
+    @torch.no_grad()
+    def update(
+        self,
+        chosen_rewards: torch.Tensor,
+        rejected_rewards: torch.Tensor,
+        group: Optional[dist.ProcessGroup] = None,
+    ) -> None:
+        """Push this micro-batch's mean reward into the running mean (micro_batch mode, TRL rule)."""
+        if self.mode != "micro_batch":
+            raise RuntimeError("update() is for delta_update='micro_batch'; step mode uses observe()")
+        group = group if group is not None else self.group
+        local_mean = torch.cat((chosen_rewards.detach().reshape(-1), rejected_rewards.detach().reshape(-1)))
+        local_mean = local_mean.double().mean()
+        n = _active_group_size(group)
+        if n > 1:
+            device = _reduce_device(group, local_mean.device)
+            total = local_mean.to(device).reshape(1)
+            dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+            batch_mean = float(total.item()) / n
+        else:
+            batch_mean = float(local_mean.item())
+        new_count = self._count + n
+        self._mean += (batch_mean - self._mean) * n / new_count
+        self._count = new_count
+
+    # -- checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        """Plain python numbers, so it fits any checkpoint format.
+
+        Holds completed history only: save after :meth:`end_step` (step mode), which is
+        where trainers checkpoint anyway.
+        """
+        if self.mode == "step":
+            return {"mode": "step", "sum": float(self._sum), "count": float(self._count)}
+        return {"mode": "micro_batch", "mean": float(self._mean), "count": float(self._count)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore from :meth:`state_dict`; the mode must match this object's."""
+        mode = state.get("mode")
+        if mode != self.mode:
+            raise UserError(
+                f"the checkpoint's reward shift used delta_update={mode!r} but this run uses "
+                f"{self.mode!r}; set delta_update to {mode!r} to resume"
+            )
+        if mode == "step":
+            self._sum = float(state["sum"])
+        else:
+            self._mean = float(state["mean"])
+        self._count = float(state["count"])
+        self._step_sum = None
+        self._step_count = 0
+
+
+# --------------------------------------------------------------------------- the loss
+
+
+def preference_loss(h: torch.Tensor, config: MPOLossConfig) -> torch.Tensor:
+    """Per-pair preference loss on h = (pi_c - ref_c) - (pi_r - ref_r), as in TRL's dpo_loss.
+
+    sigmoid: -(1-ls) logsig(beta h) - ls logsig(-beta h)   (ls > 0 is TRL's conservative DPO)
+    robust:  (-(1-ls) logsig(beta h) + ls logsig(-beta h)) / (1 - 2 ls)
+    hinge:   relu(1 - beta h)
+    ipo:     (h - 1/(2 beta))^2
+    TRL feeds IPO per-token *averaged* log-probs (it divides by the token count whenever
+    "ipo" is selected); here IPO uses whatever form the config selects (sums by default),
+    so set ``average_log_probs=True`` to match TRL's IPO.
+    """
+    beta, ls = config.beta, config.label_smoothing
+    if config.preference == "sigmoid":
+        return -F.logsigmoid(beta * h) * (1 - ls) - F.logsigmoid(-beta * h) * ls
+    if config.preference == "robust":
+        return (-F.logsigmoid(beta * h) * (1 - ls) + F.logsigmoid(-beta * h) * ls) / (1 - 2 * ls)
+    if config.preference == "hinge":
+        return torch.relu(1 - beta * h)
+    if config.preference == "ipo":
+        return (h - 1 / (2 * beta)) ** 2
+    raise UserError(f"unknown preference loss {config.preference!r}; choose one of {', '.join(PREFERENCE_LOSSES)}")
+
+
+def mpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    chosen_lengths: torch.Tensor,
+    rejected_lengths: torch.Tensor,
+    config: MPOLossConfig,
+    reward_shift: RewardShift,
+    *,
+    update_shift: bool = True,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """MPO loss of one (micro-)batch: w_p*mean(L_p) + w_q*mean(L_q) + w_g*mean(L_g).
+
+    Inputs are shape [B]: per-sequence log-prob *sums* over the response tokens (policy
+    with grad, reference without) and response token counts. Returns the scalar loss and
+    detached metrics (batch means). A term whose weight is 0 is not computed (reported 0).
+    When the quality weight is > 0 and ``update_shift`` is true the reward shift is fed
+    (step mode: observe; micro_batch mode: update, a collective over its group). Pass
+    ``update_shift=False`` for evaluation.
+    """
+    dtype = torch.promote_types(policy_chosen_logps.dtype, torch.float32)
+    pc, pr = policy_chosen_logps.to(dtype), policy_rejected_logps.to(dtype)
+    rc, rr = ref_chosen_logps.detach().to(dtype), ref_rejected_logps.detach().to(dtype)
+    # A response with no tokens would divide by 0; such a sample contributes a 0 sum anyway.
+    n_c = chosen_lengths.to(device=pc.device, dtype=dtype).clamp(min=1)
+    n_r = rejected_lengths.to(device=pc.device, dtype=dtype).clamp(min=1)
+    if config.average_log_probs:
+        pc_s, pr_s, rc_s, rr_s = pc / n_c, pr / n_r, rc / n_c, rr / n_r
+    else:
+        pc_s, pr_s, rc_s, rr_s = pc, pr, rc, rr
+    chosen_logratio = pc_s - rc_s
+    rejected_logratio = pr_s - rr_s
+    chosen_rewards = config.beta * chosen_logratio
+    rejected_rewards = config.beta * rejected_logratio
+
+    w = config.weights
+    zero = pc.new_zeros(())
+    loss = zero
+
+    loss_p = zero
+    if w.preference > 0:
+        loss_p = preference_loss(chosen_logratio - rejected_logratio, config).mean()
+        loss = loss + w.preference * loss_p
+
+    loss_q = zero
+    if w.quality > 0:
+        if reward_shift.mode == "micro_batch":
+            if update_shift:
+                reward_shift.update(chosen_rewards, rejected_rewards)
+            delta = reward_shift.current()
+        else:
+            delta = reward_shift.current()  # previous steps only
+            if update_shift:
+                reward_shift.observe(chosen_rewards, rejected_rewards)
+        loss_q = (-F.logsigmoid(chosen_rewards - delta) - F.logsigmoid(-(rejected_rewards - delta))).mean()
+        loss = loss + w.quality * loss_q
+
+    loss_g = zero
+    if w.generation > 0:
+        loss_g = (-pc / n_c).mean()
+        loss = loss + w.generation * loss_g
+
+    with torch.no_grad():
+        cr, rj = chosen_rewards.detach(), rejected_rewards.detach()
+        metrics = {
+            "loss": loss.detach(),
+            "loss_preference": loss_p.detach(),
+            "loss_quality": loss_q.detach(),
+            "loss_generation": loss_g.detach(),
+            "reward_chosen": cr.mean(),
+            "reward_rejected": rj.mean(),
+            "reward_margin": (cr - rj).mean(),
+            "reward_accuracy": (cr > rj).to(dtype).mean(),
+            "delta": torch.tensor(reward_shift.current(), dtype=dtype, device=pc.device),
+        }
+    return loss, metrics
+
+
+class MPOLoss:
+    """``mpo_loss`` bundled with its :class:`RewardShift`, for trainers that want one object.
+
+    ``group`` is the data-parallel process group the shift is reduced over.
+    """
+
+    def __init__(self, config: MPOLossConfig, group: Optional[dist.ProcessGroup] = None) -> None:
+        config.validate()
+        self.config = config
+        self.reward_shift = RewardShift(config.delta_update, group=group)
+
+    def __call__(
+        self,
+        policy_chosen_logps: torch.Tensor,
+        policy_rejected_logps: torch.Tensor,
+        ref_chosen_logps: torch.Tensor,
+        ref_rejected_logps: torch.Tensor,
+        chosen_lengths: torch.Tensor,
+        rejected_lengths: torch.Tensor,
+        *,
+        update_shift: bool = True,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return mpo_loss(
+            policy_chosen_logps,
+            policy_rejected_logps,
+            ref_chosen_logps,
+            ref_rejected_logps,
+            chosen_lengths,
+            rejected_lengths,
+            self.config,
+            self.reward_shift,
+            update_shift=update_shift,
+        )
+
+    def end_step(self, group: Optional[dist.ProcessGroup] = None) -> None:
+        """Call once after every optimizer step (see :meth:`RewardShift.end_step`)."""
+        self.reward_shift.end_step(group)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"reward_shift": self.reward_shift.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.reward_shift.load_state_dict(state["reward_shift"])
+
+
+# --------------------------------------------------------------------------- log-prob helpers
+
+
+def sequence_log_probs(
+    token_log_probs: torch.Tensor, loss_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum per-token log-probs [B, S] over response tokens (``loss_mask`` true/1) -> (sums [B], counts [B]).
+
+    Masked positions are replaced by 0 rather than multiplied, so garbage there (e.g. from
+    label -100) cannot leak in as NaN. With context parallelism, all-reduce both outputs
+    over the CP group before calling :func:`mpo_loss`.
+    """
+    if token_log_probs.shape != loss_mask.shape:
+        raise ValueError(
+            f"token_log_probs {tuple(token_log_probs.shape)} and loss_mask {tuple(loss_mask.shape)} differ in shape"
+        )
+    mask = loss_mask.bool()
+    sums = torch.where(mask, token_log_probs, torch.zeros_like(token_log_probs)).sum(dim=-1)
+    counts = mask.sum(dim=-1)
+    return sums, counts
+
+
+def token_log_probs_from_vocab_parallel_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log p(label) per position from (tensor-parallel) vocab-sharded logits, without gathering the vocab.
+
+    ``logits`` has shape ``labels.shape + [V / tp]``: megatron-core 0.16 ``GPTModel.forward``
+    with ``labels=None`` returns [B, S, V/tp] (it transposes its internal [S, B, V/tp]),
+    so pass labels [B, S]; [S, B, V/tp] with labels [S, B] works too, the op is elementwise
+    over the leading dims. ``labels[..., t]`` must be the token that ``logits[..., t, :]``
+    predicts (already shifted). Positions with a label outside [0, V) (e.g. -100) get a
+    meaningless finite value: mask them out. Needs megatron ``parallel_state`` initialized
+    (TP=1 is fine). Caution: megatron's kernel works in place, so float32 ``logits`` are
+    overwritten (bf16/fp16 ones are copied by ``.float()``); pass a clone if you still need
+    them. Alternatively ``GPTModel(..., labels=labels)`` returns the same per-token cross
+    entropy [B, S] directly (negate it).
+    """
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    if logits.dim() != labels.dim() + 1 or logits.shape[:-1] != labels.shape:
+        raise ValueError(
+            f"logits {tuple(logits.shape)} must be labels {tuple(labels.shape)} plus a vocab dimension"
+        )
+    return -vocab_parallel_cross_entropy(logits.float(), labels)

@@ -1,0 +1,105 @@
+"""Process groups for tensor / pipeline / data parallelism (megatron-core parallel_state).
+
+The layout is computed once and passed around explicitly as a :class:`Layout`; modules
+that need a group take it from there rather than from globals of their own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from megatron_mpo import platform
+from megatron_mpo.errors import UserError
+
+
+@dataclass(frozen=True)
+class Layout:
+    """This rank's coordinates in the (DP, PP, TP) grid."""
+
+    tensor: int
+    pipeline: int
+    data: int
+    tensor_rank: int
+    pipeline_rank: int
+    data_rank: int
+    virtual_pipeline: Optional[int] = None
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pipeline_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pipeline_rank == self.pipeline - 1
+
+    @property
+    def data_group(self):
+        from megatron.core import parallel_state
+
+        return parallel_state.get_data_parallel_group()
+
+
+def check_divisible(world_size: int, tensor: int, pipeline: int) -> None:
+    """The world must be a whole number of TP x PP model replicas."""
+    if world_size % (tensor * pipeline) != 0:
+        raise UserError(
+            f"{world_size} processes cannot hold whole model replicas of tensor={tensor} x "
+            f"pipeline={pipeline}; launch a multiple of {tensor * pipeline} processes"
+        )
+
+
+def initialize(
+    tensor: int = 1,
+    pipeline: int = 1,
+    virtual_pipeline: Optional[int] = None,
+    seed: int = 1234,
+    device: str = "auto",
+) -> Layout:
+    """Start torch.distributed (if needed) and megatron-core's model-parallel groups."""
+    platform.setup(device)
+    platform.init_distributed()
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    world = torch.distributed.get_world_size()
+    check_divisible(world, tensor, pipeline)
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor,
+        pipeline_model_parallel_size=pipeline,
+        virtual_pipeline_model_parallel_size=virtual_pipeline,
+    )
+    # Same seed on every rank for replicated weights; megatron-core offsets the
+    # tensor-parallel stream per TP rank inside the tracker.
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+    return current_layout()
+
+
+def current_layout() -> Layout:
+    """The layout of the already-initialised parallel state."""
+    from megatron.core import parallel_state as ps
+
+    return Layout(
+        tensor=ps.get_tensor_model_parallel_world_size(),
+        pipeline=ps.get_pipeline_model_parallel_world_size(),
+        data=ps.get_data_parallel_world_size(),
+        tensor_rank=ps.get_tensor_model_parallel_rank(),
+        pipeline_rank=ps.get_pipeline_model_parallel_rank(),
+        data_rank=ps.get_data_parallel_rank(),
+        virtual_pipeline=ps.get_virtual_pipeline_model_parallel_world_size(),
+    )
+
+
+def shutdown() -> None:
+    """Tear down model-parallel groups and the default process group."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -1,0 +1,223 @@
+"""The one place that knows which device the job runs on.
+
+On a GPU machine this module is inert: CUDA + NCCL, megatron-core unchanged.
+
+On a CPU machine (development boxes, CI) it selects gloo and redirects the handful of
+CUDA-only calls megatron-core makes, so that real megatron-core code -- parallel_state,
+tensor-parallel layers, the pipeline schedules, the RNG tracker, DDP, the optimizer and
+dist_checkpointing -- runs unchanged:
+
+* a ``TorchFunctionMode`` maps any tensor factory / ``.to`` / ``.cuda`` asking for a CUDA
+  device onto the CPU (covers ``device="cuda"`` and ``device=torch.cuda.current_device()``);
+* ``torch.cuda.current_device`` / ``synchronize`` / ``get_rng_state`` / ``set_rng_state`` /
+  ``manual_seed`` answer for the CPU;
+* megatron-core's CUDA RNG helpers (``_get_cuda_rng_state`` / ``_set_cuda_rng_state``) swap
+  the CPU generator, so the model-parallel RNG tracker keeps distinct streams per rank;
+* ``Tensor.type()`` reports ``torch.cuda.*Tensor`` names, which megatron-core's
+  distributed optimizer checks for.
+
+Nothing else in the project names a device: ask :func:`device` instead.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from megatron_mpo.errors import UserError
+
+__all__ = [
+    "Platform",
+    "current",
+    "device",
+    "setup",
+    "init_distributed",
+    "cuda_available",
+    "require_gpu_feature",
+]
+
+
+@dataclass(frozen=True)
+class Platform:
+    """What the job runs on."""
+
+    kind: str  # "cuda" or "cpu"
+    backend: str  # "nccl" or "gloo"
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.kind == "cuda"
+
+
+_PLATFORM: Optional[Platform] = None
+_CPU_MODE: Optional[TorchFunctionMode] = None
+
+
+def cuda_available() -> bool:
+    """True when a usable CUDA device exists (ignores our CPU redirects)."""
+    return bool(torch.cuda.is_available()) and torch.cuda.device_count() > 0
+
+
+def current() -> Platform:
+    """The platform chosen by :func:`setup` (sets up with defaults on first use)."""
+    return _PLATFORM if _PLATFORM is not None else setup()
+
+
+def device() -> torch.device:
+    """The torch device tensors of this process live on."""
+    plat = current()
+    if plat.is_cuda:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def setup(prefer: str = "auto") -> Platform:
+    """Choose CUDA+NCCL or CPU+gloo once per process.
+
+    ``prefer`` is ``auto`` (CUDA when present), ``cuda`` (error without it) or ``cpu``
+    (force the CPU path even on a GPU machine; used by tests).
+    """
+    global _PLATFORM
+    if prefer not in ("auto", "cuda", "cpu"):
+        raise UserError(f"unknown device choice {prefer!r}: use auto, cuda or cpu")
+    if _PLATFORM is not None:
+        if prefer != "auto" and prefer != _PLATFORM.kind:
+            raise UserError(
+                f"platform already set up as {_PLATFORM.kind}; cannot switch to {prefer} "
+                "inside one process"
+            )
+        return _PLATFORM
+    if prefer == "cuda" and not cuda_available():
+        raise UserError("device 'cuda' requested but no CUDA GPU is visible on this machine")
+    if prefer != "cpu" and cuda_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        _PLATFORM = Platform("cuda", "nccl")
+    else:
+        _install_cpu_redirects()
+        _PLATFORM = Platform("cpu", "gloo")
+    return _PLATFORM
+
+
+def init_distributed(timeout_minutes: int = 30) -> None:
+    """Start the default process group from torchrun's environment (or a 1-rank group).
+
+    A single process without torchrun variables gets a world of one on a free local
+    port, so every code path -- including megatron-core's parallel_state -- is the same.
+    """
+    plat = current()
+    if torch.distributed.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    torch.distributed.init_process_group(
+        backend=plat.backend,
+        timeout=datetime.timedelta(minutes=timeout_minutes),
+    )
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (for single-node rendezvous)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def require_gpu_feature(feature: str, *, min_capability: tuple[int, int] = (0, 0)) -> None:
+    """Stop with one line when a GPU-only option is chosen on a machine that cannot run it."""
+    if not current().is_cuda:
+        raise UserError(f"{feature} needs an NVIDIA GPU, but this machine runs on CPU; turn it off")
+    cap = torch.cuda.get_device_capability()
+    if cap < min_capability:
+        need = ".".join(map(str, min_capability))
+        have = ".".join(map(str, cap))
+        raise UserError(
+            f"{feature} needs a GPU of compute capability >= {need} (Hopper or newer for FP8); "
+            f"this GPU is {have}"
+        )
+
+
+def synchronize() -> None:
+    """Wait for queued device work (no-op on CPU)."""
+    if current().is_cuda:
+        torch.cuda.synchronize()
+
+
+def max_memory_allocated() -> int:
+    """Peak bytes held by tensors on the device (CPU: process peak RSS)."""
+    if current().is_cuda:
+        return int(torch.cuda.max_memory_allocated())
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+# --------------------------------------------------------------------------------------
+# CPU redirects
+# --------------------------------------------------------------------------------------
+
+
+def _is_cuda_device(value: Any) -> bool:
+    if isinstance(value, torch.device):
+        return value.type == "cuda"
+    if isinstance(value, str):
+        return value == "cuda" or value.startswith("cuda:")
+    # An int device index means a CUDA ordinal in torch's factory functions.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class _CudaToCpu(TorchFunctionMode):
+    """Rewrites CUDA device requests to the CPU for every torch call made under it."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if ".cuda." not in name else name
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs = dict(kwargs, device="cpu")
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], "cpu") + tuple(args[2:])
+        return func(*args, **kwargs)
+
+
+def _install_cpu_redirects() -> None:
+    """Point megatron-core's CUDA-only calls at the CPU. Called once, only without CUDA."""
+    global _CPU_MODE
+    if _CPU_MODE is not None:
+        return
+
+    torch.cuda.current_device = lambda: 0  # used as a device index; mapped to CPU above
+    torch.cuda.synchronize = lambda *a, **k: None
+    torch.cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
+    torch.cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    # torch.manual_seed itself calls torch.cuda.manual_seed_all (lazy, harmless on CPU):
+    # redirecting only manual_seed keeps that call chain free of recursion.
+    torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
+    torch.cuda.empty_cache = lambda: None
+
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    def get_rng_state(device: Any = "cuda", clone: bool = False, graph_safe: bool = False):
+        state = torch.get_rng_state()
+        return state.clone() if clone else state
+
+    def set_rng_state(new_state: torch.Tensor, device: int = -1, graph_safe: bool = False):
+        torch.set_rng_state(new_state)
+
+    mcore_random._get_cuda_rng_state = get_rng_state
+    mcore_random._set_cuda_rng_state = set_rng_state
+
+    _CPU_MODE = _CudaToCpu()
+    _CPU_MODE.__enter__()  # process-wide; torch keeps the mode on its stack until exit

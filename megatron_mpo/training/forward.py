@@ -1,0 +1,111 @@
+"""The forward step shared by the trainer and the reference tool.
+
+megatron-core's pipeline schedules call ``forward_step(data_iterator, model)`` once per
+micro-batch on every stage. Every stage draws the same micro-batch (tensor and pipeline
+ranks of one replica read identical data); the first stage feeds token ids and image
+tiles, the last stage turns per-token losses into per-response log-prob sums and, when
+training, into the MPO loss. With ``forward_only=True`` (the reference tool) the same
+function only collects log-probs.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable, Iterator, Optional
+
+import torch
+
+from megatron_mpo import platform
+from megatron_mpo.batch import PairBatch
+from megatron_mpo.losses import MPOLoss
+
+
+def slot_log_probs(
+    token_nll: torch.Tensor, response_index: torch.Tensor, num_slots: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum per-token log-probs into response slots.
+
+    ``token_nll`` is megatron-core's per-token cross entropy ``-log p(label)`` [R, S]
+    (computed vocab-parallel: the full vocabulary is never gathered). Returns the
+    log-prob sum and token count of every slot; the layout of rows (unpacked or packed)
+    does not matter because ``response_index`` names the slot of each token.
+    """
+    index = response_index.reshape(-1)
+    keep = index >= 0
+    values = -token_nll.reshape(-1)[keep].float()
+    slots = index[keep]
+    sums = torch.zeros(num_slots, dtype=torch.float32, device=values.device).index_add(0, slots, values)
+    counts = torch.zeros(num_slots, dtype=torch.float32, device=values.device).index_add(
+        0, slots, torch.ones_like(values)
+    )
+    return sums, counts
+
+
+def _takes_images(model: torch.nn.Module) -> bool:
+    inner = model
+    while hasattr(inner, "module"):
+        inner = inner.module
+    return "pixel_values" in inspect.signature(inner.forward).parameters
+
+
+def model_inputs(model: torch.nn.Module, batch: PairBatch) -> dict:
+    """Keyword arguments of the model call for one micro-batch."""
+    kwargs = dict(
+        input_ids=batch.input_ids,
+        position_ids=batch.position_ids,
+        attention_mask=batch.attention_mask,
+        labels=batch.labels,
+    )
+    if _takes_images(model):
+        kwargs.update(pixel_values=batch.pixel_values, image_token_index=batch.image_token_index)
+    return kwargs
+
+
+def make_forward_step(
+    mpo: Optional[MPOLoss],
+    on_batch: Optional[Callable[[PairBatch], None]] = None,
+) -> Callable:
+    """Build the schedule's forward step.
+
+    ``mpo`` None means forward-only log-prob collection (no reference values needed).
+    ``on_batch`` sees every micro-batch drawn (the trainer counts samples and tokens).
+    """
+
+    def forward_step(data_iterator: Iterator[PairBatch], model: torch.nn.Module):
+        batch = next(data_iterator).to(platform.device())
+        if batch.attention_mask is None:
+            from megatron_mpo.batch import causal_mask
+
+            batch.attention_mask = causal_mask(batch.input_ids.shape[1]).to(platform.device())
+        if on_batch is not None:
+            on_batch(batch)
+        output = model(**model_inputs(model, batch))
+
+        def loss_func(token_nll: torch.Tensor):
+            sums, counts = slot_log_probs(token_nll, batch.response_index, batch.num_slots)
+            p = batch.num_pairs
+            chosen, rejected = sums[:p], sums[p:]
+            n_chosen, n_rejected = counts[:p], counts[p:]
+            collected = {
+                "policy_chosen_logps": chosen.detach(),
+                "policy_rejected_logps": rejected.detach(),
+                "chosen_tokens": n_chosen.detach(),
+                "rejected_tokens": n_rejected.detach(),
+                "keys": batch.keys,
+            }
+            if mpo is None:
+                return torch.zeros((), device=sums.device), collected
+            loss, metrics = mpo(
+                chosen,
+                rejected,
+                batch.ref_chosen_logps.to(sums.device).float(),
+                batch.ref_rejected_logps.to(sums.device).float(),
+                n_chosen,
+                n_rejected,
+            )
+            metrics = {**metrics, **collected}
+            return loss, metrics
+
+        return output, loss_func
+
+    return forward_step
