@@ -12,6 +12,7 @@ models, e.g. 56 for tiny test models).
 
 from __future__ import annotations
 
+import functools
 from typing import List, Tuple
 
 import numpy as np
@@ -20,9 +21,12 @@ from PIL import Image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+_MEAN = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
+_STD = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1)
 
 
-def candidate_grids(min_num: int, max_num: int) -> List[Tuple[int, int]]:
+@functools.lru_cache(maxsize=64)
+def candidate_grids(min_num: int, max_num: int) -> Tuple[Tuple[int, int], ...]:
     """Grids ``(cols, rows)`` in InternVL's visiting order (sorted by tile count)."""
     ratios = set(
         (i, j)
@@ -31,7 +35,7 @@ def candidate_grids(min_num: int, max_num: int) -> List[Tuple[int, int]]:
         for j in range(1, n + 1)
         if min_num <= i * j <= max_num
     )
-    return sorted(ratios, key=lambda x: x[0] * x[1])
+    return tuple(sorted(ratios, key=lambda x: x[0] * x[1]))
 
 
 def choose_grid(width: int, height: int, image_size: int, min_num: int = 1, max_num: int = 12) -> Tuple[int, int]:
@@ -79,14 +83,21 @@ def dynamic_preprocess(
 
 
 def normalize_tiles(tiles: List[Image.Image]) -> torch.Tensor:
-    """``[N, 3, S, S]`` float32 tensor of the tiles, ImageNet-normalised."""
+    """``[N, 3, S, S]`` float32 tensor of the tiles, ImageNet-normalised.
+
+    Same arithmetic as torchvision's ``ToTensor`` + ``Normalize`` (x / 255, - mean, / std),
+    done in place on one preallocated tensor.
+    """
     if not tiles:
         raise ValueError("no tiles")
-    array = np.stack([np.asarray(t.convert("RGB"), dtype=np.float32) for t in tiles])  # N,S,S,3
-    array *= 1.0 / 255.0
-    array -= np.asarray(IMAGENET_MEAN, dtype=np.float32)
-    array /= np.asarray(IMAGENET_STD, dtype=np.float32)
-    return torch.from_numpy(np.ascontiguousarray(array.transpose(0, 3, 1, 2)))
+    width, height = tiles[0].size
+    out = torch.empty(len(tiles), 3, height, width, dtype=torch.float32)
+    for k, tile in enumerate(tiles):
+        rgb = tile if tile.mode == "RGB" else tile.convert("RGB")
+        out[k].copy_(torch.from_numpy(np.array(rgb)).permute(2, 0, 1))
+    out.div_(255.0)
+    out.sub_(_MEAN).div_(_STD)
+    return out
 
 
 def image_to_tiles(

@@ -1,0 +1,60 @@
+"""The data pipeline's settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Union
+
+from megatron_mpo.errors import UserError
+
+
+@dataclass
+class DataConfig:
+    """Where the shards are and how samples become micro-batches.
+
+    ``micro_batch`` counts preference pairs (2 responses each). ``image_size`` and
+    ``tokens_per_tile`` must match the vision model (448 / 256 for released InternVL2).
+    ``max_tiles`` is the per-sample tile budget (a sample's ``max_dynamic_patch``, set by
+    make_shards from the meta file, takes precedence), split across the images of a
+    multi-image sample. ``epochs=None`` streams forever (epoch after epoch).
+    """
+
+    shards: Union[str, List[str]] = ""
+    ref_logps: Optional[str] = None  # folder of per-shard sidecars (megatron_mpo.data.refs)
+    on_missing_ref: str = "skip"  # "skip" (count missing_ref) or "error"
+    max_length: int = 4096
+    max_tiles: int = 6
+    min_tiles: int = 1
+    use_thumbnail: bool = True
+    template: str = "internvl2_5"
+    system_message: Optional[str] = None  # None: the template's own
+    num_workers: int = 2
+    prefetch_factor: int = 2
+    shuffle_buffer: int = 1000  # samples; 0 or 1 keeps shard order
+    shuffle_shards: bool = True
+    seed: int = 1234
+    micro_batch: int = 1  # pairs per micro-batch
+    image_size: int = 448
+    tokens_per_tile: int = 256
+    pad_multiple: int = 1
+    layout: str = "unpacked"  # or "packed"
+    epochs: Optional[int] = None
+    drop_last: bool = False  # drop a worker's last, smaller micro-batch of an epoch
+    warn_bad_shards: bool = True
+
+    def __post_init__(self):
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise UserError(f"data config: {msg}")
+
+        need(self.on_missing_ref in ("skip", "error"), "on_missing_ref must be 'skip' or 'error'")
+        need(self.layout in ("unpacked", "packed"), "layout must be 'unpacked' or 'packed'")
+        need(self.max_length >= 2, "max_length must be >= 2")
+        need(1 <= self.min_tiles <= self.max_tiles, "need 1 <= min_tiles <= max_tiles")
+        need(self.num_workers >= 0, "num_workers must be >= 0")
+        need(self.prefetch_factor >= 1, "prefetch_factor must be >= 1")
+        need(self.shuffle_buffer >= 0, "shuffle_buffer must be >= 0")
+        need(self.micro_batch >= 1, "micro_batch must be >= 1")
+        need(self.image_size >= 1 and self.tokens_per_tile >= 1, "image_size and tokens_per_tile must be >= 1")
+        need(self.pad_multiple >= 1, "pad_multiple must be >= 1")
+        need(self.epochs is None or self.epochs >= 1, "epochs must be None (forever) or >= 1")

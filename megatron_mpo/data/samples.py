@@ -1,0 +1,177 @@
+"""One shard sample -> one tokenized preference pair (prompt ids, two responses, tiles).
+
+Every ``<image>`` placeholder becomes ``<img>`` + ``<IMG_CONTEXT>`` x (tiles x
+tokens_per_tile) + ``</img>``, built as ids. Length control never cuts an image: a pair
+whose prompt leaves no room for a response token within ``max_length`` is dropped
+(``prompt_too_long``); responses that do not fit are cut from the end
+(``response_truncated``, the pair is kept). Tile counts come from image headers, so an
+over-long sample is dropped before its pixels are decoded.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from PIL import Image
+
+from megatron_mpo.data.templates import IMAGE_PLACEHOLDER, ChatTemplate, normalize_placeholders
+from megatron_mpo.data.tiling import count_tiles, image_to_tiles, tiles_per_image
+from megatron_mpo.data.tokenizer import Tokenizer
+
+
+class SampleError(Exception):
+    """A sample that cannot be used; ``reason`` is the skip-count key."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+@dataclass
+class TokenizedPair:
+    """A preference pair ready for collation; both responses share prompt and tiles."""
+
+    key: str  # "shard/key"
+    prompt: List[int]
+    chosen: List[int]
+    rejected: List[int]
+    pixel_values: torch.Tensor  # [tiles, 3, S, S]; tiles may be 0
+    ref_chosen: Optional[float] = None
+    ref_rejected: Optional[float] = None
+    flags: List[str] = field(default_factory=list)  # counted events that did not drop it
+
+    @property
+    def num_tiles(self) -> int:
+        return int(self.pixel_values.shape[0])
+
+
+@dataclass
+class PairBuilder:
+    """Tokenizes and tiles samples for one tokenizer/template/tiling setting."""
+
+    tokenizer: Tokenizer
+    template: ChatTemplate
+    max_length: int
+    max_tiles: int
+    image_size: int
+    tokens_per_tile: int
+    min_tiles: int = 1
+    use_thumbnail: bool = True
+    system_message: Optional[str] = None
+
+    def __post_init__(self):
+        # The text after the prompt's last special token ("assistant\n"): responses are
+        # tokenized as its continuation, as InternVL tokenizes "assistant\n{response}".
+        tail = self.tokenizer.split_special(self.template.render_prompt("x", self.system_message))[-1]
+        self._response_prefix = tail if tail not in self.tokenizer.special_ids else ""
+
+    # -- pieces ---------------------------------------------------------------------------
+    def prompt_ids(self, question: str, tiles: Sequence[int]) -> List[int]:
+        """Prompt ids with image tokens for images of ``tiles[i]`` tiles each."""
+        tok = self.tokenizer
+        text = self.template.render_prompt(question, self.system_message)
+        parts = text.split(IMAGE_PLACEHOLDER)
+        if len(parts) - 1 != len(tiles):
+            raise SampleError("placeholder_mismatch", f"{len(parts) - 1} placeholders, {len(tiles)} images")
+        ids: List[int] = [tok.bos_id] if (self.template.bos and tok.add_bos) else []
+        ids += tok.encode(parts[0])
+        for n, part in zip(tiles, parts[1:]):
+            ids.append(tok.img_start_id)
+            ids.extend([tok.img_context_id] * (n * self.tokens_per_tile))
+            ids.append(tok.img_end_id)
+            ids += tok.encode(part)
+        return ids
+
+    def response_ids(self, response: str) -> List[int]:
+        """Ids of a response including its end-of-turn token."""
+        return self.tokenizer.encode_continuation(self._response_prefix, self.template.render_response(response))
+
+    def fit(self, prompt: List[int], chosen: List[int], rejected: List[int]) -> Tuple[List[int], List[int], bool]:
+        """Cut responses so prompt + response <= max_length; SampleError if none fits."""
+        room = self.max_length - len(prompt)
+        if room < 1:
+            raise SampleError("prompt_too_long", f"prompt {len(prompt)} tokens, max_length {self.max_length}")
+        truncated = len(chosen) > room or len(rejected) > room
+        return chosen[:room], rejected[:room], truncated
+
+    def _check_image_tokens(self, prompt: List[int], chosen: List[int], rejected: List[int], tiles: Sequence[int]) -> None:
+        """Refuse text that spells image tokens itself (it would shift the image features)."""
+        tok = self.tokenizer
+        image_ids = (tok.img_start_id, tok.img_end_id, tok.img_context_id)
+        expected = (len(tiles), len(tiles), sum(tiles) * self.tokens_per_tile)
+        if tuple(prompt.count(i) for i in image_ids) != expected or any(
+            i in image_ids for ids in (chosen, rejected) for i in ids
+        ):
+            raise SampleError("image_token_in_text", "the text contains <img>, </img> or <IMG_CONTEXT>")
+
+    # -- whole sample ---------------------------------------------------------------------
+    def build(
+        self,
+        key: str,
+        meta: dict,
+        image_bytes: Sequence[bytes],
+        ref: Optional[Tuple[float, float]] = None,
+    ) -> TokenizedPair:
+        """A pair from a sample's JSON and its image bytes; SampleError on bad data."""
+        question, chosen, rejected = meta.get("question"), meta.get("chosen"), meta.get("rejected")
+        for name, value in (("question", question), ("chosen", chosen), ("rejected", rejected)):
+            if not isinstance(value, str) or not value:
+                raise SampleError("missing_field", name)
+        question = normalize_placeholders(question, len(image_bytes))
+        if question is None:
+            raise SampleError("placeholder_mismatch", f"{len(image_bytes)} images")
+        max_tiles = meta.get("max_dynamic_patch") or self.max_tiles
+        budget = tiles_per_image(int(max_tiles), len(image_bytes))
+        images = []
+        tiles = []
+        for data in image_bytes:
+            try:
+                img = Image.open(io.BytesIO(data))  # header only: size without decoding
+                width, height = img.size
+            except Exception as exc:
+                raise SampleError("bad_image", str(exc)) from None
+            if width < 1 or height < 1:
+                raise SampleError("bad_image", "empty image")
+            images.append(img)
+            tiles.append(count_tiles(width, height, self.image_size, budget, self.min_tiles, self.use_thumbnail))
+        prompt = self.prompt_ids(question, tiles)
+        chosen_ids, rejected_ids = self.response_ids(chosen), self.response_ids(rejected)
+        self._check_image_tokens(prompt, chosen_ids, rejected_ids, tiles)
+        chosen_ids, rejected_ids, truncated = self.fit(prompt, chosen_ids, rejected_ids)
+        pixel = []
+        for img, n in zip(images, tiles):
+            try:
+                img.load()
+                t = image_to_tiles(img, self.image_size, budget, self.min_tiles, self.use_thumbnail)
+            except Exception as exc:
+                raise SampleError("bad_image", str(exc)) from None
+            assert t.shape[0] == n, (t.shape, n)
+            pixel.append(t)
+        pixel_values = torch.cat(pixel) if pixel else torch.zeros(0, 3, self.image_size, self.image_size)
+        pair = TokenizedPair(key, prompt, chosen_ids, rejected_ids, pixel_values)
+        if ref is not None:
+            pair.ref_chosen, pair.ref_rejected = float(ref[0]), float(ref[1])
+        if truncated:
+            pair.flags.append("response_truncated")
+        return pair
+
+
+def build_pair_builder(config, tokenizer: Tokenizer) -> PairBuilder:
+    """A PairBuilder from a DataConfig."""
+    from megatron_mpo.data.templates import get_template
+
+    return PairBuilder(
+        tokenizer=tokenizer,
+        template=get_template(config.template),
+        max_length=config.max_length,
+        max_tiles=config.max_tiles,
+        image_size=config.image_size,
+        tokens_per_tile=config.tokens_per_tile,
+        min_tiles=config.min_tiles,
+        use_thumbnail=config.use_thumbnail,
+        system_message=config.system_message,
+    )
+

@@ -1,0 +1,167 @@
+"""Step metrics: reduce across ranks, then JSONL + TensorBoard + W&B + one console line.
+
+Loss metrics exist only on the last pipeline stage; every rank takes part in one
+all-reduce so that rank 0 (which writes) sees the data-parallel mean.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from megatron_mpo import platform
+from megatron_mpo.errors import UserError
+
+# Per-step scalars averaged over micro-batches and data-parallel replicas.
+LOSS_KEYS = (
+    "loss",
+    "loss_preference",
+    "loss_quality",
+    "loss_generation",
+    "reward_chosen",
+    "reward_rejected",
+    "reward_margin",
+    "reward_accuracy",
+    "delta",
+)
+CONSOLE_KEYS = ("loss", "loss_preference", "loss_quality", "loss_generation", "reward_margin", "reward_accuracy", "delta")
+
+
+def reduce_loss_metrics(per_microbatch: list[dict], is_last_stage: bool, tensor_rank: int) -> dict:
+    """Mean of LOSS_KEYS over micro-batches and replicas, the same on every rank."""
+    values = torch.zeros(len(LOSS_KEYS) + 1, dtype=torch.float64, device=platform.device())
+    if is_last_stage and tensor_rank == 0 and per_microbatch:
+        for i, key in enumerate(LOSS_KEYS):
+            values[i] = sum(float(m[key]) for m in per_microbatch) / len(per_microbatch)
+        values[-1] = 1.0
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(values)
+    weight = float(values[-1]) or 1.0
+    return {key: float(values[i]) / weight for i, key in enumerate(LOSS_KEYS)}
+
+
+def global_sum(numbers: dict[str, float]) -> dict[str, float]:
+    """Sum named numbers over all ranks (counts such as skipped samples)."""
+    if not numbers:
+        return {}
+    keys = sorted(numbers)
+    tensor = torch.tensor([float(numbers[k]) for k in keys], dtype=torch.float64, device=platform.device())
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(tensor)
+    return {k: float(v) for k, v in zip(keys, tensor.tolist())}
+
+
+class MetricsLogger:
+    """Writes one JSON object per logged step; optional TensorBoard and W&B sinks.
+
+    Only the writer rank (global rank 0) opens files. The JSONL file is appended to, so a
+    resumed run continues the same file; entries of steps after the resume point that a
+    crashed run had already written are dropped first, so every step appears once.
+    """
+
+    def __init__(
+        self,
+        jsonl: Optional[str],
+        tensorboard: Optional[str],
+        wandb_project: Optional[str],
+        is_writer: bool,
+        run_config: Optional[dict] = None,
+        resume_step: int = 0,
+    ) -> None:
+        self.is_writer = is_writer
+        self._file = None
+        self._tb = None
+        self._wandb = None
+        if not is_writer:
+            return
+        if jsonl:
+            path = Path(jsonl)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _truncate_after(path, resume_step)
+            self._file = path.open("a")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise UserError(
+                    "logging.tensorboard is set but tensorboard is not installed: "
+                    "pip install tensorboard (or the [tracking] extra)"
+                ) from None
+            self._tb = SummaryWriter(tensorboard)
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                raise UserError(
+                    "logging.wandb_project is set but wandb is not installed: pip install wandb"
+                ) from None
+            self._wandb = wandb.init(project=wandb_project, config=run_config or {}, resume="allow")
+
+    def log(self, step: int, metrics: dict) -> None:
+        if not self.is_writer:
+            return
+        record = {"step": step, **metrics}
+        if self._file is not None:
+            self._file.write(json.dumps(record, sort_keys=False) + "\n")
+            self._file.flush()
+        flat = {k: v for k, v in _flatten(metrics).items() if isinstance(v, (int, float))}
+        if self._tb is not None:
+            for key, value in flat.items():
+                self._tb.add_scalar(key, value, step)
+        if self._wandb is not None:
+            self._wandb.log(flat, step=step)
+        print(console_line(step, metrics), file=sys.stdout, flush=True)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def console_line(step: int, m: dict) -> str:
+    parts = [f"step {step}"]
+    for key in CONSOLE_KEYS:
+        if key in m:
+            parts.append(f"{key} {m[key]:.4f}")
+    for key, fmt in (("lr", "{:.3g}"), ("grad_norm", "{:.3f}"), ("samples_per_s", "{:.2f}"), ("tokens_per_s", "{:.0f}"), ("mfu", "{:.4f}")):
+        if key in m and m[key] is not None and not (isinstance(m[key], float) and math.isnan(m[key])):
+            parts.append(f"{key} " + fmt.format(m[key]))
+    skipped = {k: int(v) for k, v in (m.get("skipped") or {}).items() if v}
+    if skipped:
+        parts.append("skipped " + ",".join(f"{k}={v}" for k, v in sorted(skipped.items())))
+    return " | ".join(parts)
+
+
+def _flatten(metrics: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}/"))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    """Keep only records of steps <= ``step`` (what the checkpoint being resumed saw)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except json.JSONDecodeError:
+            continue  # a half-written last line from a killed run
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)

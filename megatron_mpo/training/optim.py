@@ -1,0 +1,115 @@
+"""Data-parallel wrapping, optimizer and learning-rate schedule, all from megatron-core.
+
+megatron-core's DistributedDataParallel keeps gradients in contiguous fp32 buffers and
+its DistributedOptimizer shards fp32 master weights and Adam moments across data-parallel
+ranks (ZeRO-1). The Adam kernel is Transformer Engine's or apex's fused one when present,
+torch AdamW otherwise -- megatron-core makes that choice at import time.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from megatron_mpo.config import PrecisionSection, TrainSection
+from megatron_mpo.errors import UserError
+
+FREEZABLE = {"vision": "vision_model", "projector": "projector", "language": "language_model"}
+
+
+def freeze(model: torch.nn.Module, parts: list[str]) -> int:
+    """Turn off gradients for the named parts; returns how many parameters were frozen.
+
+    Frozen parameters never enter the gradient buffers or the optimizer.
+    """
+    frozen = 0
+    for part in parts:
+        prefix = FREEZABLE[part]
+        for name, param in model.named_parameters():
+            if name == prefix or name.startswith(prefix + "."):
+                param.requires_grad_(False)
+                frozen += param.numel()
+    return frozen
+
+
+def wrap_data_parallel(model_chunks: list[torch.nn.Module], precision: PrecisionSection) -> list:
+    """Wrap each chunk in megatron-core DDP with a distributed-optimizer grad buffer."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        use_distributed_optimizer=True,
+        overlap_grad_reduce=False,
+        check_for_nan_in_grad=False,  # the loop skips non-finite steps itself
+    )
+    wrapped = []
+    for index, chunk in enumerate(model_chunks):
+        wrapped.append(
+            DistributedDataParallel(
+                config=chunk.config,
+                ddp_config=ddp_config,
+                module=chunk,
+                # Only the first chunk's buckets may be skipped by overlap logic; keep all.
+                disable_bucketing=index > 0,
+            )
+        )
+    return wrapped
+
+
+def build_optimizer(model_chunks: list, train: TrainSection, precision: PrecisionSection):
+    """megatron-core's DistributedOptimizer (bf16 params keep fp32 master weights)."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    if not any(p.requires_grad for chunk in model_chunks for p in chunk.parameters()):
+        raise UserError("no trainable parameters on this rank: check model.freeze")
+    config = OptimizerConfig(
+        optimizer="adam",
+        lr=train.lr,
+        min_lr=train.min_lr,
+        weight_decay=train.weight_decay,
+        adam_beta1=train.adam_beta1,
+        adam_beta2=train.adam_beta2,
+        adam_eps=1e-8,
+        clip_grad=train.clip_grad,
+        bf16=precision.dtype == "bf16",
+        params_dtype=torch.bfloat16 if precision.dtype == "bf16" else torch.float32,
+        use_distributed_optimizer=True,
+    )
+    return get_megatron_optimizer(config, model_chunks)
+
+
+def warmup_steps(train: TrainSection, total_steps: int) -> int:
+    """``train.warmup`` is a fraction of the run when < 1, else a step count."""
+    if train.warmup < 1:
+        return int(math.ceil(train.warmup * total_steps)) if train.warmup > 0 else 0
+    return int(train.warmup)
+
+
+def build_scheduler(optimizer, train: TrainSection, total_steps: int):
+    """megatron-core's OptimizerParamScheduler: linear warmup then cosine/linear/constant."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    warm = min(warmup_steps(train, total_steps), max(total_steps - 1, 0))
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if warm > 0 else train.lr,
+        max_lr=train.lr,
+        min_lr=train.min_lr,
+        lr_warmup_steps=warm,
+        lr_decay_steps=max(total_steps, warm + 1),
+        lr_decay_style=train.schedule,
+        start_wd=train.weight_decay,
+        end_wd=train.weight_decay,
+        wd_incr_steps=max(total_steps, 1),
+        wd_incr_style="constant",
+    )
+
+
+def grads_are_finite(model_chunks: list) -> bool:
+    """True when every local gradient buffer is finite (checked before the step)."""
+    for chunk in model_chunks:
+        for buffer in getattr(chunk, "buffers", []) or []:
+            if not torch.isfinite(buffer.grad_data).all():
+                return False
+    return True
