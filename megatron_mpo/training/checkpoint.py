@@ -1,0 +1,657 @@
+"""Training checkpoints on megatron-core ``dist_checkpointing``.
+
+On-disk layout of ``save_dir``::
+
+    latest                      text: name of the newest complete checkpoint ("step_000000123")
+    step_000000123/             one complete checkpoint (only ever appears by an atomic rename)
+        metadata.json, common.pt, __*.distcp, ...   the dist_checkpointing tree
+        common.json             {"format", "step", "world_size", "tensor", "pipeline", "data",
+                                 "virtual_pipeline", "has_optimizer", "common": <caller's dict>}
+        rank_00000.pt ...       per-rank extras (RNG states, loader position), torch.save'd
+    .tmp_step_000000124/        a save in progress (or a crashed one: removed on the next save)
+
+The dist_checkpointing tree holds the model chunks under the state-dict keys ``model``
+(one chunk) or ``model0``, ``model1``, ... (virtual pipeline chunks) and the optimizer
+under ``optimizer``. Tensor keys inside the tree are the model's own parameter names
+(``decoder.layers.0.mlp.linear_fc1.weight``; layer numbers are global, so TP/PP/VPP can
+change between save and load) and ``optimizer.*`` for optimizer state. A *model-only*
+directory (:func:`save_model_weights`, used by the HF converter) is the same tree without
+the optimizer and without ``common.json``, so :func:`load_model_weights` reads either.
+
+A save writes everything into ``.tmp_<name>/``; once every rank is done, rank 0 fsyncs it,
+renames it into place and then replaces ``latest``. A crash at any point leaves the previous
+checkpoint complete and ``latest`` naming it.
+
+The distributed optimizer is saved as ``dp_reshardable`` (Megatron-LM's default): its state
+resumes at the same TP/PP/VPP layout, with any data-parallel size. Three megatron-core
+0.16.1 defects on the torch-Adam path (no apex / Transformer Engine, e.g. on CPU) are worked
+around here; see :func:`_prime_optimizer_state`, :func:`_restore_adam_steps` and the
+``no_grad`` in :func:`_load_dist_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from megatron_mpo import platform
+from megatron_mpo.errors import UserError
+
+__all__ = [
+    "CheckpointManager",
+    "PreemptionFlag",
+    "capture_rng_state",
+    "restore_rng_state",
+    "load_model_weights",
+    "save_model_weights",
+    "unwrap_model",
+    "is_model_dir",
+    "is_training_checkpoint",
+]
+
+FORMAT = "megatron_mpo.checkpoint/1"
+LATEST = "latest"
+COMMON = "common.json"
+TMP_PREFIX = ".tmp_"
+_STEP_RE = re.compile(r"^step_(\d{9,})$")
+_DIST_METADATA = "metadata.json"  # written last by dist_checkpointing.save
+
+# How model and optimizer turn into sharded state dicts (Megatron-LM's defaults since
+# mcore 0.14). ``dp_reshardable`` saves the distributed optimizer's buffers as they are:
+# fully parallel, no gather, reshardable across data-parallel size only.
+SHARDING_METADATA = {
+    "distrib_optim_sharding_type": "dp_reshardable",
+    "singleton_local_shards": False,
+    "chained_optim_avoid_prefix": True,
+}
+
+
+# --------------------------------------------------------------------------------------
+# small helpers
+# --------------------------------------------------------------------------------------
+
+
+def _dist() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if _dist() else 0
+
+
+def _world() -> int:
+    return torch.distributed.get_world_size() if _dist() else 1
+
+
+def _barrier() -> None:
+    if _dist():
+        torch.distributed.barrier()
+
+
+def _fsync_path(path: Path) -> None:
+    """fsync a file or directory (directories make renames and new entries durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            _fsync_path(Path(dirpath) / name)
+        _fsync_path(Path(dirpath))
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write a small file so readers see the old or the new content, never a torn one."""
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_path(path.parent)
+
+
+def _write_file(path: Path, data: bytes | str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:09d}"
+
+
+def _step_of(path: Path) -> Optional[int]:
+    match = _STEP_RE.match(path.name)
+    return int(match.group(1)) if match else None
+
+
+def is_model_dir(path: Path) -> bool:
+    """A finished dist_checkpointing tree (training checkpoint or model-only)."""
+    return path.is_dir() and not path.name.startswith(TMP_PREFIX) and (path / _DIST_METADATA).is_file()
+
+
+def is_training_checkpoint(path: Path) -> bool:
+    return is_model_dir(path) and (path / COMMON).is_file()
+
+
+def unwrap_model(chunk: torch.nn.Module) -> torch.nn.Module:
+    """Strip DDP / Float16Module wrappers: their own ``sharded_state_dict`` would prefix keys."""
+    from megatron.core.distributed.data_parallel_base import _BaseDataParallel
+    from megatron.core.transformer.module import Float16Module
+
+    wrappers = (_BaseDataParallel, Float16Module, torch.nn.parallel.DistributedDataParallel)
+    while isinstance(chunk, wrappers):
+        chunk = chunk.module
+    return chunk
+
+
+def _unwrapped(chunks: Sequence[torch.nn.Module] | torch.nn.Module) -> list[torch.nn.Module]:
+    chunks = [chunks] if isinstance(chunks, torch.nn.Module) else list(chunks)
+    return [unwrap_model(c) for c in chunks]
+
+
+def _model_state(chunks: Sequence[torch.nn.Module], metadata: dict) -> dict:
+    """The model part of the sharded state dict, keyed like Megatron-LM (model / model0..N)."""
+    chunks = _unwrapped(chunks)
+    if len(chunks) == 1:
+        return {"model": chunks[0].sharded_state_dict(metadata=dict(metadata))}
+    return {f"model{i}": c.sharded_state_dict(metadata=dict(metadata)) for i, c in enumerate(chunks)}
+
+
+def _apply_model_state(chunks: Sequence[torch.nn.Module], state: dict) -> None:
+    chunks = _unwrapped(chunks)
+    if len(chunks) == 1:
+        chunks[0].load_state_dict(state["model"])
+    else:
+        for i, chunk in enumerate(chunks):
+            chunk.load_state_dict(state[f"model{i}"])
+
+
+_WRITER_MANAGERS: list = []
+
+
+def _die_with_parent(parent: int) -> None:
+    """Runs in the writer's queue-manager process: exit when the trainer dies, even by SIGKILL."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(0)
+
+
+def _ensure_writer_queue() -> None:
+    """Start the torch_dist writer's result-queue manager ourselves, tied to this process.
+
+    megatron-core's filesystem writer lazily spawns a ``multiprocessing.Manager`` that lives
+    as long as the trainer; when the trainer is killed (SIGKILL, or SIGTERM without our
+    handler) that process is orphaned, lingers, and keeps the launcher's stdout pipe open.
+    """
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is not None:
+        return
+    import multiprocessing
+    from multiprocessing.managers import SyncManager
+
+    manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+    manager.start(initializer=_die_with_parent, initargs=(os.getpid(),))
+    _WRITER_MANAGERS.append(manager)  # keep it referenced; it shuts down at interpreter exit
+    filesystem_async._results_queue = manager.Queue()
+
+
+def _save_strategy():
+    """torch_dist writer whose model-replica writes are spread across data-parallel ranks."""
+    from megatron.core import parallel_state
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+        FullyParallelSaveStrategyWrapper,
+    )
+
+    _ensure_writer_queue()
+    strategy = get_default_save_sharded_strategy()
+    if parallel_state.model_parallel_is_initialized():
+        group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+        strategy = FullyParallelSaveStrategyWrapper(strategy, group)
+    return strategy
+
+
+def _layout_info() -> dict:
+    from megatron.core import parallel_state as ps
+
+    return {
+        "world_size": _world(),
+        "tensor": ps.get_tensor_model_parallel_world_size(),
+        "pipeline": ps.get_pipeline_model_parallel_world_size(),
+        "data": ps.get_data_parallel_world_size(),
+        "virtual_pipeline": ps.get_virtual_pipeline_model_parallel_world_size(),
+    }
+
+
+def _commit(tmp: Path, final: Path) -> None:
+    """Rank 0: make ``tmp`` durable and move it to ``final`` (replacing an older same-step one)."""
+    _fsync_tree(tmp)
+    aside = None
+    if final.exists():  # the same step saved again (e.g. preemption right after a resume)
+        aside = final.with_name(f"{TMP_PREFIX}replaced_{final.name}")
+        shutil.rmtree(aside, ignore_errors=True)
+        os.rename(final, aside)
+    os.rename(tmp, final)
+    _fsync_path(final.parent)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def _write_dist_checkpoint(
+    tmp: Path, chunks: Sequence[torch.nn.Module], optimizer: Any, extra: Callable[[], None]
+) -> None:
+    """All ranks: write the dist_checkpointing tree (+ ``extra`` files) into a fresh ``tmp``."""
+    from megatron.core import dist_checkpointing
+
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()  # the writer expects the directory on every rank
+    state = _model_state(chunks, SHARDING_METADATA)
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(state, metadata=dict(SHARDING_METADATA))
+    dist_checkpointing.save(
+        state, str(tmp), sharded_strategy=_save_strategy(), content_metadata=dict(SHARDING_METADATA)
+    )
+    extra()
+
+
+def _distributed_optimizers(optimizer: Any) -> list:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    subs = getattr(optimizer, "chained_optimizers", [optimizer])
+    return [s for s in subs if isinstance(s, DistributedOptimizer)]
+
+
+def _prime_optimizer_state(optimizer: Any) -> None:
+    """Give a never-stepped DistributedOptimizer placeholder Adam state before a load.
+
+    megatron-core 0.16.1 with torch's Adam (no apex / Transformer Engine): building the
+    load template calls ``DistributedOptimizer.state_dict()``, which asserts that the inner
+    optimizer holds exactly one ``step`` value -- false while its state is still empty. Its
+    own ``load_state_dict`` allocates the state; the checkpoint then overwrites it.
+    """
+    from megatron.core.optimizer import distrib_optimizer
+
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        return
+    for sub in _distributed_optimizers(optimizer):
+        if len(sub.optimizer.state) == 0:
+            groups = [
+                {**{k: v for k, v in g.items() if k != "params"}, "step": 0}
+                for g in sub.optimizer.state_dict()["param_groups"]
+            ]
+            sub.load_state_dict({"optimizer": {"param_groups": groups}})
+
+
+def _restore_adam_steps(optimizer: Any) -> None:
+    """Put the loaded Adam ``step`` back into every parameter's state, one tensor each.
+
+    megatron-core 0.16.1 with torch's Adam keeps ``step`` in the param groups of the
+    checkpoint, but its dp_reshardable loader then copies the *pre-load* per-parameter step
+    over the loaded one, and the loaded value is one tensor object shared by all parameters
+    (AdamW would increment it once per parameter). Either breaks an exact resume.
+    """
+    from megatron.core.optimizer import distrib_optimizer
+
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        return
+    for sub in _distributed_optimizers(optimizer):
+        for group in sub.optimizer.param_groups:
+            if "step" not in group:
+                continue
+            for param in group["params"]:
+                state = sub.optimizer.state[param]
+                if "step" in state:
+                    state["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)
+
+
+def _load_dist_checkpoint(
+    path: Path, chunks: Sequence[torch.nn.Module], optimizer: Any = None
+) -> None:
+    """Load model chunks (any TP/PP layout) and, if given, the optimizer (same TP/PP)."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    metadata = dist_checkpointing.load_content_metadata(str(path)) or {}
+    state = _model_state(chunks, metadata)
+    if optimizer is not None:
+        _prime_optimizer_state(optimizer)
+        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=dict(metadata))
+    try:
+        loaded = dist_checkpointing.load(state, str(path))
+    except (CheckpointingException, CheckpointException) as exc:  # the latter is a BaseException
+        cause = next(iter(getattr(exc, "failures", {}).values()), (exc, None))[0]
+        message = " ".join(str(cause).split())[:400]
+        raise UserError(f"cannot load {path} into this model (other architecture?): {message}") from exc
+    _apply_model_state(chunks, loaded)
+    if optimizer is not None:
+        # no_grad: megatron-core 0.16.1's dp_reshardable loader copies into fp32 main params
+        # that are views of leaf parameters, which autograd refuses outside no_grad.
+        with torch.no_grad():
+            optimizer.load_state_dict(loaded["optimizer"])
+        _restore_adam_steps(optimizer)
+
+
+# --------------------------------------------------------------------------------------
+# model-only checkpoints (converter output, initial weights)
+# --------------------------------------------------------------------------------------
+
+
+def save_model_weights(
+    path: str | Path, chunks: Sequence[torch.nn.Module], extra_files: Optional[dict[str, bytes | str]] = None
+) -> Path:
+    """Write a model-only dist_checkpointing dir atomically (``path`` appears only when complete).
+
+    ``extra_files`` (name -> content) land next to the tree, e.g. a config or tokenizer
+    file from the converter. Collective: call on every rank.
+    """
+    path = Path(path).absolute()
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
+    if is_training_checkpoint(path):
+        raise UserError(f"{path} is a training checkpoint; choose another output directory")
+    if _rank() == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def extra() -> None:
+        if _rank() == 0:
+            for name, content in (extra_files or {}).items():
+                _write_file(tmp / name, content)
+
+    _write_dist_checkpoint(tmp, chunks, None, extra)
+    _barrier()
+    if _rank() == 0:
+        _commit(tmp, path)
+    _barrier()
+    return path
+
+
+def load_model_weights(path: str | Path, chunks: Sequence[torch.nn.Module], optimizer: Any = None) -> None:
+    """Load weights only, from a training checkpoint or a model-only dir, at any TP/PP layout.
+
+    Pass an optimizer that already exists so its fp32 master copies follow the new weights.
+    """
+    path = Path(path)
+    if not is_model_dir(path):
+        raise UserError(f"{path} is not a complete checkpoint (no dist_checkpointing {_DIST_METADATA})")
+    _load_dist_checkpoint(path, chunks)
+    if optimizer is not None:
+        optimizer.reload_model_params()
+    _barrier()
+
+
+# --------------------------------------------------------------------------------------
+# training checkpoints
+# --------------------------------------------------------------------------------------
+
+
+def _complete_in(save_dir: Path) -> list[Path]:
+    if not save_dir.is_dir():
+        return []
+    found = [p for p in save_dir.iterdir() if _step_of(p) is not None and is_training_checkpoint(p)]
+    return sorted(found, key=lambda p: _step_of(p))
+
+
+def _latest_in(save_dir: Path) -> Optional[Path]:
+    try:
+        name = (save_dir / LATEST).read_text().strip()
+    except OSError:
+        name = ""
+    if name and _STEP_RE.match(name) and is_training_checkpoint(save_dir / name):
+        return save_dir / name
+    found = _complete_in(save_dir)
+    return found[-1] if found else None
+
+
+class CheckpointManager:
+    """Saves, finds and loads the training checkpoints of one run directory.
+
+    Construct it at startup on every rank (it removes the leftovers of a crashed save).
+    """
+
+    def __init__(self, save_dir: str | Path, keep_last: Optional[int] = None):
+        if keep_last is not None and keep_last < 1:
+            raise UserError(f"keep_last must be at least 1 (or unset), got {keep_last}")
+        self.save_dir = Path(save_dir).absolute()
+        self.keep_last = keep_last
+        # Test hook: called on every rank with the tmp dir after the tensors are written but
+        # before the checkpoint is complete (used to simulate a crash mid-save).
+        self._before_commit: Optional[Callable[[Path], None]] = None
+        if _rank() == 0:
+            self._remove_stale()
+
+    # ---- finding -----------------------------------------------------------------------
+
+    def complete_checkpoints(self) -> list[Path]:
+        """Complete step directories, oldest first."""
+        return _complete_in(self.save_dir)
+
+    def latest(self) -> Optional[Path]:
+        """The checkpoint named by ``latest``, else the newest complete step directory."""
+        return _latest_in(self.save_dir)
+
+    def resolve(self, load: Optional[str | Path]) -> Optional[Path]:
+        """Which checkpoint to resume from: ``None`` -> none; ``"auto"`` -> latest here, if any.
+
+        An explicit path must be a complete training checkpoint (or a run directory that has one).
+        """
+        if load is None:
+            return None
+        if str(load) == "auto":
+            return self.latest()
+        path = Path(load).absolute()
+        if not path.exists():
+            raise UserError(f"checkpoint {path} does not exist")
+        if is_training_checkpoint(path):
+            return path
+        if path.is_dir() and _step_of(path) is None and not path.name.startswith(TMP_PREFIX):
+            run_latest = _latest_in(path)  # a run directory: its newest checkpoint
+            if run_latest is not None:
+                return run_latest
+        raise UserError(
+            f"checkpoint {path} is incomplete or not a training checkpoint (needs {COMMON} and "
+            f"{_DIST_METADATA}; a model-only dir is for initial weights, not resuming)"
+        )
+
+    # ---- saving ------------------------------------------------------------------------
+
+    def save(
+        self,
+        step: int,
+        model: Sequence[torch.nn.Module],
+        optimizer: Any,
+        common: dict,
+        per_rank: dict,
+    ) -> Path:
+        """Write checkpoint ``step`` atomically; collective, call on every rank.
+
+        ``common`` must be JSON-able and equal on all ranks (rank 0 writes it);
+        ``per_rank`` is pickled separately for every rank.
+        """
+        name = step_dir_name(step)
+        tmp = self.save_dir / f"{TMP_PREFIX}{name}"
+        final = self.save_dir / name
+        info = {"format": FORMAT, "step": step, **_layout_info(), "has_optimizer": optimizer is not None}
+        common_bytes = json.dumps({**info, "common": common}, indent=1, sort_keys=True).encode()
+        if _rank() == 0:
+            self.save_dir.mkdir(parents=True, exist_ok=True)
+            self._remove_stale()
+
+        def extra() -> None:
+            with open(tmp / f"rank_{_rank():05d}.pt", "wb") as f:
+                torch.save(per_rank, f)
+                f.flush()
+                os.fsync(f.fileno())
+
+        _write_dist_checkpoint(tmp, model, optimizer, extra)
+        if self._before_commit is not None:
+            self._before_commit(tmp)
+        _barrier()  # every rank has written its shards and extras
+        if _rank() == 0:
+            _write_file(tmp / COMMON, common_bytes)
+            _commit(tmp, final)
+            _write_atomic(self.save_dir / LATEST, (name + "\n").encode())
+            self._prune(keep=final)
+        _barrier()
+        return final
+
+    def _remove_stale(self) -> None:
+        """Delete the tmp dirs of crashed saves or prunes (rank 0; no save may be running)."""
+        if not self.save_dir.is_dir():
+            return
+        for p in self.save_dir.iterdir():
+            if p.name.startswith(TMP_PREFIX):
+                if p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+
+    def _prune(self, keep: Path) -> None:
+        """Remove the oldest complete checkpoints beyond ``keep_last`` (never ``keep``)."""
+        if self.keep_last is None:
+            return
+        found = self.complete_checkpoints()
+        excess = len(found) - self.keep_last
+        for old in found:
+            if excess <= 0:
+                break
+            if old == keep:
+                continue
+            doomed = old.with_name(f"{TMP_PREFIX}deleted_{old.name}")  # rename first: never half a ckpt
+            os.rename(old, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+            excess -= 1
+        _fsync_path(self.save_dir)
+
+    # ---- loading -----------------------------------------------------------------------
+
+    def load(
+        self, path: str | Path, model: Sequence[torch.nn.Module], optimizer: Any = None
+    ) -> tuple[dict, Optional[dict]]:
+        """Restore model (any TP/PP) and optimizer (same TP/PP) from a training checkpoint.
+
+        Returns the saved ``common`` dict and this rank's ``per_rank`` extras, or None for
+        the extras when the world size changed (restart RNG / loader position from the step).
+        """
+        path = Path(path)
+        if not is_training_checkpoint(path):
+            raise UserError(f"checkpoint {path} is incomplete or not a training checkpoint")
+        info = json.loads((path / COMMON).read_text())
+        if optimizer is not None:
+            if not info.get("has_optimizer"):
+                raise UserError(f"checkpoint {path} holds no optimizer state; load weights only")
+            now = _layout_info()
+            keys = ("tensor", "pipeline", "virtual_pipeline")
+            if any(info.get(k) != now[k] for k in keys):
+                saved = " x ".join(f"{k}={info.get(k)}" for k in keys)
+                raise UserError(
+                    f"optimizer state in {path} was saved at {saved}; resume with that layout "
+                    "(data-parallel size may change) or load weights only"
+                )
+        _load_dist_checkpoint(path, model, optimizer)
+        per_rank = None
+        rank_file = path / f"rank_{_rank():05d}.pt"
+        if info["world_size"] == _world() and rank_file.is_file():
+            per_rank = torch.load(rank_file, weights_only=False)
+        _barrier()
+        return info["common"], per_rank
+
+
+# --------------------------------------------------------------------------------------
+# RNG state
+# --------------------------------------------------------------------------------------
+
+
+def capture_rng_state() -> dict:
+    """Every RNG this rank draws from (python, numpy, torch, CUDA, megatron-core tracker)."""
+    import numpy as np
+    from megatron.core import tensor_parallel
+
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": {k: v.clone() for k, v in tensor_parallel.get_cuda_rng_tracker().get_states().items()},
+    }
+    if platform.current().is_cuda:
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    """Inverse of :func:`capture_rng_state` (same rank, same world)."""
+    import numpy as np
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and platform.current().is_cuda:
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(
+        {k: v.clone() for k, v in state["tracker"].items()}
+    )
+
+
+# --------------------------------------------------------------------------------------
+# preemption
+# --------------------------------------------------------------------------------------
+
+
+class PreemptionFlag:
+    """Turns SIGTERM / SIGUSR1 into a flag, so a preempted job saves before it exits.
+
+    The handler only sets the flag; the training loop polls :meth:`should_stop`, which all
+    ranks must call at the same step (it is a collective) so that they stop together.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self, signals: Sequence[int] = SIGNALS):
+        self.received: Optional[int] = None
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in signals}
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        self.received = signum
+
+    @property
+    def is_set(self) -> bool:
+        """This rank got a signal (no communication)."""
+        return self.received is not None
+
+    def should_stop(self, group: Any = None) -> bool:
+        """True on every rank when any rank got a signal (all-reduce MAX)."""
+        if not _dist():
+            return self.is_set
+        flag = torch.tensor([1 if self.is_set else 0], dtype=torch.int32, device=platform.device())
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=group)
+        return bool(flag.item())
+
+    def uninstall(self) -> None:
+        """Put the previous handlers back."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
