@@ -247,6 +247,11 @@ class RewardShift:
         self._step_sum = None
         self._step_count = 0
 
+    def discard_step(self) -> None:
+        """Forget the current step's observations (the trainer skipped a non-finite step)."""
+        self._step_sum = None
+        self._step_count = 0
+
     # -- micro_batch mode
     @torch.no_grad()
     def update(

@@ -48,13 +48,29 @@ def split_sample_id(sample_id: str) -> Tuple[str, str]:
 
 
 def write_ref_logps(
-    directory: str, shard: str, logps: Mapping[str, Tuple[float, float]], fmt: str = "json"
+    directory: str,
+    shard: str,
+    logps: Mapping[str, Tuple[float, ...]],
+    fmt: str = "json",
+    fingerprint: Optional[dict] = None,
+    extra: Optional[dict] = None,
 ) -> str:
-    """Write one shard's sidecar (``fmt`` "json" or "npz"); returns its path."""
+    """Write one shard's sidecar (``fmt`` "json" or "npz"); returns its path.
+
+    Values are ``(chosen_sum, rejected_sum[, chosen_tokens, rejected_tokens])``. The JSON
+    form also records the settings ``fingerprint`` the numbers depend on and ``extra``
+    bookkeeping (e.g. how many samples of the shard were read).
+    """
     os.makedirs(directory, exist_ok=True)
     if fmt == "json":
         path = os.path.join(directory, f"{shard}.ref.json")
-        body = {"format": REF_FORMAT, "shard": shard, "logps": {k: [float(c), float(r)] for k, (c, r) in logps.items()}}
+        body = {
+            "format": REF_FORMAT,
+            "shard": shard,
+            "fingerprint": fingerprint or {},
+            **(extra or {}),
+            "logps": {k: [float(x) for x in v] for k, v in logps.items()},
+        }
         tmp = path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(body, f, sort_keys=True)
@@ -72,6 +88,20 @@ def write_ref_logps(
         raise ValueError(f"fmt must be 'json' or 'npz', not {fmt!r}")
     os.replace(tmp, path)
     return path
+
+
+def read_sidecar(path: str) -> Optional[dict]:
+    """A JSON sidecar's body, or None when it is absent or unreadable (e.g. half-written)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            body = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return body if isinstance(body, dict) and body.get("format") == REF_FORMAT else None
+
+
+def sidecar_path(directory: str, shard: str) -> str:
+    return os.path.join(directory, f"{shard}.ref.json")
 
 
 class RefLogps:

@@ -72,3 +72,38 @@ def expand_shards(spec: Union[str, Sequence[str]]) -> List[str]:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise UserError(f"shard {missing[0]} does not exist{more}")
     return urls
+
+
+def read_index_total(spec: Union[str, Sequence[str]]) -> "int | None":
+    """Total samples named by a shard folder's / index's ``index.json``, or None when unknown."""
+    if not isinstance(spec, str):
+        return None
+    location = spec
+    if not spec.startswith(_REMOTE) and os.path.isdir(spec):
+        location = os.path.join(spec, "index.json")
+    if not location.endswith("index.json") or (not location.startswith(_REMOTE) and not os.path.isfile(location)):
+        return None
+    try:
+        if location.startswith(("http://", "https://")):
+            with urllib.request.urlopen(location, timeout=60) as response:
+                index = json.loads(response.read().decode("utf-8"))
+        else:
+            with open(location, encoding="utf-8") as f:
+                index = json.load(f)
+    except (OSError, ValueError):
+        return None
+    total = index.get("total") if isinstance(index, dict) else None
+    if total is None and isinstance(index, dict):
+        total = sum(int(s.get("samples", 0)) for s in index.get("shards", []) if isinstance(s, dict))
+    return int(total) if total is not None else None
+
+
+def read_index_counts(spec: str) -> dict:
+    """``{shard file name: samples}`` from a shard folder's index.json ({} when absent)."""
+    location = os.path.join(spec, "index.json") if os.path.isdir(spec) else spec
+    try:
+        with open(location, encoding="utf-8") as f:
+            index = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return {s["name"]: int(s.get("samples", 0)) for s in index.get("shards", []) if isinstance(s, dict)}

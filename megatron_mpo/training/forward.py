@@ -103,7 +103,11 @@ def make_forward_step(
                 n_chosen,
                 n_rejected,
             )
-            metrics = {**metrics, **collected}
+            ref_c = batch.ref_chosen_logps.to(sums.device).float()
+            ref_r = batch.ref_rejected_logps.to(sums.device).float()
+            # Before any update policy == reference: this is ~0 when the sidecars are right.
+            abs_logratio = torch.cat([(chosen - ref_c).abs(), (rejected - ref_r).abs()]).mean()
+            metrics = {**metrics, **collected, "abs_logratio": abs_logratio.detach()}
             return loss, metrics
 
         return output, loss_func

@@ -29,6 +29,7 @@ LOSS_KEYS = (
     "reward_margin",
     "reward_accuracy",
     "delta",
+    "abs_logratio",  # mean |log pi - log pi_0|; logged once as ref_logratio_step0
 )
 CONSOLE_KEYS = ("loss", "loss_preference", "loss_quality", "loss_generation", "reward_margin", "reward_accuracy", "delta")
 

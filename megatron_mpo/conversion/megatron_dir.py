@@ -1,0 +1,170 @@
+"""Megatron model directories: dist_checkpointing weights + model_config.json + tokenizer.
+
+A model directory is what ``model.init`` points at. The weights are a megatron-core
+dist_checkpointing tree, which is independent of the parallel layout: written once by a
+single process, it loads under any TP / PP (dist_checkpointing reshards on load). The
+converter and the preset initialiser write it through :func:`write_model_dir`; the HF
+exporter reads it back with :func:`read_model_dir`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from megatron_mpo.errors import UserError
+
+MODEL_CONFIG_FILE = "model_config.json"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+)
+
+
+def tokenizer_files(directory: str | Path) -> dict[str, bytes]:
+    """The tokenizer files of a model/tokenizer directory (name -> bytes)."""
+    directory = Path(directory)
+    found = {name: (directory / name).read_bytes() for name in TOKENIZER_FILES if (directory / name).is_file()}
+    if "tokenizer.json" not in found and "tokenizer.model" not in found:
+        raise UserError(f"{directory} has no tokenizer.json or tokenizer.model")
+    return found
+
+
+def check_layout(config, tensor: int, pipeline: int) -> None:
+    """Refuse a TP/PP layout the architecture cannot be split into (one line)."""
+    lang = config.language
+    if tensor < 1 or pipeline < 1:
+        raise UserError("--tp and --pp must be >= 1")
+    if lang.num_kv_heads % tensor and tensor % lang.num_kv_heads:
+        raise UserError(
+            f"tensor parallel size {tensor} does not divide the LLM's {lang.num_kv_heads} KV heads "
+            f"({lang.num_heads} attention heads); choose a divisor"
+        )
+    if lang.num_heads % tensor:
+        raise UserError(f"tensor parallel size {tensor} does not divide the LLM's {lang.num_heads} attention heads")
+    if lang.num_layers < pipeline:
+        raise UserError(f"pipeline size {pipeline} exceeds the LLM's {lang.num_layers} layers")
+
+
+def _single_process_model(config, seed: int = 0):
+    """The full (TP=1, PP=1) model in this process (CPU: conversion needs no GPU)."""
+    from megatron_mpo import parallel
+    from megatron_mpo.models.internvl import build_model
+
+    parallel.initialize(1, 1, seed=seed, device="cpu")
+    return build_model(config, spec="local", attention_mask="arbitrary")
+
+
+def write_model_dir(
+    out: str | Path,
+    config,
+    tokenizer_dir: Optional[str | Path],
+    state: Optional[dict] = None,
+    extra: Optional[dict] = None,
+    log: Callable[[str], None] = print,
+    seed: int = 0,
+) -> Path:
+    """Write ``state`` (full megatron names; None = the model's random init) as a model dir.
+
+    Everything lands in a temporary sibling first and appears at ``out`` only when complete.
+    """
+    from megatron_mpo.training.checkpoint import save_model_weights
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"output directory {out} is not empty; choose a new one")
+    files = {MODEL_CONFIG_FILE: config.to_json()}
+    if tokenizer_dir is not None:
+        files.update(tokenizer_files(tokenizer_dir))
+    for name, content in (extra or {}).items():
+        files[name] = content if isinstance(content, (str, bytes)) else json.dumps(content, indent=1)
+    model = _single_process_model(config, seed)
+    if state is not None:
+        own = model.state_dict()
+        missing = sorted(k for k in own if k not in state and not k.endswith("_extra_state"))
+        unexpected = sorted(k for k in state if k not in own)
+        if missing or unexpected:
+            what = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
+            raise UserError(f"converted weights do not fit the model ({what}); is the source the architecture its config says?")
+        for key, tensor in state.items():
+            if tuple(own[key].shape) != tuple(tensor.shape):
+                raise UserError(f"{key}: shape {tuple(tensor.shape)} does not fit the model's {tuple(own[key].shape)}")
+        model.load_state_dict({k: v for k, v in state.items()}, strict=False)
+    log(f"writing {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters to {out}")
+    if out.exists():
+        out.rmdir()  # empty: save_model_weights renames its temp dir into place
+    save_model_weights(out, [model], extra_files=files)
+    return out
+
+
+def read_model_dir(ckpt: str | Path) -> tuple:
+    """(InternVLConfig, full state dict with megatron names) of a model or training checkpoint."""
+    from megatron_mpo.models.config import InternVLConfig
+    from megatron_mpo.training.checkpoint import load_model_weights
+
+    ckpt = Path(ckpt)
+    config_path = ckpt / MODEL_CONFIG_FILE
+    if not config_path.is_file():
+        # A training checkpoint keeps the run config; its model.init holds model_config.json.
+        common = ckpt / "common.json"
+        init = None
+        if common.is_file():
+            init = json.loads(common.read_text()).get("common", {}).get("config", {}).get("model", {}).get("init")
+        if not init or not (Path(init) / MODEL_CONFIG_FILE).is_file():
+            raise UserError(f"{ckpt} has no {MODEL_CONFIG_FILE}: not a megatron_mpo model or training checkpoint")
+        config_path = Path(init) / MODEL_CONFIG_FILE
+    config = InternVLConfig.from_json(config_path.read_text())
+    model = _single_process_model(config)
+    load_model_weights(ckpt, [model])
+    state = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    return config, state
+
+
+def copy_tokenizer(src: str | Path, dst: str | Path) -> None:
+    for name, content in tokenizer_files(src).items():
+        Path(dst, name).write_bytes(content)
+
+
+def tokenizer_source(ckpt: str | Path) -> Path:
+    """Where a checkpoint's tokenizer lives (model dir itself, or its run's model.init)."""
+    ckpt = Path(ckpt)
+    if any((ckpt / n).is_file() for n in ("tokenizer.json", "tokenizer.model")):
+        return ckpt
+    common = ckpt / "common.json"
+    if common.is_file():
+        init = json.loads(common.read_text()).get("common", {}).get("config", {}).get("model", {}).get("init")
+        if init:
+            return Path(init)
+    raise UserError(f"cannot find the tokenizer of {ckpt}")
+
+
+def init_model_dir(preset: str, tokenizer_dir: str | Path, out: str | Path, seed: int = 0) -> Path:
+    """A randomly initialised preset as a model dir (the demo's and tests' initial policy).
+
+    The vocabulary and the ``<IMG_CONTEXT>`` id come from the tokenizer.
+    """
+    import dataclasses
+
+    from megatron_mpo.data import load_tokenizer
+    from megatron_mpo.models.presets import get_preset
+
+    tok = load_tokenizer(str(tokenizer_dir))
+    config = get_preset(preset)
+    config.language = dataclasses.replace(config.language, vocab_size=max(tok.vocab_size, 8))
+    config.img_context_token_id = tok.img_context_id
+    config.validate()
+    return write_model_dir(out, config, tokenizer_dir, extra={"init": {"preset": preset, "seed": seed}}, seed=seed)
+
+
+def remove_partial(path: Path) -> None:
+    if path.exists():
+        shutil.rmtree(path, ignore_errors=True)

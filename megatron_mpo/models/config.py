@@ -1,0 +1,343 @@
+"""Architecture of an InternVL model, independent of how it is parallelised.
+
+These dataclasses describe *what* the network is (sizes, norms, biases); the
+megatron-core ``TransformerConfig`` objects that also carry *how* it runs (TP/PP sizes,
+dtype, FP8) are derived from them in :mod:`megatron_mpo.models.internvl`. The converter
+stores :meth:`InternVLConfig.to_dict` as JSON beside every checkpoint, so a checkpoint
+can always be rebuilt without the original Hugging Face files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+from megatron_mpo.errors import UserError
+
+__all__ = ["VisionConfig", "LanguageConfig", "InternVLConfig"]
+
+LANGUAGE_FAMILIES = ("qwen2", "llama", "internlm2", "phi3")
+
+
+@dataclass
+class VisionConfig:
+    """InternViT (300M: LayerNorm + qkv bias; 6B: RMSNorm + qk-norm, no qkv bias)."""
+
+    image_size: int = 448
+    patch_size: int = 14
+    hidden_size: int = 1024
+    num_layers: int = 24
+    num_heads: int = 16
+    ffn_hidden_size: int = 4096
+    norm: str = "LayerNorm"  # "LayerNorm" | "RMSNorm"
+    norm_eps: float = 1e-6
+    qkv_bias: bool = True
+    qk_norm: bool = False  # RMSNorm over the full hidden width (all heads), InternViT-6B
+    layer_scale_init: float = 0.1  # initial value of ls1/ls2 (a checkpoint overrides it)
+    act: str = "gelu"
+    # Image size the position embedding was trained for; it is interpolated (bicubic) to
+    # ``image_size`` at run time when the two differ. None = ``image_size``.
+    pos_embed_image_size: Optional[int] = None
+    # Attention heads after zero padding, so tensor parallelism can split them
+    # (InternViT-6B has 25 heads: padded to 32). Padded heads have zero weights and add
+    # nothing. None = no padding. Part of the checkpoint shape, so fixed at conversion.
+    num_padded_heads: Optional[int] = None
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def heads(self) -> int:
+        """Attention heads as built (real + zero padding)."""
+        return self.num_padded_heads or self.num_heads
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def pos_grid(self) -> int:
+        return (self.pos_embed_image_size or self.image_size) // self.patch_size
+
+    @property
+    def num_positions(self) -> int:
+        """Rows of the stored position embedding (class token + trained patch grid)."""
+        return 1 + self.pos_grid**2
+
+    def validate(self) -> None:
+        _check(self.norm in ("LayerNorm", "RMSNorm"), f"vision.norm must be LayerNorm or RMSNorm, not {self.norm!r}")
+        _check(self.act == "gelu", f"vision.act must be gelu, not {self.act!r}")
+        _check(self.hidden_size % self.num_heads == 0, "vision.hidden_size must be divisible by num_heads")
+        for name in ("image_size", "pos_embed_image_size"):
+            size = getattr(self, name)
+            _check(size is None or size % self.patch_size == 0, f"vision.{name} must be a multiple of patch_size")
+        _check(self.heads >= self.num_heads, "vision.num_padded_heads must be >= vision.num_heads")
+
+
+@dataclass
+class LanguageConfig:
+    """The decoder LLM: a Llama-style GPT (RoPE, RMSNorm, SwiGLU, GQA)."""
+
+    family: str = "qwen2"  # "qwen2" | "llama" | "internlm2" | "phi3" (naming / bias conventions)
+    vocab_size: int = 151655
+    hidden_size: int = 896
+    num_layers: int = 24
+    num_heads: int = 14
+    num_kv_heads: int = 2
+    ffn_hidden_size: int = 4864
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+    qkv_bias: bool = True  # Qwen2: True; Llama / InternLM2 / Phi-3: False
+    tie_embeddings: bool = False
+    max_position_embeddings: int = 32768
+    head_dim: Optional[int] = None  # None = hidden_size // num_heads
+    # Hugging Face ``rope_scaling`` / ``rope_parameters`` beyond the plain theta; only
+    # {"rope_type": "llama3", ...} changes the model here, see internvl.py.
+    rope_scaling: Optional[dict] = None
+    # The embedding / output rows are padded to a multiple of this (zero rows, masked out
+    # of the softmax) so any power-of-two tensor-parallel size divides the vocabulary.
+    vocab_size_divisible_by: int = 128
+
+    @property
+    def kv_channels(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_heads
+
+    @property
+    def padded_vocab_size(self) -> int:
+        step = self.vocab_size_divisible_by
+        return int(math.ceil(self.vocab_size / step) * step)
+
+    def validate(self) -> None:
+        _check(
+            self.family in LANGUAGE_FAMILIES,
+            f"language.family must be one of {', '.join(LANGUAGE_FAMILIES)}, not {self.family!r}",
+        )
+        _check(self.num_heads % self.num_kv_heads == 0, "language.num_heads must be a multiple of num_kv_heads")
+        _check(self.vocab_size_divisible_by > 0, "language.vocab_size_divisible_by must be positive")
+
+
+@dataclass
+class InternVLConfig:
+    """InternViT -> pixel shuffle -> mlp1 projector -> LLM."""
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    language: LanguageConfig = field(default_factory=LanguageConfig)
+    downsample_ratio: float = 0.5
+    ps_version: str = "v2"
+    img_context_token_id: int = 151648
+    projector_norm_eps: float = 1e-5
+    projector_act: str = "gelu"
+    name: str = ""  # preset or source name, informational
+
+    @property
+    def shuffle_factor(self) -> int:
+        """Patches merged per side by the pixel shuffle (2 for ratio 0.5)."""
+        return int(round(1 / self.downsample_ratio))
+
+    @property
+    def tokens_per_tile(self) -> int:
+        """<IMG_CONTEXT> tokens one image tile becomes (256 for 448px / patch 14 / 0.5)."""
+        return int(self.vision.grid**2 * self.downsample_ratio**2)
+
+    @property
+    def projector_input_size(self) -> int:
+        return self.vision.hidden_size * self.shuffle_factor**2
+
+    def validate(self) -> "InternVLConfig":
+        self.vision.validate()
+        self.language.validate()
+        _check(self.ps_version == "v2", f"only ps_version v2 is supported, not {self.ps_version!r}")
+        _check(self.projector_act == "gelu", f"projector_act must be gelu, not {self.projector_act!r}")
+        _check(
+            abs(1 / self.shuffle_factor - self.downsample_ratio) < 1e-9
+            and self.vision.grid % self.shuffle_factor == 0,
+            f"downsample_ratio {self.downsample_ratio} must be 1/k with k dividing the "
+            f"patch grid {self.vision.grid}",
+        )
+        return self
+
+    # ---- serialisation ------------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "InternVLConfig":
+        data = dict(data)
+        vision = _from_fields(VisionConfig, data.pop("vision", {}), "vision")
+        language = _from_fields(LanguageConfig, data.pop("language", {}), "language")
+        top = _from_fields(cls, data, "", exclude=("vision", "language"))
+        top.vision, top.language = vision, language
+        return top.validate()
+
+    @classmethod
+    def from_json(cls, text: str) -> "InternVLConfig":
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def from_hf_config(cls, hf: Any) -> "InternVLConfig":
+        """From a transformers ``InternVLConfig`` (object or ``to_dict()``), or from the
+        original remote-code ``InternVLChatConfig`` dict (``vision_config`` + ``llm_config``)."""
+        data = hf.to_dict() if hasattr(hf, "to_dict") else dict(hf)
+        if "llm_config" in data:
+            return _from_original_config(data)
+        return _from_native_config(data)
+
+
+# --------------------------------------------------------------------------------------
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise UserError(message)
+
+
+def _from_fields(kind, data: Mapping[str, Any], where: str, exclude: tuple = ()):
+    names = {f.name for f in dataclasses.fields(kind)} - set(exclude)
+    unknown = sorted(set(data) - names)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise UserError(
+            f"unknown model config key(s) {', '.join(prefix + k for k in unknown)}; "
+            f"valid: {', '.join(sorted(names))}"
+        )
+    return kind(**{k: v for k, v in data.items() if k in names})
+
+
+def _square(value: Any, what: str) -> int:
+    if isinstance(value, (list, tuple)):
+        _check(len(set(value)) == 1, f"{what} must be square, got {value}")
+        return int(value[0])
+    return int(value)
+
+
+def _rope(text: Mapping[str, Any]) -> tuple[float, Optional[dict]]:
+    params = dict(text.get("rope_parameters") or text.get("rope_scaling") or {})
+    theta = float(params.pop("rope_theta", text.get("rope_theta", 10000.0)))
+    kind = params.get("rope_type", params.get("type", "default"))
+    return theta, (None if kind == "default" or not params else params)
+
+
+_NORMS = {"layer_norm": "LayerNorm", "rms_norm": "RMSNorm"}
+
+
+def _from_native_config(data: Mapping[str, Any]) -> InternVLConfig:
+    vis = data.get("vision_config") or {}
+    text = data.get("text_config") or {}
+    _check(vis.get("use_mean_pooling", True), "vision_config.use_mean_pooling=False (final vision norm) is not supported")
+    _check(data.get("vision_feature_layer", -1) == -1, "only vision_feature_layer -1 is supported")
+    _check(
+        data.get("vision_feature_select_strategy", "default") == "default",
+        "only vision_feature_select_strategy 'default' (drop the CLS token) is supported",
+    )
+    vision = VisionConfig(
+        image_size=_square(vis.get("image_size", 448), "vision_config.image_size"),
+        patch_size=_square(vis.get("patch_size", 14), "vision_config.patch_size"),
+        hidden_size=vis.get("hidden_size", 1024),
+        num_layers=vis.get("num_hidden_layers", 24),
+        num_heads=vis.get("num_attention_heads", 16),
+        ffn_hidden_size=vis.get("intermediate_size", 4096),
+        norm=_NORMS.get(vis.get("norm_type", "layer_norm"), vis.get("norm_type")),
+        norm_eps=vis.get("layer_norm_eps", 1e-6),
+        qkv_bias=bool(vis.get("attention_bias", False)),
+        qk_norm=bool(vis.get("use_qk_norm", False)),
+        layer_scale_init=vis.get("layer_scale_init_value", 0.1),
+        act=vis.get("hidden_act", "gelu"),
+    )
+    family = text.get("model_type", "qwen2")
+    _check(family in ("qwen2", "llama", "phi3"), f"text model type {family!r} is not supported (qwen2, llama, phi3)")
+    _check(not text.get("mlp_bias", False), "text_config.mlp_bias=True is not supported")
+    attention_bias = bool(text.get("attention_bias", False))
+    _check(not (family == "llama" and attention_bias), "llama attention_bias=True (o_proj bias) is not supported")
+    theta, scaling = _rope(text)
+    heads = text.get("num_attention_heads", 32)
+    hidden = text.get("hidden_size", 4096)
+    head_dim = text.get("head_dim")
+    language = LanguageConfig(
+        family=family,
+        vocab_size=text.get("vocab_size", 151655),
+        hidden_size=hidden,
+        num_layers=text.get("num_hidden_layers", 32),
+        num_heads=heads,
+        num_kv_heads=text.get("num_key_value_heads") or heads,
+        ffn_hidden_size=text.get("intermediate_size", 11008),
+        rope_theta=theta,
+        rms_norm_eps=text.get("rms_norm_eps", 1e-6),
+        qkv_bias=family == "qwen2",
+        tie_embeddings=bool(data.get("tie_word_embeddings", True)),
+        max_position_embeddings=text.get("max_position_embeddings", 32768),
+        head_dim=None if head_dim in (None, hidden // heads) else head_dim,
+        rope_scaling=scaling,
+    )
+    return InternVLConfig(
+        vision=vision,
+        language=language,
+        downsample_ratio=data.get("downsample_ratio", 0.5),
+        img_context_token_id=data.get("image_token_id", 151667),
+        projector_act=data.get("projector_hidden_act", "gelu"),
+        name=data.get("_name_or_path", "") or "",
+    ).validate()
+
+
+_ORIGINAL_FAMILIES = {
+    "InternLM2ForCausalLM": "internlm2",
+    "Qwen2ForCausalLM": "qwen2",
+    "LlamaForCausalLM": "llama",
+    "Phi3ForCausalLM": "phi3",
+}
+
+
+def _from_original_config(data: Mapping[str, Any]) -> InternVLConfig:
+    vis = data.get("vision_config") or {}
+    llm = data.get("llm_config") or {}
+    arch = (llm.get("architectures") or ["LlamaForCausalLM"])[0]
+    _check(arch in _ORIGINAL_FAMILIES, f"LLM architecture {arch!r} is not supported ({', '.join(_ORIGINAL_FAMILIES)})")
+    _check(data.get("select_layer", -1) == -1, "only select_layer -1 is supported")
+    family = _ORIGINAL_FAMILIES[arch]
+    _check(not llm.get("bias", False), "an LLM with biased linears (llm_config.bias=True) is not supported")
+    image_size = data.get("force_image_size") or vis.get("image_size", 448)
+    theta, scaling = _rope(llm)
+    heads = llm.get("num_attention_heads", 32)
+    return InternVLConfig(
+        vision=VisionConfig(
+            image_size=int(image_size),
+            patch_size=int(vis.get("patch_size", 14)),
+            hidden_size=vis.get("hidden_size", 1024),
+            num_layers=vis.get("num_hidden_layers", 24),
+            num_heads=vis.get("num_attention_heads", 16),
+            ffn_hidden_size=vis.get("intermediate_size", 4096),
+            norm=_NORMS.get(vis.get("norm_type", "rms_norm"), vis.get("norm_type")),
+            norm_eps=vis.get("layer_norm_eps", 1e-6),
+            qkv_bias=bool(vis.get("qkv_bias", False)),
+            qk_norm=bool(vis.get("qk_normalization", False)),
+            layer_scale_init=vis.get("initializer_factor", 0.1),
+            act=vis.get("hidden_act", "gelu"),
+            pos_embed_image_size=int(vis.get("image_size", image_size)),
+        ),
+        language=LanguageConfig(
+            family=family,
+            vocab_size=llm.get("vocab_size", 92553),
+            hidden_size=llm.get("hidden_size", 4096),
+            num_layers=llm.get("num_hidden_layers", 32),
+            num_heads=heads,
+            num_kv_heads=llm.get("num_key_value_heads") or heads,
+            ffn_hidden_size=llm.get("intermediate_size", 11008),
+            rope_theta=theta,
+            rms_norm_eps=llm.get("rms_norm_eps", 1e-6),
+            qkv_bias=family == "qwen2",
+            tie_embeddings=bool(llm.get("tie_word_embeddings", False)),
+            max_position_embeddings=llm.get("max_position_embeddings", 32768),
+            rope_scaling=scaling,
+        ),
+        downsample_ratio=data.get("downsample_ratio", 0.5),
+        ps_version=data.get("ps_version", "v2"),
+        img_context_token_id=data.get("img_context_token_id") or 0,
+        name=data.get("_name_or_path", "") or "",
+    ).validate()

@@ -1,0 +1,532 @@
+"""InternVL as one megatron-core model chunk: InternViT + mlp1 + GPTModel.
+
+Pipeline layout: the vision tower and projector sit on the first pipeline stage only
+(they are small next to the LLM); the LLM's layers are split over the stages, evenly or
+by an explicit ``pipeline_layers`` list. Every stage passes ``[S, B, H]`` hidden states.
+
+Vision features are computed once per micro-batch for all its tiles and scattered into
+the token embeddings through ``image_token_index`` (see :mod:`megatron_mpo.batch`), so
+the chosen and rejected rows of a preference pair read one vision pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from megatron.core import tensor_parallel
+from megatron.core.models.gpt import GPTModel
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.enums import AttnMaskType, ModelType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_mpo import platform
+from megatron_mpo.batch import causal_mask
+from megatron_mpo.errors import UserError
+from megatron_mpo.models.config import InternVLConfig
+from megatron_mpo.models.specs import check_backend, language_layer_spec, projector_spec, vision_layer_spec
+from megatron_mpo.models.vision import InternViTModel, InternVLProjector, pixel_shuffle
+
+__all__ = [
+    "InternVLModel",
+    "InternVLLanguageModel",
+    "build_model",
+    "pipeline_layout",
+    "language_transformer_config",
+    "vision_transformer_config",
+    "projector_transformer_config",
+    "scatter_image_features",
+]
+
+
+# --------------------------------------------------------------------------------------
+# megatron-core TransformerConfigs
+# --------------------------------------------------------------------------------------
+
+
+def _runtime_kwargs(tp: int, params_dtype: torch.dtype) -> dict:
+    """Settings every sub-config shares: parallel sizes, dtype, CPU-safe fusions."""
+    on_gpu = platform.current().is_cuda
+    return dict(
+        tensor_model_parallel_size=tp,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        use_cpu_initialization=not on_gpu,
+        perform_initialization=True,
+        masked_softmax_fusion=False,  # megatron's fused softmax kernels are not shipped
+        bias_dropout_fusion=on_gpu,
+        apply_rope_fusion=False,  # RoPE follows position_ids (per-row freqs), see below
+        persist_layer_norm=False,
+        init_method_std=0.02,
+    )
+
+
+def language_transformer_config(
+    config: InternVLConfig,
+    *,
+    tp: int = 1,
+    pp: int = 1,
+    params_dtype: torch.dtype = torch.float32,
+    fp8: Optional[str] = None,
+    sequence_parallel: bool = False,
+    pipeline_layers: Optional[Sequence[int]] = None,
+    recompute: Optional[str] = None,
+    dropout: float = 0.0,
+    overrides: Optional[dict] = None,
+) -> TransformerConfig:
+    """The LLM's TransformerConfig (Llama-style GPT: RMSNorm, SwiGLU, GQA, RoPE).
+
+    ``overrides``: further TransformerConfig fields set by the trainer (e.g. ``fp8_recipe``,
+    ``variable_seq_lengths``, ``deallocate_pipeline_outputs``)."""
+    lang = config.language
+    kwargs = dict(
+        num_layers=lang.num_layers,
+        hidden_size=lang.hidden_size,
+        ffn_hidden_size=lang.ffn_hidden_size,
+        num_attention_heads=lang.num_heads,
+        num_query_groups=lang.num_kv_heads,
+        kv_channels=lang.kv_channels,
+        normalization="RMSNorm",
+        layernorm_epsilon=lang.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=lang.qkv_bias,
+        bias_activation_fusion=platform.current().is_cuda,  # SwiGLU fusion is exact
+        hidden_dropout=dropout,
+        attention_dropout=dropout,
+        pipeline_model_parallel_size=pp,
+        sequence_parallel=sequence_parallel,
+        **_runtime_kwargs(tp, params_dtype),
+    )
+    if pipeline_layers is not None:
+        kwargs["pipeline_model_parallel_layout"] = pipeline_layout(pipeline_layers, pp, lang.num_layers)
+    if recompute is not None:
+        if recompute not in ("full", "selective"):
+            raise UserError(f"recompute must be full or selective, not {recompute!r}")
+        kwargs["recompute_granularity"] = recompute
+        if recompute == "full":
+            kwargs.update(recompute_method="uniform", recompute_num_layers=1)
+    if fp8 is not None:
+        kwargs["fp8"] = fp8
+    kwargs.update(overrides or {})
+    return TransformerConfig(**kwargs)
+
+
+def vision_transformer_config(
+    config: InternVLConfig, *, tp: int = 1, params_dtype: torch.dtype = torch.float32, recompute: Optional[str] = None
+) -> TransformerConfig:
+    """InternViT's TransformerConfig: never pipeline-split, no sequence parallelism, no FP8
+    (its 1025-token tiles do not meet FP8 GEMM shape rules)."""
+    vis = config.vision
+    kwargs = _runtime_kwargs(tp, params_dtype)
+    if recompute is not None:
+        kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    return TransformerConfig(
+        num_layers=vis.num_layers,
+        hidden_size=vis.hidden_size,
+        ffn_hidden_size=vis.ffn_hidden_size,
+        num_attention_heads=vis.heads,
+        num_query_groups=vis.heads,
+        kv_channels=vis.head_dim,
+        normalization=vis.norm,
+        layernorm_epsilon=vis.norm_eps,
+        gated_linear_unit=False,
+        activation_func=F.gelu,
+        add_bias_linear=True,
+        add_qkv_bias=vis.qkv_bias,
+        qk_layernorm=vis.qk_norm,
+        # megatron's fused bias-GELU is the tanh approximation; InternViT uses exact GELU.
+        bias_activation_fusion=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        pipeline_model_parallel_size=1,
+        sequence_parallel=False,
+        **kwargs,
+    )
+
+
+def projector_transformer_config(
+    config: InternVLConfig, *, tp: int = 1, params_dtype: torch.dtype = torch.float32
+) -> TransformerConfig:
+    """mlp1's TransformerConfig: LayerNorm, biased linears, exact GELU, H -> H."""
+    lang = config.language
+    return TransformerConfig(
+        num_layers=1,
+        hidden_size=lang.hidden_size,
+        ffn_hidden_size=lang.hidden_size,
+        num_attention_heads=lang.num_heads,
+        normalization="LayerNorm",
+        layernorm_epsilon=config.projector_norm_eps,
+        gated_linear_unit=False,
+        activation_func=F.gelu,
+        add_bias_linear=True,
+        bias_activation_fusion=False,
+        pipeline_model_parallel_size=1,
+        sequence_parallel=False,
+        **_runtime_kwargs(tp, params_dtype),
+    )
+
+
+def pipeline_layout(layers: Sequence[int], pp: int, num_layers: int) -> list:
+    """``[n0, n1, ...]`` LLM layers per stage (``pp * vp`` entries for interleaved
+    schedules) -> a megatron-core ``pipeline_model_parallel_layout``."""
+    layers = [int(n) for n in layers]
+    if len(layers) % pp or any(n < 0 for n in layers) or sum(layers) != num_layers:
+        raise UserError(
+            f"pipeline_layers {layers} must have a multiple of {pp} (pipeline stages) "
+            f"non-negative entries summing to {num_layers} (LLM layers)"
+        )
+    layout = [["decoder"] * n for n in layers]
+    layout[0].insert(0, "embedding")
+    layout[-1].append("loss")
+    return layout
+
+
+# --------------------------------------------------------------------------------------
+# Language model
+# --------------------------------------------------------------------------------------
+
+
+class InternVLLanguageModel(GPTModel):
+    """megatron-core GPTModel with two exactness fixes for InternVL's LLMs.
+
+    * RoPE angles come from ``position_ids`` (per row), not from ``arange(S)``: packed rows
+      (prompt, chosen, rejected) restart positions, and log-probs must not depend on it.
+    * The vocabulary is padded for TP; padded logits are masked out of the softmax so
+      log-probs equal those over the real vocabulary.
+    """
+
+    def __init__(self, *args, real_vocab_size: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.real_vocab_size = real_vocab_size
+
+    def _preprocess(self, input_ids, position_ids, *args, **kwargs):
+        out = super()._preprocess(input_ids, position_ids, *args, **kwargs)
+        if position_ids is None or self.position_embedding_type != "rope":
+            return out
+        out = list(out)
+        out[1] = self._rope_from_positions(position_ids)
+        return tuple(out)
+
+    def _rope_from_positions(self, position_ids: Tensor) -> Tensor:
+        """``[B, S]`` positions -> ``[S, B, 1, D]`` RoPE angles (megatron-core layout)."""
+        rope = self.rotary_pos_emb
+        inv_freq = rope.inv_freq.to(position_ids.device)
+        pos = position_ids.transpose(0, 1).to(inv_freq.dtype)
+        if rope.seq_len_interpolation_factor is not None:
+            pos = pos / rope.seq_len_interpolation_factor
+        freqs = pos.unsqueeze(-1) * inv_freq  # [S, B, D/2]
+        return torch.cat([freqs, freqs], dim=-1).unsqueeze(2)
+
+    def _mask_padded_vocab(self, logits: Tensor) -> Tensor:
+        """-inf on this TP shard's padded vocabulary columns (if it has any)."""
+        local = logits.shape[-1]
+        start = self.pg_collection.tp.rank() * local
+        if start + local <= self.real_vocab_size:
+            return logits
+        ids = torch.arange(start, start + local, device=logits.device)
+        return logits.masked_fill(ids >= self.real_vocab_size, float("-inf"))
+
+    def compute_language_model_loss(self, labels: Tensor, logits: Tensor) -> Tensor:
+        return super().compute_language_model_loss(labels, self._mask_padded_vocab(logits))
+
+
+# --------------------------------------------------------------------------------------
+# InternVL
+# --------------------------------------------------------------------------------------
+
+
+def scatter_image_features(embeddings: Tensor, features: Tensor, image_token_index: Tensor) -> Tensor:
+    """``embeddings[s, b] = features[image_token_index[b, s]]`` where the index is >= 0.
+
+    ``embeddings`` is ``[S, B, H]`` (sequence-first), ``features`` ``[N, H]``, the index
+    ``[B, S]``. Out of place, so gradients reach every feature row once per use.
+    """
+    index = image_token_index.transpose(0, 1)
+    mask = index >= 0
+    rows = index[mask]
+    if rows.numel() == 0:
+        return embeddings + 0.0 * features.sum()  # keep the vision graph alive
+    top = int(rows.max())
+    if top >= features.shape[0]:
+        raise ValueError(
+            f"image_token_index refers to vision feature row {top}, but the micro-batch has "
+            f"only {features.shape[0]} (tiles x tokens_per_tile)"
+        )
+    return embeddings.masked_scatter(mask.unsqueeze(-1), features[rows].to(embeddings.dtype))
+
+
+class InternVLModel(MegatronModule):
+    """One pipeline chunk of InternVL.
+
+    ``forward(input_ids, position_ids, attention_mask, labels, pixel_values,
+    image_token_index)`` returns, on the last stage, the per-token loss ``[R, S]``
+    (``-log p(labels)``, vocab-parallel cross entropy) when ``labels`` is given, else the
+    logits (``[R, S, V/TP]``; ``[R, S, V]`` with ``runtime_gather_output=True``, which is
+    ignored when ``labels`` are given); on other
+    stages the hidden states ``[S, R, H]`` for the next stage.
+    """
+
+    def __init__(
+        self,
+        config: InternVLConfig,
+        language_config: TransformerConfig,
+        vision_config: Optional[TransformerConfig] = None,
+        projector_config: Optional[TransformerConfig] = None,
+        *,
+        spec: str = "local",
+        pre_process: bool = True,
+        post_process: bool = True,
+        attn_mask_type: AttnMaskType = AttnMaskType.causal,
+        pg_collection: Optional[ProcessGroupCollection] = None,
+        vp_stage: Optional[int] = None,
+    ):
+        super().__init__(config=language_config)
+        pg_collection = pg_collection or ProcessGroupCollection.use_mpu_process_groups()
+        self.arch = config
+        self.pre_process = pre_process
+        self.post_process = post_process
+        self.model_type = ModelType.encoder_or_decoder
+        self.share_embeddings_and_output_weights = config.language.tie_embeddings
+        # The local attention applies the mask it is given; TE's causal kernel needs none.
+        self._explicit_causal_mask = spec == "local" or attn_mask_type != AttnMaskType.causal
+        self.vision_model: Optional[InternViTModel] = None
+        self.vision_projection: Optional[InternVLProjector] = None
+        if pre_process:
+            if vision_config is None or projector_config is None:
+                raise ValueError("the first pipeline stage needs vision_config and projector_config")
+            vis = config.vision
+            self.vision_model = InternViTModel(
+                vision_config,
+                vision_layer_spec(vis, spec, tp_group=pg_collection.tp),
+                image_size=vis.image_size,
+                patch_size=vis.patch_size,
+                num_positions=vis.num_positions,
+                pg_collection=pg_collection,
+            )
+            self.vision_projection = InternVLProjector(
+                projector_config, projector_spec(spec), config.projector_input_size,
+                eps=config.projector_norm_eps, tp_group=pg_collection.tp,
+            )
+        lang = config.language
+        rope_kwargs = _rope_kwargs(lang.rope_scaling)
+        self.language_model = InternVLLanguageModel(
+            config=language_config,
+            transformer_layer_spec=language_layer_spec(spec, attn_mask_type),
+            vocab_size=lang.padded_vocab_size,
+            max_sequence_length=lang.max_position_embeddings,
+            pre_process=pre_process,
+            post_process=post_process,
+            parallel_output=True,
+            share_embeddings_and_output_weights=lang.tie_embeddings,
+            position_embedding_type="rope",
+            rotary_base=lang.rope_theta,
+            scatter_embedding_sequence_parallel=False,
+            pg_collection=pg_collection,
+            vp_stage=vp_stage,
+            real_vocab_size=lang.vocab_size,
+            **rope_kwargs,
+        )
+
+    # ---- pipeline plumbing ----------------------------------------------------------
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """Hidden states from the previous stage (the schedules pass a list of one)."""
+        if not isinstance(input_tensor, list):
+            input_tensor = [input_tensor]
+        assert len(input_tensor) == 1, "InternVLModel takes one input tensor per stage"
+        self.language_model.set_input_tensor(input_tensor[0])
+
+    def shared_embedding_or_output_weight(self) -> Optional[Tensor]:
+        """For megatron-core's finalize_model_grads (tied word embeddings across stages)."""
+        return self.language_model.shared_embedding_or_output_weight()
+
+    def freeze(self, vision: bool = False, projector: bool = False, language: bool = False) -> None:
+        """Stop gradients for whole parts (a frozen vision tower also runs without autograd)."""
+        parts = ((vision, self.vision_model), (projector, self.vision_projection), (language, self.language_model))
+        for frozen, module in parts:
+            if frozen and module is not None:
+                for param in module.parameters():
+                    param.requires_grad_(False)
+
+    # ---- forward --------------------------------------------------------------------
+
+    def encode_images(self, pixel_values: Tensor) -> Tensor:
+        """``[T, 3, H, W]`` tiles -> ``[T * tokens_per_tile, H_llm]`` projected features."""
+        frozen = not any(p.requires_grad for p in self.vision_model.parameters())
+        with torch.no_grad() if frozen else contextlib.nullcontext():
+            patches = self.vision_model(pixel_values)  # [T, N, C]
+        merged = pixel_shuffle(patches, self.arch.downsample_ratio)  # [T, N/4, 4C]
+        projected = self.vision_projection(merged)  # [T, N/4, H]
+        return projected.reshape(-1, projected.shape[-1])
+
+    def _vision_keepalive(self) -> Tensor | float:
+        """A zero that depends on every trainable vision/projector parameter."""
+        params = [
+            p for p in itertools.chain(self.vision_model.parameters(), self.vision_projection.parameters())
+            if p.requires_grad
+        ]
+        if not params:
+            return 0.0
+        return torch.stack([p.reshape(-1)[0] for p in params]).sum() * 0.0
+
+    def embed(
+        self,
+        input_ids: Tensor,
+        position_ids: Tensor,
+        pixel_values: Optional[Tensor],
+        image_token_index: Optional[Tensor],
+    ) -> Tensor:
+        """Token embeddings ``[S, R, H]`` with image positions replaced by vision features."""
+        embeddings = self.language_model.embedding(input_ids=input_ids, position_ids=position_ids)
+        if pixel_values is not None and pixel_values.shape[0] > 0:
+            if image_token_index is None:
+                raise ValueError("pixel_values given without image_token_index")
+            embeddings = scatter_image_features(embeddings, self.encode_images(pixel_values), image_token_index)
+        else:
+            # Text-only micro-batch: no vision pass, but every vision parameter stays in
+            # the graph (zero gradient) so gradient buckets fill the same on every rank.
+            embeddings = embeddings + self._vision_keepalive()
+        if self.config.sequence_parallel:
+            embeddings = tensor_parallel.scatter_to_sequence_parallel_region(embeddings)
+        return embeddings
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        position_ids: Tensor,
+        attention_mask: Optional[Tensor] = None,
+        labels: Optional[Tensor] = None,
+        pixel_values: Optional[Tensor] = None,
+        image_token_index: Optional[Tensor] = None,
+        runtime_gather_output: Optional[bool] = None,
+    ) -> Tensor:
+        decoder_input = None
+        if self.pre_process:
+            decoder_input = self.embed(input_ids, position_ids, pixel_values, image_token_index)
+        if attention_mask is None and self._explicit_causal_mask:
+            attention_mask = causal_mask(position_ids.shape[-1]).to(position_ids.device)
+        output = self.language_model(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            decoder_input=decoder_input,
+            labels=labels,
+            # The loss is a vocab-parallel cross entropy: it must see the TP-split logits.
+            runtime_gather_output=runtime_gather_output if labels is None else False,
+        )
+        if self.post_process and labels is None and output.shape[-1] == self.arch.language.padded_vocab_size:
+            output = output[..., : self.arch.language.vocab_size]
+        return output
+
+
+def _rope_kwargs(scaling: Optional[dict]) -> dict:
+    """GPTModel RoPE arguments for a Hugging Face ``rope_scaling`` dict (or refuse it)."""
+    if not scaling:
+        return {}
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "dynamic":
+        return {}  # dynamic NTK only changes positions beyond max_position_embeddings
+    if kind == "linear":
+        return {"seq_len_interpolation_factor": float(scaling["factor"])}
+    if kind == "llama3":
+        expected = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+        if all(float(scaling.get(k, v)) == float(v) for k, v in expected.items()):
+            return {"rope_scaling": True, "rope_scaling_factor": float(scaling.get("factor", 8.0))}
+    raise UserError(f"RoPE scaling {scaling} is not supported (supported: linear, dynamic, llama3 with default factors)")
+
+
+# --------------------------------------------------------------------------------------
+# build
+# --------------------------------------------------------------------------------------
+
+
+def build_model(
+    config: InternVLConfig,
+    spec: str = "local",
+    *,
+    fp8: Optional[str] = None,
+    params_dtype: torch.dtype = torch.float32,
+    pipeline_layers: Optional[Sequence[int]] = None,
+    sequence_parallel: bool = False,
+    recompute: Optional[str] = None,
+    attention_mask: str = "causal",
+    dropout: float = 0.0,
+    vp_stage: Optional[int] = None,
+    pg_collection: Optional[ProcessGroupCollection] = None,
+    language_overrides: Optional[dict] = None,
+) -> InternVLModel:
+    """The InternVL model chunk for this rank (megatron-core parallel_state must be set up).
+
+    ``spec``: ``local`` or ``transformer_engine``; ``fp8``: None, ``hybrid`` or ``e4m3``
+    (LLM layers only; TE spec on a GPU of compute capability >= 8.9).
+    ``pipeline_layers``: LLM layers per pipeline stage, e.g. ``[10, 14]`` (uneven split:
+    the first stage also runs the vision tower); default an even split.
+    ``attention_mask``: ``causal`` (plain rows) or ``arbitrary`` (custom masks, e.g. packed
+    pair rows, honoured by Transformer Engine too).
+    ``language_overrides``: extra fields of the LLM's TransformerConfig (``model.config``,
+    which the pipeline schedules read), e.g. ``{"variable_seq_lengths": True}``.
+    """
+    config.validate()
+    check_backend(spec, fp8)
+    if attention_mask not in ("causal", "arbitrary"):
+        raise UserError(f"attention_mask must be causal or arbitrary, not {attention_mask!r}")
+    pg_collection = pg_collection or ProcessGroupCollection.use_mpu_process_groups()
+    tp, pp, pp_rank = pg_collection.tp.size(), pg_collection.pp.size(), pg_collection.pp.rank()
+    _check_divisible(config, tp)
+    if pipeline_layers is None and config.language.num_layers % pp:
+        raise UserError(
+            f"{config.language.num_layers} LLM layers do not split evenly over {pp} pipeline stages; "
+            "give pipeline_layers (layers per stage)"
+        )
+    if sequence_parallel and spec == "local":
+        raise UserError("sequence_parallel needs spec: transformer_engine (megatron-core's torch norms lack it)")
+    vp = len(pipeline_layers) // pp if pipeline_layers is not None else 1
+    if vp > 1 and vp_stage is None:
+        raise UserError("interleaved pipeline_layers (pp * vp entries) need vp_stage for each model chunk")
+    pre_process = pp_rank == 0 and (vp_stage or 0) == 0
+    post_process = pp_rank == pp - 1 and (vp_stage is None or vp_stage == vp - 1)
+    language_config = language_transformer_config(
+        config, tp=tp, pp=pp, params_dtype=params_dtype, fp8=fp8,
+        sequence_parallel=sequence_parallel, pipeline_layers=pipeline_layers,
+        recompute=recompute, dropout=dropout, overrides=language_overrides,
+    )
+    vision_config = projector_config = None
+    if pre_process:
+        common = dict(tp=tp, params_dtype=params_dtype)
+        vision_config = vision_transformer_config(config, recompute=recompute, **common)
+        projector_config = projector_transformer_config(config, **common)
+    mask_type = AttnMaskType.causal if attention_mask == "causal" else AttnMaskType.arbitrary
+    return InternVLModel(
+        config, language_config, vision_config, projector_config, spec=spec,
+        pre_process=pre_process, post_process=post_process, attn_mask_type=mask_type,
+        pg_collection=pg_collection, vp_stage=vp_stage,
+    )
+
+
+def _check_divisible(config: InternVLConfig, tp: int) -> None:
+    lang, vis = config.language, config.vision
+    problems = []
+    if lang.num_heads % tp:
+        problems.append(f"LLM heads ({lang.num_heads})")
+    if lang.num_kv_heads % tp and tp % lang.num_kv_heads:
+        problems.append(f"LLM KV heads ({lang.num_kv_heads})")
+    if lang.ffn_hidden_size % tp or lang.hidden_size % tp:
+        problems.append("LLM hidden / FFN sizes")
+    if lang.padded_vocab_size % tp:
+        problems.append(f"padded vocabulary ({lang.padded_vocab_size}; raise vocab_size_divisible_by)")
+    if vis.heads % tp:
+        problems.append(f"vision heads ({vis.heads}; set vision.num_padded_heads to a multiple of {tp})")
+    if vis.ffn_hidden_size % tp:
+        problems.append(f"vision FFN size ({vis.ffn_hidden_size})")
+    if problems:
+        raise UserError(f"tensor parallel size {tp} does not divide: {'; '.join(problems)}")

@@ -1,0 +1,138 @@
+"""The few building blocks InternViT needs that megatron-core does not have.
+
+* :class:`LayerScaleTransformerLayer` -- ``x += ls1 * attn(norm1(x)); x += ls2 * mlp(norm2(x))``.
+* :class:`CrossHeadRMSNorm` -- InternViT-6B's qk-norm: one RMSNorm over the full width of
+  all heads (not per head), correct under tensor parallelism.
+* :func:`without_bias` -- a linear class that ignores ``add_bias_linear`` (InternViT-6B has
+  biased proj/MLP linears but a bias-free qkv).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from megatron.core import parallel_state
+from megatron.core.dist_checkpointing.mapping import ShardedStateDict
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import TransformerLayer
+from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+__all__ = ["LayerScaleTransformerLayer", "CrossHeadRMSNorm", "without_bias"]
+
+
+class LayerScaleTransformerLayer(TransformerLayer):
+    """A megatron-core TransformerLayer with per-channel layer scale (``ls1``, ``ls2``).
+
+    The scale is applied inside the bias-dropout-add, which TransformerLayer builds from
+    its spec, so every other part of the layer (norms, TP attention, MLP, recompute) is
+    megatron-core's own.
+    """
+
+    def __init__(self, config: TransformerConfig, submodules, *args, layer_scale_init: float = 1.0, **kwargs):
+        super().__init__(config, submodules, *args, **kwargs)
+        shape = (config.hidden_size,)
+        self.ls1 = torch.nn.Parameter(torch.full(shape, float(layer_scale_init), dtype=config.params_dtype))
+        self.ls2 = torch.nn.Parameter(torch.full(shape, float(layer_scale_init), dtype=config.params_dtype))
+        # TransformerLayer calls ``self.<x>_bda(training, fused)(out_with_bias, residual, p)``.
+        self.self_attn_bda = functools.partial(_scaled_bda, self.self_attn_bda, self, "ls1")
+        self.mlp_bda = functools.partial(_scaled_bda, self.mlp_bda, self, "ls2")
+
+
+def _scaled_bda(make_bda: Callable, layer: torch.nn.Module, scale_name: str, training: bool, fused: bool):
+    inner = make_bda(training, fused)
+
+    def bias_dropout_add(x_with_bias, residual: Tensor, prob: float) -> Tensor:
+        out, bias = x_with_bias
+        if bias is not None:
+            out = out + bias
+        return inner((out * getattr(layer, scale_name), None), residual, prob)
+
+    return bias_dropout_add
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over the TP group in forward *and* backward: every rank's local heads use the
+    total, so each rank's partial gradient of it must reach every rank."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group) -> Tensor:
+        ctx.group = group
+        x = x.clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class CrossHeadRMSNorm(torch.nn.Module):
+    """RMSNorm over all attention heads together (InternViT-6B ``q_norm`` / ``k_norm``).
+
+    SelfAttention builds its q/k norms per head (``hidden_size`` = head dim) and calls them
+    on ``[s, b, heads_on_this_rank, head_dim]``. Here the mean square is taken over every
+    head of every TP rank (an all-reduce of the local sum of squares) and divided by the
+    *real* width, so zero-padded heads change nothing. The weight is split across TP like
+    the heads: this rank holds ``heads_on_this_rank * head_dim`` entries.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        config: TransformerConfig,
+        eps: float = 1e-6,
+        num_real_heads: Optional[int] = None,
+        tp_group: Optional[dist.ProcessGroup] = None,
+    ):
+        super().__init__()
+        self.head_dim = hidden_size
+        self.tp_group = tp_group or parallel_state.get_tensor_model_parallel_group()
+        tp_size = self.tp_group.size()
+        if config.num_attention_heads % tp_size:
+            raise ValueError(f"{config.num_attention_heads} heads do not split over TP={tp_size}")
+        self.local_heads = config.num_attention_heads // tp_size
+        self.real_width = (num_real_heads or config.num_attention_heads) * hidden_size
+        self.eps = eps
+        self.weight = torch.nn.Parameter(
+            torch.ones(self.local_heads * hidden_size, dtype=config.params_dtype)
+        )
+        set_tensor_model_parallel_attributes(self.weight, True, 0, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        xf = x.float()
+        sum_sq = xf.pow(2).sum(dim=(-2, -1), keepdim=True)
+        if self.tp_group.size() > 1:
+            sum_sq = _AllReduceSum.apply(sum_sq, self.tp_group)
+        xf = xf * torch.rsqrt(sum_sq / self.real_width + self.eps)
+        return self.weight.view(-1, self.head_dim) * xf.to(dtype)
+
+    def sharded_state_dict(
+        self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None
+    ) -> ShardedStateDict:
+        state = self.state_dict(prefix="", keep_vars=True)
+        return make_sharded_tensors_for_checkpoint(
+            state, prefix, {"weight": 0}, sharded_offsets,
+            tp_group=self.tp_group, dp_cp_group=(metadata or {}).get("dp_cp_group"),
+        )
+
+
+@functools.lru_cache(maxsize=None)
+def without_bias(linear_cls: type) -> type:
+    """``linear_cls`` built with ``bias=False`` whatever the caller asks for."""
+
+    class NoBias(linear_cls):  # type: ignore[misc, valid-type]
+        def __init__(self, *args, **kwargs):
+            kwargs["bias"] = False
+            super().__init__(*args, **kwargs)
+
+    NoBias.__name__ = NoBias.__qualname__ = f"{linear_cls.__name__}NoBias"
+    return NoBias

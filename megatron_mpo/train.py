@@ -1,0 +1,186 @@
+"""MPO training, top to bottom.
+
+    torchrun --nproc-per-node N -m megatron_mpo.train --config FILE [section.key=value ...]
+
+The loop reads like a recipe: parse config -> process groups -> model (+ weights) ->
+DDP + distributed optimizer -> data -> resume -> for each step: draw the step's
+micro-batches, run megatron-core's forward/backward schedule, skip non-finite updates,
+step optimizer and schedule, fold the step's rewards into the MPO running mean, log,
+checkpoint. Components live in megatron_mpo.{models,data,losses,training}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from megatron_mpo import parallel, platform
+from megatron_mpo.config import RunConfig, load_config
+from megatron_mpo.errors import UserError, exit_on_user_error
+from megatron_mpo.losses import MPOLoss
+from megatron_mpo.training import checkpoint as ckpt_lib
+from megatron_mpo.training import runtime
+from megatron_mpo.training.forward import make_forward_step
+from megatron_mpo.training.metrics import MetricsLogger, global_sum, reduce_loss_metrics
+from megatron_mpo.training.optim import build_optimizer, build_scheduler, grads_are_finite, wrap_data_parallel
+
+
+def parse_args(argv: Optional[list[str]] = None) -> tuple[Optional[str], list[str]]:
+    parser = argparse.ArgumentParser(prog="megatron_mpo.train", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", help="YAML run configuration")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    args = parser.parse_args(argv)
+    return args.config, args.overrides
+
+
+def train(cfg: RunConfig) -> dict:
+    """Run training to the configured end (or a preemption signal); returns a summary."""
+    layout = parallel.initialize(
+        cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.virtual_pipeline,
+        seed=cfg.train.seed, device=cfg.train.device,
+    )
+    rank = torch.distributed.get_rank()
+    is_writer = rank == 0
+
+    # ---- model ------------------------------------------------------------------------
+    model_config = runtime.model_config(cfg)
+    runtime.check_precision(cfg)
+    chunks = runtime.build_model_chunks(cfg, model_config, layout)
+    if cfg.model.init:
+        ckpt_lib.load_model_weights(cfg.model.init, chunks)
+    model = wrap_data_parallel(chunks, cfg.precision)
+    optimizer = build_optimizer(model, cfg.train, cfg.precision)
+
+    # ---- data -------------------------------------------------------------------------
+    tokenizer = runtime.tokenizer(cfg)
+    runtime.check_reference_values(cfg, model_config)
+    loader = runtime.build_loader(cfg, model_config, tokenizer, layout)
+    total_steps = runtime.total_steps(cfg, layout)
+    micro_per_step = runtime.micro_batches_per_step(cfg, layout)
+    scheduler = build_scheduler(optimizer, cfg.train, total_steps)
+    mpo = MPOLoss(cfg.mpo.loss_config(), group=layout.data_group)
+
+    # ---- resume -----------------------------------------------------------------------
+    manager = ckpt_lib.CheckpointManager(cfg.checkpoint.save, cfg.checkpoint.keep_last) if cfg.checkpoint.save else None
+    step = 0
+    resume_from = runtime.resolve_resume(cfg, manager)
+    if resume_from is not None:
+        reader = manager or ckpt_lib.CheckpointManager(resume_from.parent)
+        common, per_rank = reader.load(resume_from, model, optimizer)
+        step = int(common["step"])
+        scheduler.load_state_dict(common["scheduler"])
+        mpo.load_state_dict(common["mpo"])
+        if per_rank is not None:
+            ckpt_lib.restore_rng_state(per_rank["rng"])
+            loader.load_state_dict(per_rank["loader"])
+        elif is_writer:
+            print("world size changed since the checkpoint: RNG and data position restart "
+                  "(weights, optimizer, schedule and MPO state are restored)", flush=True)
+        if is_writer:
+            print(f"resumed from {resume_from} at step {step}", flush=True)
+
+    logger = MetricsLogger(
+        cfg.logging.metrics, cfg.logging.tensorboard, cfg.logging.wandb_project,
+        is_writer=is_writer, run_config=cfg.to_dict(), resume_step=step,
+    )
+    preemption = ckpt_lib.PreemptionFlag()
+    counted = runtime.StepCounter()
+    forward_step = make_forward_step(mpo, on_batch=counted.add)
+    forward_backward = runtime.forward_backward_func()
+    flops = runtime.FlopCounter(model_config)
+    batches = iter(loader)
+
+    def save(at_step: int) -> None:
+        if manager is None:
+            return
+        common = {"step": at_step, "scheduler": scheduler.state_dict(), "mpo": runtime.mpo_state(mpo, layout), "config": cfg.to_dict()}
+        per_rank = {"rng": ckpt_lib.capture_rng_state(), "loader": loader.state_dict()}
+        manager.save(at_step, model, optimizer, common, per_rank)
+
+    bad_in_a_row = 0
+    bad_total = 0
+    last_saved = step
+    while step < total_steps:
+        step += 1
+        started = time.perf_counter()
+        micro_batches = [next(batches) for _ in range(micro_per_step)]
+        seq_len = max(b.input_ids.shape[1] for b in micro_batches)
+        counted.reset()
+        for chunk in model:
+            chunk.zero_grad_buffer()
+        optimizer.zero_grad()
+        results = forward_backward(
+            forward_step_func=forward_step,
+            data_iterator=[iter(micro_batches) for _ in model] if len(model) > 1 else iter(micro_batches),
+            model=model if len(model) > 1 else model[0],
+            num_microbatches=micro_per_step,
+            seq_length=seq_len,
+            micro_batch_size=max(b.input_ids.shape[0] for b in micro_batches),
+            forward_only=False,
+        )
+        losses = reduce_loss_metrics(results, layout.is_last_stage, layout.tensor_rank)
+        finite = math.isfinite(losses["loss"]) and runtime.all_ranks_true(grads_are_finite(model))
+        grad_norm = float("nan")
+        if finite:
+            _, grad_norm, _ = optimizer.step()
+            scheduler.step(increment=1)
+            if layout.is_last_stage:
+                mpo.end_step(layout.data_group)
+            bad_in_a_row = 0
+        else:
+            bad_in_a_row += 1
+            bad_total += 1
+            mpo.reward_shift.discard_step()
+        elapsed = time.perf_counter() - started
+
+        if step % cfg.logging.interval == 0 or step == total_steps or step == 1:
+            tokens = global_sum({"tokens": counted.tokens if layout.tensor_rank == 0 and layout.pipeline_rank == 0 else 0})["tokens"]
+            skipped = global_sum(loader.skip_counts if layout.tensor_rank == 0 and layout.pipeline_rank == 0 else {})
+            record = {
+                **{k: v for k, v in losses.items() if k != "abs_logratio"},
+                "lr": optimizer.param_groups[0]["lr"],
+                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                "samples_per_s": cfg.train.global_batch / elapsed,
+                "tokens_per_s": tokens / elapsed,
+                "mfu": flops.mfu(tokens, elapsed, torch.distributed.get_world_size(), seq_len=seq_len),
+                "skipped": {**{k: int(v) for k, v in skipped.items()}, "nonfinite_steps": bad_total},
+            }
+            if step == 1 and resume_from is None:
+                record["ref_logratio_step0"] = losses["abs_logratio"]
+            logger.log(step, record)
+        if bad_in_a_row >= cfg.train.max_bad_steps:
+            logger.close()
+            raise UserError(
+                f"{bad_in_a_row} steps in a row had a non-finite loss or gradient (step {step}); "
+                "lower train.lr, check the data, or raise train.max_bad_steps"
+            )
+
+        stop = preemption.should_stop()
+        if manager is not None and (step % cfg.checkpoint.interval == 0 or step == total_steps or stop):
+            save(step)
+            last_saved = step
+        if stop:
+            if is_writer:
+                print(f"preempted: saved step {last_saved}, exiting", flush=True)
+            break
+
+    logger.close()
+    summary = {"step": step, "total_steps": total_steps}
+    parallel.shutdown()
+    return summary
+
+
+@exit_on_user_error
+def main(argv: Optional[list[str]] = None) -> None:
+    config_path, overrides = parse_args(argv)
+    cfg = load_config(config_path, overrides)  # all config errors surface before any process group work
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,469 @@
+"""InternVL in megatron-core against a tiny random transformers InternVL.
+
+Two reference models, both built from scratch on CPU (no download):
+
+* ``qwen2`` -- InternViT-300M style vision (LayerNorm, qkv bias), Qwen2 LLM (qkv bias),
+  untied embeddings, 2 LLM layers;
+* ``llama`` -- InternViT-6B style vision (RMSNorm, cross-head qk-norm, no qkv bias, 3 heads
+  zero-padded to 4 so TP=2 splits them), Llama LLM (no bias), tied embeddings, 3 LLM
+  layers (so PP=2 uses an uneven split).
+
+The megatron model is loaded from ``hf_to_megatron`` and must reproduce the logits, the
+per-token losses and (for an image pair) every gradient, at TP=1/PP=1 in this process and
+at TP=2/PP=1, TP=1/PP=2, TP=2/PP=2 in one 4-process gloo launch (tests/_model_worker.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+
+from megatron_mpo.errors import UserError
+from tests import _model_worker as worker
+from tests.distributed import REPO, launch
+
+IMG_ID = 290
+TEXT_TOKENS = 280  # random text ids stay below the image token id
+
+
+# ---- reference models -----------------------------------------------------------------
+
+
+def _hf_model(kind: str, image_size: int = 56):
+    from transformers import InternVLConfig as HFInternVLConfig
+    from transformers import InternVLForConditionalGeneration
+
+    if kind == "qwen2":
+        vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                      attention_bias=True, norm_type="layer_norm", use_qk_norm=False)
+        text = dict(model_type="qwen2", vocab_size=320, hidden_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, rope_theta=10000.0)
+        tie = False
+    else:
+        vision = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=3, intermediate_size=96,
+                      attention_bias=False, norm_type="rms_norm", use_qk_norm=True)
+        text = dict(model_type="llama", vocab_size=300, hidden_size=64, num_hidden_layers=3,
+                    num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, rope_theta=500000.0)
+        tie = True
+    vision.update(image_size=image_size, patch_size=14, layer_scale_init_value=0.5)
+    text.update(max_position_embeddings=256, rms_norm_eps=1e-6)
+    config = HFInternVLConfig(vision_config=vision, text_config=text, image_token_id=IMG_ID,
+                              image_seq_length=4, downsample_ratio=0.5, tie_word_embeddings=tie)
+    torch.manual_seed(0)
+    model = InternVLForConditionalGeneration(config).eval()
+    gen = torch.Generator().manual_seed(1 if kind == "qwen2" else 2)
+    with torch.no_grad():  # random everything: norms, layer scales, biases, position embeddings
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            is_norm = "norm" in name and name.endswith("weight")
+            p.copy_(noise * (0.3 if p.dim() == 1 else 0.08) + (1.0 if is_norm else 0.0))
+    return model, config
+
+
+def _our_config(hf_config, kind: str):
+    from megatron_mpo.models.config import InternVLConfig
+
+    config = InternVLConfig.from_hf_config(hf_config)
+    if kind == "llama":
+        config.vision.num_padded_heads = 4
+    return config.validate()
+
+
+# ---- micro-batch cases ----------------------------------------------------------------
+
+
+class _Builder:
+    """Rows of text and image segments -> one micro-batch in the batch.py contract."""
+
+    def __init__(self, tiles: int, tpt: int, vocab: int, gen: torch.Generator, image_size: int = 56):
+        self.tpt, self.vocab, self.gen = tpt, vocab, gen
+        self.pixel_values = torch.randn(tiles, 3, image_size, image_size, generator=gen)
+
+    def row(self, segments):
+        ids, feat, tiles = [], [], []
+        for seg in segments:
+            if isinstance(seg, int):
+                ids += torch.randint(0, TEXT_TOKENS, (seg,), generator=self.gen).tolist()
+                feat += [-1] * seg
+            else:
+                for t in seg:
+                    ids += [IMG_ID] * self.tpt
+                    feat += list(range(t * self.tpt, (t + 1) * self.tpt))
+                    tiles.append(t)
+        return ids, feat, tiles
+
+    def case(self, name, rows, hf, position_ids=None, attention_mask=None, ref_logits=None):
+        ids = torch.tensor([r[0] for r in rows])
+        R, S = ids.shape
+        if ref_logits is None:
+            with torch.no_grad():
+                ref_logits = torch.stack([
+                    hf(input_ids=ids[i:i + 1], pixel_values=self.pixel_values[r[2]] if r[2] else None).logits[0]
+                    for i, r in enumerate(rows)
+                ])
+        return dict(
+            name=name,
+            input_ids=ids,
+            position_ids=torch.arange(S).expand(R, S).clone() if position_ids is None else position_ids,
+            attention_mask=attention_mask,
+            labels=torch.randint(0, self.vocab, (R, S), generator=self.gen),
+            pixel_values=self.pixel_values,
+            image_token_index=torch.tensor([r[1] for r in rows]),
+            ref_logits=ref_logits,
+        )
+
+
+def _cases(hf, vocab: int, seed: int) -> list[dict]:
+    gen = torch.Generator().manual_seed(seed)
+    cases = []
+    b = _Builder(1, 4, vocab, gen)
+    cases.append(b.case("one_tile", [b.row([3, [0], 5])], hf))
+    b = _Builder(3, 4, vocab, gen)
+    cases.append(b.case("several_tiles", [b.row([2, [0, 1, 2], 4])], hf))
+    b = _Builder(3, 4, vocab, gen)
+    cases.append(b.case("two_images", [b.row([2, [0, 1], 3, [2], 3])], hf))
+    b = _Builder(0, 4, vocab, gen)
+    cases.append(b.case("text_only", [b.row([10]), b.row([10])], hf))
+    # A preference pair: both rows read the same two tiles (stored once).
+    b = _Builder(2, 4, vocab, gen)
+    prompt = b.row([2, [0, 1], 2])
+    rows = [tuple(x + y for x, y in zip(prompt, b.row([5]))) for _ in range(2)]
+    cases.append(b.case("pair", rows, hf))
+    # Packed: prompt + chosen + rejected in one row; rejected restarts its positions after
+    # the prompt and cannot see chosen. Must equal the two unpacked sequences.
+    b = _Builder(1, 4, vocab, gen)
+    prompt, chosen, rejected = b.row([2, [0], 2]), b.row([4]), b.row([3])
+    p, c, r = len(prompt[0]), len(chosen[0]), len(rejected[0])
+    row = tuple(x + y + z for x, y, z in zip(prompt, chosen, rejected))
+    with torch.no_grad():
+        a = hf(input_ids=torch.tensor([prompt[0] + chosen[0]]), pixel_values=b.pixel_values).logits[0]
+        z = hf(input_ids=torch.tensor([prompt[0] + rejected[0]]), pixel_values=b.pixel_values).logits[0]
+    S = p + c + r
+    mask = torch.ones(S, S, dtype=torch.bool).triu(1)
+    mask[p + c:, p:p + c] = True
+    positions = torch.tensor(list(range(p + c)) + list(range(p, p + r)))
+    cases.append(b.case("packed", [row], hf, position_ids=positions[None], attention_mask=mask[None, None],
+                        ref_logits=torch.cat([a, z[p:]])[None]))
+    return cases
+
+
+def _reference_grads(hf, case: dict, config) -> dict:
+    """d sum(per-token loss) / d params of the HF model, mapped to megatron names."""
+    from megatron_mpo.conversion.native import hf_to_megatron
+
+    hf.zero_grad(set_to_none=True)
+    total = 0.0
+    for i in range(case["input_ids"].shape[0]):
+        tiles = sorted({int(x) // 4 for x in case["image_token_index"][i] if x >= 0})
+        pixels = case["pixel_values"][tiles] if tiles else None
+        logits = hf(input_ids=case["input_ids"][i:i + 1], pixel_values=pixels).logits[0]
+        total = total + torch.nn.functional.cross_entropy(logits, case["labels"][i], reduction="sum")
+    total.backward()
+    grads = {name: p.grad.detach().clone() for name, p in hf.named_parameters()}
+    hf.zero_grad(set_to_none=True)
+    return hf_to_megatron(grads, config)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """Both reference models, their converted state dicts, cases and reference gradients,
+    also written to disk for the multi-rank worker."""
+    from megatron_mpo.conversion.native import hf_to_megatron
+
+    root = tmp_path_factory.mktemp("internvl_ref")
+    out = {}
+    for seed, kind in enumerate(("qwen2", "llama")):
+        hf, hf_config = _hf_model(kind)
+        config = _our_config(hf_config, kind)
+        cases = _cases(hf, config.language.vocab_size, seed)
+        grads = _reference_grads(hf, next(c for c in cases if c["name"] == "pair"), config)
+        full = hf_to_megatron(hf.state_dict(), config)
+        out[kind] = dict(hf=hf, hf_config=hf_config, config=config, cases=cases, grads=grads, full=full)
+        d = root / kind
+        d.mkdir()
+        (d / "config.json").write_text(config.to_json())
+        torch.save(full, d / "mcore.pt")
+        torch.save(cases, d / "cases.pt")
+        torch.save(grads, d / "grads.pt")
+    (root / "kinds.json").write_text(json.dumps(list(out)))
+    out["root"] = root
+    return out
+
+
+@pytest.fixture(scope="module")
+def megatron_tp1():
+    """megatron-core parallel state for TP=1/PP=1 in this process (torn down after)."""
+    from megatron_mpo import platform
+
+    saved_env = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    platform.setup("cpu")
+    own_group = not torch.distributed.is_initialized()
+    platform.init_distributed()
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(1, 1)
+    model_parallel_cuda_manual_seed(1234)
+    yield
+    parallel_state.destroy_model_parallel()
+    if own_group:
+        torch.distributed.destroy_process_group()
+    for key, value in saved_env.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def _tp1_model(ref: dict):
+    from megatron_mpo.models.internvl import build_model
+
+    model = build_model(ref["config"])
+    worker.load_full(model, ref["full"])
+    return model
+
+
+# ---- configuration and presets --------------------------------------------------------
+
+
+def test_presets_and_config_serialisation():
+    from megatron_mpo.models.config import InternVLConfig
+    from megatron_mpo.models.presets import get_preset, preset_names
+
+    assert {"InternVL2-1B", "InternVL2-8B", "InternVL2-76B", "tiny"} <= set(preset_names())
+    for name in preset_names():
+        config = get_preset(name)
+        assert InternVLConfig.from_json(config.to_json()) == config
+    big = get_preset("internvl2-26b")  # case-insensitive
+    assert big.tokens_per_tile == 256 and big.projector_input_size == 4 * 3200
+    assert big.vision.heads == 32 and big.vision.qk_norm and not big.vision.qkv_bias
+    assert get_preset("InternVL2-1B").language.padded_vocab_size % 128 == 0
+    tiny = get_preset("tiny")
+    assert tiny.tokens_per_tile == 4 and tiny.language.vocab_size > 300
+    with pytest.raises(UserError, match="valid presets: InternVL2-1B"):
+        get_preset("InternVL9-1B")
+    with pytest.raises(UserError, match="unknown model config key"):
+        InternVLConfig.from_dict({**tiny.to_dict(), "vision": {"hidden": 3}})
+
+
+def test_from_hf_config_native_and_original():
+    from megatron_mpo.models.config import InternVLConfig
+
+    _, hf_config = _hf_model("llama")
+    config = InternVLConfig.from_hf_config(hf_config)
+    assert (config.vision.norm, config.vision.qk_norm, config.vision.qkv_bias) == ("RMSNorm", True, False)
+    lang = config.language
+    assert (lang.family, lang.qkv_bias, lang.tie_embeddings) == ("llama", False, True)
+    assert config.language.rope_theta == 500000.0 and config.img_context_token_id == IMG_ID
+    assert InternVLConfig.from_hf_config(hf_config.to_dict()) == config
+    original = {  # the remote-code InternVLChatConfig of InternVL2-8B, trimmed
+        "downsample_ratio": 0.5, "ps_version": "v2", "select_layer": -1, "force_image_size": 448,
+        "vision_config": {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
+                          "intermediate_size": 4096, "image_size": 448, "patch_size": 14, "qkv_bias": True,
+                          "qk_normalization": False, "norm_type": "layer_norm", "layer_norm_eps": 1e-6},
+        "llm_config": {"architectures": ["InternLM2ForCausalLM"], "vocab_size": 92553, "hidden_size": 4096,
+                       "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+                       "intermediate_size": 14336, "rope_theta": 1000000, "rms_norm_eps": 1e-5,
+                       "bias": False, "rope_scaling": {"type": "dynamic", "factor": 2.0}},
+    }
+    config = InternVLConfig.from_hf_config(original)
+    assert config.language.family == "internlm2" and config.tokens_per_tile == 256
+    assert config.language.rope_scaling == {"type": "dynamic", "factor": 2.0}
+    with pytest.raises(UserError, match="not supported"):
+        InternVLConfig.from_hf_config({**original, "llm_config": {"architectures": ["GPT2LMHeadModel"]}})
+
+
+# ---- conversion -----------------------------------------------------------------------
+
+
+def test_hf_megatron_hf_round_trip_is_bit_exact(reference):
+    from megatron_mpo.conversion.native import (
+        from_te_names, hf_to_megatron, megatron_to_hf, normalize_hf_names, to_te_names,
+    )
+
+    for kind in ("qwen2", "llama"):
+        ref = reference[kind]
+        hf_sd, config = ref["hf"].state_dict(), ref["config"]
+        mcore = hf_to_megatron(hf_sd, config)
+        back = megatron_to_hf(mcore, config, layout="module")
+        assert back.keys() == hf_sd.keys()
+        for key, value in hf_sd.items():
+            assert back[key].dtype == value.dtype and torch.equal(back[key], value), key
+        # Checkpoint names (what save_pretrained writes) convert the same way.
+        ckpt = megatron_to_hf(mcore, config)
+        assert not any(k.startswith("model.") for k in ckpt)
+        assert "language_model.lm_head.weight" in ckpt or config.language.tie_embeddings
+        again = hf_to_megatron(ckpt, config)
+        assert again.keys() == mcore.keys() and all(torch.equal(again[k], mcore[k]) for k in mcore)
+        tied_head = {"lm_head.weight"} if config.language.tie_embeddings else set()
+        assert set(normalize_hf_names(ckpt)) | tied_head == set(hf_sd)
+        # Transformer Engine names are a pure rename of the fused norms.
+        te = to_te_names(mcore)
+        assert any(k.endswith("linear_qkv.layer_norm_weight") for k in te)
+        assert from_te_names(te) == mcore
+        assert megatron_to_hf(te, config, layout="module").keys() == hf_sd.keys()
+    llama = reference["llama"]
+    mcore = hf_to_megatron(llama["hf"].state_dict(), llama["config"])
+    qkv = mcore["vision_model.decoder.layers.0.self_attention.linear_qkv.weight"]
+    assert qkv.shape == (3 * 4 * 16, 48) and not qkv[3 * 3 * 16:].any()  # padded head is zero
+    with pytest.raises(UserError, match="unmapped"):
+        hf_to_megatron({**llama["hf"].state_dict(), "model.extra.weight": torch.zeros(1)}, llama["config"])
+
+
+# ---- layer spec / FP8 selection -------------------------------------------------------
+
+
+def test_spec_and_fp8_selection_errors(monkeypatch):
+    from megatron_mpo import platform
+    from megatron_mpo.models import specs
+
+    platform.setup("cpu")
+    specs.check_backend("local")
+    with pytest.raises(UserError, match="unknown layer spec 'te'"):
+        specs.check_backend("te")
+    with pytest.raises(UserError, match="unknown fp8 format"):
+        specs.check_backend("transformer_engine", fp8="e5m2x")
+    with pytest.raises(UserError, match="fp8 needs the 'transformer_engine' layer spec"):
+        specs.check_backend("local", fp8="hybrid")
+    monkeypatch.setattr(specs, "te_available", lambda: False)
+    with pytest.raises(UserError, match="needs NVIDIA Transformer Engine, which is not installed"):
+        specs.check_backend("transformer_engine")
+    with pytest.raises(UserError, match="^fp8 needs NVIDIA Transformer Engine"):
+        specs.check_backend("transformer_engine", fp8="hybrid")
+    # With TE present: a CPU machine, then a pre-Hopper GPU, are refused for FP8.
+    monkeypatch.setattr(specs, "te_available", lambda: True)
+    with pytest.raises(UserError, match="needs an NVIDIA GPU, but this machine runs on CPU"):
+        specs.check_backend("transformer_engine", fp8="hybrid")
+    monkeypatch.setattr(platform, "current", lambda: platform.Platform("cuda", "nccl"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
+    with pytest.raises(UserError, match=r"fp8 needs a GPU of compute capability >= 8\.9.*this GPU is 8\.0"):
+        specs.check_backend("transformer_engine", fp8="e4m3")
+    specs.check_backend("transformer_engine")  # TE without FP8 is fine on an A100
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    specs.check_backend("transformer_engine", fp8="hybrid")
+    # Every message is one line.
+    try:
+        specs.check_backend("local", fp8="hybrid")
+    except UserError as exc:
+        assert "\n" not in str(exc)
+
+
+def test_build_refuses_bad_parallel_layouts(reference, megatron_tp1):
+    from megatron_mpo.models.config import InternVLConfig
+    from megatron_mpo.models.internvl import build_model, pipeline_layout
+
+    config = reference["llama"]["config"]
+    with pytest.raises(UserError, match="pipeline_layers"):
+        pipeline_layout([1, 1], 2, 3)
+    assert pipeline_layout([1, 2], 2, 3) == [["embedding", "decoder"], ["decoder", "decoder", "loss"]]
+    with pytest.raises(UserError, match="transformer_engine"):
+        build_model(config, "transformer_engine")
+    bad = InternVLConfig.from_dict({**config.to_dict(), "language": {**config.to_dict()["language"],
+                                    "rope_scaling": {"rope_type": "longrope"}}})
+    with pytest.raises(UserError, match="RoPE scaling"):
+        build_model(bad)
+    with pytest.raises(UserError, match="sequence_parallel needs spec: transformer_engine"):
+        build_model(config, sequence_parallel=True)
+    model = build_model(config, pipeline_layers=[3], language_overrides={"variable_seq_lengths": True})
+    assert model.config.variable_seq_lengths and model.pre_process and model.post_process
+
+
+# ---- TP=1 / PP=1 in this process ------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "llama"])
+def test_tp1_logits_losses_and_grads_match_transformers(reference, megatron_tp1, kind):
+    ref = reference[kind]
+    model = _tp1_model(ref).eval()
+    failures = []
+    for case in ref["cases"]:
+        failures += worker.check_case(model, case, f"TP1PP1 {kind}")
+    model.train()
+    pair = next(c for c in ref["cases"] if c["name"] == "pair")
+    failures += worker.check_grads(model, pair, ref["grads"], f"TP1PP1 {kind}", None, 1)
+    assert not failures, "\n".join(failures)
+
+
+def test_text_only_batch_keeps_every_parameter_in_the_graph(reference, megatron_tp1):
+    ref = reference["qwen2"]
+    model = _tp1_model(ref)
+    case = next(c for c in ref["cases"] if c["name"] == "text_only")
+    assert case["pixel_values"].shape[0] == 0
+    calls = []
+    model.vision_model.register_forward_hook(lambda *a: calls.append(1))
+    loss = model(case["input_ids"], case["position_ids"], labels=case["labels"],
+                 pixel_values=case["pixel_values"], image_token_index=case["image_token_index"])
+    loss.sum().backward()
+    assert not calls  # no vision pass
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        if name.startswith("vision"):
+            assert not p.grad.any(), name
+    assert model.language_model.decoder.final_layernorm.weight.grad.any()
+
+
+def test_each_image_is_encoded_once_per_pair(reference, megatron_tp1):
+    ref = reference["llama"]
+    model = _tp1_model(ref).eval()
+    pair = next(c for c in ref["cases"] if c["name"] == "pair")
+    assert pair["input_ids"].shape[0] == 2 and pair["pixel_values"].shape[0] == 2
+    seen = []
+    model.vision_model.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[0]))
+    with torch.no_grad():
+        logits = model(pair["input_ids"], pair["position_ids"], pixel_values=pair["pixel_values"],
+                       image_token_index=pair["image_token_index"], runtime_gather_output=True)
+    assert seen == [2]  # one vision call for the pair's 2 tiles, not one per row
+    # ... and it equals transformers run with the tiles duplicated per row (the reference).
+    assert (logits - pair["ref_logits"]).abs().max() <= worker.LOGIT_ATOL
+    # Feeding duplicated tiles to our model gives the same logits too.
+    index = pair["image_token_index"].clone()
+    index[1][index[1] >= 0] += 8
+    with torch.no_grad():
+        dup = model(pair["input_ids"], pair["position_ids"], pixel_values=pair["pixel_values"].repeat(2, 1, 1, 1),
+                    image_token_index=index, runtime_gather_output=True)
+    assert seen == [2, 4]
+    assert (dup - logits).abs().max() <= 1e-5
+
+
+def test_position_embedding_interpolation_matches_transformers(megatron_tp1):
+    from megatron_mpo.conversion.native import hf_to_megatron
+    from megatron_mpo.models.internvl import build_model
+
+    hf, hf_config = _hf_model("qwen2")  # position embedding trained for 56px (4x4 patches)
+    config = _our_config(hf_config, "qwen2")
+    config.vision.pos_embed_image_size, config.vision.image_size = 56, 84  # run on 84px tiles
+    assert config.tokens_per_tile == 9
+    model = build_model(config).eval()
+    worker.load_full(model, hf_to_megatron(hf.state_dict(), config))
+    b = _Builder(1, 9, config.language.vocab_size, torch.Generator().manual_seed(5), image_size=84)
+    case = b.case("interpolated", [b.row([2, [0], 3])], hf)
+    with torch.no_grad():
+        logits = model(case["input_ids"], case["position_ids"], pixel_values=case["pixel_values"],
+                       image_token_index=case["image_token_index"], runtime_gather_output=True)
+    assert (logits - case["ref_logits"]).abs().max() <= worker.LOGIT_ATOL
+
+
+def test_image_index_out_of_range_is_reported(reference, megatron_tp1):
+    ref = reference["qwen2"]
+    model = _tp1_model(ref)
+    case = copy.deepcopy(next(c for c in ref["cases"] if c["name"] == "one_tile"))
+    case["image_token_index"][case["image_token_index"] >= 0] += 4
+    with pytest.raises(ValueError, match="vision feature row 7.*only 4"):
+        model(case["input_ids"], case["position_ids"], pixel_values=case["pixel_values"],
+              image_token_index=case["image_token_index"])
+
+
+# ---- TP=2 / PP=2 on real processes ----------------------------------------------------
+
+
+def test_tp2_pp1_tp1_pp2_tp2_pp2_match_transformers(reference):
+    root = reference["root"]
+    launch(REPO / "tests" / "_model_worker.py", 4, root, timeout=600)
+    failures = json.loads((root / "failures.json").read_text())
+    assert not failures, "\n".join(failures[:20])
