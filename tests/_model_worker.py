@@ -1,8 +1,8 @@
 """Multi-rank half of tests/test_model.py, plus helpers both halves share.
 
 Launched on 4 gloo processes, it re-initialises megatron-core's parallel state as
-TP=2/PP=1, TP=1/PP=2 and TP=2/PP=2 in the same processes (one launch, since every
-process pays for importing megatron-core). For each grouping and each reference model
+TP=2/PP=1, TP=1/PP=2, TP=2/PP=2 and TP=1/PP=2 with 2 virtual stages (interleaved) in the
+same processes (one launch, since every process pays for importing megatron-core). For each grouping and each reference model
 it loads this rank's slice of the full converted state dict, runs the micro-batch cases
 through megatron-core's real pipeline schedules, compares logits, per-token losses and
 (for the image pair case) gradients with the transformers reference, and finally saves
@@ -21,7 +21,7 @@ from pathlib import Path
 LOGIT_ATOL = 1e-4
 GRAD_ATOL = 1e-4
 GRAD_RTOL = 1e-4
-GROUPINGS = ((2, 1), (1, 2), (2, 2))
+GROUPINGS = ((2, 1, 1), (1, 2, 1), (2, 2, 1), (1, 2, 2))  # (TP, PP, virtual stages)
 
 
 # ---- helpers shared with the in-process test ------------------------------------------
@@ -92,9 +92,14 @@ def gather_full_grad(name: str, param, tp_group, tp_size: int):
 
 
 def run_schedule(model, case: dict, labels: bool, forward_only: bool = True):
-    """One micro-batch through megatron-core's real schedule; the last stage gets the output."""
+    """The case through megatron-core's real schedule (interleaved when ``model`` is a list
+    of chunks: then PP micro-batches, all the same case); the last stage gets the output."""
+    from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    chunks = model if isinstance(model, list) else [model]
+    micro = parallel_state.get_pipeline_model_parallel_world_size() if len(chunks) > 1 else 1
+    iterators = [iter([case] * micro) for _ in chunks]
     store = {}
 
     def forward_step(data_iterator, chunk):
@@ -114,8 +119,8 @@ def run_schedule(model, case: dict, labels: bool, forward_only: bool = True):
 
     R, S = case["input_ids"].shape
     get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter([case]), model=[model],
-        num_microbatches=1, seq_length=S, micro_batch_size=R, forward_only=forward_only,
+        forward_step_func=forward_step, data_iterator=iterators if len(chunks) > 1 else iterators[0],
+        model=chunks, num_microbatches=micro, seq_length=S, micro_batch_size=R, forward_only=forward_only,
     )
     return store.get("out")
 
@@ -147,16 +152,20 @@ def check_grads(
     import torch
     import torch.distributed as dist
 
-    model.zero_grad(set_to_none=True)
+    chunks = model if isinstance(model, list) else [model]
+    for chunk in chunks:
+        chunk.zero_grad(set_to_none=True)
+    # With several micro-batches (all this case) the schedule averages them: same gradient.
     run_schedule(model, case, labels=True, forward_only=False)
     failures = []
-    tied = model.arch.language.tie_embeddings
-    for name, param in model.named_parameters():
+    tied = chunks[0].arch.language.tie_embeddings
+    named = [(chunk, name, param) for chunk in chunks for name, param in chunk.named_parameters()]
+    for chunk, name, param in named:
         if param.grad is None:
             failures.append(f"{where}: no gradient for {name}")
             continue
         grad = gather_full_grad(name, param, tp_group, tp_size)
-        global_name = _global_name(model, name)
+        global_name = _global_name(chunk, name)
         if tied and global_name == "language_model.embedding.word_embeddings.weight" and embedding_group is not None:
             grad = grad.clone()
             dist.all_reduce(grad, group=embedding_group)  # what finalize_model_grads does
@@ -169,7 +178,7 @@ def check_grads(
 # ---- the multi-rank run ---------------------------------------------------------------
 
 
-def _run(artifacts: Path) -> list[str]:
+def _run(artifacts: Path, checked: list) -> list[str]:
     import torch
     import torch.distributed as dist
 
@@ -195,8 +204,8 @@ def _run(artifacts: Path) -> list[str]:
         )
     failures: list[str] = []
     ckpt_dir = artifacts / "dist_ckpt"
-    for tp, pp in GROUPINGS:
-        parallel_state.initialize_model_parallel(tp, pp)
+    for tp, pp, vp in GROUPINGS:
+        parallel_state.initialize_model_parallel(tp, pp, virtual_pipeline_model_parallel_size=vp if vp > 1 else None)
         model_parallel_cuda_manual_seed(1234)
         tp_rank = parallel_state.get_tensor_model_parallel_rank()
         tp_group = parallel_state.get_tensor_model_parallel_group()
@@ -204,20 +213,29 @@ def _run(artifacts: Path) -> list[str]:
         for kind, d in data.items():
             cfg = d["config"]
             layers = cfg.language.num_layers
+            if layers % (pp * vp) and vp > 1:
+                continue  # the interleaved grouping runs the 4-layer model only
             pipeline_layers = None  # 3 LLM layers on 2 stages: an uneven [1, 2] split
             if layers % pp:
                 pipeline_layers = [layers // pp] * (pp - 1) + [layers - layers // pp * (pp - 1)]
-            where = f"TP{tp}PP{pp} {kind} rank{dist.get_rank()}"
+            where = f"TP{tp}PP{pp}VP{vp} {kind} rank{dist.get_rank()}"
             try:
-                model = build_model(cfg, pipeline_layers=pipeline_layers)
-                load_full(model, d["full"], tp_rank, tp)
-                model.eval()
+                chunks = []
+                for stage in range(vp):
+                    if vp > 1:
+                        parallel_state.set_virtual_pipeline_model_parallel_rank(stage)
+                    chunks.append(build_model(cfg, pipeline_layers=pipeline_layers, vp_stage=stage if vp > 1 else None))
+                    load_full(chunks[-1], d["full"], tp_rank, tp)
+                    chunks[-1].eval()
+                model = chunks if vp > 1 else chunks[0]
                 for case in d["cases"]:
                     failures += check_case(model, case, where)
-                model.train()
+                for chunk in chunks:
+                    chunk.train()
                 pair = next(c for c in d["cases"] if c["name"] == "pair")
                 failures += check_grads(model, pair, d["grads"], where, tp_group, tp, emb_group)
-                if (tp, pp) == (2, 2):
+                checked.append(f"TP{tp}PP{pp}VP{vp} {kind}")
+                if (tp, pp, vp) == (2, 2, 1):
                     target = ckpt_dir / kind
                     if dist.get_rank() == 0:
                         target.mkdir(parents=True, exist_ok=True)
@@ -245,14 +263,16 @@ def _run(artifacts: Path) -> list[str]:
 
 def main() -> int:
     artifacts = Path(sys.argv[1])
-    failures = _run(artifacts)
+    checked: list = []
+    failures = _run(artifacts, checked)
     import torch.distributed as dist
 
     gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, failures)
+    dist.all_gather_object(gathered, (failures, checked))
     if dist.get_rank() == 0:
-        everything = [f for rank_failures in gathered for f in rank_failures]
-        (artifacts / "failures.json").write_text(json.dumps(everything, indent=1))
+        everything = [f for rank_failures, _ in gathered for f in rank_failures]
+        done = sorted({c for _, rank_checked in gathered for c in rank_checked})
+        (artifacts / "failures.json").write_text(json.dumps({"failures": everything, "checked": done}, indent=1))
         for line in everything:
             print("FAIL", line, flush=True)
     dist.destroy_process_group()

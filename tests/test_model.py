@@ -3,14 +3,15 @@
 Two reference models, both built from scratch on CPU (no download):
 
 * ``qwen2`` -- InternViT-300M style vision (LayerNorm, qkv bias), Qwen2 LLM (qkv bias),
-  untied embeddings, 2 LLM layers;
+  untied embeddings, 4 LLM layers;
 * ``llama`` -- InternViT-6B style vision (RMSNorm, cross-head qk-norm, no qkv bias, 3 heads
   zero-padded to 4 so TP=2 splits them), Llama LLM (no bias), tied embeddings, 3 LLM
   layers (so PP=2 uses an uneven split).
 
 The megatron model is loaded from ``hf_to_megatron`` and must reproduce the logits, the
 per-token losses and (for an image pair) every gradient, at TP=1/PP=1 in this process and
-at TP=2/PP=1, TP=1/PP=2, TP=2/PP=2 in one 4-process gloo launch (tests/_model_worker.py).
+at TP=2/PP=1, TP=1/PP=2, TP=2/PP=2 and TP=1/PP=2 interleaved (2 virtual stages, qwen2)
+in one 4-process gloo launch (tests/_model_worker.py).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def _hf_model(kind: str, image_size: int = 56):
     if kind == "qwen2":
         vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                       attention_bias=True, norm_type="layer_norm", use_qk_norm=False)
-        text = dict(model_type="qwen2", vocab_size=320, hidden_size=64, num_hidden_layers=2,
+        text = dict(model_type="qwen2", vocab_size=320, hidden_size=64, num_hidden_layers=4,
                     num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, rope_theta=10000.0)
         tie = False
     else:
@@ -334,6 +335,13 @@ def test_spec_and_fp8_selection_errors(monkeypatch):
     monkeypatch.setattr(specs, "te_available", lambda: False)
     with pytest.raises(UserError, match="needs NVIDIA Transformer Engine, which is not installed"):
         specs.check_backend("transformer_engine")
+    from megatron_mpo.models.presets import get_preset
+
+    for build in (lambda s: specs.vision_layer_spec(get_preset("tiny").vision, s), specs.language_layer_spec,
+                  specs.projector_spec):
+        assert build("local") is not None  # local specs need no Transformer Engine
+        with pytest.raises(UserError, match="Transformer Engine"):
+            build("transformer_engine")
     with pytest.raises(UserError, match="^fp8 needs NVIDIA Transformer Engine"):
         specs.check_backend("transformer_engine", fp8="hybrid")
     # With TE present: a CPU machine, then a pre-Hopper GPU, are refused for FP8.
@@ -370,8 +378,8 @@ def test_build_refuses_bad_parallel_layouts(reference, megatron_tp1):
         build_model(bad)
     with pytest.raises(UserError, match="sequence_parallel needs spec: transformer_engine"):
         build_model(config, sequence_parallel=True)
-    model = build_model(config, pipeline_layers=[3], language_overrides={"variable_seq_lengths": True})
-    assert model.config.variable_seq_lengths and model.pre_process and model.post_process
+    model = build_model(config, pipeline_layers=[3], language_overrides={"deallocate_pipeline_outputs": True})
+    assert model.config.deallocate_pipeline_outputs and model.pre_process and model.post_process
 
 
 # ---- TP=1 / PP=1 in this process ------------------------------------------------------
@@ -462,8 +470,10 @@ def test_image_index_out_of_range_is_reported(reference, megatron_tp1):
 # ---- TP=2 / PP=2 on real processes ----------------------------------------------------
 
 
-def test_tp2_pp1_tp1_pp2_tp2_pp2_match_transformers(reference):
+def test_tp2_pp1_tp1_pp2_tp2_pp2_and_interleaved_match_transformers(reference):
     root = reference["root"]
     launch(REPO / "tests" / "_model_worker.py", 4, root, timeout=600)
-    failures = json.loads((root / "failures.json").read_text())
-    assert not failures, "\n".join(failures[:20])
+    result = json.loads((root / "failures.json").read_text())
+    assert not result["failures"], "\n".join(result["failures"][:20])
+    expected = [f"TP{g} {kind}" for g in ("2PP1VP1", "1PP2VP1", "2PP2VP1") for kind in ("qwen2", "llama")]
+    assert result["checked"] == sorted(expected + ["TP1PP2VP2 qwen2"])  # every grouping ran

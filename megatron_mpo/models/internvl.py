@@ -270,10 +270,9 @@ class InternVLModel(MegatronModule):
 
     ``forward(input_ids, position_ids, attention_mask, labels, pixel_values,
     image_token_index)`` returns, on the last stage, the per-token loss ``[R, S]``
-    (``-log p(labels)``, vocab-parallel cross entropy) when ``labels`` is given, else the
-    logits (``[R, S, V/TP]``; ``[R, S, V]`` with ``runtime_gather_output=True``, which is
-    ignored when ``labels`` are given); on other
-    stages the hidden states ``[S, R, H]`` for the next stage.
+    (``-log p(labels)``, fp32, vocab-parallel cross entropy) when ``labels`` is given,
+    else the logits ``[R, S, V/TP]`` (``[R, S, V]`` with ``runtime_gather_output=True``;
+    ignored with labels). Other stages return hidden states ``[S, R, H]``.
     """
 
     def __init__(
@@ -470,11 +469,16 @@ def build_model(
     ``spec``: ``local`` or ``transformer_engine``; ``fp8``: None, ``hybrid`` or ``e4m3``
     (LLM layers only; TE spec on a GPU of compute capability >= 8.9).
     ``pipeline_layers``: LLM layers per pipeline stage, e.g. ``[10, 14]`` (uneven split:
-    the first stage also runs the vision tower); default an even split.
+    the first stage also runs the vision tower); default an even split. Interleaved
+    schedules: initialise parallel_state with ``virtual_pipeline_model_parallel_size=vp``,
+    build one chunk per ``vp_stage``, and give ``pp * vp`` entries (chunk order: all
+    stages' first chunks, then all second chunks) or none (even split).
     ``attention_mask``: ``causal`` (plain rows) or ``arbitrary`` (custom masks, e.g. packed
     pair rows, honoured by Transformer Engine too).
     ``language_overrides``: extra fields of the LLM's TransformerConfig (``model.config``,
-    which the pipeline schedules read), e.g. ``{"variable_seq_lengths": True}``.
+    which the pipeline schedules read), e.g. ``{"deallocate_pipeline_outputs": True}``.
+    (megatron-core 0.16.1 refuses ``variable_seq_lengths`` unless
+    ``moe_token_dispatcher_type="alltoall"`` is set too, even without MoE.)
     """
     config.validate()
     check_backend(spec, fp8)
@@ -483,22 +487,20 @@ def build_model(
     pg_collection = pg_collection or ProcessGroupCollection.use_mpu_process_groups()
     tp, pp, pp_rank = pg_collection.tp.size(), pg_collection.pp.size(), pg_collection.pp.rank()
     _check_divisible(config, tp)
-    if pipeline_layers is None and config.language.num_layers % pp:
-        raise UserError(
-            f"{config.language.num_layers} LLM layers do not split evenly over {pp} pipeline stages; "
-            "give pipeline_layers (layers per stage)"
-        )
     if sequence_parallel and spec == "local":
         raise UserError("sequence_parallel needs spec: transformer_engine (megatron-core's torch norms lack it)")
-    vp = len(pipeline_layers) // pp if pipeline_layers is not None else 1
+    vp = _virtual_stages(config, pp, pipeline_layers)
     if vp > 1 and vp_stage is None:
-        raise UserError("interleaved pipeline_layers (pp * vp entries) need vp_stage for each model chunk")
+        raise UserError("an interleaved pipeline (virtual stages) needs vp_stage for each model chunk")
     pre_process = pp_rank == 0 and (vp_stage or 0) == 0
     post_process = pp_rank == pp - 1 and (vp_stage is None or vp_stage == vp - 1)
+    overrides = dict(language_overrides or {})
+    if vp > 1:
+        overrides.setdefault("virtual_pipeline_model_parallel_size", vp)
     language_config = language_transformer_config(
         config, tp=tp, pp=pp, params_dtype=params_dtype, fp8=fp8,
         sequence_parallel=sequence_parallel, pipeline_layers=pipeline_layers,
-        recompute=recompute, dropout=dropout, overrides=language_overrides,
+        recompute=recompute, dropout=dropout, overrides=overrides,
     )
     vision_config = projector_config = None
     if pre_process:
@@ -511,6 +513,25 @@ def build_model(
         pre_process=pre_process, post_process=post_process, attn_mask_type=mask_type,
         pg_collection=pg_collection, vp_stage=vp_stage,
     )
+
+
+def _virtual_stages(config: InternVLConfig, pp: int, pipeline_layers: Optional[Sequence[int]]) -> int:
+    """Model chunks per pipeline rank (1 unless the schedule is interleaved)."""
+    from megatron.core import parallel_state
+
+    vp = parallel_state.get_virtual_pipeline_model_parallel_world_size() or 1
+    if pipeline_layers is not None:
+        if len(pipeline_layers) != pp * vp:
+            raise UserError(
+                f"pipeline_layers has {len(pipeline_layers)} entries; give one per pipeline stage and "
+                f"virtual stage ({pp} x {vp} = {pp * vp})"
+            )
+    elif config.language.num_layers % (pp * vp):
+        raise UserError(
+            f"{config.language.num_layers} LLM layers do not split evenly over {pp * vp} pipeline chunks; "
+            "give pipeline_layers (layers per stage)"
+        )
+    return vp
 
 
 def _check_divisible(config: InternVLConfig, tp: int) -> None:

@@ -80,6 +80,8 @@ def check_backend(spec: str, fp8: Optional[str] = None) -> None:
 
 def _te():
     """megatron-core's Transformer Engine wrappers (imported only for the TE spec)."""
+    if not te_available():
+        raise UserError("layer spec 'transformer_engine' needs NVIDIA Transformer Engine, which is not installed")
     try:
         from megatron.core.extensions import transformer_engine as te_ext
     except Exception as exc:  # pragma: no cover - needs a broken TE install

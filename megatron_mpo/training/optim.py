@@ -43,8 +43,13 @@ def wrap_data_parallel(model_chunks: list[torch.nn.Module], precision: Precision
         overlap_grad_reduce=False,
         check_for_nan_in_grad=False,  # the loop skips non-finite steps itself
     )
+    from megatron.core.distributed import finalize_model_grads
+
     wrapped = []
     for index, chunk in enumerate(model_chunks):
+        # Run by the schedules after the last backward: data-parallel gradient reduction,
+        # tied-embedding gradients across pipeline stages, sequence-parallel norms.
+        chunk.config.finalize_model_grads_func = finalize_model_grads
         wrapped.append(
             DistributedDataParallel(
                 config=chunk.config,
@@ -54,6 +59,9 @@ def wrap_data_parallel(model_chunks: list[torch.nn.Module], precision: Precision
                 disable_bucketing=index > 0,
             )
         )
+    no_sync = [chunk.no_sync for chunk in wrapped]
+    for chunk in model_chunks:
+        chunk.config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
     return wrapped
 
 

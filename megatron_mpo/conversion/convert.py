@@ -1,0 +1,347 @@
+"""Hugging Face InternVL directory <-> megatron model directory.
+
+``hf_to_megatron_dir(hf_dir, out_dir, tp, pp)`` reads either Hugging Face layout (the
+transformers-native ``InternVLForConditionalGeneration`` or the original remote-code
+``InternVLChatModel``), maps it to the native names (:mod:`.original`), then to the full
+megatron state dict (:mod:`.native`) and writes a model directory
+(:func:`~megatron_mpo.conversion.megatron_dir.write_model_dir`): dist_checkpointing
+weights, ``model_config.json``, the tokenizer, and ``conversion.json``.
+
+**The weights do not depend on the parallel layout.** megatron-core dist_checkpointing
+stores every tensor whole (with its global layer number) and reshards on load, so a
+single process writes the directory once and training then loads it under any TP / PP.
+``--tp`` / ``--pp`` only *check* that the architecture splits that way (heads, KV groups,
+FFN and vocabulary sizes, layers) before anything is written, and are recorded in
+``conversion.json`` as the intended layout. The one layout-dependent choice made here is
+the zero padding of the vision attention heads when ``tp`` does not divide them
+(InternViT-6B: 25 heads -> 32, so TP 1/2/4/8 all divide); the padding is dropped again on
+export.
+
+``megatron_dir_to_hf(ckpt, out, fmt)`` reads a model directory or a training checkpoint
+(``save/step_N``) and writes a Hugging Face directory in the native layout (loads with
+``InternVLForConditionalGeneration.from_pretrained``) or the original ``internvl-chat``
+layout. Both directions are bit-exact for the tensors (in the checkpoint's dtype).
+
+Companion files: the source directory's non-weight files (generation / processor
+configs, chat templates, remote code, README) are kept in the model directory under
+``hf_files/`` and written back on export -- all of them when exporting to the layout the
+model came from, only the tokenizer-related ones otherwise.
+
+Every user mistake (another architecture, a TP size that does not divide the heads, a
+missing file, an existing non-empty destination) raises :class:`UserError` with one line,
+before anything appears at the destination.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from megatron_mpo.conversion import hf_io
+from megatron_mpo.conversion.hf_io import NATIVE, ORIGINAL, FORMATS
+from megatron_mpo.errors import UserError
+
+__all__ = [
+    "RECORD_FILE",
+    "HF_FILES_DIR",
+    "hf_to_megatron_dir",
+    "megatron_dir_to_hf",
+    "read_hf_model",
+    "hf_model_config",
+    "vision_padding",
+]
+
+RECORD_FILE = "conversion.json"
+RECORD_FORMAT = "megatron_mpo.conversion/1"
+HF_FILES_DIR = "hf_files"
+_MAX_COMPANION_BYTES = 64 * 1024 * 1024
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".gguf", ".index.json")
+# Kept with any export format: what the tokenizer needs besides the TOKENIZER_FILES.
+_TOKENIZER_COMPANIONS = ("tokenization_", "chat_template")
+_CHAT_OVERRIDES = ("template", "dynamic_image_size", "use_thumbnail", "min_dynamic_patch", "max_dynamic_patch")
+
+Log = Callable[[str], None]
+
+
+# ---- HF side --------------------------------------------------------------------------
+
+
+def _tokenizer_image_id(directory: Path, log: Log) -> Optional[int]:
+    """``<IMG_CONTEXT>``'s id in the directory's tokenizer, or None when it cannot tell."""
+    from megatron_mpo.data import load_tokenizer
+
+    try:
+        return int(load_tokenizer(str(directory)).img_context_id)
+    except UserError as exc:
+        log(f"note: cannot read <IMG_CONTEXT> from the tokenizer in {directory} ({exc})")
+        return None
+
+
+def hf_model_config(hf: hf_io.HFDir, log: Log = print) -> tuple:
+    """(our InternVLConfig, the native config dict) of an inspected HF directory (no weights)."""
+    from megatron_mpo.conversion import original
+
+    token_id = _tokenizer_image_id(hf.path, log)
+    if hf.layout == ORIGINAL:
+        image_id = hf.config.get("img_context_token_id") or token_id
+        native_cfg = original.native_config_from_original(hf.config, image_token_id=image_id)
+        family = original.detect_llm_family(hf.config)
+        config = hf_io.internvl_config_from_native(native_cfg, family=family if family == "internlm2" else None)
+    else:
+        native_cfg = dict(hf.config)
+        config = hf_io.internvl_config_from_native(native_cfg)
+        if token_id is not None and token_id != config.img_context_token_id:
+            log(
+                f"warning: config.json says image_token_id {config.img_context_token_id} but the tokenizer's "
+                f"<IMG_CONTEXT> is {token_id}; keeping the config's"
+            )
+    if not config.name:
+        config.name = hf.path.name
+    return config, native_cfg
+
+
+def read_hf_model(hf: hf_io.HFDir, log: Log = print) -> dict:
+    """The directory's tensors with transformers-native module names."""
+    from megatron_mpo.conversion import original
+
+    state = hf_io.load_hf_weights(hf, log)
+    if hf.layout == ORIGINAL:
+        state, _ = original.original_to_native(state, hf.config)
+    return state
+
+
+def vision_padding(num_heads: int, tp: int) -> Optional[int]:
+    """Zero-padded vision head count for TP ``tp`` (None = no padding needed).
+
+    A multiple of lcm(tp, 8) for models with more than 8 heads (InternViT-6B: 25 -> 32,
+    so TP 1/2/4/8 all divide it, as in the presets), else the next multiple of ``tp``.
+    """
+    if num_heads % tp == 0:
+        return None
+    step = math.lcm(tp, 8) if num_heads > 8 else tp
+    return -(-num_heads // step) * step
+
+
+def _companions(hf_dir: Path) -> dict:
+    """Small non-weight files of an HF directory, to carry through the model directory."""
+    from megatron_mpo.conversion.megatron_dir import TOKENIZER_FILES
+
+    out = {}
+    for path in sorted(hf_dir.iterdir()):
+        name = path.name
+        if not path.is_file() or name.startswith(".") or name == hf_io.CONFIG_FILE or name in TOKENIZER_FILES:
+            continue
+        if name.endswith(_WEIGHT_SUFFIXES) or path.stat().st_size > _MAX_COMPANION_BYTES:
+            continue
+        out[f"{HF_FILES_DIR}/{name}"] = path.read_bytes()
+    return out
+
+
+def _check_layout(config, tp: int, pp: int, vision_padded_heads: Optional[int], log: Log) -> None:
+    from megatron_mpo.conversion.megatron_dir import check_layout
+    from megatron_mpo.models.internvl import _check_divisible
+
+    check_layout(config, tp, pp)
+    vis = config.vision
+    if vision_padded_heads is not None:
+        if vision_padded_heads < vis.num_heads:
+            raise UserError(f"--vision-padded-heads {vision_padded_heads} is below the {vis.num_heads} vision heads")
+        vis.num_padded_heads = vision_padded_heads if vision_padded_heads != vis.num_heads else None
+    elif vis.num_padded_heads is None:
+        vis.num_padded_heads = vision_padding(vis.num_heads, tp)
+        if vis.num_padded_heads:
+            log(f"vision attention heads {vis.num_heads} zero-padded to {vis.num_padded_heads} for tensor parallelism")
+    config.validate()
+    _check_divisible(config, tp)
+
+
+def hf_to_megatron_dir(
+    hf_dir: str | Path,
+    out_dir: str | Path,
+    tp: int = 1,
+    pp: int = 1,
+    *,
+    vision_padded_heads: Optional[int] = None,
+    log: Log = print,
+) -> Path:
+    """Convert a Hugging Face InternVL directory (either layout) into a megatron model dir.
+
+    Written by this one process; the dist_checkpointing result loads under any TP / PP
+    (``tp`` / ``pp`` are validated against the architecture and recorded, see the module
+    docstring). Nothing appears at ``out_dir`` unless the whole conversion succeeds.
+    """
+    from megatron_mpo.conversion import native
+    from megatron_mpo.conversion.megatron_dir import remove_partial, tokenizer_files, write_model_dir
+
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    hf_io.check_destination(out_dir)
+    hf = hf_io.inspect_hf_dir(hf_dir)
+    tokenizer_files(hf_dir)  # fail now, not after reading the weights
+    config, native_cfg = hf_model_config(hf, log)
+    _check_layout(config, tp, pp, vision_padded_heads, log)
+    log(f"{hf_dir}: {hf.layout} InternVL ({config.language.family} LLM), {len(hf.weight_files)} weight file(s), "
+        f"{hf_io._human(hf.total_bytes)}")
+    hf_state = read_hf_model(hf, log)
+    dtype = hf_io.dominant_dtype(hf_state)
+    state = native.hf_to_megatron(hf_state, config)
+    del hf_state
+    record = {
+        "format": RECORD_FORMAT,
+        "source": str(hf_dir.absolute()),
+        "source_format": hf.layout,
+        "source_dtype": str(dtype).replace("torch.", "") if dtype is not None else None,
+        "tensor": tp,
+        "pipeline": pp,
+        "layout_note": "dist_checkpointing weights load under any TP/PP; tensor/pipeline were requested "
+        "at conversion and checked against the architecture",
+        "native_config": native_cfg,
+        "original_config": hf.config if hf.layout == ORIGINAL else None,
+    }
+    extra = {RECORD_FILE: json.dumps(record, indent=1), **_companions(hf_dir)}
+    tmp = out_dir.absolute().with_name(f".tmp_{out_dir.name}")
+    try:
+        write_model_dir(out_dir, config, tokenizer_dir=hf_dir, state=state, extra=extra, log=log)
+    except BaseException:
+        remove_partial(tmp)  # save_model_weights' temporary directory
+        raise
+    log(f"wrote {out_dir} (checked for tp={tp} pp={pp}; loads under any layout)")
+    return out_dir
+
+
+# ---- megatron side --------------------------------------------------------------------
+
+
+def model_home(ckpt: str | Path) -> Path:
+    """The model directory behind ``ckpt``: itself, or a training checkpoint's ``model.init``."""
+    from megatron_mpo.conversion.megatron_dir import MODEL_CONFIG_FILE
+
+    ckpt = Path(ckpt)
+    if (ckpt / MODEL_CONFIG_FILE).is_file():
+        return ckpt
+    common = ckpt / "common.json"
+    if common.is_file():
+        init = json.loads(common.read_text()).get("common", {}).get("config", {}).get("model", {}).get("init")
+        if init and (Path(init) / MODEL_CONFIG_FILE).is_file():
+            return Path(init)
+    return ckpt
+
+
+def _read_record(home: Path) -> dict:
+    path = home / RECORD_FILE
+    if not path.is_file():
+        return {}
+    try:
+        record = json.loads(path.read_text())
+    except ValueError as exc:
+        raise UserError(f"cannot read {path}: {exc}") from None
+    return record if isinstance(record, dict) else {}
+
+
+def _export_files(home: Path, tokenizer_dir: Path, fmt: str, record: dict, log: Log) -> tuple[dict, Optional[dict]]:
+    """(files to write, generation config) for an export to ``fmt``."""
+    from megatron_mpo.conversion.megatron_dir import tokenizer_files
+
+    files: dict = dict(tokenizer_files(tokenizer_dir))
+    same_layout = record.get("source_format") == fmt
+    generation = None
+    carried = home / HF_FILES_DIR
+    if carried.is_dir():
+        for path in sorted(carried.iterdir()):
+            if not path.is_file():
+                continue
+            if path.name == hf_io.GENERATION_CONFIG_FILE:
+                try:
+                    generation = json.loads(path.read_text())
+                except ValueError:
+                    generation = None
+                continue
+            if same_layout or path.name.startswith(_TOKENIZER_COMPANIONS):
+                files[path.name] = path.read_bytes()
+    if generation is None:
+        generation = _default_generation_config(tokenizer_dir)
+    if fmt == ORIGINAL and not any(n.startswith("modeling_") for n in files):
+        log(
+            "note: no InternVLChatModel remote code (modeling_internvl_chat.py, ...) to include; copy it from "
+            "an InternVL release to load this directory with trust_remote_code"
+        )
+    return files, generation
+
+
+def _default_generation_config(tokenizer_dir: Path) -> Optional[dict]:
+    """Stop on the chat turn end (and the tokenizer's EOS); None when the tokenizer cannot say."""
+    from megatron_mpo.data import load_tokenizer
+
+    try:
+        tok = load_tokenizer(str(tokenizer_dir))
+    except UserError:
+        return None
+    eos = [i for i in dict.fromkeys([tok.im_end_id, tok.eos_id]) if i is not None]
+    if not eos:
+        return None
+    out: dict[str, Any] = {"eos_token_id": eos if len(eos) > 1 else eos[0], "pad_token_id": tok.pad_id}
+    if tok.bos_id is not None:
+        out["bos_token_id"] = tok.bos_id
+    return out
+
+
+def megatron_dir_to_hf(
+    ckpt: str | Path,
+    out: str | Path,
+    fmt: str = NATIVE,
+    *,
+    dtype: str = "auto",
+    max_shard_size: int | str = "5GB",
+    log: Log = print,
+) -> Path:
+    """Export a megatron model directory or training checkpoint to a Hugging Face directory.
+
+    ``fmt``: ``native`` (transformers ``InternVLForConditionalGeneration``) or
+    ``internvl-chat`` (original ``InternVLChatModel`` layout). ``dtype``: ``auto`` (the
+    dtype of the HF checkpoint it was converted from, else float32), ``float32``,
+    ``bfloat16`` or ``float16``. Nothing appears at ``out`` unless the export succeeds.
+    """
+    from megatron_mpo.conversion import native, original
+    from megatron_mpo.conversion.megatron_dir import MODEL_CONFIG_FILE, read_model_dir, tokenizer_source
+
+    if fmt not in FORMATS:
+        raise UserError(f"format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    if dtype != "auto" and dtype not in hf_io.DTYPES:
+        raise UserError(f"dtype must be auto or one of {', '.join(hf_io.DTYPES)}, not {dtype!r}")
+    ckpt, out = Path(ckpt), Path(out)
+    hf_io.check_destination(out)
+    if not ckpt.is_dir():
+        raise UserError(f"checkpoint {ckpt} does not exist")
+    home = model_home(ckpt)
+    if not (home / MODEL_CONFIG_FILE).is_file():
+        raise UserError(f"{ckpt} has no {MODEL_CONFIG_FILE}: not a megatron_mpo model directory or training checkpoint")
+    record = _read_record(home)
+    tokenizer_dir = tokenizer_source(ckpt)
+    if dtype == "auto":
+        dtype = "float32"
+        if dtype not in hf_io.DTYPES:
+            dtype = "float32"
+    config, state = read_model_dir(ckpt)
+    files, generation = _export_files(home, tokenizer_dir, fmt, record, log)
+    torch_dtype = hf_io.DTYPES[dtype]
+    state = {k: (v.to(torch_dtype) if v.is_floating_point() else v) for k, v in state.items()}
+    native_cfg = hf_io.to_native_hf_config(config, base=record.get("native_config"), dtype=dtype)
+    if fmt == NATIVE:
+        hf_state = native.megatron_to_hf(state, config, layout="checkpoint")
+        hf_config = native_cfg
+    else:
+        module_state = native.megatron_to_hf(state, config, layout="module")
+        source = record.get("original_config") or {}
+        overrides = {k: source[k] for k in _CHAT_OVERRIDES if k in source}
+        hf_state, hf_config = original.native_to_original(
+            module_state, native_cfg, llm_family=config.language.family, **overrides
+        )
+        if source.get("auto_map"):
+            hf_config["auto_map"] = source["auto_map"]
+    del state
+    hf_io.write_hf_dir(out, hf_config, hf_state, files=files, generation_config=generation,
+                       max_shard_size=max_shard_size, log=log)
+    log(f"wrote {out} ({fmt}, {dtype})")
+    return out
+

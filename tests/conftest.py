@@ -1,0 +1,73 @@
+"""Shared fixtures: a tiny end-to-end workspace (tokenizer, shards, initial checkpoint,
+reference values) built once per test session, and helpers to write run configs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.distributed import REPO, worker_env
+
+
+def run_tool(*args: str, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run a tools/ script or ``-m module`` in a fresh process (spawn-safe entry points)."""
+    target = list(args[0].split()) if args[0].startswith("-m ") else [str(REPO / args[0])]
+    proc = subprocess.run([sys.executable, *target, *args[1:]], capture_output=True, text=True,
+                          timeout=timeout, env=worker_env(), cwd=REPO)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def base_config(ws: Path, **sections) -> dict:
+    """A small CPU training config over the workspace; ``sections`` update it."""
+    cfg = {
+        "model": {"init": str(ws / "init")},
+        "data": {
+            "shards": str(ws / "shards"),
+            "ref_logps": str(ws / "refs"),
+            "max_length": 512,
+            "max_tiles": 4,
+            "num_workers": 1,
+            "shuffle_buffer": 16,
+            "packing": False,
+        },
+        "train": {"global_batch": 4, "micro_batch": 1, "steps": 5, "lr": 2.0e-3, "warmup": 1,
+                  "device": "cpu", "seed": 5},
+        "checkpoint": {"interval": 100},
+        "logging": {"interval": 1},
+    }
+    for name, values in sections.items():
+        cfg.setdefault(name, {}).update(values)
+    return cfg
+
+
+def write_config(path: Path, cfg: dict) -> Path:
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def workspace(tmp_path_factory) -> Path:
+    """tokenizer/, raw/, shards/ (4 shards), init/ (tiny InternVL), refs/ (TP=1)."""
+    ws = tmp_path_factory.mktemp("ws")
+    from megatron_mpo.data.synthetic import write_synthetic_mmpr
+    from megatron_mpo.data.tiny_tokenizer import build_tiny_tokenizer
+
+    build_tiny_tokenizer(str(ws / "tok"))
+    meta = write_synthetic_mmpr(str(ws / "raw"), num_records=48, seed=3)
+    run_tool("tools/make_shards.py", "--meta", meta, "--out", str(ws / "shards"), "--samples-per-shard", "16")
+    run_tool("tools/init_checkpoint.py", "--preset", "tiny", "--tokenizer", str(ws / "tok"), "--out",
+             str(ws / "init"), "--seed", "1")
+    cfg = write_config(ws / "ref.yaml", base_config(ws))
+    run_tool("tools/precompute_ref_logps.py", "--config", str(cfg))
+    return ws
