@@ -310,6 +310,38 @@ def test_original_internlm2_source_round_trip(tmp_path):
     assert not (tmp_path / "native_out" / "modeling_internvl_chat.py").exists()
 
 
+def test_export_training_checkpoint_of_a_preset_model(tmp_path):
+    """A preset-initialised model dir (no HF source: config.json built from scratch) and a
+    training checkpoint ``save/step_N`` of it (config and tokenizer found via model.init)."""
+    from transformers import InternVLForConditionalGeneration
+
+    from megatron_mpo.conversion.convert import megatron_dir_to_hf
+    from megatron_mpo.conversion.megatron_dir import _single_process_model, init_model_dir, read_model_dir
+    from megatron_mpo.data.tiny_tokenizer import build_tiny_tokenizer
+    from megatron_mpo.training.checkpoint import CheckpointManager
+
+    build_tiny_tokenizer(str(tmp_path / "tok"))
+    init = init_model_dir("tiny", tmp_path / "tok", tmp_path / "init", seed=1)
+    config, state = read_model_dir(init)
+    model = _single_process_model(config)
+    model.load_state_dict(state, strict=False)
+    with torch.no_grad():  # "training" changed a weight
+        model.vision_projection.encoder.linear_fc1.weight.add_(1.0)
+    step = CheckpointManager(tmp_path / "save").save(
+        3, [model], None, common={"config": {"model": {"init": str(init)}}}, per_rank={})
+
+    megatron_dir_to_hf(step, tmp_path / "out", "native", log=lambda _: None)
+    hf, info = InternVLForConditionalGeneration.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    trained = state["vision_projection.encoder.linear_fc1.weight"] + 1.0
+    assert torch.equal(hf.model.multi_modal_projector.linear_1.weight.detach(), trained)
+    assert hf.config.image_token_id == config.img_context_token_id
+    assert hf.config.text_config.num_hidden_layers == config.language.num_layers
+    assert (tmp_path / "out" / "tokenizer.json").is_file()
+    generation = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == 2  # <|im_end|> of the tiny tokenizer (eos too)
+
+
 def test_native_config_from_presets():
     """Configs written without a source config.json (a preset-initialised model)."""
     from transformers import InternVLConfig, InternVLForConditionalGeneration

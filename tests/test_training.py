@@ -141,6 +141,23 @@ def _start_training(ws: Path, run_dir: Path, steps: int, nproc: int, **sections)
                             text=True, start_new_session=True)
 
 
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and every descendant (torchrun starts workers in sessions of their own)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return
+    procs = root.children(recursive=True) + [root]
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+
+
 def test_kill_during_checkpoint_save_resumes_from_previous(workspace, tmp_path):
     run = tmp_path / "killed"
     ckpt = run / "ckpt"
@@ -154,12 +171,11 @@ def test_kill_during_checkpoint_save_resumes_from_previous(workspace, tmp_path):
             done = [p for p in ckpt.glob("step_*")] if ckpt.is_dir() else []
             if tmps and done:  # a save in flight while an earlier checkpoint exists
                 seen_tmp = tmps[0]
-                os.killpg(proc.pid, signal.SIGKILL)
+                kill_tree(proc.pid)
                 break
             time.sleep(0.005)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc.pid)
         proc.wait()
     assert seen_tmp is not None, "never caught a save in flight"
     latest_before = (ckpt / "latest").read_text().strip()

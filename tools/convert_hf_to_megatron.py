@@ -11,8 +11,14 @@ is written, and recorded. See megatron_mpo/conversion/convert.py.
 """
 
 import argparse
+import warnings
 
 from megatron_mpo.errors import exit_on_user_error
+
+# megatron-core announces its fallbacks on import (no apex / Transformer Engine on CPU);
+# a converter does not use them, so keep its output to progress lines and errors.
+warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).*not installed")
+warnings.filterwarnings("ignore", message=r"full scope is deprecated")
 
 
 @exit_on_user_error

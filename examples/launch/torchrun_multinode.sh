@@ -38,7 +38,8 @@
 # that option, so exporting TORCHELASTIC_SIGNALS_TO_HANDLE yourself has no effect.
 # So torchrun starts here with SIGUSR1 ignored (an inherited disposition its workers keep until the
 # trainer installs its handler) and never receives the request.
-# Ctrl-C (SIGINT) reaches the torchrun agent and stops the run the torchrun way, without a checkpoint.
+# Ctrl-C (SIGINT) stops the run the torchrun way: this script sends SIGTERM to the agent, which
+# passes it on and SIGKILLs workers still running after its shutdown timeout.
 set -euo pipefail
 
 log() { printf '[torchrun_multinode %s] %s\n' "$(date '+%F %T')" "$*" >&2; }
@@ -95,7 +96,7 @@ export PYTHONUNBUFFERED=1
 
 cmd=("${torchrun_cmd[@]}" "${rdzv[@]}" --nproc-per-node "$nproc_per_node"
      "${entry[@]}" --config "$config" "$@")
-log "node $node_rank/$nnodes: ${cmd[*]}"
+log "$(hostname) (${RDZV_BACKEND:-static} rendezvous, $nnodes node(s)): ${cmd[*]}"
 
 # SIGUSR1 ignored in torchrun and (inherited) its workers; a trap in this shell would instead reset
 # it to the default action (terminate) in the child.
@@ -107,9 +108,11 @@ interrupted=0
 declare -A signalled=()
 catches_usr1() {
     # Bit 9 (SIGUSR1 = 10) of the process's caught-signals mask: the trainer's handler is installed.
-    local mask
-    mask=$(awk '/^SigCgt:/ {print $2}' "/proc/$1/status" 2>/dev/null) || return 1
-    [[ -n $mask ]] && (( (16#$mask >> 9) & 1 ))
+    local key value mask=""
+    while read -r key value; do
+        if [[ $key == SigCgt: ]]; then mask=$value; fi
+    done 2>/dev/null < "/proc/$1/status" || return 1
+    [[ $mask =~ ^[0-9a-fA-F]+$ ]] && (( (16#$mask >> 9) & 1 ))
 }
 signal_workers() {
     # The direct children of the agent are the workers (torchrun starts each in its own session);
@@ -144,7 +147,8 @@ request_stop() {
 }
 trap 'request_stop SIGUSR1' USR1
 trap 'request_stop SIGTERM' TERM
-trap 'interrupted=1' INT   # the agent got it too and shuts the workers down itself
+# Ctrl-C: torchrun's own shutdown (SIGTERM to the workers, SIGKILL after its shutdown timeout).
+trap 'interrupted=1; kill -TERM "$agent" 2>/dev/null || true' INT
 
 while kill -0 "$agent" 2>/dev/null; do
     if (( ! stop_requested )) && [[ -n ${MPO_STOP_FILE:-} && -e ${MPO_STOP_FILE} ]]; then

@@ -51,6 +51,7 @@ __all__ = [
     "read_hf_model",
     "hf_model_config",
     "vision_padding",
+    "model_home",
 ]
 
 RECORD_FILE = "conversion.json"
@@ -319,7 +320,7 @@ def megatron_dir_to_hf(
     record = _read_record(home)
     tokenizer_dir = tokenizer_source(ckpt)
     if dtype == "auto":
-        dtype = "float32"
+        dtype = record.get("source_dtype") or "float32"
         if dtype not in hf_io.DTYPES:
             dtype = "float32"
     config, state = read_model_dir(ckpt)

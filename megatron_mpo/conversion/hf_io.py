@@ -176,7 +176,10 @@ def _read_one(path: Path) -> dict[str, Tensor]:
                 for key in f.keys():
                     out[key] = f.get_tensor(key)
             return out
-        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # legacy (non-zip) pickles cannot be memory-mapped
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt / truncated / foreign pickle: one line for the user
         message = " ".join(str(exc).split())[:300]
         raise UserError(f"cannot read weights {path}: {message}") from None
