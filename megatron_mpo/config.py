@@ -24,6 +24,7 @@ class ModelSection:
     tokenizer: Optional[str] = None  # defaults to `init`
     freeze: list[str] = field(default_factory=list)  # any of vision, projector, language
     spec: str = "local"  # local | transformer_engine
+    recompute: Optional[str] = None  # null | selective | full (activation recomputation)
 
     def validate(self) -> None:
         bad = sorted(set(self.freeze) - {"vision", "projector", "language"})
@@ -32,6 +33,8 @@ class ModelSection:
         if len(set(self.freeze)) == 3:
             raise UserError("model.freeze freezes every part: nothing would train; drop one of them")
         _choice("model.spec", self.spec, ("local", "transformer_engine"))
+        if self.recompute is not None:
+            _choice("model.recompute", self.recompute, ("selective", "full"))
 
 
 @dataclass
@@ -292,6 +295,11 @@ def _coerce(tp: Any, value: Any, name: str):
         if isinstance(value, bool):
             return value
         raise UserError(f"{name} must be true or false, got {value!r}")
+    if tp in (int, float) and isinstance(value, str):
+        try:  # YAML 1.1 reads "5e-6" as a string
+            value = float(value) if tp is float or not value.strip().lstrip("-").isdigit() else int(value)
+        except ValueError:
+            raise UserError(f"{name} must be a number, got {value!r}") from None
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():

@@ -46,6 +46,7 @@ from megatron_mpo.data.shardlist import expand_shards
 from megatron_mpo.data.tar_reader import SkipCounter, iter_shards
 from megatron_mpo.data.tokenizer import Tokenizer
 from megatron_mpo.errors import UserError
+from megatron_mpo.processes import data_worker_init
 
 STATE_VERSION = 1
 
@@ -306,6 +307,7 @@ class PairLoader:
             prefetch_factor=self.config.prefetch_factor,
             collate_fn=_identity,
             persistent_workers=False,
+            worker_init_fn=data_worker_init,  # survive job signals, die with the trainer
         )
         return iter(loader)
 

@@ -44,6 +44,7 @@ import torch
 
 from megatron_mpo import platform
 from megatron_mpo.errors import UserError
+from megatron_mpo.processes import init_helper_process
 
 __all__ = [
     "CheckpointManager",
@@ -185,18 +186,6 @@ def _apply_model_state(chunks: Sequence[torch.nn.Module], state: dict) -> None:
 _WRITER_MANAGERS: list = []
 
 
-def _die_with_parent(parent: int) -> None:
-    """Runs in the writer's queue-manager process: exit when the trainer dies, even by SIGKILL."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(0)
-
-
 def _ensure_writer_queue() -> None:
     """Start the torch_dist writer's result-queue manager ourselves, tied to this process.
 
@@ -212,7 +201,7 @@ def _ensure_writer_queue() -> None:
     from multiprocessing.managers import SyncManager
 
     manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
-    manager.start(initializer=_die_with_parent, initargs=(os.getpid(),))
+    manager.start(initializer=init_helper_process, initargs=(os.getpid(),))
     _WRITER_MANAGERS.append(manager)  # keep it referenced; it shuts down at interpreter exit
     filesystem_async._results_queue = manager.Queue()
 

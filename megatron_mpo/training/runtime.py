@@ -71,6 +71,7 @@ def build_model_chunks(cfg: RunConfig, model_config, layout: Layout) -> list:
             params_dtype=dtype,
             pipeline_layers=cfg.parallel.pipeline_layers,
             sequence_parallel=cfg.parallel.sequence,
+            recompute=cfg.model.recompute,
             attention_mask="arbitrary",
             vp_stage=vp_stage if cfg.parallel.virtual_pipeline else None,
         )
@@ -114,14 +115,22 @@ def tokenizer(cfg: RunConfig):
     return load_tokenizer(source)
 
 
+# The chat template each released InternVL2 model was trained with.
+PRESET_TEMPLATES = {
+    "InternVL2-1B": "Hermes-2",
+    "InternVL2-2B": "internlm2-chat",
+    "InternVL2-8B": "internlm2-chat",
+    "InternVL2-26B": "internlm2-chat",
+    "InternVL2-40B": "Hermes-2",
+    "InternVL2-76B": "Hermes-2",
+}
+
+
 def default_template(model_config) -> str:
-    """The model's own chat template (InternVL2 family conventions)."""
-    family = model_config.language.family
-    if family == "internlm2":
-        return "internlm2-chat"
-    if family == "llama" and model_config.language.hidden_size >= 8192:
-        return "Hermes-2"
-    return "internvl2_5"
+    """The model's own chat template: by InternVL2 name, else by LLM family (InternVL2.5 style)."""
+    if model_config.name in PRESET_TEMPLATES:
+        return PRESET_TEMPLATES[model_config.name]
+    return "internlm2-chat" if model_config.language.family == "internlm2" else "internvl2_5"
 
 
 def data_config(cfg: RunConfig, model_config, *, for_reference: bool = False):
