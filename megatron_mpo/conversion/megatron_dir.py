@@ -106,10 +106,9 @@ def write_model_dir(
     return out
 
 
-def read_model_dir(ckpt: str | Path) -> tuple:
-    """(InternVLConfig, full state dict with megatron names) of a model or training checkpoint."""
+def read_model_config(ckpt: str | Path):
+    """The InternVLConfig of a model dir, or of a training checkpoint (via its model.init)."""
     from megatron_mpo.models.config import InternVLConfig
-    from megatron_mpo.training.checkpoint import load_model_weights
 
     ckpt = Path(ckpt)
     config_path = ckpt / MODEL_CONFIG_FILE
@@ -122,9 +121,16 @@ def read_model_dir(ckpt: str | Path) -> tuple:
         if not init or not (Path(init) / MODEL_CONFIG_FILE).is_file():
             raise UserError(f"{ckpt} has no {MODEL_CONFIG_FILE}: not a megatron_mpo model or training checkpoint")
         config_path = Path(init) / MODEL_CONFIG_FILE
-    config = InternVLConfig.from_json(config_path.read_text())
+    return InternVLConfig.from_json(config_path.read_text())
+
+
+def read_model_dir(ckpt: str | Path) -> tuple:
+    """(InternVLConfig, full state dict with megatron names) of a model or training checkpoint."""
+    from megatron_mpo.training.checkpoint import load_model_weights
+
+    config = read_model_config(ckpt)
     model = _single_process_model(config)
-    load_model_weights(ckpt, [model])
+    load_model_weights(Path(ckpt), [model])
     state = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
     return config, state
 
