@@ -33,16 +33,31 @@ COLORS = ("red", "green", "blue", "yellow")
 QUESTION = "<image>\nWhat color is the shape in the image?"
 
 
+RGB = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (235, 210, 40)}
+
+
+def draw_shape(size: int, rng: random.Random):
+    """A large square or circle of a random colour on a light background (slightly jittered)."""
+    from PIL import Image, ImageDraw
+
+    color, shape = rng.choice(COLORS), rng.choice(("square", "circle"))
+    img = Image.new("RGB", (size, size), tuple(rng.randint(225, 255) for _ in range(3)))
+    side = int(size * rng.uniform(0.7, 0.9))
+    x0, y0 = rng.randint(0, size - side), rng.randint(0, size - side)
+    fill = tuple(min(255, max(0, c + rng.randint(-20, 20))) for c in RGB[color])
+    box = (x0, y0, x0 + side - 1, y0 + side - 1)
+    (ImageDraw.Draw(img).rectangle if shape == "square" else ImageDraw.Draw(img).ellipse)(box, fill=fill)
+    return img, color, shape
+
+
 def write_color_set(out: Path, count: int, seed: int, image_size: int) -> Path:
     """Images with one coloured shape and MMPR records (chosen: right colour, rejected: wrong)."""
-    from megatron_mpo.data.synthetic import draw_image
-
     rng = random.Random(seed)
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)
     rows = []
     for i in range(count):
-        img, color, shape = draw_image(image_size, image_size, seed * 1_000_003 + i)
+        img, color, shape = draw_shape(image_size, rng)
         name = f"{seed}_{i:05d}.png"
         img.save(images / name)
         wrong = rng.choice([c for c in COLORS if c != color])
