@@ -114,7 +114,10 @@ class MPOSection:
     delta_update: str = "step"  # step (paper) | micro_batch (TRL)
 
     def validate(self) -> None:
-        self.loss_config()  # the losses module owns these checks
+        try:
+            self.loss_config()  # the losses module owns these checks
+        except UserError as exc:
+            raise UserError(f"mpo section: {exc}") from None
 
     def loss_config(self):
         from megatron_mpo.losses import LossWeights, MPOLossConfig

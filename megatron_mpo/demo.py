@@ -167,7 +167,7 @@ def run_demo(out: Path, steps: int, train_pairs: int, heldout: int, nproc: int =
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="CPU demo: MPO on a tiny InternVL, nothing to download.")
     parser.add_argument("--out", default="runs/demo", help="work directory (default runs/demo)")
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--train-pairs", type=int, default=1024)
     parser.add_argument("--heldout", type=int, default=64)
     parser.add_argument("--nproc", type=int, default=2, help="processes = tensor-parallel size")

@@ -153,12 +153,10 @@ def _active_group_size(group: Optional[dist.ProcessGroup]) -> int:
 
 
 def _reduce_device(group: dist.ProcessGroup, hint: Optional[torch.device]) -> torch.device:
-    """NCCL groups can only reduce CUDA tensors; gloo reduces CPU ones."""
-    if dist.get_backend(group) == "nccl":
-        if hint is not None and hint.type == "cuda":
-            return hint
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    """The device a collective on ``group`` needs (NCCL: the GPU; gloo: the CPU)."""
+    from megatron_mpo.platform import collective_device
+
+    return collective_device(group, hint)
 
 
 class RewardShift:

@@ -85,6 +85,8 @@ def setup(prefer: str = "auto") -> Platform:
     global _PLATFORM
     if prefer not in ("auto", "cuda", "cpu"):
         raise UserError(f"unknown device choice {prefer!r}: use auto, cuda or cpu")
+    if prefer == "cuda" and not cuda_available():
+        raise UserError("device 'cuda' requested but no CUDA GPU is visible on this machine")
     if _PLATFORM is not None:
         if prefer != "auto" and prefer != _PLATFORM.kind:
             raise UserError(
@@ -92,8 +94,6 @@ def setup(prefer: str = "auto") -> Platform:
                 "inside one process"
             )
         return _PLATFORM
-    if prefer == "cuda" and not cuda_available():
-        raise UserError("device 'cuda' requested but no CUDA GPU is visible on this machine")
     if prefer != "cpu" and cuda_available():
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
@@ -130,6 +130,16 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def collective_device(group: Any = None, hint: Optional[torch.device] = None) -> torch.device:
+    """Where tensors for a collective on ``group`` must live: NCCL reduces CUDA tensors only,
+    gloo CPU ones. No platform set-up side effects, so library users can call it too."""
+    if torch.distributed.get_backend(group) == "nccl":
+        if hint is not None and hint.type == "cuda":
+            return hint
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def require_gpu_feature(feature: str, *, min_capability: tuple[int, int] = (0, 0)) -> None:
