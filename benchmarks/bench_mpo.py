@@ -183,8 +183,32 @@ class TreeMemory:
             self._stop.wait(self.interval)
 
 
+def _busy_cpu_s(psutil) -> float:
+    t = psutil.cpu_times()
+    return sum(t) - t.idle - getattr(t, "iowait", 0.0)
+
+
+def _tree_cpu_s(root) -> float:
+    total = 0.0
+    try:
+        procs = [root] + root.children(recursive=True)
+    except Exception:
+        return total
+    for p in procs:
+        try:
+            c = p.cpu_times()
+            total += c.user + c.system
+        except Exception:
+            continue
+    return total
+
+
 def run_child(cmd: list, log_path: Path, step_prefix: str, timeout: float) -> tuple:
-    """Run ``cmd``; stamp lines starting with ``step_prefix``; return (rc, wall, stamps, rss, pss, text)."""
+    """Run ``cmd``; stamp lines starting with ``step_prefix``.
+
+    Returns (rc, wall, stamps, rss, pss, text, load): ``stamps`` are seconds since launch
+    at which each step line arrived; ``load`` holds, per stamp, the machine's busy CPU
+    seconds and the child tree's CPU seconds (to tell how much other processes ran)."""
     import psutil
 
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -193,6 +217,7 @@ def run_child(cmd: list, log_path: Path, step_prefix: str, timeout: float) -> tu
                         cwd=REPO, bufsize=1)
     mem = TreeMemory(proc.pid).start()
     stamps: list = []
+    load: list = []
     lines: list = []
 
     def reader():
@@ -201,6 +226,7 @@ def run_child(cmd: list, log_path: Path, step_prefix: str, timeout: float) -> tu
             lines.append(line)
             if line.startswith(step_prefix):
                 stamps.append(now)
+                load.append((_busy_cpu_s(psutil), _tree_cpu_s(proc)))
 
     t = threading.Thread(target=reader, daemon=True)
     t.start()
@@ -214,7 +240,18 @@ def run_child(cmd: list, log_path: Path, step_prefix: str, timeout: float) -> tu
     mem.stop()
     text = "".join(lines)
     log_path.write_text(text)
-    return rc, wall, stamps, mem.peak_rss / 2**20, (mem.peak_pss / 2**20 if mem.peak_pss else None), text
+    return rc, wall, stamps, mem.peak_rss / 2**20, (mem.peak_pss / 2**20 if mem.peak_pss else None), text, load
+
+
+def foreign_cpu_share(stamps: list, load: list, warmup: int, steps: int) -> Optional[float]:
+    """Share of the machine's CPUs used by *other* processes during the timed window."""
+    if len(load) < steps or warmup < 1:
+        return None
+    (busy0, tree0), (busy1, tree1) = load[warmup - 1], load[steps - 1]
+    window = stamps[steps - 1] - stamps[warmup - 1]
+    if window <= 0:
+        return None
+    return max(0.0, (busy1 - busy0) - (tree1 - tree0)) / (window * (os.cpu_count() or 1))
 
 
 def steady_pairs_per_s(stamps: list, steps: int, warmup: int, pairs_per_step: int) -> Optional[float]:
@@ -381,7 +418,7 @@ def run_reference(ws: Path, args) -> dict:
     if (ws / "refs").exists():
         shutil.rmtree(ws / "refs")
     cfg = write_yaml(ws / "configs" / "ref.yaml", ours_config(ws, args, True, None, 1))
-    rc, wall, _, rss, pss, text = run_child([sys.executable, str(REPO / "tools/precompute_ref_logps.py"),
+    rc, wall, _, rss, pss, text, _ = run_child([sys.executable, str(REPO / "tools/precompute_ref_logps.py"),
                                              "--config", str(cfg)], ws / "logs" / "reference.log", "\0",
                                             args.timeout)
     if rc != 0:
@@ -398,8 +435,8 @@ def run_ours(ws: Path, args, side: str, rep: int) -> RunResult:
         metrics.unlink()
     cfg = write_yaml(ws / "configs" / f"{side}.yaml", ours_config(ws, args, packing, metrics, args.steps))
     cmd = [sys.executable, "-m", "megatron_mpo.train", "--config", str(cfg)]
-    rc, wall, stamps, rss, pss, text = run_child(cmd, ws / "logs" / f"{side}_{rep}.log", "step ", args.timeout)
-    extra = {}
+    rc, wall, stamps, rss, pss, text, load = run_child(cmd, ws / "logs" / f"{side}_{rep}.log", "step ", args.timeout)
+    extra = {"foreign_cpu_share": foreign_cpu_share(stamps, load, args.warmup_steps, args.steps)}
     if metrics.is_file():
         rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
         steady = [r for r in rows if r["step"] > args.warmup_steps]
@@ -424,8 +461,9 @@ def run_trl(ws: Path, args, side: str, rep: int) -> RunResult:
         "seed": args.seed, "gradient_checkpointing": side == "trl-gc", "out": str(ws / "runs" / f"{side}_{rep}"),
     }
     cmd = [sys.executable, str(THIS), "_trl_worker", json.dumps(spec)]
-    rc, wall, stamps, rss, pss, text = run_child(cmd, ws / "logs" / f"{side}_{rep}.log", "BENCH_STEP ", args.timeout)
-    extra = {}
+    rc, wall, stamps, rss, pss, text, load = run_child(cmd, ws / "logs" / f"{side}_{rep}.log", "BENCH_STEP ",
+                                                       args.timeout)
+    extra = {"foreign_cpu_share": foreign_cpu_share(stamps, load, args.warmup_steps, args.steps)}
     for line in text.splitlines():
         if line.startswith("BENCH_BATCH "):
             extra["first_batch"] = json.loads(line[len("BENCH_BATCH "):])
@@ -560,7 +598,7 @@ def summarize(results: list, sides: list) -> dict:
             "peak_pss_mb": median_or_none([r.peak_pss_mb for r in runs]),
             "wall_s": median_or_none([r.wall_s for r in runs]),
         }
-        for key in ("internal_pairs_per_s", "tokens_per_s", "mfu", "tokens_per_step"):
+        for key in ("internal_pairs_per_s", "tokens_per_s", "mfu", "tokens_per_step", "foreign_cpu_share"):
             vals = [r.extra.get(key) for r in runs]
             if any(v is not None for v in vals):
                 summary[side][key] = median_or_none(vals)
@@ -648,7 +686,9 @@ def main(argv=None) -> None:
             results.append(r)
             status = "ok" if r.returncode == 0 else f"FAILED rc={r.returncode} (see {r.log})"
             pps = f"{r.pairs_per_s:.4f}" if r.pairs_per_s else "-"
-            log(f"  {status}: pairs/s {pps}, peak RSS {r.peak_rss_mb:.0f} MiB, wall {r.wall_s:.0f} s")
+            foreign = r.extra.get("foreign_cpu_share")
+            busy = f", other processes used {100 * foreign:.0f}% of the CPUs" if foreign is not None else ""
+            log(f"  {status}: pairs/s {pps}, peak RSS {r.peak_rss_mb:.0f} MiB, wall {r.wall_s:.0f} s{busy}")
     summary = summarize(results, sides)
     table = markdown(summary, reference)
     out = Path(args.out) if args.out else ws / "results.json"

@@ -53,3 +53,41 @@ class PairBatch:
 def causal_mask(seq_len: int) -> torch.Tensor:
     """[1, 1, S, S] bool mask, True above the diagonal (megatron-core's convention)."""
     return torch.ones(1, 1, seq_len, seq_len, dtype=torch.bool).triu(diagonal=1)
+
+
+def pad_to_length(batch: PairBatch, seq_len: int, pad_id: int = 0) -> PairBatch:
+    """``batch`` with every row padded at the end to ``seq_len`` positions.
+
+    Padding is invisible: it adds no log-prob (``response_index`` -1), no image features,
+    and no real position attends to it (causal order, or masked in a custom mask). Used
+    where the schedule needs one shape for all micro-batches of a step (interleaved
+    pipeline).
+    """
+    rows, length = batch.input_ids.shape
+    extra = seq_len - length
+    if extra <= 0:
+        return batch
+
+    def grow(t: torch.Tensor, value: int) -> torch.Tensor:
+        return torch.cat([t, t.new_full((rows, extra), value)], dim=1)
+
+    positions = batch.position_ids[:, -1:] + torch.arange(1, extra + 1).unsqueeze(0)
+    mask = None
+    if batch.attention_mask is not None:
+        mask = torch.ones(batch.attention_mask.shape[0], 1, seq_len, seq_len, dtype=torch.bool)
+        mask[:, :, :length, :length] = batch.attention_mask
+        pad = torch.arange(length, seq_len)
+        mask[:, :, pad, pad] = False  # padding attends to itself only (no empty softmax rows)
+    return PairBatch(
+        input_ids=grow(batch.input_ids, pad_id),
+        position_ids=torch.cat([batch.position_ids, positions], dim=1),
+        labels=grow(batch.labels, 0),
+        response_index=grow(batch.response_index, -1),
+        image_token_index=grow(batch.image_token_index, -1),
+        pixel_values=batch.pixel_values,
+        num_pairs=batch.num_pairs,
+        attention_mask=mask,
+        ref_chosen_logps=batch.ref_chosen_logps,
+        ref_rejected_logps=batch.ref_rejected_logps,
+        keys=batch.keys,
+    )

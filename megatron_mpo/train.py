@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 
 from megatron_mpo import parallel, platform
+from megatron_mpo.batch import pad_to_length
 from megatron_mpo.config import RunConfig, load_config
 from megatron_mpo.errors import UserError, exit_on_user_error
 from megatron_mpo.losses import MPOLoss
@@ -110,6 +111,8 @@ def train(cfg: RunConfig) -> dict:
         started = time.perf_counter()
         micro_batches = [next(batches) for _ in range(micro_per_step)]
         seq_len = max(b.input_ids.shape[1] for b in micro_batches)
+        if len(model) > 1:  # the interleaved schedule sends one fixed shape between stages
+            micro_batches = [pad_to_length(b, seq_len, tokenizer.pad_id) for b in micro_batches]
         counted.reset()
         for chunk in model:
             chunk.zero_grad_buffer()

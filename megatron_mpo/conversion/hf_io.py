@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from megatron_mpo.errors import UserError
+from megatron_mpo.fileio import fsync_path, fsync_tree
 
 __all__ = [
     "NATIVE",
@@ -433,29 +434,14 @@ def atomic_output_dir(out: str | Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         if out.exists():
             out.rmdir()  # empty (checked above)
         os.rename(tmp, out)
-        _fsync(out.parent)
+        fsync_path(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            _fsync(Path(dirpath) / name)
-        _fsync(Path(dirpath))
 
 
 def _nbytes(t: Tensor) -> int:

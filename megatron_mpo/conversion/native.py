@@ -58,11 +58,14 @@ _CHECKPOINT_TO_MODULE = (
 )
 
 
-def normalize_hf_names(hf_sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Checkpoint-layout names -> module-layout names (module names pass through)."""
+_MODULE_TO_CHECKPOINT = tuple((new, old) for old, new in _CHECKPOINT_TO_MODULE)
+
+
+def _rename_prefixes(sd: Mapping[str, Tensor], table: tuple) -> dict[str, Tensor]:
+    """Replace the first matching ``(old, new)`` name prefix of ``table`` in every key."""
     out = {}
-    for key, value in hf_sd.items():
-        for old, new in _CHECKPOINT_TO_MODULE:
+    for key, value in sd.items():
+        for old, new in table:
             if key.startswith(old):
                 key = new + key[len(old):]
                 break
@@ -70,15 +73,13 @@ def normalize_hf_names(hf_sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
+def normalize_hf_names(hf_sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Checkpoint-layout names -> module-layout names (module names pass through)."""
+    return _rename_prefixes(hf_sd, _CHECKPOINT_TO_MODULE)
+
+
 def _to_checkpoint_names(hf_sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    out = {}
-    for key, value in hf_sd.items():
-        for old, new in _CHECKPOINT_TO_MODULE:
-            if key.startswith(new):
-                key = old + key[len(new):]
-                break
-        out[key] = value
-    return out
+    return _rename_prefixes(hf_sd, _MODULE_TO_CHECKPOINT)
 
 
 class _Source:

@@ -76,6 +76,7 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import Tensor
 
+from megatron_mpo.conversion.native import normalize_hf_names
 from megatron_mpo.errors import UserError
 
 __all__ = [
@@ -155,12 +156,6 @@ _NV = "model.vision_tower."
 _NP = "model.multi_modal_projector."
 _NL = "model.language_model."
 _NHEAD = "lm_head.weight"
-_CHECKPOINT_TO_MODULE = (
-    ("language_model.lm_head.", "lm_head."),
-    ("language_model.model.", "model.language_model."),
-    ("vision_tower.", "model.vision_tower."),
-    ("multi_modal_projector.", "model.multi_modal_projector."),
-)
 
 
 # ---- architecture ---------------------------------------------------------------------
@@ -514,17 +509,6 @@ def _head(src: _Source, key: str, embed: Tensor, a: _Arch) -> Optional[Tensor]:
     return src.pop(key, (a.vocab, a.hidden))
 
 
-def _normalize_native_names(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    out = {}
-    for key, value in sd.items():
-        for old, new in _CHECKPOINT_TO_MODULE:
-            if key.startswith(old):
-                key = new + key[len(old):]
-                break
-        out[key] = value
-    return out
-
-
 # ---- public API: tensors --------------------------------------------------------------
 
 
@@ -571,7 +555,7 @@ def native_to_original(
     original_config = original_config_from_native(cfg, llm_family, **config_overrides)
     family = detect_llm_family(original_config)
     a = _arch_from_native(cfg, family)
-    src = _Source(_normalize_native_names(sd), "native")
+    src = _Source(normalize_hf_names(sd), "native")
     out: dict[str, Tensor] = {}
     for e in _table(a):
         parts = [src.pop(name, shape) for name, shape in zip(e.native, _native_shapes(e, a))]

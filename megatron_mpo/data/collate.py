@@ -16,7 +16,7 @@ holds the slot there (chosen ``i``, rejected ``P + i``) and -1 elsewhere.
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -58,6 +58,44 @@ def _refs(pairs: Sequence[TokenizedPair]):
     return None, None
 
 
+def _rows(n: int, S: int, pad_id: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``n`` empty rows of length ``S``: input_ids (padding), labels (0), response_index and
+    image_token_index (-1)."""
+    return (
+        torch.full((n, S), pad_id, dtype=torch.long),
+        torch.zeros((n, S), dtype=torch.long),
+        torch.full((n, S), -1, dtype=torch.long),
+        torch.full((n, S), -1, dtype=torch.long),
+    )
+
+
+def _batch(
+    pairs: Sequence[TokenizedPair],
+    input_ids: torch.Tensor,
+    position_ids: torch.Tensor,
+    labels: torch.Tensor,
+    response_index: torch.Tensor,
+    image_token_index: torch.Tensor,
+    *,
+    attention_mask: Optional[torch.Tensor],
+) -> PairBatch:
+    """The filled rows + what every layout takes from the pairs alike (pixels, refs, keys)."""
+    ref_c, ref_r = _refs(pairs)
+    return PairBatch(
+        input_ids=input_ids,
+        position_ids=position_ids,
+        labels=labels,
+        response_index=response_index,
+        image_token_index=image_token_index,
+        pixel_values=_pixels(pairs),
+        num_pairs=len(pairs),
+        attention_mask=attention_mask,
+        ref_chosen_logps=ref_c,
+        ref_rejected_logps=ref_r,
+        keys=[p.key for p in pairs],
+    )
+
+
 def collate_unpacked(
     pairs: Sequence[TokenizedPair], pad_id: int, context_id: int, tokens_per_tile: int, pad_multiple: int = 1
 ) -> PairBatch:
@@ -66,10 +104,7 @@ def collate_unpacked(
     responses = [p.chosen for p in pairs] + [p.rejected for p in pairs]
     lengths = [len(pairs[r % P].prompt) + len(responses[r]) for r in range(2 * P)]
     S = _round_up(max(lengths), pad_multiple)
-    input_ids = torch.full((2 * P, S), pad_id, dtype=torch.long)
-    labels = torch.zeros((2 * P, S), dtype=torch.long)
-    response_index = torch.full((2 * P, S), -1, dtype=torch.long)
-    image_token_index = torch.full((2 * P, S), -1, dtype=torch.long)
+    input_ids, labels, response_index, image_token_index = _rows(2 * P, S, pad_id)
     images = _image_rows(pairs, context_id, tokens_per_tile)
     for r in range(2 * P):
         pair = pairs[r % P]
@@ -81,20 +116,7 @@ def collate_unpacked(
         where, feature_rows = images[r % P]
         image_token_index[r, where] = feature_rows
     position_ids = torch.arange(S, dtype=torch.long).unsqueeze(0).expand(2 * P, S).contiguous()
-    ref_c, ref_r = _refs(pairs)
-    return PairBatch(
-        input_ids=input_ids,
-        position_ids=position_ids,
-        labels=labels,
-        response_index=response_index,
-        image_token_index=image_token_index,
-        pixel_values=_pixels(pairs),
-        num_pairs=P,
-        attention_mask=None,
-        ref_chosen_logps=ref_c,
-        ref_rejected_logps=ref_r,
-        keys=[p.key for p in pairs],
-    )
+    return _batch(pairs, input_ids, position_ids, labels, response_index, image_token_index, attention_mask=None)
 
 
 def collate_packed(
@@ -104,11 +126,8 @@ def collate_packed(
     P = len(pairs)
     lengths = [len(p.prompt) + len(p.chosen) + len(p.rejected) + 1 for p in pairs]
     S = _round_up(max(lengths), pad_multiple)
-    input_ids = torch.full((P, S), pad_id, dtype=torch.long)
+    input_ids, labels, response_index, image_token_index = _rows(P, S, pad_id)
     position_ids = torch.zeros((P, S), dtype=torch.long)
-    labels = torch.zeros((P, S), dtype=torch.long)
-    response_index = torch.full((P, S), -1, dtype=torch.long)
-    image_token_index = torch.full((P, S), -1, dtype=torch.long)
     mask = torch.ones(S, S, dtype=torch.bool).triu(diagonal=1).repeat(P, 1, 1, 1).view(P, 1, S, S).clone()
     images = _image_rows(pairs, context_id, tokens_per_tile)
     for i, pair in enumerate(pairs):
@@ -128,20 +147,7 @@ def collate_packed(
         mask[i, 0, b:end, a:b] = True  # the rejected branch does not see the chosen one
         where, feature_rows = images[i]
         image_token_index[i, where] = feature_rows
-    ref_c, ref_r = _refs(pairs)
-    return PairBatch(
-        input_ids=input_ids,
-        position_ids=position_ids,
-        labels=labels,
-        response_index=response_index,
-        image_token_index=image_token_index,
-        pixel_values=_pixels(pairs),
-        num_pairs=P,
-        attention_mask=mask,
-        ref_chosen_logps=ref_c,
-        ref_rejected_logps=ref_r,
-        keys=[p.key for p in pairs],
-    )
+    return _batch(pairs, input_ids, position_ids, labels, response_index, image_token_index, attention_mask=mask)
 
 
 def collate_pairs(

@@ -23,6 +23,7 @@ from typing import Dict, Mapping, Optional, Tuple
 import numpy as np
 
 from megatron_mpo.errors import UserError
+from megatron_mpo.fileio import write_atomic
 
 REF_FORMAT = "megatron_mpo.ref_logps/1"
 
@@ -71,9 +72,7 @@ def write_ref_logps(
             **(extra or {}),
             "logps": {k: [float(x) for x in v] for k, v in logps.items()},
         }
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(body, f, sort_keys=True)
+        write_atomic(path, json.dumps(body, sort_keys=True), tmp=path + ".tmp", durable=False)
     elif fmt == "npz":
         path = os.path.join(directory, f"{shard}.ref.npz")
         keys = sorted(logps)
@@ -84,9 +83,9 @@ def write_ref_logps(
             chosen=np.array([logps[k][0] for k in keys], dtype=np.float64),
             rejected=np.array([logps[k][1] for k in keys], dtype=np.float64),
         )
+        os.replace(tmp, path)
     else:
         raise ValueError(f"fmt must be 'json' or 'npz', not {fmt!r}")
-    os.replace(tmp, path)
     return path
 
 

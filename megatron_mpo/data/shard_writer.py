@@ -29,6 +29,7 @@ from typing import Callable, Dict, Iterator, List, Optional
 
 from megatron_mpo.data.mmpr import SourceSpec, check_record, load_meta, read_annotation, safe_key_part, select_indices
 from megatron_mpo.errors import UserError
+from megatron_mpo.fileio import write_atomic
 
 INDEX_NAME = "index.json"
 REFUSED_NAME = "refused.jsonl"
@@ -167,14 +168,6 @@ def _results(tasks: List[dict], workers: int) -> Iterator[dict]:
         yield from pool.imap(check_record, tasks, chunksize=8)
 
 
-def _write_json_atomic(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, ensure_ascii=False, indent=1, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def make_shards(config: MakeShardsConfig, log: Optional[Callable[[str], None]] = None) -> dict:
     """Write the shards, ``refused.jsonl`` and ``index.json``; returns the index."""
     if config.samples_per_shard < 1:
@@ -219,10 +212,9 @@ def make_shards(config: MakeShardsConfig, log: Optional[Callable[[str], None]] =
             log(f"make_shards: {done}/{total} samples ({rate:.1f}/s), {refused_samples} refused")
     sink.close()
 
-    with open(os.path.join(config.out, REFUSED_NAME + ".tmp"), "w", encoding="utf-8") as f:
-        for row in refused_rows:
-            f.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
-    os.replace(os.path.join(config.out, REFUSED_NAME + ".tmp"), os.path.join(config.out, REFUSED_NAME))
+    refused_path = os.path.join(config.out, REFUSED_NAME)
+    refused_text = "".join(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n" for row in refused_rows)
+    write_atomic(refused_path, refused_text, tmp=refused_path + ".tmp", durable=False)
 
     keep = {s["name"] for s in sink.shards}
     for entry in os.listdir(config.out):  # shards of an earlier, larger run
@@ -238,9 +230,11 @@ def make_shards(config: MakeShardsConfig, log: Optional[Callable[[str], None]] =
         "refused": dict(sorted(refused_counts.items())),
         "refused_samples": refused_samples,
     }
-    _write_json_atomic(os.path.join(config.out, INDEX_NAME), index)
+    index_path = os.path.join(config.out, INDEX_NAME)
+    index_text = json.dumps(index, ensure_ascii=False, indent=1, sort_keys=True) + "\n"
+    write_atomic(index_path, index_text, tmp=index_path + ".tmp", durable=False)
     if refused_counts:
         reasons = ", ".join(f"{k}={v}" for k, v in sorted(refused_counts.items()))
-        log(f"make_shards: refused {sum(refused_counts.values())} records ({reasons}); see {os.path.join(config.out, REFUSED_NAME)}")
+        log(f"make_shards: refused {sum(refused_counts.values())} records ({reasons}); see {refused_path}")
     log(f"make_shards: wrote {index['total']} samples in {len(sink.shards)} shards to {config.out}")
     return index

@@ -69,6 +69,20 @@ def _runtime_kwargs(tp: int, params_dtype: torch.dtype) -> dict:
     )
 
 
+def _unsplit_kwargs(tp: int, params_dtype: torch.dtype) -> dict:
+    """:func:`_runtime_kwargs` for the first-stage-only parts (vision tower, projector):
+    never pipeline-split, no sequence parallelism."""
+    return dict(pipeline_model_parallel_size=1, sequence_parallel=False, **_runtime_kwargs(tp, params_dtype))
+
+
+# InternViT's MLP and mlp1: biased linears, exact GELU, no gating. No bias-GELU fusion:
+# megatron's fused bias-GELU is the tanh approximation.
+_EXACT_GELU_MLP = dict(
+    gated_linear_unit=False, activation_func=F.gelu, add_bias_linear=True, bias_activation_fusion=False
+)
+_FULL_RECOMPUTE = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+
+
 def language_transformer_config(
     config: InternVLConfig,
     *,
@@ -112,9 +126,7 @@ def language_transformer_config(
     if recompute is not None:
         if recompute not in ("full", "selective"):
             raise UserError(f"recompute must be full or selective, not {recompute!r}")
-        kwargs["recompute_granularity"] = recompute
-        if recompute == "full":
-            kwargs.update(recompute_method="uniform", recompute_num_layers=1)
+        kwargs.update(_FULL_RECOMPUTE if recompute == "full" else {"recompute_granularity": recompute})
     if fp8 is not None:
         kwargs["fp8"] = fp8
     kwargs.update(overrides or {})
@@ -127,9 +139,9 @@ def vision_transformer_config(
     """InternViT's TransformerConfig: never pipeline-split, no sequence parallelism, no FP8
     (its 1025-token tiles do not meet FP8 GEMM shape rules)."""
     vis = config.vision
-    kwargs = _runtime_kwargs(tp, params_dtype)
+    kwargs = _unsplit_kwargs(tp, params_dtype)
     if recompute is not None:
-        kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+        kwargs.update(_FULL_RECOMPUTE)
     return TransformerConfig(
         num_layers=vis.num_layers,
         hidden_size=vis.hidden_size,
@@ -139,17 +151,11 @@ def vision_transformer_config(
         kv_channels=vis.head_dim,
         normalization=vis.norm,
         layernorm_epsilon=vis.norm_eps,
-        gated_linear_unit=False,
-        activation_func=F.gelu,
-        add_bias_linear=True,
         add_qkv_bias=vis.qkv_bias,
         qk_layernorm=vis.qk_norm,
-        # megatron's fused bias-GELU is the tanh approximation; InternViT uses exact GELU.
-        bias_activation_fusion=False,
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        pipeline_model_parallel_size=1,
-        sequence_parallel=False,
+        **_EXACT_GELU_MLP,
         **kwargs,
     )
 
@@ -166,13 +172,8 @@ def projector_transformer_config(
         num_attention_heads=lang.num_heads,
         normalization="LayerNorm",
         layernorm_epsilon=config.projector_norm_eps,
-        gated_linear_unit=False,
-        activation_func=F.gelu,
-        add_bias_linear=True,
-        bias_activation_fusion=False,
-        pipeline_model_parallel_size=1,
-        sequence_parallel=False,
-        **_runtime_kwargs(tp, params_dtype),
+        **_EXACT_GELU_MLP,
+        **_unsplit_kwargs(tp, params_dtype),
     )
 
 

@@ -5,6 +5,8 @@
   all heads (not per head), correct under tensor parallelism.
 * :func:`without_bias` -- a linear class that ignores ``add_bias_linear`` (InternViT-6B has
   biased proj/MLP linears but a bias-free qkv).
+* :class:`SDPAttention` -- the local spec's core attention through torch's fused
+  ``scaled_dot_product_attention`` instead of megatron-core's unfused baddbmm/softmax/bmm.
 """
 
 from __future__ import annotations
@@ -14,16 +16,19 @@ from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor
 
-from megatron.core import parallel_state
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedStateDict
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
-__all__ = ["LayerScaleTransformerLayer", "CrossHeadRMSNorm", "without_bias"]
+__all__ = ["LayerScaleTransformerLayer", "CrossHeadRMSNorm", "SDPAttention", "without_bias"]
 
 
 class LayerScaleTransformerLayer(TransformerLayer):
@@ -136,3 +141,68 @@ def without_bias(linear_cls: type) -> type:
 
     NoBias.__name__ = NoBias.__qualname__ = f"{linear_cls.__name__}NoBias"
     return NoBias
+
+
+class SDPAttention(DotProductAttention):
+    """megatron-core's ``DotProductAttention`` computed by ``F.scaled_dot_product_attention``.
+
+    Same contract (query ``[sq, b, np, hn]``, key / value ``[sk, b, ng, hn]``, a bool
+    ``attention_mask`` broadcastable to ``[b, np, sq, sk]`` with True = masked; returns
+    ``[sq, b, np * hn]``), same parameters (none) and checkpoint keys, so it is a drop-in
+    core attention for the local spec. The unfused original materialises the
+    ``[b * np, sq, sk]`` scores, GQA-repeats K/V, masks them in place (an extra copy in
+    backward) and keeps the probabilities for backward; torch's fused kernel (flash
+    attention on CPU, flash / memory-efficient on GPU) does none of that. Settings the
+    fused kernel cannot express (query-key layer scaling, a softmax offset, sliding
+    windows, attention bias, packed sequences) fall back to the original.
+    """
+
+    def _fused_ok(self, attention_bias, packed_seq_params) -> bool:
+        return (
+            attention_bias is None
+            and packed_seq_params is None
+            and self.softmax_offset is None
+            and not self.config.apply_query_key_layer_scaling
+            and self.config.window_size is None
+        )
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attention_mask: Optional[Tensor],
+        attn_mask_type: Optional[AttnMaskType] = None,
+        attention_bias: Optional[Tensor] = None,
+        packed_seq_params=None,
+    ) -> Tensor:
+        if not self._fused_ok(attention_bias, packed_seq_params):
+            return super().forward(
+                query, key, value, attention_mask, attn_mask_type=attn_mask_type,
+                attention_bias=attention_bias, packed_seq_params=packed_seq_params,
+            )
+        sq, b = query.shape[0], query.shape[1]
+        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [b, heads, s, hn]
+        mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
+        allowed = None
+        causal = False
+        if attention_mask is not None:
+            allowed = ~attention_mask  # SDPA: True = may attend
+        elif mask_type == AttnMaskType.causal and sq > 1:
+            causal = True
+        dropout = self.attention_dropout.p if self.training else 0.0
+        gqa = self.num_attention_heads_per_partition != self.num_query_groups_per_partition
+
+        def attend() -> Tensor:
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=allowed, dropout_p=dropout, is_causal=causal,
+                scale=self.softmax_scale, enable_gqa=gqa,
+            )
+
+        if dropout > 0.0 and not self.config.sequence_parallel:
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                context = attend()
+        else:
+            context = attend()
+        # [b, np, sq, hn] -> [sq, b, np * hn]
+        return context.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)

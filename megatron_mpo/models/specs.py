@@ -28,7 +28,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayerSubmodul
 from megatron_mpo import platform
 from megatron_mpo.errors import UserError
 from megatron_mpo.models.config import VisionConfig
-from megatron_mpo.models.layers import CrossHeadRMSNorm, LayerScaleTransformerLayer, without_bias
+from megatron_mpo.models.layers import CrossHeadRMSNorm, LayerScaleTransformerLayer, SDPAttention, without_bias
 
 __all__ = [
     "SPECS",
@@ -107,12 +107,11 @@ def vision_layer_spec(vision: VisionConfig, spec: str = "local", tp_group=None) 
         )
     if spec == "local":
         from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
-        from megatron.core.transformer.dot_product_attention import DotProductAttention
 
         norm = _local_norm(vision.norm == "RMSNorm")
         qkv = fc1 = ColumnParallelLinear
         proj = fc2 = RowParallelLinear
-        attention = DotProductAttention
+        attention = SDPAttention  # megatron-core's DotProductAttention, fused
         input_norm = pre_mlp_norm = norm
         keys_map = dict(_TE_NORM_KEYS)
     else:
@@ -160,6 +159,8 @@ def language_layer_spec(spec: str = "local", attn_mask_type: AttnMaskType = Attn
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
         layer = get_gpt_layer_local_spec(normalization="RMSNorm")
+        # megatron-core's DotProductAttention, computed by torch's fused SDPA kernel.
+        layer.submodules.self_attention.submodules.core_attention = SDPAttention
     elif spec == "transformer_engine":
         _te()
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec

@@ -44,6 +44,7 @@ import torch
 
 from megatron_mpo import platform
 from megatron_mpo.errors import UserError
+from megatron_mpo.fileio import TMP_PREFIX, fsync_path, fsync_tree, write_atomic
 from megatron_mpo.processes import init_helper_process
 
 __all__ = [
@@ -61,7 +62,6 @@ __all__ = [
 FORMAT = "megatron_mpo.checkpoint/1"
 LATEST = "latest"
 COMMON = "common.json"
-TMP_PREFIX = ".tmp_"
 _STEP_RE = re.compile(r"^step_(\d{9,})$")
 _DIST_METADATA = "metadata.json"  # written last by dist_checkpointing.save
 
@@ -95,33 +95,6 @@ def _world() -> int:
 def _barrier() -> None:
     if _dist():
         torch.distributed.barrier()
-
-
-def _fsync_path(path: Path) -> None:
-    """fsync a file or directory (directories make renames and new entries durable)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            _fsync_path(Path(dirpath) / name)
-        _fsync_path(Path(dirpath))
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write a small file so readers see the old or the new content, never a torn one."""
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_path(path.parent)
 
 
 def _write_file(path: Path, data: bytes | str) -> None:
@@ -236,14 +209,14 @@ def _layout_info() -> dict:
 
 def _commit(tmp: Path, final: Path) -> None:
     """Rank 0: make ``tmp`` durable and move it to ``final`` (replacing an older same-step one)."""
-    _fsync_tree(tmp)
+    fsync_tree(tmp)
     aside = None
     if final.exists():  # the same step saved again (e.g. preemption right after a resume)
         aside = final.with_name(f"{TMP_PREFIX}replaced_{final.name}")
         shutil.rmtree(aside, ignore_errors=True)
         os.rename(final, aside)
     os.rename(tmp, final)
-    _fsync_path(final.parent)
+    fsync_path(final.parent)
     if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)
 
@@ -502,7 +475,7 @@ class CheckpointManager:
         if _rank() == 0:
             _write_file(tmp / COMMON, common_bytes)
             _commit(tmp, final)
-            _write_atomic(self.save_dir / LATEST, (name + "\n").encode())
+            write_atomic(self.save_dir / LATEST, (name + "\n").encode())
             self._prune(keep=final)
         _barrier()
         return final
@@ -533,7 +506,7 @@ class CheckpointManager:
             os.rename(old, doomed)
             shutil.rmtree(doomed, ignore_errors=True)
             excess -= 1
-        _fsync_path(self.save_dir)
+        fsync_path(self.save_dir)
 
     # ---- loading -----------------------------------------------------------------------
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -17,20 +16,12 @@ import torch
 
 from megatron_mpo import platform
 from megatron_mpo.errors import UserError
+from megatron_mpo.fileio import write_atomic
+from megatron_mpo.losses import METRIC_NAMES
 
-# Per-step scalars averaged over micro-batches and data-parallel replicas.
-LOSS_KEYS = (
-    "loss",
-    "loss_preference",
-    "loss_quality",
-    "loss_generation",
-    "reward_chosen",
-    "reward_rejected",
-    "reward_margin",
-    "reward_accuracy",
-    "delta",
-    "abs_logratio",  # mean |log pi - log pi_0|; logged once as ref_logratio_step0
-)
+# Per-step scalars averaged over micro-batches and data-parallel replicas: the metrics of
+# mpo_loss, and abs_logratio, the mean |log pi - log pi_0| (logged once as ref_logratio_step0).
+LOSS_KEYS = METRIC_NAMES + ("abs_logratio",)
 CONSOLE_KEYS = ("loss", "loss_preference", "loss_quality", "loss_generation", "reward_margin", "reward_accuracy", "delta")
 
 
@@ -164,5 +155,4 @@ def _truncate_after(path: Path, step: int) -> None:
         except json.JSONDecodeError:
             continue  # a half-written last line from a killed run
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    write_atomic(path, "".join(line + "\n" for line in kept), tmp=tmp, durable=False)

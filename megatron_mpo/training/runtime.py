@@ -61,6 +61,15 @@ def build_model_chunks(cfg: RunConfig, model_config, layout: Layout) -> list:
     dtype = DTYPES[cfg.precision.dtype]
     chunks = []
     vp = cfg.parallel.virtual_pipeline or 1
+    layers = cfg.parallel.pipeline_layers
+    if layers is None and vp > 1:  # interleaved schedule: an even split over pp x vp chunks
+        total, parts = model_config.language.num_layers, cfg.parallel.pipeline * vp
+        if total % parts:
+            raise UserError(
+                f"{total} LLM layers do not split evenly into pipeline x virtual_pipeline = {parts} "
+                "chunks; give parallel.pipeline_layers"
+            )
+        layers = [total // parts] * parts
     for vp_stage in range(vp):
         if cfg.parallel.virtual_pipeline:
             parallel_state.set_virtual_pipeline_model_parallel_rank(vp_stage)
@@ -69,7 +78,7 @@ def build_model_chunks(cfg: RunConfig, model_config, layout: Layout) -> list:
             spec=cfg.model.spec,
             fp8=cfg.precision.fp8,
             params_dtype=dtype,
-            pipeline_layers=cfg.parallel.pipeline_layers,
+            pipeline_layers=layers,
             sequence_parallel=cfg.parallel.sequence,
             recompute=cfg.model.recompute,
             attention_mask="arbitrary",
@@ -157,6 +166,9 @@ def data_config(cfg: RunConfig, model_config, *, for_reference: bool = False):
         pad_multiple=16 if cfg.precision.fp8 else 1,  # TE FP8 GEMMs need multiples of 16
         layout=packing_layout(cfg),
         epochs=1 if for_reference else None,
+        # Training micro-batches all hold micro_batch pairs (equal weight per micro-batch);
+        # the reference tool must see every sample.
+        drop_last=not for_reference,
     )
 
 
