@@ -113,14 +113,15 @@ def init_distributed(timeout_minutes: int = 30) -> None:
     plat = current()
     if torch.distributed.is_initialized():
         return
+    timeout = datetime.timedelta(minutes=timeout_minutes)
     if "RANK" not in os.environ:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        # A world of one needs no rendezvous: an in-process store cannot race for a port.
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    torch.distributed.init_process_group(
-        backend=plat.backend,
-        timeout=datetime.timedelta(minutes=timeout_minutes),
-    )
+        torch.distributed.init_process_group(
+            backend=plat.backend, store=torch.distributed.HashStore(), rank=0, world_size=1, timeout=timeout
+        )
+        return
+    torch.distributed.init_process_group(backend=plat.backend, timeout=timeout)
 
 
 def free_port() -> int:

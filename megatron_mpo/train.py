@@ -52,7 +52,9 @@ def train(cfg: RunConfig) -> dict:
     model_config = runtime.model_config(cfg)
     runtime.check_precision(cfg)
     chunks = runtime.build_model_chunks(cfg, model_config, layout)
-    if cfg.model.init:
+    manager = ckpt_lib.CheckpointManager(cfg.checkpoint.save, cfg.checkpoint.keep_last) if cfg.checkpoint.save else None
+    resume_from = runtime.resolve_resume(cfg, manager)
+    if cfg.model.init and resume_from is None:  # a resumed run loads its weights below
         ckpt_lib.load_model_weights(cfg.model.init, chunks)
     model = wrap_data_parallel(chunks, cfg.precision)
     optimizer = build_optimizer(model, cfg.train, cfg.precision)
@@ -67,9 +69,7 @@ def train(cfg: RunConfig) -> dict:
     mpo = MPOLoss(cfg.mpo.loss_config(), group=layout.data_group)
 
     # ---- resume -----------------------------------------------------------------------
-    manager = ckpt_lib.CheckpointManager(cfg.checkpoint.save, cfg.checkpoint.keep_last) if cfg.checkpoint.save else None
     step = 0
-    resume_from = runtime.resolve_resume(cfg, manager)
     if resume_from is not None:
         reader = manager or ckpt_lib.CheckpointManager(resume_from.parent)
         common, per_rank = reader.load(resume_from, model, optimizer)
@@ -93,7 +93,7 @@ def train(cfg: RunConfig) -> dict:
     counted = runtime.StepCounter()
     forward_step = make_forward_step(mpo, on_batch=counted.add)
     forward_backward = runtime.forward_backward_func()
-    flops = runtime.FlopCounter(model_config)
+    flops = runtime.FlopCounter(model_config, frozen=cfg.model.freeze)
     batches = iter(loader)
 
     def save(at_step: int) -> None:
@@ -142,7 +142,9 @@ def train(cfg: RunConfig) -> dict:
         elapsed = time.perf_counter() - started
 
         if step % cfg.logging.interval == 0 or step == total_steps or step == 1:
-            tokens = global_sum({"tokens": counted.tokens if layout.tensor_rank == 0 and layout.pipeline_rank == 0 else 0})["tokens"]
+            counts = global_sum({"tokens": counted.tokens, "tiles": counted.tiles}
+                                if layout.tensor_rank == 0 and layout.pipeline_rank == 0 else {"tokens": 0, "tiles": 0})
+            tokens = counts["tokens"]
             skipped = global_sum(loader.skip_counts if layout.tensor_rank == 0 and layout.pipeline_rank == 0 else {})
             record = {
                 **{k: v for k, v in losses.items() if k != "abs_logratio"},
@@ -150,7 +152,8 @@ def train(cfg: RunConfig) -> dict:
                 "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                 "samples_per_s": cfg.train.global_batch / elapsed,
                 "tokens_per_s": tokens / elapsed,
-                "mfu": flops.mfu(tokens, elapsed, torch.distributed.get_world_size(), seq_len=seq_len),
+                "mfu": flops.mfu(tokens, elapsed, torch.distributed.get_world_size(), seq_len=seq_len,
+                                 tiles=counts["tiles"]),
                 "skipped": {**{k: int(v) for k, v in skipped.items()}, "nonfinite_steps": bad_total},
             }
             if step == 1 and resume_from is None:

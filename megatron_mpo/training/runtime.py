@@ -10,7 +10,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -234,6 +234,7 @@ class StepCounter:
     def reset(self) -> None:
         self.pairs = 0
         self.tokens = 0
+        self.tiles = 0
         self._seen: set[int] = set()
 
     def add(self, batch) -> None:
@@ -243,6 +244,7 @@ class StepCounter:
         self._seen.add(id(batch))
         self.pairs += batch.num_pairs
         self.tokens += batch.num_tokens()
+        self.tiles += int(batch.pixel_values.shape[0])
 
 
 def all_ranks_true(flag: bool) -> bool:
@@ -264,23 +266,56 @@ def mpo_state(mpo, layout: Layout) -> dict:
 class FlopCounter:
     """Model FLOPs of a step, for MFU against the machine's measured matmul peak.
 
-    Counts 6 x (non-embedding parameters touched) per token for the LLM plus the
-    attention score/value products, and the vision tower per tile -- the usual
-    "model FLOPs" definition (no recomputation counted).
+    The usual "model FLOPs" definition (no recomputation counted): 2 FLOPs per
+    multiply-add of every weight matrix touched, plus the attention score / value
+    products, times 3 for forward + backward. The LLM is counted per token position of
+    the step (padding included), causal attention as half the scores; the vision tower
+    (patch embedding, InternViT layers with bidirectional attention over patches + class
+    token) and the mlp1 projector per image tile. Frozen parts count what they still run:
+    a frozen vision tower only its forward, a frozen projector / LLM forward plus the
+    input gradients (2x) when something before them trains.
     """
 
-    def __init__(self, model_config) -> None:
+    def __init__(self, model_config, frozen: Sequence[str] = ()) -> None:
         self.cfg = model_config
+        self.frozen = set(frozen)
         self._peak: Optional[float] = None
+
+    def _passes(self, part: str) -> int:
+        """Forward + backward multiples of ``part``: 3 trained, 2 input-grads only, 1 forward only."""
+        order = ("vision", "projector", "language")
+        if part not in self.frozen:
+            return 3
+        earlier_trains = any(p not in self.frozen for p in order[: order.index(part)])
+        return 2 if earlier_trains else 1
 
     def llm_flops_per_token(self, seq_len: int) -> float:
         lang = self.cfg.language
-        head_dim = lang.hidden_size // lang.num_heads
-        attn = lang.hidden_size * (lang.num_heads + 2 * lang.num_kv_heads) * head_dim + lang.hidden_size**2
+        head_dim = lang.kv_channels
+        q_width = lang.num_heads * head_dim
+        attn = lang.hidden_size * (q_width + 2 * lang.num_kv_heads * head_dim) + q_width * lang.hidden_size
         mlp = 3 * lang.hidden_size * lang.ffn_hidden_size
-        per_layer = 2 * (attn + mlp) + 2 * 2 * seq_len * lang.hidden_size / 2  # causal: half the scores
+        per_layer = 2 * (attn + mlp) + 2 * 2 * seq_len * q_width / 2  # causal: half the scores
         logits = 2 * lang.hidden_size * lang.vocab_size
-        return 3 * (lang.num_layers * per_layer + logits)  # forward + backward (2x)
+        return self._passes("language") * (lang.num_layers * per_layer + logits)
+
+    def vision_flops_per_tile(self) -> float:
+        """InternViT + mlp1 FLOPs of one image tile (forward + backward as trained)."""
+        vis = self.cfg.vision
+        patches = vis.grid**2
+        n = patches + 1  # + class token
+        width = vis.num_heads * vis.head_dim  # real heads (zero-padded ones are not model FLOPs)
+        embed = 2 * 3 * vis.patch_size**2 * vis.hidden_size * patches
+        linear = 2 * n * (vis.hidden_size * 3 * width + width * vis.hidden_size
+                          + 2 * vis.hidden_size * vis.ffn_hidden_size)
+        scores = 2 * 2 * n * n * width  # Q K^T and A V, bidirectional
+        tower = embed + vis.num_layers * (linear + scores)
+        hidden = self.cfg.language.hidden_size
+        projector = 2 * self.cfg.tokens_per_tile * (self.cfg.projector_input_size * hidden + hidden * hidden)
+        return self._passes("vision") * tower + self._passes("projector") * projector
+
+    def step_flops(self, tokens: float, seq_len: int, tiles: float = 0) -> float:
+        return tokens * self.llm_flops_per_token(seq_len) + tiles * self.vision_flops_per_tile()
 
     def peak(self) -> float:
         """Measured matmul FLOP/s of one process on this device (cached)."""
@@ -288,10 +323,10 @@ class FlopCounter:
             self._peak = measure_matmul_peak()
         return self._peak
 
-    def mfu(self, tokens: float, seconds: float, world_size: int, seq_len: int = 1024) -> float:
+    def mfu(self, tokens: float, seconds: float, world_size: int, seq_len: int = 1024, tiles: float = 0) -> float:
         if seconds <= 0 or tokens <= 0:
             return 0.0
-        achieved = tokens * self.llm_flops_per_token(seq_len) / seconds
+        achieved = self.step_flops(tokens, seq_len, tiles) / seconds
         return achieved / (self.peak() * world_size)
 
 
@@ -302,6 +337,7 @@ def measure_matmul_peak(size: int = 1024, repeats: int = 5) -> float:
     # Fixed operands: drawing random ones would move the training RNG streams.
     a = torch.full((size, size), 0.5, device=dev, dtype=dtype)
     b = torch.full((size, size), 0.25, device=dev, dtype=dtype)
+    a @ b  # warm-up: thread pool start / kernel selection are not the peak
     best = float("inf")
     for _ in range(repeats):
         platform.synchronize()
