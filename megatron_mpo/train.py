@@ -103,79 +103,93 @@ def train(cfg: RunConfig) -> dict:
         per_rank = {"rng": ckpt_lib.capture_rng_state(), "loader": loader.state_dict()}
         manager.save(at_step, model, optimizer, common, per_rank)
 
-    bad_in_a_row = 0
-    bad_total = 0
-    last_saved = step
-    while step < total_steps:
-        step += 1
-        started = time.perf_counter()
-        micro_batches = [next(batches) for _ in range(micro_per_step)]
-        seq_len = max(b.input_ids.shape[1] for b in micro_batches)
-        if len(model) > 1:  # the interleaved schedule sends one fixed shape between stages
-            micro_batches = [pad_to_length(b, seq_len, tokenizer.pad_id) for b in micro_batches]
-        counted.reset()
-        for chunk in model:
-            chunk.zero_grad_buffer()
-        optimizer.zero_grad()
-        results = forward_backward(
-            forward_step_func=forward_step,
-            data_iterator=[iter(micro_batches) for _ in model] if len(model) > 1 else iter(micro_batches),
-            model=model if len(model) > 1 else model[0],
-            num_microbatches=micro_per_step,
-            seq_length=seq_len,
-            micro_batch_size=max(b.input_ids.shape[0] for b in micro_batches),
-            forward_only=False,
-        )
-        losses = reduce_loss_metrics(results, layout.is_last_stage, layout.tensor_rank)
-        finite = math.isfinite(losses["loss"]) and runtime.all_ranks_true(grads_are_finite(model))
-        grad_norm = float("nan")
-        if finite:
-            _, grad_norm, _ = optimizer.step()
-            scheduler.step(increment=1)
-            if layout.is_last_stage:
-                mpo.end_step(layout.data_group)
-            bad_in_a_row = 0
-        else:
-            bad_in_a_row += 1
-            bad_total += 1
-            mpo.reward_shift.discard_step()
-        elapsed = time.perf_counter() - started
-
-        if step % cfg.logging.interval == 0 or step == total_steps or step == 1:
-            counts = global_sum({"tokens": counted.tokens, "tiles": counted.tiles}
-                                if layout.tensor_rank == 0 and layout.pipeline_rank == 0 else {"tokens": 0, "tiles": 0})
-            tokens = counts["tokens"]
-            skipped = global_sum(loader.skip_counts if layout.tensor_rank == 0 and layout.pipeline_rank == 0 else {})
-            record = {
-                **{k: v for k, v in losses.items() if k != "abs_logratio"},
-                "lr": optimizer.param_groups[0]["lr"],
-                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                "samples_per_s": cfg.train.global_batch / elapsed,
-                "tokens_per_s": tokens / elapsed,
-                "mfu": flops.mfu(tokens, elapsed, torch.distributed.get_world_size(), seq_len=seq_len,
-                                 tiles=counts["tiles"]),
-                "skipped": {**{k: int(v) for k, v in skipped.items()}, "nonfinite_steps": bad_total},
-            }
-            if step == 1 and resume_from is None:
-                record["ref_logratio_step0"] = losses["abs_logratio"]
-            logger.log(step, record)
-        if bad_in_a_row >= cfg.train.max_bad_steps:
-            logger.close()
-            raise UserError(
-                f"{bad_in_a_row} steps in a row had a non-finite loss or gradient (step {step}); "
-                "lower train.lr, check the data, or raise train.max_bad_steps"
+    try:
+        bad_in_a_row = 0
+        bad_total = 0
+        last_saved = step
+        while step < total_steps:
+            step += 1
+            started = time.perf_counter()
+            try:
+                micro_batches = [next(batches) for _ in range(micro_per_step)]
+            except RuntimeError:
+                if not preemption.is_set():
+                    raise
+                # SIGTERM to every process of the job killed the loader workers mid-step.
+                step -= 1
+                if manager is not None and last_saved < step:
+                    save(step)
+                    last_saved = step
+                if is_writer:
+                    print(f"preempted: saved step {last_saved}, exiting", flush=True)
+                break
+            seq_len = max(b.input_ids.shape[1] for b in micro_batches)
+            if len(model) > 1:  # the interleaved schedule sends one fixed shape between stages
+                micro_batches = [pad_to_length(b, seq_len, tokenizer.pad_id) for b in micro_batches]
+            counted.reset()
+            for chunk in model:
+                chunk.zero_grad_buffer()
+            optimizer.zero_grad()
+            results = forward_backward(
+                forward_step_func=forward_step,
+                data_iterator=[iter(micro_batches) for _ in model] if len(model) > 1 else iter(micro_batches),
+                model=model if len(model) > 1 else model[0],
+                num_microbatches=micro_per_step,
+                seq_length=seq_len,
+                micro_batch_size=max(b.input_ids.shape[0] for b in micro_batches),
+                forward_only=False,
             )
+            losses = reduce_loss_metrics(results, layout.is_last_stage, layout.tensor_rank)
+            finite = math.isfinite(losses["loss"]) and runtime.all_ranks_true(grads_are_finite(model))
+            grad_norm = float("nan")
+            if finite:
+                _, grad_norm, _ = optimizer.step()
+                scheduler.step(increment=1)
+                if layout.is_last_stage:
+                    mpo.end_step(layout.data_group)
+                bad_in_a_row = 0
+            else:
+                bad_in_a_row += 1
+                bad_total += 1
+                mpo.reward_shift.discard_step()
+            elapsed = time.perf_counter() - started
 
-        stop = preemption.should_stop()
-        if manager is not None and (step % cfg.checkpoint.interval == 0 or step == total_steps or stop):
-            save(step)
-            last_saved = step
-        if stop:
-            if is_writer:
-                print(f"preempted: saved step {last_saved}, exiting", flush=True)
-            break
+            if step % cfg.logging.interval == 0 or step == total_steps or step == 1:
+                counts = global_sum({"tokens": counted.tokens, "tiles": counted.tiles}
+                                    if layout.tensor_rank == 0 and layout.pipeline_rank == 0 else {"tokens": 0, "tiles": 0})
+                tokens = counts["tokens"]
+                skipped = global_sum(loader.skip_counts if layout.tensor_rank == 0 and layout.pipeline_rank == 0 else {})
+                record = {
+                    **{k: v for k, v in losses.items() if k != "abs_logratio"},
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                    "samples_per_s": cfg.train.global_batch / elapsed,
+                    "tokens_per_s": tokens / elapsed,
+                    "mfu": flops.mfu(tokens, elapsed, torch.distributed.get_world_size(), seq_len=seq_len,
+                                     tiles=counts["tiles"]),
+                    "skipped": {**{k: int(v) for k, v in skipped.items()}, "nonfinite_steps": bad_total},
+                }
+                if step == 1 and resume_from is None:
+                    record["ref_logratio_step0"] = losses["abs_logratio"]
+                logger.log(step, record)
+            if bad_in_a_row >= cfg.train.max_bad_steps:
+                raise UserError(
+                    f"{bad_in_a_row} steps in a row had a non-finite loss or gradient (step {step}); "
+                    "lower train.lr, check the data, or raise train.max_bad_steps"
+                )
 
-    logger.close()
+            stop = preemption.should_stop()
+            if manager is not None and (step % cfg.checkpoint.interval == 0 or step == total_steps or stop):
+                save(step)
+                last_saved = step
+            if stop:
+                if is_writer:
+                    print(f"preempted: saved step {last_saved}, exiting", flush=True)
+                break
+
+    finally:
+        batches.close()  # stop loader workers now, not at interpreter exit
+        logger.close()
     summary = {"step": step, "total_steps": total_steps}
     parallel.shutdown()
     return summary

@@ -143,6 +143,24 @@ def without_bias(linear_cls: type) -> type:
     return NoBias
 
 
+def is_causal_mask(mask: Tensor) -> bool:
+    """True when the bool mask ``[b, 1 or heads, s, s]`` (True = masked) is plain causal
+    in every batch row and head. Checked once per mask tensor (every layer of a forward
+    shares it) and cached on the tensor."""
+    cached = getattr(mask, "_mpo_is_causal", None)
+    if cached is not None:
+        return cached
+    sq, sk = mask.shape[-2], mask.shape[-1]
+    value = sq == sk and bool(
+        (mask == torch.ones(sq, sk, dtype=torch.bool, device=mask.device).triu(diagonal=1)).all()
+    )
+    try:
+        mask._mpo_is_causal = value
+    except (AttributeError, RuntimeError):  # pragma: no cover - tensors accept attributes
+        pass
+    return value
+
+
 class SDPAttention(DotProductAttention):
     """megatron-core's ``DotProductAttention`` computed by ``F.scaled_dot_product_attention``.
 
@@ -155,6 +173,12 @@ class SDPAttention(DotProductAttention):
     attention on CPU, flash / memory-efficient on GPU) does none of that. Settings the
     fused kernel cannot express (query-key layer scaling, a softmax offset, sliding
     windows, attention bias, packed sequences) fall back to the original.
+
+    A mask is inspected once per forward (:func:`is_causal_mask`): plain causal rows run
+    the kernel's causal mode, which skips the blocks above the diagonal; any other mask
+    (packed pair rows) is applied as given. (Splitting packed rows into a causal prefix
+    and a masked tail was measured slower on CPU: the extra slicing / concatenation in
+    backward costs more than the skipped blocks save.)
     """
 
     def _fused_ok(self, attention_bias, packed_seq_params) -> bool:
@@ -184,20 +208,21 @@ class SDPAttention(DotProductAttention):
         sq, b = query.shape[0], query.shape[1]
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [b, heads, s, hn]
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
-        allowed = None
-        causal = False
-        if attention_mask is not None:
-            allowed = ~attention_mask  # SDPA: True = may attend
-        elif mask_type == AttnMaskType.causal and sq > 1:
-            causal = True
         dropout = self.attention_dropout.p if self.training else 0.0
         gqa = self.num_attention_heads_per_partition != self.num_query_groups_per_partition
 
-        def attend() -> Tensor:
+        def sdpa(q_, k_, v_, allowed=None, causal=False) -> Tensor:
             return F.scaled_dot_product_attention(
-                q, k, v, attn_mask=allowed, dropout_p=dropout, is_causal=causal,
+                q_, k_, v_, attn_mask=allowed, dropout_p=dropout, is_causal=causal,
                 scale=self.softmax_scale, enable_gqa=gqa,
             )
+
+        def attend() -> Tensor:
+            if attention_mask is None:
+                return sdpa(q, k, v, causal=mask_type == AttnMaskType.causal and sq > 1)
+            if q.shape[2] == k.shape[2] and is_causal_mask(attention_mask):
+                return sdpa(q, k, v, causal=True)  # plain causal rows: the kernel skips masked blocks
+            return sdpa(q, k, v, allowed=~attention_mask)  # SDPA: True = may attend
 
         if dropout > 0.0 and not self.config.sequence_parallel:
             with tensor_parallel.get_cuda_rng_tracker().fork():

@@ -233,6 +233,9 @@ def _write_dist_checkpoint(
     _barrier()  # the writer expects the directory on every rank
     state = _model_state(chunks, SHARDING_METADATA)
     if optimizer is not None:
+        # A run whose every step so far was skipped (non-finite) has no Adam state yet.
+        _prime_optimizer_state(optimizer)
+        _restore_adam_steps(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(state, metadata=dict(SHARDING_METADATA))
     dist_checkpointing.save(
         state, str(tmp), sharded_strategy=_save_strategy(), content_metadata=dict(SHARDING_METADATA)
