@@ -243,6 +243,14 @@ def run_child(cmd: list, log_path: Path, step_prefix: str, timeout: float) -> tu
     return rc, wall, stamps, mem.peak_rss / 2**20, (mem.peak_pss / 2**20 if mem.peak_pss else None), text, load
 
 
+def pairs_per_cpu_s(load: list, warmup: int, steps: int, pairs_per_step: int) -> Optional[float]:
+    """Steady-state pairs per CPU-second the child tree actually got (robust to other load)."""
+    if len(load) < steps or warmup < 1:
+        return None
+    used = load[steps - 1][1] - load[warmup - 1][1]
+    return (steps - warmup) * pairs_per_step / used if used > 0 else None
+
+
 def foreign_cpu_share(stamps: list, load: list, warmup: int, steps: int) -> Optional[float]:
     """Share of the machine's CPUs used by *other* processes during the timed window."""
     if len(load) < steps or warmup < 1:
@@ -436,7 +444,9 @@ def run_ours(ws: Path, args, side: str, rep: int) -> RunResult:
     cfg = write_yaml(ws / "configs" / f"{side}.yaml", ours_config(ws, args, packing, metrics, args.steps))
     cmd = [sys.executable, "-m", "megatron_mpo.train", "--config", str(cfg)]
     rc, wall, stamps, rss, pss, text, load = run_child(cmd, ws / "logs" / f"{side}_{rep}.log", "step ", args.timeout)
-    extra = {"foreign_cpu_share": foreign_cpu_share(stamps, load, args.warmup_steps, args.steps)}
+    extra = {"foreign_cpu_share": foreign_cpu_share(stamps, load, args.warmup_steps, args.steps),
+             "pairs_per_cpu_s": pairs_per_cpu_s(load, args.warmup_steps, args.steps, args.global_batch),
+             "load": load}
     if metrics.is_file():
         rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
         steady = [r for r in rows if r["step"] > args.warmup_steps]
@@ -463,7 +473,9 @@ def run_trl(ws: Path, args, side: str, rep: int) -> RunResult:
     cmd = [sys.executable, str(THIS), "_trl_worker", json.dumps(spec)]
     rc, wall, stamps, rss, pss, text, load = run_child(cmd, ws / "logs" / f"{side}_{rep}.log", "BENCH_STEP ",
                                                        args.timeout)
-    extra = {"foreign_cpu_share": foreign_cpu_share(stamps, load, args.warmup_steps, args.steps)}
+    extra = {"foreign_cpu_share": foreign_cpu_share(stamps, load, args.warmup_steps, args.steps),
+             "pairs_per_cpu_s": pairs_per_cpu_s(load, args.warmup_steps, args.steps, args.global_batch),
+             "load": load}
     for line in text.splitlines():
         if line.startswith("BENCH_BATCH "):
             extra["first_batch"] = json.loads(line[len("BENCH_BATCH "):])
@@ -598,7 +610,8 @@ def summarize(results: list, sides: list) -> dict:
             "peak_pss_mb": median_or_none([r.peak_pss_mb for r in runs]),
             "wall_s": median_or_none([r.wall_s for r in runs]),
         }
-        for key in ("internal_pairs_per_s", "tokens_per_s", "mfu", "tokens_per_step", "foreign_cpu_share"):
+        for key in ("internal_pairs_per_s", "tokens_per_s", "mfu", "tokens_per_step", "foreign_cpu_share",
+                    "pairs_per_cpu_s"):
             vals = [r.extra.get(key) for r in runs]
             if any(v is not None for v in vals):
                 summary[side][key] = median_or_none(vals)
@@ -614,12 +627,17 @@ def markdown(summary: dict, reference: Optional[dict]) -> str:
     head = ["side", "pairs/s (median)"]
     head += [f"pairs/s x {BASE_LABELS[b]}" for b in bases]
     head += ["peak RSS MiB (median)"] + [f"RSS x {BASE_LABELS[b]}" for b in bases]
+    head += ["pairs per CPU-s"] + [f"x {BASE_LABELS[b]}" for b in bases]
     head += ["peak PSS MiB", "runs", "CPU used by other processes"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for side, s in summary.items():
         row = [side, f"{s['pairs_per_s']:.4f}" if s["pairs_per_s"] else "-"]
         row += [f"{s['pairs_per_s'] / summary[b]['pairs_per_s']:.2f}" if s["pairs_per_s"] else "-" for b in bases]
         row += [f"{s['peak_rss_mb']:.0f}"] + [f"{s['peak_rss_mb'] / summary[b]['peak_rss_mb']:.2f}" for b in bases]
+        cpu = s.get("pairs_per_cpu_s")
+        row += [f"{cpu:.4f}" if cpu else "-"]
+        row += [f"{cpu / summary[b]['pairs_per_cpu_s']:.2f}" if cpu and summary[b].get("pairs_per_cpu_s") else "-"
+                for b in bases]
         row += [f"{s['peak_pss_mb']:.0f}" if s.get("peak_pss_mb") else "-", str(s["runs"]),
                 f"{100 * s['foreign_cpu_share']:.0f}%" if s.get("foreign_cpu_share") is not None else "-"]
         lines.append("| " + " | ".join(row) + " |")
@@ -697,6 +715,8 @@ def main(argv=None) -> None:
             pps = f"{r.pairs_per_s:.4f}" if r.pairs_per_s else "-"
             foreign = r.extra.get("foreign_cpu_share")
             busy = f", other processes used {100 * foreign:.0f}% of the CPUs" if foreign is not None else ""
+            if r.extra.get("pairs_per_cpu_s"):
+                busy += f", {r.extra['pairs_per_cpu_s']:.4f} pairs per CPU-second"
             log(f"  {status}: pairs/s {pps}, peak RSS {r.peak_rss_mb:.0f} MiB, wall {r.wall_s:.0f} s{busy}")
     summary = summarize(results, sides)
     table = markdown(summary, reference)

@@ -116,7 +116,7 @@ def init_distributed(timeout_minutes: int = 30) -> None:
     timeout = datetime.timedelta(minutes=timeout_minutes)
     if "RANK" not in os.environ:
         # A world of one needs no rendezvous: an in-process store cannot race for a port.
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        # (The environment is left alone: child processes must not inherit a fake RANK.)
         torch.distributed.init_process_group(
             backend=plat.backend, store=torch.distributed.HashStore(), rank=0, world_size=1, timeout=timeout
         )

@@ -25,6 +25,7 @@ HAVE_TRL = all(importlib.util.find_spec(m) is not None for m in ("trl", "dataset
 def _bench_module():
     spec = importlib.util.spec_from_file_location("bench_mpo", REPO / "benchmarks" / "bench_mpo.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("bench_mpo", module)  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
