@@ -21,7 +21,8 @@ One run does everything, in this order, each piece in its own subprocess:
 
    * ``ours``: ``python -m megatron_mpo.train --config ...`` (single process, TP=1,
      shared-prompt packing -- the default), ``ours-unpacked``: the same with
-     ``data.packing=false``;
+     ``data.packing=false``, ``ours-recompute``: packed with ``model.recompute=full``
+     (activation recomputation, the counterpart of TRL's gradient checkpointing);
    * ``trl``: TRL's ``DPOTrainer`` with ``loss_type=["sigmoid", "bco_pair", "sft"]``,
      ``loss_weights=[0.8, 0.2, 1.0]``, ``beta=0.1``, fp32, on the HF model directory,
      the same images / prompts / answers (same chat template text), gradient
@@ -392,9 +393,10 @@ def token_lengths(ws: Path) -> dict:
 # ---- our side --------------------------------------------------------------------------------
 
 
-def ours_config(ws: Path, args, packing: bool, metrics: Optional[Path], steps: int) -> dict:
+def ours_config(ws: Path, args, packing: bool, metrics: Optional[Path], steps: int,
+                recompute: Optional[str] = None) -> dict:
     return {
-        "model": {"init": str(ws / "megatron")},
+        "model": {"init": str(ws / "megatron"), "recompute": recompute},
         "data": {
             "shards": str(ws / "shards"),
             "ref_logps": str(ws / "refs"),
@@ -437,11 +439,13 @@ def run_reference(ws: Path, args) -> dict:
 
 
 def run_ours(ws: Path, args, side: str, rep: int) -> RunResult:
-    packing = side == "ours"
+    packing = side != "ours-unpacked"
+    recompute = "full" if side == "ours-recompute" else None
     metrics = ws / "runs" / f"{side}_{rep}.jsonl"
     if metrics.exists():
         metrics.unlink()
-    cfg = write_yaml(ws / "configs" / f"{side}.yaml", ours_config(ws, args, packing, metrics, args.steps))
+    cfg = write_yaml(ws / "configs" / f"{side}.yaml",
+                     ours_config(ws, args, packing, metrics, args.steps, recompute))
     cmd = [sys.executable, "-m", "megatron_mpo.train", "--config", str(cfg)]
     rc, wall, stamps, rss, pss, text, load = run_child(cmd, ws / "logs" / f"{side}_{rep}.log", "step ", args.timeout)
     extra = {"foreign_cpu_share": foreign_cpu_share(stamps, load, args.warmup_steps, args.steps),
@@ -659,7 +663,7 @@ def main(argv=None) -> None:
     p.add_argument("--size", choices=sorted(SIZES), default="bench")
     p.add_argument("--workdir", default="/tmp/megatron_mpo_bench")
     p.add_argument("--sides", default="ours,ours-unpacked,trl",
-                   help="comma list of ours, ours-unpacked, trl, trl-gc")
+                   help="comma list of ours, ours-unpacked, ours-recompute, trl, trl-gc")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--steps", type=int, default=5, help="optimizer steps per run")
     p.add_argument("--warmup-steps", type=int, default=2, help="leading steps left out of pairs/s")
@@ -678,7 +682,7 @@ def main(argv=None) -> None:
     if not 0 < args.warmup_steps < args.steps:
         p.error("need 0 < --warmup-steps < --steps")
     sides = [s for s in args.sides.split(",") if s]
-    bad = set(sides) - {"ours", "ours-unpacked", "trl", "trl-gc"}
+    bad = set(sides) - {"ours", "ours-unpacked", "ours-recompute", "trl", "trl-gc"}
     if bad:
         p.error(f"unknown sides {sorted(bad)}")
     if not trl_available():
