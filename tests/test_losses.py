@@ -427,15 +427,19 @@ def megatron_tp1():
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialized in this process")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    owned = not dist.is_initialized()  # other in-process tests may have left a 1-rank world
+    if owned:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    assert dist.get_world_size() == 1
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
     try:
         parallel_state.initialize_model_parallel(1, 1)
         yield
     finally:
         parallel_state.destroy_model_parallel()
-        dist.destroy_process_group()
+        if owned:
+            dist.destroy_process_group()
 
 
 def test_vocab_parallel_token_log_probs_match_log_softmax(megatron_tp1):
