@@ -396,7 +396,7 @@ def mpo_loss(
     with torch.no_grad():
         cr, rj = chosen_rewards.detach(), rejected_rewards.detach()
         metrics = {
-            "loss": loss.detach(),
+            "loss": loss.detach().clone(),  # the schedule scales the loss in place
             "loss_preference": loss_p.detach(),
             "loss_quality": loss_q.detach(),
             "loss_generation": loss_g.detach(),
