@@ -23,6 +23,7 @@ import torch
 
 from megatron_mpo import parallel
 from megatron_mpo.config import RunConfig
+from megatron_mpo.conversion.megatron_dir import TOKENIZER_FILES
 from megatron_mpo.data.refs import read_sidecar, shard_name, sidecar_path, write_ref_logps
 from megatron_mpo.errors import UserError
 from megatron_mpo.training import runtime
@@ -55,8 +56,6 @@ def _hash_files(root: Path, names: Optional[list[str]] = None, head_bytes: int =
     return digest.hexdigest()[:16]
 
 
-TOKENIZER_FILES = ["tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json"]
 
 
 def fingerprint(cfg: RunConfig, model_config) -> dict:
@@ -67,7 +66,7 @@ def fingerprint(cfg: RunConfig, model_config) -> dict:
     data = runtime.data_config(cfg, model_config, for_reference=True)
     return {
         "checkpoint": _hash_files(init),
-        "tokenizer": _hash_files(Path(cfg.model.tokenizer or cfg.model.init), TOKENIZER_FILES),
+        "tokenizer": _hash_files(Path(cfg.model.tokenizer or cfg.model.init), list(TOKENIZER_FILES)),
         "template": data.template,
         "max_length": data.max_length,
         "max_tiles": data.max_tiles,
