@@ -600,15 +600,21 @@ def median_or_none(values):
     return statistics.median(values) if values else None
 
 
+QUIET = 0.10  # a run is "quiet" when other processes used < 10 % of the CPUs in its timed window
+
+
 def summarize(results: list, sides: list) -> dict:
     summary = {}
     for side in sides:
         runs = [r for r in results if r.side == side and r.returncode == 0]
         if not runs:
             continue
+        quiet = [r for r in runs if (r.extra.get("foreign_cpu_share") or 0.0) < QUIET]
         summary[side] = {
             "runs": len(runs),
             "pairs_per_s": median_or_none([r.pairs_per_s for r in runs]),
+            "quiet_runs": len(quiet),
+            "pairs_per_s_quiet": median_or_none([r.pairs_per_s for r in quiet]),
             "pairs_per_s_all": [r.pairs_per_s for r in runs],
             "peak_rss_mb": median_or_none([r.peak_rss_mb for r in runs]),
             "peak_pss_mb": median_or_none([r.peak_pss_mb for r in runs]),
@@ -626,24 +632,24 @@ BASE_LABELS = {"trl": "TRL (grad. ckpt off)", "trl-gc": "TRL default (grad. ckpt
 
 
 def markdown(summary: dict, reference: Optional[dict]) -> str:
-    """Medians per side; pairs/s and peak RSS as multiples of each TRL run present."""
-    bases = [b for b in ("trl", "trl-gc") if b in summary and summary[b]["pairs_per_s"]]
-    head = ["side", "pairs/s (median)"]
-    head += [f"pairs/s x {BASE_LABELS[b]}" for b in bases]
-    head += ["peak RSS MiB (median)"] + [f"RSS x {BASE_LABELS[b]}" for b in bases]
-    head += ["pairs per CPU-s"] + [f"x {BASE_LABELS[b]}" for b in bases]
-    head += ["peak PSS MiB", "runs", "CPU used by other processes"]
+    """Medians per side. Ratios use the medians over quiet runs (other processes used
+    < 10 % of the CPUs during the timed window) when a side has any, else all runs."""
+
+    def speed(s: dict) -> Optional[float]:
+        return s.get("pairs_per_s_quiet") or s["pairs_per_s"]
+
+    bases = [b for b in ("trl", "trl-gc") if b in summary and speed(summary[b])]
+    head = ["side", "pairs/s, all runs", "pairs/s, quiet runs"]
+    head += [f"speed x {BASE_LABELS[b]}" for b in bases]
+    head += ["peak RSS MiB"] + [f"RSS x {BASE_LABELS[b]}" for b in bases]
+    head += ["peak PSS MiB", "runs (quiet)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for side, s in summary.items():
-        row = [side, f"{s['pairs_per_s']:.4f}" if s["pairs_per_s"] else "-"]
-        row += [f"{s['pairs_per_s'] / summary[b]['pairs_per_s']:.2f}" if s["pairs_per_s"] else "-" for b in bases]
+        q = s.get("pairs_per_s_quiet")
+        row = [side, f"{s['pairs_per_s']:.3f}" if s["pairs_per_s"] else "-", f"{q:.3f}" if q else "-"]
+        row += [f"{speed(s) / speed(summary[b]):.2f}" if speed(s) else "-" for b in bases]
         row += [f"{s['peak_rss_mb']:.0f}"] + [f"{s['peak_rss_mb'] / summary[b]['peak_rss_mb']:.2f}" for b in bases]
-        cpu = s.get("pairs_per_cpu_s")
-        row += [f"{cpu:.4f}" if cpu else "-"]
-        row += [f"{cpu / summary[b]['pairs_per_cpu_s']:.2f}" if cpu and summary[b].get("pairs_per_cpu_s") else "-"
-                for b in bases]
-        row += [f"{s['peak_pss_mb']:.0f}" if s.get("peak_pss_mb") else "-", str(s["runs"]),
-                f"{100 * s['foreign_cpu_share']:.0f}%" if s.get("foreign_cpu_share") is not None else "-"]
+        row += [f"{s['peak_pss_mb']:.0f}" if s.get("peak_pss_mb") else "-", f"{s['runs']} ({s.get('quiet_runs', 0)})"]
         lines.append("| " + " | ".join(row) + " |")
     if reference:
         lines.append("")
@@ -676,7 +682,14 @@ def main(argv=None) -> None:
     p.add_argument("--timeout", type=float, default=3600)
     p.add_argument("--skip-reference", action="store_true", help="reuse refs/ from an earlier run")
     p.add_argument("--out", help="results JSON (default WORKDIR/results.json)")
+    p.add_argument("--table", metavar="RESULTS_JSON", help="only print the table of an earlier results file")
     args = p.parse_args(argv)
+    if args.table:
+        saved = json.loads(Path(args.table).read_text())
+        runs = [RunResult(**r) for r in saved["runs"]]
+        sides = list(dict.fromkeys(r.side for r in runs))
+        print(markdown(summarize(runs, sides), saved.get("reference")))
+        return
     if args.global_batch % args.micro_batch:
         p.error("--global-batch must be a multiple of --micro-batch")
     if not 0 < args.warmup_steps < args.steps:

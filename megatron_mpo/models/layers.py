@@ -143,19 +143,30 @@ def without_bias(linear_cls: type) -> type:
     return NoBias
 
 
-def is_causal_mask(mask: Tensor) -> bool:
-    """True when the bool mask ``[b, 1 or heads, s, s]`` (True = masked) is plain causal
-    in every batch row and head. Checked once per mask tensor (every layer of a forward
-    shares it) and cached on the tensor."""
-    cached = getattr(mask, "_mpo_is_causal", None)
+MIN_CAUSAL_SPLIT = 64  # query rows: a shorter causal prefix is not worth a second kernel call
+
+
+def causal_prefix(mask: Tensor) -> int:
+    """Leading query rows whose mask is exactly causal in every batch row and head.
+
+    ``mask`` is megatron-core's bool attention mask ``[b, 1 or heads, s, s]`` (True =
+    masked). For plain causal rows this is ``s``; for packed preference rows (prompt,
+    chosen branch, rejected branch) it is where the rejected branch starts (the earliest
+    one over the batch). Computed once per mask tensor (every layer of a forward shares
+    it) and cached on the tensor.
+    """
+    cached = getattr(mask, "_mpo_causal_prefix", None)
     if cached is not None:
         return cached
     sq, sk = mask.shape[-2], mask.shape[-1]
-    value = sq == sk and bool(
-        (mask == torch.ones(sq, sk, dtype=torch.bool, device=mask.device).triu(diagonal=1)).all()
-    )
+    value = 0
+    if sq == sk:
+        causal = torch.ones(sq, sk, dtype=torch.bool, device=mask.device).triu(diagonal=1)
+        differs = (mask != causal).reshape(-1, sq, sk).any(dim=0).any(dim=-1)  # [sq]
+        first = differs.nonzero()
+        value = int(first[0, 0]) if first.numel() else sq
     try:
-        mask._mpo_is_causal = value
+        mask._mpo_causal_prefix = value
     except (AttributeError, RuntimeError):  # pragma: no cover - tensors accept attributes
         pass
     return value
@@ -174,11 +185,11 @@ class SDPAttention(DotProductAttention):
     fused kernel cannot express (query-key layer scaling, a softmax offset, sliding
     windows, attention bias, packed sequences) fall back to the original.
 
-    A mask is inspected once per forward (:func:`is_causal_mask`): plain causal rows run
-    the kernel's causal mode, which skips the blocks above the diagonal; any other mask
-    (packed pair rows) is applied as given. (Splitting packed rows into a causal prefix
-    and a masked tail was measured slower on CPU: the extra slicing / concatenation in
-    backward costs more than the skipped blocks save.)
+    A mask is inspected once per forward (:func:`causal_prefix`): plain causal rows run
+    the kernel's causal mode, which skips the blocks above the diagonal; packed pair rows
+    run their causal prefix (shared prompt + chosen branch) in causal mode and only the
+    rejected branch's rows with the explicit mask (measured on CPU for a 1214-token
+    packed row: 44 ms instead of 58 ms forward + backward per layer).
     """
 
     def _fused_ok(self, attention_bias, packed_seq_params) -> bool:
@@ -220,9 +231,16 @@ class SDPAttention(DotProductAttention):
         def attend() -> Tensor:
             if attention_mask is None:
                 return sdpa(q, k, v, causal=mask_type == AttnMaskType.causal and sq > 1)
-            if q.shape[2] == k.shape[2] and is_causal_mask(attention_mask):
-                return sdpa(q, k, v, causal=True)  # plain causal rows: the kernel skips masked blocks
-            return sdpa(q, k, v, allowed=~attention_mask)  # SDPA: True = may attend
+            prefix = causal_prefix(attention_mask) if q.shape[2] == k.shape[2] else 0
+            if prefix == sq:  # plain causal rows: the kernel skips the blocks above the diagonal
+                return sdpa(q, k, v, causal=True)
+            if prefix < MIN_CAUSAL_SPLIT:
+                return sdpa(q, k, v, allowed=~attention_mask)  # SDPA: True = may attend
+            # Packed pair rows: the shared prompt and the first branch are plainly causal
+            # (blocks above the diagonal skipped); only the rows after them need the mask.
+            head = sdpa(q[:, :, :prefix], k[:, :, :prefix], v[:, :, :prefix], causal=True)
+            tail = sdpa(q[:, :, prefix:], k, v, allowed=~attention_mask[..., prefix:, :])
+            return torch.cat([head, tail], dim=2)
 
         if dropout > 0.0 and not self.config.sequence_parallel:
             with tensor_parallel.get_cuda_rng_tracker().fork():
