@@ -7,6 +7,8 @@
   biased proj/MLP linears but a bias-free qkv).
 * :class:`SDPAttention` -- the local spec's core attention through torch's fused
   ``scaled_dot_product_attention`` instead of megatron-core's unfused baddbmm/softmax/bmm.
+* :class:`RMSNorm`, :class:`SwiGLUMLP` -- the local spec's norm and gated MLP, keeping
+  fewer tensors for backward than torch's composite ``rms_norm`` and the unfused SwiGLU.
 """
 
 from __future__ import annotations
@@ -24,11 +26,12 @@ from megatron.core.dist_checkpointing.mapping import ShardedStateDict
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
-__all__ = ["LayerScaleTransformerLayer", "CrossHeadRMSNorm", "SDPAttention", "without_bias"]
+__all__ = ["LayerScaleTransformerLayer", "CrossHeadRMSNorm", "SDPAttention", "RMSNorm", "SwiGLUMLP", "without_bias"]
 
 
 class LayerScaleTransformerLayer(TransformerLayer):
@@ -249,3 +252,89 @@ class SDPAttention(DotProductAttention):
             context = attend()
         # [b, np, sq, hn] -> [sq, b, np * hn]
         return context.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """``x * rsqrt(mean(x^2) + eps) * weight`` that keeps only ``x`` and the per-row
+    ``rstd`` for backward. torch's CPU ``rms_norm`` is a composite whose autograd graph
+    also keeps the normalised ``x * rstd`` (one more activation-sized tensor per norm)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        dtype = torch.promote_types(x.dtype, torch.float32)  # bf16 / fp16 reduce in fp32
+        x32 = x.to(dtype)
+        rstd = torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return (x32 * rstd * weight.to(dtype)).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        normed = x.to(rstd.dtype) * rstd
+        grad32 = grad.to(rstd.dtype)
+        grad_weight = (grad32 * normed).reshape(-1, normed.shape[-1]).sum(dim=0).to(weight.dtype)
+        scaled = grad32 * weight.to(rstd.dtype)
+        grad_x = rstd * (scaled - normed * (scaled * normed).mean(dim=-1, keepdim=True))
+        return grad_x.to(x.dtype), grad_weight, None
+
+
+class RMSNorm(torch.nn.Module):
+    """The local spec's RMSNorm (same ``weight`` parameter and constructor as megatron-core's
+    ``WrappedTorchNorm``), saving one activation-sized tensor less per call for backward.
+    On GPU the Transformer Engine spec fuses the norm into the next linear instead."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **unused):
+        super().__init__()
+        if config.sequence_parallel:
+            raise ValueError("the local RMSNorm does not support sequence parallelism; use the TE spec")
+        self.eps = float(eps)
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _RMSNormFunction.apply(x, self.weight, self.eps)
+
+
+class _SwiGLUFunction(torch.autograd.Function):
+    """``silu(a) * b`` for ``[a | b] = x`` keeping only ``x`` for backward (the unfused
+    path keeps ``silu(a)`` and a copy of ``b`` as well: two more half-width tensors).
+    Same maths as megatron-core's fused SwiGLU, which is torch.compile'd and therefore
+    used on GPU only (a C++ compile per process on CPU)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        ctx.save_for_backward(x)
+        a, b = x.chunk(2, dim=-1)
+        return F.silu(a) * b
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (x,) = ctx.saved_tensors
+        a, b = x.chunk(2, dim=-1)
+        sig = torch.sigmoid(a)
+        silu = a * sig
+        grad_a = grad * b * sig * (1.0 + a * (1.0 - sig))
+        return torch.cat([grad_a, grad * silu], dim=-1)
+
+
+class SwiGLUMLP(MLP):
+    """megatron-core's MLP whose gated SiLU keeps only the fc1 output for backward.
+
+    Anything the plain SwiGLU formula does not cover (per-token scales, clamping, a linear
+    offset, TE activations, megatron-core's own fusion) goes to the original forward.
+    """
+
+    def _lean_swiglu(self) -> bool:
+        c = self.config
+        return (
+            c.gated_linear_unit and c.activation_func is F.silu and not c.bias_activation_fusion
+            and not c.use_te_activation_func and c.activation_func_clamp_value is None
+            and not c.glu_linear_offset
+        )
+
+    def forward(self, hidden_states: Tensor, per_token_scale=None, **kwargs):
+        if per_token_scale is not None or not self._lean_swiglu():
+            return super().forward(hidden_states, per_token_scale=per_token_scale, **kwargs)
+        intermediate, bias = self.linear_fc1(hidden_states)
+        if bias is not None:
+            intermediate = intermediate + bias
+        return self.linear_fc2(_SwiGLUFunction.apply(intermediate))

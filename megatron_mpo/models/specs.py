@@ -28,7 +28,14 @@ from megatron.core.transformer.transformer_layer import TransformerLayerSubmodul
 from megatron_mpo import platform
 from megatron_mpo.errors import UserError
 from megatron_mpo.models.config import VisionConfig
-from megatron_mpo.models.layers import CrossHeadRMSNorm, LayerScaleTransformerLayer, SDPAttention, without_bias
+from megatron_mpo.models.layers import (
+    CrossHeadRMSNorm,
+    LayerScaleTransformerLayer,
+    RMSNorm,
+    SDPAttention,
+    SwiGLUMLP,
+    without_bias,
+)
 
 __all__ = [
     "SPECS",
@@ -108,7 +115,7 @@ def vision_layer_spec(vision: VisionConfig, spec: str = "local", tp_group=None) 
     if spec == "local":
         from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
-        norm = _local_norm(vision.norm == "RMSNorm")
+        norm = RMSNorm if vision.norm == "RMSNorm" else _local_norm(False)
         qkv = fc1 = ColumnParallelLinear
         proj = fc2 = RowParallelLinear
         attention = SDPAttention  # megatron-core's DotProductAttention, fused
@@ -161,6 +168,9 @@ def language_layer_spec(spec: str = "local", attn_mask_type: AttnMaskType = Attn
         layer = get_gpt_layer_local_spec(normalization="RMSNorm")
         # megatron-core's DotProductAttention, computed by torch's fused SDPA kernel.
         layer.submodules.self_attention.submodules.core_attention = SDPAttention
+        # Same maths, fewer tensors kept for backward (what TE's fused modules do on GPU).
+        layer.submodules.input_layernorm = layer.submodules.pre_mlp_layernorm = RMSNorm
+        layer.submodules.mlp.module = SwiGLUMLP
     elif spec == "transformer_engine":
         _te()
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
