@@ -248,3 +248,33 @@ def test_train_a_converted_checkpoint_and_export_to_transformers(workspace, tmp_
     ids, pixels = _image_prompt(tok)
     out = model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=4, do_sample=False)
     assert out.shape[1] > ids.shape[1]
+
+
+def test_torch_adam_fallback_runs_the_fused_kernel_with_the_same_update():
+    """Without TE / apex megatron-core builds torch's AdamW; build_optimizer switches it
+    to torch's fused kernel, which must give the foreach update."""
+    from types import SimpleNamespace
+    from unittest import mock
+
+    import torch
+    import torch.optim.adam as torch_adam
+
+    from megatron_mpo.training.optim import use_fused_torch_adam
+
+    torch.manual_seed(0)
+    ref_params = [torch.nn.Parameter(torch.randn(50, 7)), torch.nn.Parameter(torch.randn(13))]
+    params = [torch.nn.Parameter(p.detach().clone()) for p in ref_params]
+    reference = torch.optim.AdamW(ref_params, lr=1e-2, weight_decay=0.05, foreach=True)
+    optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.05)
+    assert use_fused_torch_adam(SimpleNamespace(optimizer=optimizer)) == 1
+    with mock.patch.object(torch_adam, "_fused_adam", wraps=torch_adam._fused_adam) as fused:
+        for _ in range(3):
+            for a, b in zip(ref_params, params):
+                a.grad = torch.randn_like(a)
+                b.grad = a.grad.clone()
+            reference.step()
+            optimizer.step()
+    assert fused.call_count == 3
+    for a, b in zip(ref_params, params):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+    assert use_fused_torch_adam(SimpleNamespace(optimizer=torch.optim.SGD(params, lr=0.1))) == 0
