@@ -142,7 +142,7 @@ def precompute(cfg: RunConfig, log=print) -> dict:
 
     if not cfg.data.ref_logps:
         raise UserError("set data.ref_logps: the directory the reference sidecars go to")
-    layout = parallel.initialize(cfg.parallel.tensor, cfg.parallel.pipeline, None,
+    layout = parallel.initialize(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.virtual_pipeline,
                                  seed=cfg.train.seed, device=cfg.train.device)
     is_writer = layout.is_last_stage and layout.tensor_rank == 0
     model_config = runtime.model_config(cfg)
@@ -178,15 +178,8 @@ def precompute(cfg: RunConfig, log=print) -> dict:
         values: dict[str, tuple] = {}
         for group in _chunks(iter(loader), MICRO_BATCHES_PER_CALL):
             with torch.no_grad():
-                results = forward_backward(
-                    forward_step_func=forward_step,
-                    data_iterator=iter(group),
-                    model=chunks[0] if len(chunks) == 1 else chunks,
-                    num_microbatches=len(group),
-                    seq_length=max(b.input_ids.shape[1] for b in group),
-                    micro_batch_size=max(b.input_ids.shape[0] for b in group),
-                    forward_only=True,
-                )
+                results = runtime.run_schedule(forward_backward, forward_step, chunks, group,
+                                               tok.pad_id, forward_only=True)
             if is_writer:
                 for r in results:
                     for i, sample_id in enumerate(r["keys"]):

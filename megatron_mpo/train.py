@@ -20,7 +20,6 @@ from typing import Optional
 import torch
 
 from megatron_mpo import parallel, platform
-from megatron_mpo.batch import pad_to_length
 from megatron_mpo.config import RunConfig, load_config
 from megatron_mpo.errors import UserError, exit_on_user_error
 from megatron_mpo.losses import MPOLoss
@@ -124,21 +123,12 @@ def train(cfg: RunConfig) -> dict:
                     print(f"preempted: saved step {last_saved}, exiting", flush=True)
                 break
             seq_len = max(b.input_ids.shape[1] for b in micro_batches)
-            if len(model) > 1:  # the interleaved schedule sends one fixed shape between stages
-                micro_batches = [pad_to_length(b, seq_len, tokenizer.pad_id) for b in micro_batches]
             counted.reset()
             for chunk in model:
                 chunk.zero_grad_buffer()
             optimizer.zero_grad()
-            results = forward_backward(
-                forward_step_func=forward_step,
-                data_iterator=[iter(micro_batches) for _ in model] if len(model) > 1 else iter(micro_batches),
-                model=model if len(model) > 1 else model[0],
-                num_microbatches=micro_per_step,
-                seq_length=seq_len,
-                micro_batch_size=max(b.input_ids.shape[0] for b in micro_batches),
-                forward_only=False,
-            )
+            results = runtime.run_schedule(forward_backward, forward_step, model, micro_batches,
+                                           tokenizer.pad_id, forward_only=False)
             losses = reduce_loss_metrics(results, layout.is_last_stage, layout.tensor_rank)
             finite = math.isfinite(losses["loss"]) and runtime.all_ranks_true(grads_are_finite(model))
             grad_norm = float("nan")

@@ -65,21 +65,22 @@ def losses(records: list[dict]) -> list[float]:
 
 @pytest.fixture(scope="module")
 def layout_runs(workspace, tmp_path_factory):
-    """8 steps from the same checkpoint and data at TP1/PP1 (saving at 4 and 8), TP2, PP2, TP2xPP2."""
+    """8 steps from the same checkpoint and data at TP1/PP1 (saving at 4 and 8), TP2, PP2,
+    TP2xPP2 and PP2 with the interleaved schedule (2 virtual stages)."""
     root = tmp_path_factory.mktemp("layouts")
     runs = {}
-    for tp, pp in ((1, 1), (2, 1), (1, 2), (2, 2)):
-        run = root / f"tp{tp}pp{pp}"
-        sections = {"parallel": {"tensor": tp, "pipeline": pp}}
+    for tp, pp, vp in ((1, 1, None), (2, 1, None), (1, 2, None), (2, 2, None), (1, 2, 2)):
+        run = root / f"tp{tp}pp{pp}vp{vp}"
+        sections = {"parallel": {"tensor": tp, "pipeline": pp, "virtual_pipeline": vp}}
         if (tp, pp) == (1, 1):
             sections["checkpoint"] = {"save": str(run / "ckpt"), "interval": 4, "keep_last": 5}
         train(workspace, run, tp * pp, **sections)
-        runs[(tp, pp)] = run
+        runs[(tp, pp, vp)] = run
     return runs
 
 
 def test_parallel_layouts_give_the_same_losses(layout_runs):
-    reference = read_jsonl(layout_runs[(1, 1)] / "metrics.jsonl")
+    reference = read_jsonl(layout_runs[(1, 1, None)] / "metrics.jsonl")
     assert [r["step"] for r in reference] == list(range(1, STEPS + 1))
     # The run trains: later losses differ from the first (policy moved away from the reference).
     assert abs(reference[-1]["loss"] - reference[0]["loss"]) > 1e-3
@@ -88,8 +89,9 @@ def test_parallel_layouts_give_the_same_losses(layout_runs):
     assert "ref_logratio_step0" not in reference[1]
     for layout, run in layout_runs.items():
         records = read_jsonl(run / "metrics.jsonl")
+        assert records[0]["ref_logratio_step0"] < 1e-4, layout  # policy == TP1 reference values at step 0
         torch.testing.assert_close(torch.tensor(losses(records)), torch.tensor(losses(reference)), rtol=1e-4, atol=1e-6,
-                                   msg=f"layout TP{layout[0]}xPP{layout[1]}")
+                                   msg=f"layout TP{layout[0]}xPP{layout[1]}xVP{layout[2]}")
         for key in ("reward_margin", "loss_generation", "delta"):
             torch.testing.assert_close(torch.tensor([r[key] for r in records]),
                                        torch.tensor([r[key] for r in reference]), rtol=1e-4, atol=1e-5)
@@ -106,7 +108,7 @@ def test_data_parallel_with_and_without_tensor_parallel(workspace, tmp_path):
 
 
 def test_resume_reproduces_the_uninterrupted_run(workspace, layout_runs, tmp_path):
-    straight = layout_runs[(1, 1)]
+    straight = layout_runs[(1, 1, None)]
     resumed = tmp_path / "resumed"
     train(workspace, resumed, 1,
           checkpoint={"load": str(straight / "ckpt" / "step_000000004"), "save": str(resumed / "ckpt"), "interval": 4})

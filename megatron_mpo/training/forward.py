@@ -48,6 +48,14 @@ def _takes_images(model: torch.nn.Module) -> bool:
     return "pixel_values" in inspect.signature(inner.forward).parameters
 
 
+def _is_first_chunk(model: torch.nn.Module) -> bool:
+    """True unless ``model`` is a later virtual-pipeline chunk (no embedding / vision)."""
+    inner = model
+    while hasattr(inner, "module"):
+        inner = inner.module
+    return bool(getattr(inner, "pre_process", True))
+
+
 def model_inputs(model: torch.nn.Module, batch: PairBatch) -> dict:
     """Keyword arguments of the model call for one micro-batch."""
     kwargs = dict(
@@ -77,7 +85,7 @@ def make_forward_step(
             from megatron_mpo.batch import causal_mask
 
             batch.attention_mask = causal_mask(batch.input_ids.shape[1]).to(platform.device())
-        if on_batch is not None:
+        if on_batch is not None and _is_first_chunk(model):  # each chunk draws every micro-batch
             on_batch(batch)
         output = model(**model_inputs(model, batch))
 

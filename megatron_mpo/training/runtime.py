@@ -86,6 +86,15 @@ def build_model_chunks(cfg: RunConfig, model_config, layout: Layout) -> list:
         )
         # Micro-batches differ in length: pipeline stages exchange shapes first.
         chunk.config.variable_seq_lengths = True
+        if cfg.parallel.virtual_pipeline:
+            # The interleaved schedule sends activations forward and gradients backward in
+            # the same exchange. Batched p2p posts them as [send prev, recv prev, send next,
+            # recv next] on every rank; with 2 pipeline ranks prev == next, so the two
+            # messages between the same pair of ranks can be matched to the wrong receives
+            # (seen on gloo: micro-batches 3+ got gradients as activations). Separate sends
+            # and receives, ordered by rank parity, match them one to one for any size.
+            chunk.config.overlap_p2p_comm = True
+            chunk.config.batch_p2p_comm = False
         chunk.config.pipeline_dtype = dtype
         freeze(chunk, cfg.model.freeze)
         chunks.append(chunk)
@@ -110,6 +119,42 @@ def forward_backward_func():
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     return get_forward_backward_func()
+
+
+def run_schedule(schedule, forward_step, chunks: list, micro_batches: list, pad_id: int, *, forward_only: bool):
+    """One call of megatron-core's schedule over ``micro_batches`` (trainer and reference tool).
+
+    With several chunks (interleaved schedule) every chunk reads the micro-batches through
+    its own iterator, and all are padded to one length: that schedule sends one fixed
+    activation shape between stages. Padding is causal and unlabelled, so log-probs do not
+    change.
+    """
+    from megatron.core import parallel_state
+
+    from megatron_mpo.batch import pad_to_length
+
+    seq_len = max(b.input_ids.shape[1] for b in micro_batches)
+    real = len(micro_batches)
+    if len(chunks) > 1:
+        micro_batches = [pad_to_length(b, seq_len, pad_id) for b in micro_batches]
+        # That schedule runs whole groups of pipeline-size micro-batches. The trainer's
+        # step size is checked up front; a forward-only tail is topped up with repeats
+        # whose results are dropped below.
+        pp = parallel_state.get_pipeline_model_parallel_world_size()
+        if len(micro_batches) % pp:
+            if not forward_only:
+                raise UserError(f"{len(micro_batches)} micro-batches is not a multiple of the pipeline size {pp}")
+            micro_batches += [micro_batches[-1]] * (pp - len(micro_batches) % pp)
+    results = schedule(
+        forward_step_func=forward_step,
+        data_iterator=[iter(micro_batches) for _ in chunks] if len(chunks) > 1 else iter(micro_batches),
+        model=chunks if len(chunks) > 1 else chunks[0],
+        num_microbatches=len(micro_batches),
+        seq_length=seq_len,
+        micro_batch_size=max(b.input_ids.shape[0] for b in micro_batches),
+        forward_only=forward_only,
+    )
+    return results[:real] if results else results
 
 
 # ---- data ------------------------------------------------------------------------------
@@ -210,7 +255,14 @@ def micro_batches_per_step(cfg: RunConfig, layout: Layout) -> int:
             f"train.global_batch {cfg.train.global_batch} is not a multiple of micro_batch "
             f"{cfg.train.micro_batch} x data-parallel size {layout.data}"
         )
-    return cfg.train.global_batch // per_step
+    count = cfg.train.global_batch // per_step
+    if cfg.parallel.virtual_pipeline and count % cfg.parallel.pipeline:
+        raise UserError(
+            f"the interleaved schedule needs micro-batches per step ({count} = global_batch / "
+            f"(micro_batch x data-parallel size)) to be a multiple of parallel.pipeline "
+            f"({cfg.parallel.pipeline}); change train.global_batch or drop parallel.virtual_pipeline"
+        )
+    return count
 
 
 def total_steps(cfg: RunConfig, layout: Layout) -> int:
