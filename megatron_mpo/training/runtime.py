@@ -81,7 +81,8 @@ def build_model_chunks(cfg: RunConfig, model_config, layout: Layout) -> list:
             pipeline_layers=layers,
             sequence_parallel=cfg.parallel.sequence,
             recompute=cfg.model.recompute,
-            attention_mask="arbitrary",
+            # Packed pair rows need an explicit mask; plain rows let TE pick a causal kernel.
+            attention_mask="arbitrary" if cfg.data.packing else "causal",
             vp_stage=vp_stage if cfg.parallel.virtual_pipeline else None,
         )
         # Micro-batches differ in length: pipeline stages exchange shapes first.
