@@ -280,3 +280,20 @@ def test_torch_adam_fallback_runs_the_fused_kernel_with_the_same_update():
     for a, b in zip(ref_params, params):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
     assert use_fused_torch_adam(SimpleNamespace(optimizer=torch.optim.SGD(params, lr=0.1))) == 0
+
+
+def test_interleaved_schedule_needs_whole_pipeline_groups_per_step():
+    from megatron_mpo.config import from_dict
+    from megatron_mpo.errors import UserError
+    from megatron_mpo.parallel import Layout
+    from megatron_mpo.training.runtime import micro_batches_per_step
+
+    cfg = from_dict({"parallel": {"pipeline": 2, "virtual_pipeline": 2},
+                               "train": {"global_batch": 6, "micro_batch": 1}})
+    layout = Layout(tensor=1, pipeline=2, data=1, tensor_rank=0, pipeline_rank=0, data_rank=0, virtual_pipeline=2)
+    assert micro_batches_per_step(cfg, layout) == 6
+    odd = from_dict({**cfg.to_dict(), "train": {**cfg.to_dict()["train"], "global_batch": 3}})
+    with pytest.raises(UserError, match="multiple of parallel.pipeline"):
+        micro_batches_per_step(odd, layout)
+    plain = from_dict({**odd.to_dict(), "parallel": {"pipeline": 2}})
+    assert micro_batches_per_step(plain, layout) == 3
