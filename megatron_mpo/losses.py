@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from megatron_mpo.errors import UserError
+from megatron_mpo.platform import collective_device
 
 __all__ = [
     "PREFERENCE_LOSSES",
@@ -152,13 +153,6 @@ def _active_group_size(group: Optional[dist.ProcessGroup]) -> int:
     return dist.get_world_size(group)
 
 
-def _reduce_device(group: dist.ProcessGroup, hint: Optional[torch.device]) -> torch.device:
-    """The device a collective on ``group`` needs (NCCL: the GPU; gloo: the CPU)."""
-    from megatron_mpo.platform import collective_device
-
-    return collective_device(group, hint)
-
-
 class RewardShift:
     """The BCO reward shift ``delta``: a running mean of past rewards.
 
@@ -230,7 +224,7 @@ class RewardShift:
         group = group if group is not None else self.group
         hint = self._step_sum.device if self._step_sum is not None else None
         if _active_group_size(group) > 1:
-            device = _reduce_device(group, hint)
+            device = collective_device(group, hint)
             stats = torch.zeros(2, dtype=torch.float64, device=device)
             if self._step_sum is not None:
                 stats[0] = self._step_sum.to(device)
@@ -266,7 +260,7 @@ class RewardShift:
         local_mean = local_mean.double().mean()
         n = _active_group_size(group)
         if n > 1:
-            device = _reduce_device(group, local_mean.device)
+            device = collective_device(group, local_mean.device)
             total = local_mean.to(device).reshape(1)
             dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
             batch_mean = float(total.item()) / n

@@ -62,14 +62,9 @@ def build_model_chunks(cfg: RunConfig, model_config, layout: Layout) -> list:
     chunks = []
     vp = cfg.parallel.virtual_pipeline or 1
     layers = cfg.parallel.pipeline_layers
-    if layers is None and vp > 1:  # interleaved schedule: an even split over pp x vp chunks
-        total, parts = model_config.language.num_layers, cfg.parallel.pipeline * vp
-        if total % parts:
-            raise UserError(
-                f"{total} LLM layers do not split evenly into pipeline x virtual_pipeline = {parts} "
-                "chunks; give parallel.pipeline_layers"
-            )
-        layers = [total // parts] * parts
+    total, parts = model_config.language.num_layers, cfg.parallel.pipeline * vp
+    if layers is None and vp > 1 and total % parts == 0:
+        layers = [total // parts] * parts  # interleaved: an explicit even split (build_model refuses uneven ones)
     for vp_stage in range(vp):
         if cfg.parallel.virtual_pipeline:
             parallel_state.set_virtual_pipeline_model_parallel_rank(vp_stage)
@@ -288,13 +283,9 @@ class StepCounter:
         self.pairs = 0
         self.tokens = 0
         self.tiles = 0
-        self._seen: set[int] = set()
 
     def add(self, batch) -> None:
-        # With the interleaved schedule each chunk draws the same micro-batch: count once.
-        if id(batch) in self._seen:
-            return
-        self._seen.add(id(batch))
+        # The forward step reports each micro-batch once (from the first model chunk).
         self.pairs += batch.num_pairs
         self.tokens += batch.num_tokens()
         self.tiles += int(batch.pixel_values.shape[0])
