@@ -291,9 +291,11 @@ def _response_text(target_tokens: int, tok, rng: random.Random, lead: str) -> st
     return " ".join(words)
 
 
-def build_workspace(ws: Path, size: str, num_pairs: int, seed: int) -> dict:
+def build_workspace(ws: Path, size: str, num_pairs: int, seed: int, vocab: Optional[int] = None) -> dict:
     """Tokenizer + HF model + converted Megatron dir + shards + the same pairs for TRL."""
     settings = {"size": size, "pairs": num_pairs, "seed": seed, "version": 2}
+    if vocab:
+        settings["vocab"] = vocab
     marker = ws / "workspace.json"
     if marker.is_file() and json.loads(marker.read_text()).get("settings") == settings:
         log(f"reusing workspace {ws}")
@@ -315,7 +317,7 @@ def build_workspace(ws: Path, size: str, num_pairs: int, seed: int) -> dict:
     tok = load_tokenizer(str(hf))
     vision = dict(spec["vision"], patch_size=14, attention_bias=True, norm_type="layer_norm", use_qk_norm=False,
                   layer_scale_init_value=0.1)
-    text = dict(spec["text"], model_type="qwen2", vocab_size=tok.vocab_size, max_position_embeddings=4096,
+    text = dict(spec["text"], model_type="qwen2", vocab_size=max(tok.vocab_size, vocab or 0), max_position_embeddings=4096,
                 rope_theta=1e6, rms_norm_eps=1e-6, eos_token_id=tok.im_end_id, pad_token_id=tok.pad_id)
     tokens_per_tile = (spec["vision"]["image_size"] // 14) ** 2 // 4
     config = InternVLConfig(vision_config=vision, text_config=text, image_token_id=tok.img_context_id,
@@ -676,6 +678,8 @@ def main(argv=None) -> None:
     p.add_argument("--global-batch", type=int, default=2)
     p.add_argument("--micro-batch", type=int, default=1)
     p.add_argument("--pairs", type=int, default=32, help="synthetic pairs in the dataset")
+    p.add_argument("--vocab", type=int, help="pad the model's vocabulary to this size (the tokenizer stays "
+                   "tiny): weighs the output layer as a real 32k-151k vocabulary does")
     p.add_argument("--num-workers", type=int, default=0,
                    help="data.num_workers of our side (0: the 2-core CI box has no spare core)")
     p.add_argument("--seed", type=int, default=0)
@@ -709,8 +713,8 @@ def main(argv=None) -> None:
 
     from megatron_mpo.config import DataSection
 
-    ws = Path(args.workdir).absolute() / args.size
-    info = build_workspace(ws, args.size, args.pairs, args.seed)
+    ws = Path(args.workdir).absolute() / (args.size + (f"-vocab{args.vocab}" if args.vocab else ""))
+    info = build_workspace(ws, args.size, args.pairs, args.seed, args.vocab)
     lengths = token_lengths(ws)
     log(f"model {info['params'] / 1e6:.1f}M params; per pair: {lengths['tiles']} tiles, prompt "
         f"{lengths['prompt']:.0f} tokens ({lengths['image_tokens']} image), chosen {lengths['chosen']:.0f}, "

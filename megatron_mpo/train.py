@@ -145,10 +145,11 @@ def train(cfg: RunConfig) -> dict:
             elapsed = time.perf_counter() - started
 
             if step % cfg.logging.interval == 0 or step == total_steps or step == 1:
-                counts = global_sum({"tokens": counted.tokens, "tiles": counted.tiles}
-                                    if layout.tensor_rank == 0 and layout.pipeline_rank == 0 else {"tokens": 0, "tiles": 0})
+                first = layout.tensor_rank == 0 and layout.pipeline_rank == 0
+                counts = global_sum({"tokens": counted.tokens, "tiles": counted.tiles, "scored": counted.scored}
+                                    if first else {"tokens": 0, "tiles": 0, "scored": 0})
                 tokens = counts["tokens"]
-                skipped = global_sum(loader.skip_counts if layout.tensor_rank == 0 and layout.pipeline_rank == 0 else {})
+                skipped = global_sum(loader.skip_counts if first else {})
                 record = {
                     **{k: v for k, v in losses.items() if k != "abs_logratio"},
                     "lr": optimizer.param_groups[0]["lr"],
@@ -156,7 +157,7 @@ def train(cfg: RunConfig) -> dict:
                     "samples_per_s": cfg.train.global_batch / elapsed,
                     "tokens_per_s": tokens / elapsed,
                     "mfu": flops.mfu(tokens, elapsed, torch.distributed.get_world_size(), seq_len=seq_len,
-                                     tiles=counts["tiles"]),
+                                     tiles=counts["tiles"], scored=counts["scored"]),
                     "skipped": {**{k: int(v) for k, v in skipped.items()}, "nonfinite_steps": bad_total},
                 }
                 if step == 1 and resume_from is None:

@@ -444,6 +444,68 @@ def test_packed_pairs_match_unpacked_log_probs_and_grads(reference, megatron_tp1
             torch.testing.assert_close(grad, unpacked_grads[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_loss_mask_runs_the_output_layer_on_scored_positions_only(reference, megatron_tp1):
+    """With ``loss_mask`` the output layer sees only the marked positions; their losses
+    and every gradient equal the full computation's, other positions read 0."""
+    ref = reference["qwen2"]
+    model = _tp1_model(ref)
+    case = next(c for c in ref["cases"] if c["name"] == "pair")
+    rows, length = case["labels"].shape
+    scored = torch.zeros(rows, length, dtype=torch.bool)
+    scored[0, -7:-2] = True
+    scored[1, 3:5] = True
+    scored[1, -1] = True
+    seen = []
+    model.language_model.output_layer.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape))
+    args = dict(labels=case["labels"], pixel_values=case["pixel_values"], image_token_index=case["image_token_index"])
+    results = []
+    for mask in (None, scored):
+        model.zero_grad(set_to_none=True)
+        loss = model(case["input_ids"], case["position_ids"], loss_mask=mask, **args)
+        (loss * scored).sum().backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    assert seen[0][0] == length and seen[1][:2] == (int(scored.sum()), 1)
+    (full, full_grads), (picked, picked_grads) = results
+    assert picked.shape == full.shape == (rows, length)
+    torch.testing.assert_close(picked[scored], full[scored], rtol=1e-6, atol=1e-6)
+    assert (full[~scored] != 0).all() and not picked[~scored].any()
+    assert picked_grads.keys() == full_grads.keys() and len(full_grads) > 20
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(picked_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_flop_counter_matches_torch_matmul_count(reference, megatron_tp1):
+    """The trainer's model-FLOP count (``mfu``) equals torch's own count of the matmuls
+    and convolutions of a forward + backward with the output layer on scored positions.
+    torch does not count CPU flash attention, so the attention products (counted by
+    formula: causal half for the LLM, full for the vision tower) are left out of both; the
+    patch embedding's input gradient (pixels need none) is not computed."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from megatron_mpo.training.runtime import FlopCounter
+
+    ref = reference["qwen2"]
+    cfg = ref["config"]
+    model = _tp1_model(ref)
+    case = next(c for c in ref["cases"] if c["name"] == "pair")
+    rows, length = case["labels"].shape
+    tiles = case["pixel_values"].shape[0]
+    scored = torch.zeros(rows, length, dtype=torch.bool)
+    scored[:, -6:] = True
+    with FlopCounterMode(display=False) as counted:
+        loss = model(case["input_ids"], case["position_ids"], labels=case["labels"], loss_mask=scored,
+                     pixel_values=case["pixel_values"], image_token_index=case["image_token_index"])
+        (loss * scored).sum().backward()
+    lang, vis = cfg.language, cfg.vision
+    llm_scores = 3 * lang.num_layers * rows * 2 * 2 * length * (lang.num_heads * lang.kv_channels) * length / 2
+    tokens = vis.grid**2 + 1
+    vision_scores = 3 * tiles * vis.num_layers * 2 * 2 * tokens * tokens * vis.num_heads * vis.head_dim
+    patch_input_grad = tiles * 2 * 3 * vis.patch_size**2 * vis.hidden_size * vis.grid**2
+    ours = FlopCounter(cfg).step_flops(rows * length, length, tiles, scored=int(scored.sum()))
+    assert counted.get_total_flops() > 0
+    assert ours - llm_scores - vision_scores - patch_input_grad == pytest.approx(counted.get_total_flops(), rel=1e-9)
+
+
 def test_text_only_batch_keeps_every_parameter_in_the_graph(reference, megatron_tp1):
     ref = reference["qwen2"]
     model = _tp1_model(ref)

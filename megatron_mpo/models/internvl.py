@@ -204,6 +204,12 @@ class InternVLLanguageModel(GPTModel):
       (prompt, chosen, rejected) restart positions, and log-probs must not depend on it.
     * The vocabulary is padded for TP; padded logits are masked out of the softmax so
       log-probs equal those over the real vocabulary.
+
+    And one saving: given ``loss_mask`` (the positions whose loss is read), the output
+    layer and the cross entropy run on those positions only and every other position's
+    loss is 0. Preference rows are mostly prompt (image tokens); with a real vocabulary
+    (92k-151k) the logits of the prompt positions are a large share of the LLM's FLOPs
+    and its largest activation, and nothing reads them.
     """
 
     def __init__(self, *args, real_vocab_size: int, **kwargs):
@@ -240,6 +246,23 @@ class InternVLLanguageModel(GPTModel):
     def compute_language_model_loss(self, labels: Tensor, logits: Tensor) -> Tensor:
         return super().compute_language_model_loss(labels, self._mask_padded_vocab(logits))
 
+    def _postprocess(self, **kwargs):
+        hidden, labels, scored = kwargs["hidden_states"], kwargs["labels"], kwargs.get("loss_mask")
+        if (
+            not self.post_process or labels is None or scored is None
+            or self.config.sequence_parallel  # hidden states are split over TP ranks here
+            or kwargs.get("mtp_in_postprocess")
+        ):
+            return super()._postprocess(**kwargs)
+        s, b = hidden.shape[0], hidden.shape[1]
+        keep = scored.transpose(0, 1).reshape(-1).nonzero().squeeze(1).to(hidden.device)  # [N], s-major
+        kwargs["hidden_states"] = hidden.reshape(s * b, 1, hidden.shape[-1]).index_select(0, keep)
+        kwargs["labels"] = labels.transpose(0, 1).reshape(1, -1).index_select(1, keep.to(labels.device))
+        kwargs["loss_mask"] = None
+        picked = super()._postprocess(**kwargs)  # [1, N]
+        loss = picked.new_zeros(s * b).index_copy(0, keep, picked.reshape(-1))
+        return loss.reshape(s, b).transpose(0, 1)  # [B, S]
+
 
 # --------------------------------------------------------------------------------------
 # InternVL
@@ -270,8 +293,9 @@ class InternVLModel(MegatronModule):
     """One pipeline chunk of InternVL.
 
     ``forward(input_ids, position_ids, attention_mask, labels, pixel_values,
-    image_token_index)`` returns, on the last stage, the per-token loss ``[R, S]``
-    (``-log p(labels)``, fp32, vocab-parallel cross entropy) when ``labels`` is given,
+    image_token_index, loss_mask)`` returns, on the last stage, the per-token loss
+    ``[R, S]`` (``-log p(labels)``, fp32, vocab-parallel cross entropy; with a bool
+    ``loss_mask [R, S]`` computed only where it is True, 0 elsewhere) when ``labels`` is given,
     else the logits ``[R, S, V/TP]`` (``[R, S, V]`` with ``runtime_gather_output=True``;
     ignored with labels). Other stages return hidden states ``[S, R, H]``.
     """
@@ -409,6 +433,7 @@ class InternVLModel(MegatronModule):
         pixel_values: Optional[Tensor] = None,
         image_token_index: Optional[Tensor] = None,
         runtime_gather_output: Optional[bool] = None,
+        loss_mask: Optional[Tensor] = None,
     ) -> Tensor:
         decoder_input = None
         if self.pre_process:
@@ -421,6 +446,7 @@ class InternVLModel(MegatronModule):
             attention_mask=attention_mask,
             decoder_input=decoder_input,
             labels=labels,
+            loss_mask=loss_mask if labels is not None else None,
             # The loss is a vocab-parallel cross entropy: it must see the TP-split logits.
             runtime_gather_output=runtime_gather_output if labels is None else False,
         )

@@ -63,6 +63,7 @@ def model_inputs(model: torch.nn.Module, batch: PairBatch) -> dict:
         position_ids=batch.position_ids,
         attention_mask=batch.attention_mask,
         labels=batch.labels,
+        loss_mask=batch.response_index >= 0,  # the output layer runs on response tokens only
     )
     if _takes_images(model):
         kwargs.update(pixel_values=batch.pixel_values, image_token_index=batch.image_token_index)

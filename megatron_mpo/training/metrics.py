@@ -39,13 +39,21 @@ def reduce_loss_metrics(per_microbatch: list[dict], is_last_stage: bool, tensor_
 
 
 def global_sum(numbers: dict[str, float]) -> dict[str, float]:
-    """Sum named numbers over all ranks (counts such as skipped samples)."""
-    if not numbers:
+    """Sum named numbers over all ranks (counts such as skipped samples).
+
+    A collective on every rank even when the dicts differ in keys (one replica skipped a
+    sample, another did not; ranks that do not count pass ``{}``): keys are gathered
+    first, so every rank all-reduces the same vector.
+    """
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return {k: float(v) for k, v in sorted(numbers.items())}
+    key_lists: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(key_lists, sorted(numbers))
+    keys = sorted(set().union(*key_lists))
+    if not keys:
         return {}
-    keys = sorted(numbers)
-    tensor = torch.tensor([float(numbers[k]) for k in keys], dtype=torch.float64, device=platform.device())
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(tensor)
+    tensor = torch.tensor([float(numbers.get(k, 0)) for k in keys], dtype=torch.float64, device=platform.device())
+    torch.distributed.all_reduce(tensor)
     return {k: float(v) for k, v in zip(keys, tensor.tolist())}
 
 

@@ -282,12 +282,14 @@ class StepCounter:
     def reset(self) -> None:
         self.pairs = 0
         self.tokens = 0
+        self.scored = 0  # response tokens: the output layer runs on these only
         self.tiles = 0
 
     def add(self, batch) -> None:
         # The forward step reports each micro-batch once (from the first model chunk).
         self.pairs += batch.num_pairs
         self.tokens += batch.num_tokens()
+        self.scored += int((batch.response_index >= 0).sum())
         self.tiles += int(batch.pixel_values.shape[0])
 
 
@@ -313,7 +315,8 @@ class FlopCounter:
     The usual "model FLOPs" definition (no recomputation counted): 2 FLOPs per
     multiply-add of every weight matrix touched, plus the attention score / value
     products, times 3 for forward + backward. The LLM is counted per token position of
-    the step (padding included), causal attention as half the scores; the vision tower
+    the step (padding included), causal attention as half the scores, the output layer
+    per scored (response) token, the only positions it runs on; the vision tower
     (patch embedding, InternViT layers with bidirectional attention over patches + class
     token) and the mlp1 projector per image tile. Frozen parts count what they still run:
     a frozen vision tower only its forward, a frozen projector / LLM forward plus the
@@ -340,8 +343,11 @@ class FlopCounter:
         attn = lang.hidden_size * (q_width + 2 * lang.num_kv_heads * head_dim) + q_width * lang.hidden_size
         mlp = 3 * lang.hidden_size * lang.ffn_hidden_size
         per_layer = 2 * (attn + mlp) + 2 * 2 * seq_len * q_width / 2  # causal: half the scores
-        logits = 2 * lang.hidden_size * lang.vocab_size
-        return self._passes("language") * (lang.num_layers * per_layer + logits)
+        return self._passes("language") * lang.num_layers * per_layer
+
+    def logits_flops_per_token(self) -> float:
+        lang = self.cfg.language  # the padded vocabulary is computed too
+        return self._passes("language") * 2 * lang.hidden_size * lang.padded_vocab_size
 
     def vision_flops_per_tile(self) -> float:
         """InternViT + mlp1 FLOPs of one image tile (forward + backward as trained)."""
@@ -358,8 +364,11 @@ class FlopCounter:
         projector = 2 * self.cfg.tokens_per_tile * (self.cfg.projector_input_size * hidden + hidden * hidden)
         return self._passes("vision") * tower + self._passes("projector") * projector
 
-    def step_flops(self, tokens: float, seq_len: int, tiles: float = 0) -> float:
-        return tokens * self.llm_flops_per_token(seq_len) + tiles * self.vision_flops_per_tile()
+    def step_flops(self, tokens: float, seq_len: int, tiles: float = 0, scored: Optional[float] = None) -> float:
+        """``scored`` tokens get logits (default: all ``tokens``)."""
+        scored = tokens if scored is None else scored
+        return (tokens * self.llm_flops_per_token(seq_len) + scored * self.logits_flops_per_token()
+                + tiles * self.vision_flops_per_tile())
 
     def peak(self) -> float:
         """Measured matmul FLOP/s of one process on this device (cached)."""
@@ -367,10 +376,11 @@ class FlopCounter:
             self._peak = measure_matmul_peak()
         return self._peak
 
-    def mfu(self, tokens: float, seconds: float, world_size: int, seq_len: int = 1024, tiles: float = 0) -> float:
+    def mfu(self, tokens: float, seconds: float, world_size: int, seq_len: int = 1024, tiles: float = 0,
+            scored: Optional[float] = None) -> float:
         if seconds <= 0 or tokens <= 0:
             return 0.0
-        achieved = self.step_flops(tokens, seq_len, tiles) / seconds
+        achieved = self.step_flops(tokens, seq_len, tiles, scored) / seconds
         return achieved / (self.peak() * world_size)
 
 
