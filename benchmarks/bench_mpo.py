@@ -475,6 +475,7 @@ def run_trl(ws: Path, args, side: str, rep: int) -> RunResult:
     spec = {
         "ws": str(ws), "steps": args.steps, "global_batch": args.global_batch, "micro_batch": args.micro_batch,
         "seed": args.seed, "gradient_checkpointing": side == "trl-gc", "out": str(ws / "runs" / f"{side}_{rep}"),
+        "lm_head": args.trl_lm_head,
     }
     cmd = [sys.executable, str(THIS), "_trl_worker", json.dumps(spec)]
     rc, wall, stamps, rss, pss, text, load = run_child(cmd, ws / "logs" / f"{side}_{rep}.log", "BENCH_STEP ",
@@ -536,6 +537,12 @@ def trl_worker(spec: dict) -> None:
     dataset = datasets.Dataset.from_dict(data).cast_column("images", datasets.List(datasets.Image()))
 
     model = InternVLForConditionalGeneration.from_pretrained(str(hf), dtype=torch.float32)
+    if spec.get("lm_head", "compact") == "compact":
+        # TRL's fused LM head projects only the labelled (completion) positions where Triton runs (GPUs) and
+        # every position elsewhere (this CPU). Give it the GPU behaviour: the kernels stay torch ops.
+        import trl.trainer.utils as trl_utils
+
+        trl_utils._use_triton = lambda device: True
 
     class Stamp(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
@@ -678,6 +685,9 @@ def main(argv=None) -> None:
     p.add_argument("--global-batch", type=int, default=2)
     p.add_argument("--micro-batch", type=int, default=1)
     p.add_argument("--pairs", type=int, default=32, help="synthetic pairs in the dataset")
+    p.add_argument("--trl-lm-head", choices=("compact", "as-shipped"), default="compact",
+                   help="compact: TRL's LM head scores completion positions only, as TRL does on GPUs (default); "
+                   "as-shipped: its CPU behaviour, every position")
     p.add_argument("--vocab", type=int, help="pad the model's vocabulary to this size (the tokenizer stays "
                    "tiny): weighs the output layer as a real 32k-151k vocabulary does")
     p.add_argument("--num-workers", type=int, default=0,
