@@ -310,10 +310,14 @@ class _SwiGLUFunction(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         (x,) = ctx.saved_tensors
         a, b = x.chunk(2, dim=-1)
-        sig = torch.sigmoid(a)
-        silu = a * sig
-        grad_a = grad * b * sig * (1.0 + a * (1.0 - sig))
-        return torch.cat([grad_a, grad * silu], dim=-1)
+        # Both halves written in place into one [a | b]-shaped gradient, with torch's fused
+        # silu backward: 4 passes over the half-width tensors instead of 10 (2.0 vs 5.6 ms
+        # for a 1216-token row of the benchmark model on CPU).
+        grad_x = torch.empty_like(x)
+        grad_a, grad_b = grad_x.chunk(2, dim=-1)
+        torch.mul(grad, F.silu(a), out=grad_b)
+        torch.ops.aten.silu_backward.grad_input(grad * b, a, grad_input=grad_a)
+        return grad_x
 
 
 class SwiGLUMLP(MLP):
