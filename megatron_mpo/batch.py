@@ -49,6 +49,10 @@ class PairBatch:
         """Tokens the model computes on (all positions of all rows)."""
         return int(self.input_ids.numel())
 
+    def response_mask(self) -> torch.Tensor:
+        """[R, S] bool: the positions whose label is a response token (the ones scored)."""
+        return self.response_index >= 0
+
 
 def causal_mask(seq_len: int) -> torch.Tensor:
     """[1, 1, S, S] bool mask, True above the diagonal (megatron-core's convention)."""

@@ -56,8 +56,6 @@ def _hash_files(root: Path, names: Optional[list[str]] = None, head_bytes: int =
     return digest.hexdigest()[:16]
 
 
-
-
 def fingerprint(cfg: RunConfig, model_config) -> dict:
     """Every setting the reference numbers depend on."""
     if not cfg.model.init:

@@ -18,6 +18,7 @@ import torch
 from megatron_mpo import platform
 from megatron_mpo.batch import PairBatch
 from megatron_mpo.losses import MPOLoss
+from megatron_mpo.training.checkpoint import unwrap_model
 
 
 def slot_log_probs(
@@ -42,18 +43,12 @@ def slot_log_probs(
 
 
 def _takes_images(model: torch.nn.Module) -> bool:
-    inner = model
-    while hasattr(inner, "module"):
-        inner = inner.module
-    return "pixel_values" in inspect.signature(inner.forward).parameters
+    return "pixel_values" in inspect.signature(unwrap_model(model).forward).parameters
 
 
 def _is_first_chunk(model: torch.nn.Module) -> bool:
     """True unless ``model`` is a later virtual-pipeline chunk (no embedding / vision)."""
-    inner = model
-    while hasattr(inner, "module"):
-        inner = inner.module
-    return bool(getattr(inner, "pre_process", True))
+    return bool(getattr(unwrap_model(model), "pre_process", True))
 
 
 def model_inputs(model: torch.nn.Module, batch: PairBatch) -> dict:
@@ -63,7 +58,7 @@ def model_inputs(model: torch.nn.Module, batch: PairBatch) -> dict:
         position_ids=batch.position_ids,
         attention_mask=batch.attention_mask,
         labels=batch.labels,
-        loss_mask=batch.response_index >= 0,  # the output layer runs on response tokens only
+        loss_mask=batch.response_mask(),  # the output layer runs on response tokens only
     )
     if _takes_images(model):
         kwargs.update(pixel_values=batch.pixel_values, image_token_index=batch.image_token_index)

@@ -289,7 +289,7 @@ class StepCounter:
         # The forward step reports each micro-batch once (from the first model chunk).
         self.pairs += batch.num_pairs
         self.tokens += batch.num_tokens()
-        self.scored += int((batch.response_index >= 0).sum())
+        self.scored += int(batch.response_mask().sum())
         self.tiles += int(batch.pixel_values.shape[0])
 
 
