@@ -373,7 +373,7 @@ def token_lengths(ws: Path) -> dict:
     from megatron_mpo.data.samples import PairBuilder
     from megatron_mpo.data.templates import get_template
     from megatron_mpo.models.config import InternVLConfig
-    from megatron_mpo.training.runtime import default_template
+    from megatron_mpo.training.data_setup import default_template
 
     mc = InternVLConfig.from_json((ws / "megatron" / "model_config.json").read_text())
     tok = load_tokenizer(str(ws / "megatron"))
@@ -506,7 +506,7 @@ def trl_worker(spec: dict) -> None:
 
     from megatron_mpo.data.templates import IMAGE_PLACEHOLDER, IMG_CONTEXT, get_template
     from megatron_mpo.models.config import InternVLConfig
-    from megatron_mpo.training.runtime import default_template
+    from megatron_mpo.training.data_setup import default_template
 
     ws = Path(spec["ws"])
     hf = ws / "hf"

@@ -67,12 +67,22 @@ class PrecisionSection:
     dtype: str = "fp32"  # fp32 | bf16 (bf16 keeps fp32 master weights)
     fp8: Optional[str] = None  # null | hybrid | e4m3
     fp8_recipe: str = "delayed"  # delayed | tensorwise | mxfp8
+    # Reference values in FP8 too (current-scaling recipes only); default: precision.dtype.
+    reference_fp8: bool = False
 
     def validate(self) -> None:
         _choice("precision.dtype", self.dtype, ("fp32", "bf16"))
         if self.fp8 is not None:
             _choice("precision.fp8", self.fp8, ("hybrid", "e4m3"))
         _choice("precision.fp8_recipe", self.fp8_recipe, ("delayed", "tensorwise", "mxfp8"))
+        if self.reference_fp8 and self.fp8 is None:
+            raise UserError("precision.reference_fp8 needs precision.fp8; turn it off or set fp8")
+        if self.reference_fp8 and self.fp8_recipe == "delayed":
+            raise UserError(
+                "precision.reference_fp8 with fp8_recipe=delayed would quantise every reference GEMM "
+                "with uncalibrated scales (the reference pass runs without grad); use fp8_recipe "
+                "tensorwise or mxfp8, or leave reference_fp8 off (reference in precision.dtype)"
+            )
 
 
 @dataclass
@@ -86,7 +96,9 @@ class DataSection:
     num_workers: int = 2
     shuffle_buffer: int = 1000
     seed: int = 1234
-    packing: bool = True  # shared-prompt packing where the attention backend supports it
+    # Shared-prompt packing; null = on for the local spec, off for transformer_engine (TE
+    # has no fused kernel for the packed mask: its unfused path keeps [b, heads, S, S]).
+    packing: Optional[bool] = None
 
     def validate(self) -> None:
         _positive("data.max_length", self.max_length)

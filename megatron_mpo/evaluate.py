@@ -31,7 +31,7 @@ class Evaluator:
         from megatron_mpo.data.samples import build_pair_builder
         from megatron_mpo.models.internvl import build_model
         from megatron_mpo.training.checkpoint import load_model_weights
-        from megatron_mpo.training.runtime import default_template
+        from megatron_mpo.training.data_setup import default_template
 
         parallel.initialize(1, 1, seed=0, device="auto")
         self.config = read_model_config(ckpt)

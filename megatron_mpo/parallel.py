@@ -103,3 +103,11 @@ def shutdown() -> None:
         parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def all_ranks_true(flag: bool) -> bool:
+    """True on every rank when ``flag`` holds on every rank (one all-reduce)."""
+    value = torch.tensor([0.0 if flag else 1.0], device=platform.device())
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return float(value) == 0.0

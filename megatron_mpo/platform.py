@@ -22,6 +22,8 @@ Nothing else in the project names a device: ask :func:`device` instead.
 from __future__ import annotations
 
 import datetime
+import functools
+import importlib
 import os
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -35,6 +37,7 @@ __all__ = [
     "Platform",
     "current",
     "device",
+    "to_device",
     "setup",
     "init_distributed",
     "cuda_available",
@@ -74,6 +77,17 @@ def device() -> torch.device:
     if plat.is_cuda:
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def to_device(module: torch.nn.Module) -> torch.nn.Module:
+    """Move a built model chunk -- every parameter and buffer -- onto this process's device.
+
+    Layers megatron-core builds with ``use_cpu_initialization`` and the project's own
+    parameters start on the CPU; megatron-core's DDP copies only *trainable* parameters
+    into its device buffer, so frozen parts and models without DDP (reference tool,
+    evaluation) would stay behind without this.
+    """
+    return module.to(device())
 
 
 def setup(prefer: str = "auto") -> Platform:
@@ -203,6 +217,41 @@ class _CudaToCpu(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+# megatron-core modules whose autograd Functions allocate on ``torch.cuda.current_device()``
+# in backward (sequence-parallel gathers / reduce-scatters, the linear layers' input-gradient
+# buffers, activation recomputation). The autograd engine runs backward without the
+# TorchFunctionMode the forward ran under, so those calls would ask for a GPU.
+_MODULES_WITH_CUDA_BACKWARD = (
+    "megatron.core.tensor_parallel.mappings",
+    "megatron.core.tensor_parallel.layers",
+    "megatron.core.tensor_parallel.random",
+    "megatron.core.tensor_parallel.cross_entropy",
+)
+
+
+def _redirect_autograd_backwards(module: Any) -> int:
+    """Run the backward of every autograd Function defined in ``module`` under the CPU mode."""
+    patched = 0
+    for value in list(vars(module).values()):
+        if not (isinstance(value, type) and issubclass(value, torch.autograd.Function)):
+            continue
+        if value.__module__ != module.__name__ or getattr(value.backward, "_mpo_on_cpu", False):
+            continue
+        value.backward = staticmethod(_backward_on_cpu(value.backward))
+        patched += 1
+    return patched
+
+
+def _backward_on_cpu(backward: Any) -> Any:
+    @functools.wraps(backward)
+    def run(ctx: Any, *grads: Any) -> Any:
+        with _CudaToCpu():
+            return backward(ctx, *grads)
+
+    run._mpo_on_cpu = True  # type: ignore[attr-defined]
+    return run
+
+
 def _install_cpu_redirects() -> None:
     """Point megatron-core's CUDA-only calls at the CPU. Called once, only without CUDA."""
     global _CPU_MODE
@@ -229,6 +278,9 @@ def _install_cpu_redirects() -> None:
 
     mcore_random._get_cuda_rng_state = get_rng_state
     mcore_random._set_cuda_rng_state = set_rng_state
+
+    for module in _MODULES_WITH_CUDA_BACKWARD:
+        _redirect_autograd_backwards(importlib.import_module(module))
 
     _CPU_MODE = _CudaToCpu()
     _CPU_MODE.__enter__()  # process-wide; torch keeps the mode on its stack until exit

@@ -26,12 +26,12 @@ from megatron_mpo.config import RunConfig
 from megatron_mpo.conversion.megatron_dir import TOKENIZER_FILES
 from megatron_mpo.data.refs import read_sidecar, shard_name, sidecar_path, write_ref_logps
 from megatron_mpo.errors import UserError
-from megatron_mpo.training import runtime
+from megatron_mpo.training import data_setup, model_setup, precision, schedule
 from megatron_mpo.training.forward import make_forward_step
 
 MICRO_BATCHES_PER_CALL = 8  # micro-batches per schedule call (bounds memory on long shards)
 FINGERPRINT_FIELDS = ("checkpoint", "tokenizer", "template", "max_length", "max_tiles", "image_size",
-                      "tokens_per_tile", "dtype", "fp8")
+                      "tokens_per_tile", "dtype", "fp8", "fp8_recipe")
 
 
 # ---- fingerprints ----------------------------------------------------------------------
@@ -57,11 +57,11 @@ def _hash_files(root: Path, names: Optional[list[str]] = None, head_bytes: int =
 
 
 def fingerprint(cfg: RunConfig, model_config) -> dict:
-    """Every setting the reference numbers depend on."""
+    """Every setting the reference numbers depend on, the reference forward's precision included."""
     if not cfg.model.init:
         raise UserError("reference values need model.init: the initial policy checkpoint")
     init = Path(cfg.model.init)
-    data = runtime.data_config(cfg, model_config, for_reference=True)
+    data = data_setup.data_config(cfg, model_config, for_reference=True)
     return {
         "checkpoint": _hash_files(init),
         "tokenizer": _hash_files(Path(cfg.model.tokenizer or cfg.model.init), list(TOKENIZER_FILES)),
@@ -70,8 +70,9 @@ def fingerprint(cfg: RunConfig, model_config) -> dict:
         "max_tiles": data.max_tiles,
         "image_size": data.image_size,
         "tokens_per_tile": data.tokens_per_tile,
-        "dtype": cfg.precision.dtype,
-        "fp8": cfg.precision.fp8,
+        # What the reference forward computes in (precision.reference_precision): the
+        # training dtype without FP8 unless precision.reference_fp8 is set.
+        **precision.reference_precision(cfg).fingerprint(),
     }
 
 
@@ -143,14 +144,14 @@ def precompute(cfg: RunConfig, log=print) -> dict:
     layout = parallel.initialize(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.virtual_pipeline,
                                  seed=cfg.train.seed, device=cfg.train.device)
     is_writer = layout.is_last_stage and layout.tensor_rank == 0
-    model_config = runtime.model_config(cfg)
-    runtime.check_precision(cfg)
-    chunks = runtime.build_model_chunks(cfg, model_config, layout)
+    model_config = model_setup.model_config(cfg)
+    precision.check_precision(cfg)
+    chunks = model_setup.build_model_chunks(cfg, model_config, layout, precision.reference_precision(cfg))
     load_model_weights(cfg.model.init, chunks)
     for chunk in chunks:
         chunk.eval()
-    tok = runtime.tokenizer(cfg)
-    data = runtime.data_config(cfg, model_config, for_reference=True)
+    tok = data_setup.tokenizer(cfg)
+    data = data_setup.data_config(cfg, model_config, for_reference=True)
     expected = fingerprint(cfg, model_config)
     out_dir = cfg.data.ref_logps
     os.makedirs(out_dir, exist_ok=True)
@@ -161,11 +162,11 @@ def precompute(cfg: RunConfig, log=print) -> dict:
     todo = [u for u in mine if not _is_complete(sidecar_path(out_dir, shard_name(u)), expected)]
     planned = sum(counts.get(os.path.basename(u), 0) for u in todo)
     if torch.distributed.get_rank() == 0:
-        log(f"reference log-probs: {len(urls)} shards, {len(mine) - len(todo)} of this rank's "
+        log(f"reference log-probs in {precision.reference_precision(cfg).describe()}: {len(urls)} shards, {len(mine) - len(todo)} of this rank's "
             f"{len(mine)} already complete, {len(todo)} to compute")
 
     forward_step = make_forward_step(None)
-    forward_backward = runtime.forward_backward_func()
+    forward_backward = schedule.forward_backward_func()
     started = time.perf_counter()
     done_pairs = 0
     computed = []
@@ -176,7 +177,7 @@ def precompute(cfg: RunConfig, log=print) -> dict:
         values: dict[str, tuple] = {}
         for group in _chunks(iter(loader), MICRO_BATCHES_PER_CALL):
             with torch.no_grad():
-                results = runtime.run_schedule(forward_backward, forward_step, chunks, group,
+                results = schedule.run_schedule(forward_backward, forward_step, chunks, group,
                                                tok.pad_id, forward_only=True)
             if is_writer:
                 for r in results:

@@ -23,10 +23,12 @@ from megatron_mpo import parallel, platform
 from megatron_mpo.config import RunConfig, load_config
 from megatron_mpo.errors import UserError, exit_on_user_error
 from megatron_mpo.losses import MPOLoss
+from megatron_mpo.parallel import Layout, all_ranks_true
 from megatron_mpo.training import checkpoint as ckpt_lib
-from megatron_mpo.training import runtime
+from megatron_mpo.training import data_setup, model_setup, precision, schedule
+from megatron_mpo.training.flops import FlopCounter
 from megatron_mpo.training.forward import make_forward_step
-from megatron_mpo.training.metrics import MetricsLogger, global_sum, reduce_loss_metrics
+from megatron_mpo.training.metrics import MetricsLogger, StepCounter, global_sum, reduce_loss_metrics
 from megatron_mpo.training.optim import build_optimizer, build_scheduler, grads_are_finite, wrap_data_parallel
 
 
@@ -36,6 +38,25 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[Optional[str], list[st
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     args = parser.parse_args(argv)
     return args.config, args.overrides
+
+
+def resolve_resume(cfg: RunConfig, manager: Optional[ckpt_lib.CheckpointManager]) -> Optional[Path]:
+    """The checkpoint to resume from: checkpoint.load (a path or ``auto``), else none."""
+    load = cfg.checkpoint.load
+    if load is None:
+        return None
+    if manager is None:
+        manager = ckpt_lib.CheckpointManager(Path(load).absolute().parent)
+    return manager.resolve(load)
+
+
+def mpo_state(mpo: MPOLoss, layout: Layout) -> dict:
+    """The running reward mean lives on the last stage; every rank saves the same copy."""
+    state = [mpo.state_dict() if layout.is_last_stage else None]
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        src = torch.distributed.get_world_size() - 1  # the last global rank is a last-stage rank
+        torch.distributed.broadcast_object_list(state, src=src)
+    return state[0]
 
 
 def train(cfg: RunConfig) -> dict:
@@ -48,22 +69,22 @@ def train(cfg: RunConfig) -> dict:
     is_writer = rank == 0
 
     # ---- model ------------------------------------------------------------------------
-    model_config = runtime.model_config(cfg)
-    runtime.check_precision(cfg)
-    chunks = runtime.build_model_chunks(cfg, model_config, layout)
+    model_config = model_setup.model_config(cfg)
+    precision.check_precision(cfg)
+    chunks = model_setup.build_model_chunks(cfg, model_config, layout)
     manager = ckpt_lib.CheckpointManager(cfg.checkpoint.save, cfg.checkpoint.keep_last) if cfg.checkpoint.save else None
-    resume_from = runtime.resolve_resume(cfg, manager)
+    resume_from = resolve_resume(cfg, manager)
     if cfg.model.init and resume_from is None:  # a resumed run loads its weights below
         ckpt_lib.load_model_weights(cfg.model.init, chunks)
     model = wrap_data_parallel(chunks, cfg.precision)
     optimizer = build_optimizer(model, cfg.train, cfg.precision)
 
     # ---- data -------------------------------------------------------------------------
-    tokenizer = runtime.tokenizer(cfg)
-    runtime.check_reference_values(cfg, model_config)
-    loader = runtime.build_loader(cfg, model_config, tokenizer, layout)
-    total_steps = runtime.total_steps(cfg, layout)
-    micro_per_step = runtime.micro_batches_per_step(cfg, layout)
+    tokenizer = data_setup.tokenizer(cfg)
+    data_setup.check_reference_values(cfg, model_config)
+    loader = data_setup.build_loader(cfg, model_config, tokenizer, layout)
+    total_steps = schedule.total_steps(cfg, layout)
+    micro_per_step = schedule.micro_batches_per_step(cfg, layout)
     scheduler = build_scheduler(optimizer, cfg.train, total_steps)
     mpo = MPOLoss(cfg.mpo.loss_config(), group=layout.data_group)
 
@@ -89,16 +110,16 @@ def train(cfg: RunConfig) -> dict:
         is_writer=is_writer, run_config=cfg.to_dict(), resume_step=step,
     )
     preemption = ckpt_lib.PreemptionFlag()
-    counted = runtime.StepCounter()
+    counted = StepCounter()
     forward_step = make_forward_step(mpo, on_batch=counted.add)
-    forward_backward = runtime.forward_backward_func()
-    flops = runtime.FlopCounter(model_config, frozen=cfg.model.freeze)
+    forward_backward = schedule.forward_backward_func()
+    flops = FlopCounter(model_config, frozen=cfg.model.freeze, fp8=cfg.precision.fp8 is not None)
     batches = iter(loader)
 
     def save(at_step: int) -> None:
         if manager is None:
             return
-        common = {"step": at_step, "scheduler": scheduler.state_dict(), "mpo": runtime.mpo_state(mpo, layout), "config": cfg.to_dict()}
+        common = {"step": at_step, "scheduler": scheduler.state_dict(), "mpo": mpo_state(mpo, layout), "config": cfg.to_dict()}
         per_rank = {"rng": ckpt_lib.capture_rng_state(), "loader": loader.state_dict()}
         manager.save(at_step, model, optimizer, common, per_rank)
 
@@ -127,10 +148,10 @@ def train(cfg: RunConfig) -> dict:
             for chunk in model:
                 chunk.zero_grad_buffer()
             optimizer.zero_grad()
-            results = runtime.run_schedule(forward_backward, forward_step, model, micro_batches,
+            results = schedule.run_schedule(forward_backward, forward_step, model, micro_batches,
                                            tokenizer.pad_id, forward_only=False)
             losses = reduce_loss_metrics(results, layout.is_last_stage, layout.tensor_rank)
-            finite = math.isfinite(losses["loss"]) and runtime.all_ranks_true(grads_are_finite(model))
+            finite = math.isfinite(losses["loss"]) and all_ranks_true(grads_are_finite(model))
             grad_norm = float("nan")
             if finite:
                 _, grad_norm, _ = optimizer.step()

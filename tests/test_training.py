@@ -286,7 +286,7 @@ def test_interleaved_schedule_needs_whole_pipeline_groups_per_step():
     from megatron_mpo.config import from_dict
     from megatron_mpo.errors import UserError
     from megatron_mpo.parallel import Layout
-    from megatron_mpo.training.runtime import micro_batches_per_step
+    from megatron_mpo.training.schedule import micro_batches_per_step
 
     cfg = from_dict({"parallel": {"pipeline": 2, "virtual_pipeline": 2},
                                "train": {"global_batch": 6, "micro_batch": 1}})

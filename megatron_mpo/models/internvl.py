@@ -24,13 +24,14 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.enums import AttnMaskType, ModelType
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_block import get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_mpo import platform
 from megatron_mpo.batch import causal_mask
 from megatron_mpo.errors import UserError
 from megatron_mpo.models.config import InternVLConfig
-from megatron_mpo.models.specs import check_backend, language_layer_spec, projector_spec, vision_layer_spec
+from megatron_mpo.models.specs import check_backend, language_block_spec, projector_spec, vision_layer_spec
 from megatron_mpo.models.vision import InternViTModel, InternVLProjector, pixel_shuffle
 
 __all__ = [
@@ -90,6 +91,7 @@ def language_transformer_config(
     pp: int = 1,
     params_dtype: torch.dtype = torch.float32,
     fp8: Optional[str] = None,
+    fp8_recipe: str = "delayed",
     sequence_parallel: bool = False,
     pipeline_layers: Optional[Sequence[int]] = None,
     recompute: Optional[str] = None,
@@ -98,7 +100,9 @@ def language_transformer_config(
 ) -> TransformerConfig:
     """The LLM's TransformerConfig (Llama-style GPT: RMSNorm, SwiGLU, GQA, RoPE).
 
-    ``overrides``: further TransformerConfig fields set by the trainer (e.g. ``fp8_recipe``,
+    ``fp8``/``fp8_recipe``: FP8 format and scaling recipe (``TransformerConfig.fp8_recipe``,
+    which selects the Transformer Engine recipe in megatron-core's ``get_fp8_recipe``).
+    ``overrides``: further TransformerConfig fields set by the trainer (e.g.
     ``variable_seq_lengths``, ``deallocate_pipeline_outputs``)."""
     lang = config.language
     kwargs = dict(
@@ -128,7 +132,7 @@ def language_transformer_config(
             raise UserError(f"recompute must be full or selective, not {recompute!r}")
         kwargs.update(_FULL_RECOMPUTE if recompute == "full" else {"recompute_granularity": recompute})
     if fp8 is not None:
-        kwargs["fp8"] = fp8
+        kwargs.update(fp8=fp8, fp8_recipe=fp8_recipe)
     kwargs.update(overrides or {})
     return TransformerConfig(**kwargs)
 
@@ -248,20 +252,60 @@ class InternVLLanguageModel(GPTModel):
 
     def _postprocess(self, **kwargs):
         hidden, labels, scored = kwargs["hidden_states"], kwargs["labels"], kwargs.get("loss_mask")
-        if (
-            not self.post_process or labels is None or scored is None
-            or self.config.sequence_parallel  # hidden states are split over TP ranks here
-            or kwargs.get("mtp_in_postprocess")
-        ):
+        if not self.post_process or labels is None or scored is None or kwargs.get("mtp_in_postprocess"):
             return super()._postprocess(**kwargs)
-        s, b = hidden.shape[0], hidden.shape[1]
-        keep = scored.transpose(0, 1).reshape(-1).nonzero().squeeze(1).to(hidden.device)  # [N], s-major
-        kwargs["hidden_states"] = hidden.reshape(s * b, 1, hidden.shape[-1]).index_select(0, keep)
-        kwargs["labels"] = labels.transpose(0, 1).reshape(1, -1).index_select(1, keep.to(labels.device))
+        rows = _ScoredRows(scored, self.pg_collection.tp if self.config.sequence_parallel else None)
+        kwargs["hidden_states"] = rows.select_hidden(hidden)
+        kwargs["labels"] = rows.select_labels(labels)
         kwargs["loss_mask"] = None
         picked = super()._postprocess(**kwargs)  # [1, N]
-        loss = picked.new_zeros(s * b).index_copy(0, keep, picked.reshape(-1))
-        return loss.reshape(s, b).transpose(0, 1)  # [B, S]
+        return rows.scatter_loss(picked)  # [B, S]
+
+
+class _ScoredRows:
+    """Which hidden-state rows the output layer runs on: the scored (response) positions.
+
+    Positions are numbered sequence-major (``s * B + b``), as megatron-core lays out
+    ``[S, B, H]``. Without sequence parallelism every rank holds all positions and picks
+    the scored ones. With it, TP rank ``r`` holds positions ``[r * L, (r + 1) * L)``
+    (``L = S / TP * B``) and the output layer all-gathers its input along the first
+    dimension, so each rank picks the scored positions of its own part, padded to the
+    largest count over the ranks (every rank can count them: ``loss_mask`` is whole on
+    each), and the all-gather puts them in rank order. Padding rows are computed and
+    dropped; they receive no gradient.
+    """
+
+    def __init__(self, scored: Tensor, sp_group=None):
+        self.batch, self.seq = scored.shape
+        shards = sp_group.size() if sp_group is not None else 1
+        rank = sp_group.rank() if sp_group is not None else 0
+        flat = scored.transpose(0, 1).reshape(shards, -1)  # [TP, L], sequence-major
+        self.local_len = flat.shape[1]
+        counts = flat.sum(dim=1)
+        width = max(int(counts.max()), 1)
+        order = torch.arange(self.local_len, device=scored.device).expand(shards, -1)
+        # Scored positions first, each part in its own order; then the rest (padding).
+        local = torch.where(flat, order, order + self.local_len).argsort(dim=1)[:, :width]
+        self.valid = (torch.arange(width, device=scored.device) < counts.unsqueeze(1)).reshape(-1)
+        self.local_index = local[rank]  # [width] rows of this rank's hidden states
+        offsets = torch.arange(shards, device=scored.device).unsqueeze(1) * self.local_len
+        self.global_index = (local + offsets).reshape(-1)  # [TP * width], gathered order
+
+    def select_hidden(self, hidden: Tensor) -> Tensor:
+        """``[S_local, B, H]`` -> ``[width, 1, H]``."""
+        flat = hidden.reshape(-1, 1, hidden.shape[-1])
+        return flat.index_select(0, self.local_index.to(hidden.device))
+
+    def select_labels(self, labels: Tensor) -> Tensor:
+        """``[B, S]`` -> ``[1, TP * width]`` in the output layer's (gathered) order."""
+        return labels.transpose(0, 1).reshape(1, -1).index_select(1, self.global_index.to(labels.device))
+
+    def scatter_loss(self, picked: Tensor) -> Tensor:
+        """``[1, TP * width]`` per-position losses -> ``[B, S]``, 0 where not scored."""
+        valid = self.valid.to(picked.device)
+        index = self.global_index.to(picked.device)[valid]
+        loss = picked.new_zeros(self.seq * self.batch).index_copy(0, index, picked.reshape(-1)[valid])
+        return loss.reshape(self.seq, self.batch).transpose(0, 1)
 
 
 # --------------------------------------------------------------------------------------
@@ -345,7 +389,9 @@ class InternVLModel(MegatronModule):
         rope_kwargs = _rope_kwargs(lang.rope_scaling)
         self.language_model = InternVLLanguageModel(
             config=language_config,
-            transformer_layer_spec=language_layer_spec(spec, attn_mask_type),
+            transformer_layer_spec=language_block_spec(
+                spec, attn_mask_type, get_num_layers_to_build(language_config, vp_stage, pg_collection.pp.rank())
+            ),
             vocab_size=lang.padded_vocab_size,
             max_sequence_length=lang.max_position_embeddings,
             pre_process=pre_process,
@@ -481,6 +527,7 @@ def build_model(
     spec: str = "local",
     *,
     fp8: Optional[str] = None,
+    fp8_recipe: str = "delayed",
     params_dtype: torch.dtype = torch.float32,
     pipeline_layers: Optional[Sequence[int]] = None,
     sequence_parallel: bool = False,
@@ -494,7 +541,10 @@ def build_model(
     """The InternVL model chunk for this rank (megatron-core parallel_state must be set up).
 
     ``spec``: ``local`` or ``transformer_engine``; ``fp8``: None, ``hybrid`` or ``e4m3``
-    (LLM layers only; TE spec on a GPU of compute capability >= 8.9).
+    (LLM layers only; TE spec on a GPU of compute capability >= 8.9) with ``fp8_recipe``
+    ``delayed``, ``tensorwise`` or ``mxfp8``. The chunk is returned on the platform's
+    device (as Megatron-LM moves every built chunk to the GPU): megatron-core's DDP
+    would only copy trainable parameters to the GPU.
     ``pipeline_layers``: LLM layers per pipeline stage, e.g. ``[10, 14]`` (uneven split:
     the first stage also runs the vision tower); default an even split. Interleaved
     schedules: initialise parallel_state with ``virtual_pipeline_model_parallel_size=vp``,
@@ -514,8 +564,8 @@ def build_model(
     pg_collection = pg_collection or ProcessGroupCollection.use_mpu_process_groups()
     tp, pp, pp_rank = pg_collection.tp.size(), pg_collection.pp.size(), pg_collection.pp.rank()
     _check_divisible(config, tp)
-    if sequence_parallel and spec == "local":
-        raise UserError("sequence_parallel needs spec: transformer_engine (megatron-core's torch norms lack it)")
+    if sequence_parallel and tp < 2:
+        raise UserError("sequence_parallel splits the sequence over tensor-parallel ranks: it needs tensor parallel size >= 2")
     vp = _virtual_stages(config, pp, pipeline_layers)
     if vp > 1 and vp_stage is None:
         raise UserError("an interleaved pipeline (virtual stages) needs vp_stage for each model chunk")
@@ -525,7 +575,7 @@ def build_model(
     if vp > 1:
         overrides.setdefault("virtual_pipeline_model_parallel_size", vp)
     language_config = language_transformer_config(
-        config, tp=tp, pp=pp, params_dtype=params_dtype, fp8=fp8,
+        config, tp=tp, pp=pp, params_dtype=params_dtype, fp8=fp8, fp8_recipe=fp8_recipe,
         sequence_parallel=sequence_parallel, pipeline_layers=pipeline_layers,
         recompute=recompute, dropout=dropout, overrides=overrides,
     )
@@ -535,11 +585,12 @@ def build_model(
         vision_config = vision_transformer_config(config, recompute=recompute, **common)
         projector_config = projector_transformer_config(config, **common)
     mask_type = AttnMaskType.causal if attention_mask == "causal" else AttnMaskType.arbitrary
-    return InternVLModel(
+    model = InternVLModel(
         config, language_config, vision_config, projector_config, spec=spec,
         pre_process=pre_process, post_process=post_process, attn_mask_type=mask_type,
         pg_collection=pg_collection, vp_stage=vp_stage,
     )
+    return platform.to_device(model)
 
 
 def _virtual_stages(config: InternVLConfig, pp: int, pipeline_layers: Optional[Sequence[int]]) -> int:

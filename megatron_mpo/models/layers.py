@@ -280,15 +280,18 @@ class _RMSNormFunction(torch.autograd.Function):
 
 class RMSNorm(torch.nn.Module):
     """The local spec's RMSNorm (same ``weight`` parameter and constructor as megatron-core's
-    ``WrappedTorchNorm``), saving one activation-sized tensor less per call for backward.
-    On GPU the Transformer Engine spec fuses the norm into the next linear instead."""
+    ``WrappedTorchNorm``), saving one activation-sized tensor less per call for backward,
+    and usable with sequence parallelism. On GPU the Transformer Engine spec fuses the
+    norm into the next linear instead."""
 
     def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **unused):
         super().__init__()
-        if config.sequence_parallel:
-            raise ValueError("the local RMSNorm does not support sequence parallelism; use the TE spec")
         self.eps = float(eps)
         self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        # Under sequence parallelism each TP rank normalises its own part of the sequence:
+        # megatron-core's finalize_model_grads sums the weight's gradient over TP ranks
+        # for parameters marked like this (as TE's norms mark theirs).
+        self.weight.sequence_parallel = config.sequence_parallel
 
     def forward(self, x: Tensor) -> Tensor:
         return _RMSNormFunction.apply(x, self.weight, self.eps)

@@ -23,6 +23,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
 
 from megatron_mpo import platform
@@ -44,6 +45,7 @@ __all__ = [
     "check_backend",
     "vision_layer_spec",
     "language_layer_spec",
+    "language_block_spec",
     "projector_spec",
     "ProjectorSubmodules",
 ]
@@ -181,6 +183,21 @@ def language_layer_spec(spec: str = "local", attn_mask_type: AttnMaskType = Attn
     attention = layer.submodules.self_attention
     attention.params = dict(attention.params, attn_mask_type=attn_mask_type)
     return layer
+
+
+def language_block_spec(
+    spec: str, attn_mask_type: AttnMaskType, num_layers: int
+) -> TransformerBlockSubmodules:
+    """The LLM block of one pipeline chunk: ``num_layers`` layers and a final RMSNorm.
+
+    The final norm is named here rather than left to megatron-core's import-time default
+    (TENorm whenever Transformer Engine is importable, else a torch norm that refuses
+    sequence parallelism): the local spec is then the same on every machine, with or
+    without TE, and runs sequence parallel too.
+    """
+    final_norm = RMSNorm if spec == "local" else _te().TENorm
+    layer = language_layer_spec(spec, attn_mask_type)
+    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=final_norm)
 
 
 @dataclass

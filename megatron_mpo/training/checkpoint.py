@@ -38,7 +38,7 @@ import re
 import shutil
 import signal
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 
@@ -64,6 +64,9 @@ LATEST = "latest"
 COMMON = "common.json"
 _STEP_RE = re.compile(r"^step_(\d{9,})$")
 _DIST_METADATA = "metadata.json"  # written last by dist_checkpointing.save
+# State-dict suffix of ``get_extra_state`` entries (torch's; megatron-core saves them as
+# ShardedObjects). A checkpoint may lack them: model dirs are written with the local spec.
+EXTRA_STATE_SUFFIX = "_extra_state"
 
 # How model and optimizer turn into sharded state dicts (Megatron-LM's defaults since
 # mcore 0.14). ``dp_reshardable`` saves the distributed optimizer's buffers as they are:
@@ -147,13 +150,31 @@ def _model_state(chunks: Sequence[torch.nn.Module], metadata: dict) -> dict:
     return {f"model{i}": c.sharded_state_dict(metadata=dict(metadata)) for i, c in enumerate(chunks)}
 
 
-def _apply_model_state(chunks: Sequence[torch.nn.Module], state: dict) -> None:
+def _is_extra_state(key: str) -> bool:
+    """A module's ``get_extra_state`` entry (e.g. Transformer Engine's fp8 metadata)."""
+    return key.endswith(EXTRA_STATE_SUFFIX)
+
+
+def _first_real_key(keys: Iterable[str]) -> Optional[str]:
+    """The first key (sorted) that is not extra state: only extra state may be absent."""
+    return min((k for k in keys if not _is_extra_state(k)), default=None)
+
+
+def _apply_model_state(chunks: Sequence[torch.nn.Module], state: dict) -> Optional[str]:
+    """Copy the loaded tensors into the chunks; returns what did not fit, or None.
+
+    Non-strict so that extra state the checkpoint lacks keeps its built value; any other
+    absent or surplus key is still reported.
+    """
     chunks = _unwrapped(chunks)
-    if len(chunks) == 1:
-        chunks[0].load_state_dict(state["model"])
-    else:
-        for i, chunk in enumerate(chunks):
-            chunk.load_state_dict(state[f"model{i}"])
+    names = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
+    for name, chunk in zip(names, chunks):
+        result = chunk.load_state_dict(state[name], strict=False)
+        if (missing := _first_real_key(result.missing_keys)) is not None:
+            return f"the model's {missing} was not loaded"
+        if result.unexpected_keys:
+            return f"the model has no {sorted(result.unexpected_keys)[0]}"
+    return None
 
 
 _WRITER_MANAGERS: list = []
@@ -293,12 +314,23 @@ def _restore_adam_steps(optimizer: Any) -> None:
                     state["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)
 
 
+def _first_problem_on_any_rank(problem: Optional[str]) -> Optional[str]:
+    """Rank-agreed load problem: ranks hold different keys, but all must fail together
+    (one rank raising while the others go on would hang them in the next collective)."""
+    if _world() == 1:
+        return problem
+    problems: list[Optional[str]] = [None] * _world()
+    torch.distributed.all_gather_object(problems, problem)
+    return next((p for p in problems if p is not None), None)
+
+
 def _load_dist_checkpoint(
     path: Path, chunks: Sequence[torch.nn.Module], optimizer: Any = None
 ) -> None:
     """Load model chunks (any TP/PP layout) and, if given, the optimizer (same TP/PP)."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.core import CheckpointingException
+    from megatron.core.dist_checkpointing.validation import StrictHandling
     from torch.distributed.checkpoint.api import CheckpointException
 
     metadata = dist_checkpointing.load_content_metadata(str(path)) or {}
@@ -307,12 +339,21 @@ def _load_dist_checkpoint(
         _prime_optimizer_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=dict(metadata))
     try:
-        loaded = dist_checkpointing.load(state, str(path))
+        # RETURN_UNEXPECTED: keys the checkpoint lacks are dropped from the request and
+        # returned (megatron-core calls them "unexpected"); surplus checkpoint keys are fine.
+        loaded, _, absent = dist_checkpointing.load(state, str(path), strict=StrictHandling.RETURN_UNEXPECTED)
     except (CheckpointingException, CheckpointException) as exc:  # the latter is a BaseException
         cause = next(iter(getattr(exc, "failures", {}).values()), (exc, None))[0]
         message = " ".join(str(cause).split())[:400]
         raise UserError(f"cannot load {path} into this model (other architecture?): {message}") from exc
-    _apply_model_state(chunks, loaded)
+    absent_key = _first_real_key(absent)  # absent extra state keeps its built value
+    if absent_key is not None:
+        problem = f"the checkpoint has no {absent_key}"
+    else:
+        problem = _apply_model_state(chunks, loaded)
+    problem = _first_problem_on_any_rank(problem)
+    if problem is not None:
+        raise UserError(f"cannot load {path} into this model (other architecture?): {problem}")
     if optimizer is not None:
         # no_grad: megatron-core 0.16.1's dp_reshardable loader copies into fp32 main params
         # that are views of leaf parameters, which autograd refuses outside no_grad.

@@ -164,3 +164,23 @@ def _truncate_after(path: Path, step: int) -> None:
             continue  # a half-written last line from a killed run
     tmp = path.with_suffix(path.suffix + ".tmp")
     write_atomic(path, "".join(line + "\n" for line in kept), tmp=tmp, durable=False)
+
+
+class StepCounter:
+    """Counts pairs and token positions drawn by the forward step during one step."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.pairs = 0
+        self.tokens = 0
+        self.scored = 0  # response tokens: the output layer runs on these only
+        self.tiles = 0
+
+    def add(self, batch) -> None:
+        # The forward step reports each micro-batch once (from the first model chunk).
+        self.pairs += batch.num_pairs
+        self.tokens += batch.num_tokens()
+        self.scored += int(batch.response_mask().sum())
+        self.tiles += int(batch.pixel_values.shape[0])

@@ -1,0 +1,140 @@
+"""From the run config to the data side: tokenizer, chat template, data-pipeline settings,
+the loader, and the reference values it joins.
+
+Shared by the trainer and the reference tool, so both tokenise, tile, pad and pack alike.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from megatron_mpo.config import RunConfig
+from megatron_mpo.errors import UserError
+from megatron_mpo.parallel import Layout
+from megatron_mpo.training import precision
+
+__all__ = [
+    "tokenizer",
+    "default_template",
+    "data_config",
+    "packing_layout",
+    "packing_warning",
+    "build_loader",
+    "check_reference_values",
+    "shard_total",
+]
+
+
+def tokenizer(cfg: RunConfig):
+    from megatron_mpo.data import load_tokenizer
+
+    source = cfg.model.tokenizer or cfg.model.init
+    if not source:
+        raise UserError("set model.tokenizer (a directory with tokenizer.json or tokenizer.model)")
+    return load_tokenizer(source)
+
+
+# The chat template each released InternVL2 model was trained with.
+PRESET_TEMPLATES = {
+    "InternVL2-1B": "Hermes-2",
+    "InternVL2-2B": "internlm2-chat",
+    "InternVL2-8B": "internlm2-chat",
+    "InternVL2-26B": "internlm2-chat",
+    "InternVL2-40B": "Hermes-2",
+    "InternVL2-76B": "Hermes-2",
+}
+
+
+def default_template(model_config) -> str:
+    """The model's own chat template: by InternVL2 name, else by LLM family (InternVL2.5 style)."""
+    if model_config.name in PRESET_TEMPLATES:
+        return PRESET_TEMPLATES[model_config.name]
+    return "internlm2-chat" if model_config.language.family == "internlm2" else "internvl2_5"
+
+
+def data_config(cfg: RunConfig, model_config, *, for_reference: bool = False):
+    """The data pipeline's settings; the reference tool reads shards in order, once."""
+    from megatron_mpo.data import DataConfig
+
+    d = cfg.data
+    if not d.shards:
+        raise UserError("set data.shards (a shard directory with index.json, a brace pattern or URL)")
+    plan = precision.reference_precision(cfg) if for_reference else precision.training_precision(cfg)
+    return DataConfig(
+        shards=d.shards,
+        ref_logps=None if for_reference else d.ref_logps,
+        on_missing_ref=d.on_missing_ref,
+        max_length=d.max_length,
+        max_tiles=d.max_tiles,
+        template=d.template or default_template(model_config),
+        num_workers=0 if for_reference else d.num_workers,
+        shuffle_buffer=0 if for_reference else d.shuffle_buffer,
+        shuffle_shards=not for_reference,
+        seed=d.seed,
+        micro_batch=cfg.train.micro_batch,
+        image_size=model_config.vision.image_size,
+        tokens_per_tile=model_config.tokens_per_tile,
+        pad_multiple=precision.sequence_multiple(cfg.parallel.tensor, cfg.parallel.sequence, plan.fp8_recipe),
+        layout=packing_layout(cfg),
+        epochs=1 if for_reference else None,
+        # Training micro-batches all hold micro_batch pairs (equal weight per micro-batch);
+        # the reference tool must see every sample.
+        drop_last=not for_reference,
+    )
+
+
+def packing_layout(cfg: RunConfig) -> str:
+    """``packed`` (one row per pair, explicit mask) or ``unpacked`` (causal rows).
+
+    ``data.packing: null`` (default) packs with the local spec only: Transformer Engine has
+    no fused attention kernel for the packed mask (``attn_mask_type=arbitrary`` rules out
+    FlashAttention and cuDNN), and its unfused path keeps ``[b, heads/TP, S, S]``
+    probabilities for every layer. Plain causal rows run on FlashAttention.
+    """
+    packing = cfg.data.packing
+    if packing is None:
+        packing = cfg.model.spec != "transformer_engine"
+    return "packed" if packing else "unpacked"
+
+
+def packing_warning(cfg: RunConfig, model_config) -> Optional[str]:
+    """A warning line when packed rows are forced onto TE's unfused attention, with its cost."""
+    if cfg.model.spec != "transformer_engine" or packing_layout(cfg) != "packed":
+        return None
+    lang = model_config.language
+    heads = lang.num_heads // cfg.parallel.tensor
+    bytes_per = 2 if cfg.precision.dtype == "bf16" else 4
+    per_layer = cfg.train.micro_batch * heads * cfg.data.max_length**2 * bytes_per
+    total = per_layer * lang.num_layers / cfg.parallel.pipeline
+    return (
+        f"data.packing=true with model.spec=transformer_engine: packed rows run on TE's unfused "
+        f"attention, which keeps [b, heads/TP, S, S] probabilities per layer: up to "
+        f"{total / 2**30:.1f} GiB per rank at data.max_length={cfg.data.max_length}; "
+        "set data.packing=false (FlashAttention on causal rows) if memory runs out"
+    )
+
+
+def build_loader(cfg: RunConfig, model_config, tok, layout: Layout):
+    from megatron_mpo.data import build_loader as build
+
+    if not cfg.data.ref_logps:
+        raise UserError(
+            "set data.ref_logps: MPO needs reference log-probs; compute them with "
+            "tools/precompute_ref_logps.py first"
+        )
+    return build(data_config(cfg, model_config), tok, dp_rank=layout.data_rank, dp_size=layout.data)
+
+
+def check_reference_values(cfg: RunConfig, model_config) -> None:
+    """Refuse to train against reference values computed with other settings."""
+    from megatron_mpo import reference
+
+    if cfg.data.ref_logps:
+        reference.check_fingerprint(cfg.data.ref_logps, reference.fingerprint(cfg, model_config))
+
+
+def shard_total(cfg: RunConfig) -> Optional[int]:
+    """Pairs in the shard set according to its index.json (None when unknown)."""
+    from megatron_mpo.data.shardlist import read_index_total
+
+    return read_index_total(cfg.data.shards)

@@ -1,0 +1,172 @@
+"""Model FLOPs of a training step and the peak FLOP/s that MFU is measured against.
+
+The peak is the device's nominal dense tensor-core rate (bf16, or fp8 when the run uses
+FP8) looked up by GPU name; an unknown device gets a measured one: a large matmul repeated
+back to back after a warm-up, so launch overhead and clock ramp-up do not count. On CPU
+the measured peak is the only one there is.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from megatron_mpo import platform
+
+__all__ = ["FlopCounter", "Peak", "device_peak", "nominal_peak", "measure_matmul_peak", "NOMINAL_PEAKS"]
+
+# Dense (no sparsity) tensor-core TFLOP/s from NVIDIA's data sheets: (name fragment, bf16, fp8).
+# Checked in order, so more specific names come first ("GH200" contains "H200").
+NOMINAL_PEAKS: tuple[tuple[str, float, Optional[float]], ...] = (
+    ("GB200", 2500.0, 5000.0),
+    ("B200", 2250.0, 4500.0),
+    ("B100", 1750.0, 3500.0),
+    ("GH200", 989.4, 1978.9),
+    ("H200 NVL", 835.0, 1671.0),
+    ("H100 NVL", 835.0, 1671.0),
+    ("H100 PCIe", 756.0, 1513.0),
+    ("H200", 989.4, 1978.9),
+    ("H100", 989.4, 1978.9),
+    ("H800", 989.4, 1978.9),
+    ("H20", 148.0, 296.0),
+    ("L40S", 362.05, 733.0),
+    ("L4", 121.0, 242.5),
+    ("A100", 312.0, None),
+    ("A800", 312.0, None),
+    ("A10", 125.0, None),
+)
+
+
+@dataclass(frozen=True)
+class Peak:
+    """A peak FLOP/s and where it came from (printed at start-up)."""
+
+    flops: float
+    source: str
+
+    def describe(self) -> str:
+        return f"{self.flops / 1e12:.1f} TFLOP/s ({self.source})"
+
+
+def nominal_peak(device_name: str, fp8: bool = False) -> Optional[Peak]:
+    """The data-sheet dense peak of a GPU named ``device_name``, or None when unknown."""
+    for fragment, bf16, fp8_peak in NOMINAL_PEAKS:
+        if fragment.lower() in device_name.lower():
+            if fp8 and fp8_peak is not None:
+                return Peak(fp8_peak * 1e12, f"nominal dense fp8 peak of {device_name}")
+            return Peak(bf16 * 1e12, f"nominal dense bf16 peak of {device_name}")
+    return None
+
+
+def device_peak(fp8: bool = False) -> Peak:
+    """This process's device: nominal when the GPU is known, else measured."""
+    if platform.current().is_cuda:
+        found = nominal_peak(torch.cuda.get_device_name(), fp8)
+        if found is not None:
+            return found
+        return Peak(measure_matmul_peak(size=8192), f"measured bf16 matmul on {torch.cuda.get_device_name()}")
+    return Peak(measure_matmul_peak(), "measured fp32 matmul on this CPU")
+
+
+def measure_matmul_peak(size: int = 1024, repeats: int = 10, trials: int = 3, warmup: int = 3) -> float:
+    """FLOP/s of ``repeats`` back-to-back square matmuls between two syncs (best of ``trials``).
+
+    bf16 on a GPU, fp32 on a CPU. Timing many matmuls per sync keeps launch latency out
+    of the figure; the warm-up lets clocks and kernel selection settle.
+    """
+    dev = platform.device()
+    dtype = torch.bfloat16 if platform.current().is_cuda else torch.float32
+    # Fixed operands: drawing random ones would move the training RNG streams.
+    a = torch.full((size, size), 0.5, device=dev, dtype=dtype)
+    b = torch.full((size, size), 0.25, device=dev, dtype=dtype)
+    out = torch.empty((size, size), device=dev, dtype=dtype)
+    for _ in range(warmup):
+        torch.matmul(a, b, out=out)
+    best = float("inf")
+    for _ in range(trials):
+        platform.synchronize()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            torch.matmul(a, b, out=out)
+        platform.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 * repeats / best
+
+
+class FlopCounter:
+    """Model FLOPs of a step, for MFU against the device's peak (:func:`device_peak`).
+
+    The usual "model FLOPs" definition (no recomputation counted): 2 FLOPs per
+    multiply-add of every weight matrix touched, plus the attention score / value
+    products, times 3 for forward + backward. The LLM is counted per token position of
+    the step (padding included), causal attention as half the scores, the output layer
+    per scored (response) token, the only positions it runs on; the vision tower
+    (patch embedding, InternViT layers with bidirectional attention over patches + class
+    token) and the mlp1 projector per image tile. Frozen parts count what they still run:
+    a frozen vision tower only its forward, a frozen projector / LLM forward plus the
+    input gradients (2x) when something before them trains.
+    """
+
+    def __init__(self, model_config, frozen: Sequence[str] = (), fp8: bool = False) -> None:
+        self.cfg = model_config
+        self.frozen = set(frozen)
+        self.fp8 = fp8
+        self._peak: Optional[Peak] = None
+
+    def _passes(self, part: str) -> int:
+        """Forward + backward multiples of ``part``: 3 trained, 2 input-grads only, 1 forward only."""
+        order = ("vision", "projector", "language")
+        if part not in self.frozen:
+            return 3
+        earlier_trains = any(p not in self.frozen for p in order[: order.index(part)])
+        return 2 if earlier_trains else 1
+
+    def llm_flops_per_token(self, seq_len: int) -> float:
+        lang = self.cfg.language
+        head_dim = lang.kv_channels
+        q_width = lang.num_heads * head_dim
+        attn = lang.hidden_size * (q_width + 2 * lang.num_kv_heads * head_dim) + q_width * lang.hidden_size
+        mlp = 3 * lang.hidden_size * lang.ffn_hidden_size
+        per_layer = 2 * (attn + mlp) + 2 * 2 * seq_len * q_width / 2  # causal: half the scores
+        return self._passes("language") * lang.num_layers * per_layer
+
+    def logits_flops_per_token(self) -> float:
+        lang = self.cfg.language  # the padded vocabulary is computed too
+        return self._passes("language") * 2 * lang.hidden_size * lang.padded_vocab_size
+
+    def vision_flops_per_tile(self) -> float:
+        """InternViT + mlp1 FLOPs of one image tile (forward + backward as trained)."""
+        vis = self.cfg.vision
+        patches = vis.grid**2
+        n = patches + 1  # + class token
+        width = vis.num_heads * vis.head_dim  # real heads (zero-padded ones are not model FLOPs)
+        embed = 2 * 3 * vis.patch_size**2 * vis.hidden_size * patches
+        linear = 2 * n * (vis.hidden_size * 3 * width + width * vis.hidden_size
+                          + 2 * vis.hidden_size * vis.ffn_hidden_size)
+        scores = 2 * 2 * n * n * width  # Q K^T and A V, bidirectional
+        tower = embed + vis.num_layers * (linear + scores)
+        hidden = self.cfg.language.hidden_size
+        projector = 2 * self.cfg.tokens_per_tile * (self.cfg.projector_input_size * hidden + hidden * hidden)
+        return self._passes("vision") * tower + self._passes("projector") * projector
+
+    def step_flops(self, tokens: float, seq_len: int, tiles: float = 0, scored: Optional[float] = None) -> float:
+        """``scored`` tokens get logits (default: all ``tokens``)."""
+        scored = tokens if scored is None else scored
+        return (tokens * self.llm_flops_per_token(seq_len) + scored * self.logits_flops_per_token()
+                + tiles * self.vision_flops_per_tile())
+
+    def peak(self) -> "Peak":
+        """The FLOP/s one process counts MFU against (looked up or measured once)."""
+        if self._peak is None:
+            self._peak = device_peak(fp8=self.fp8)
+        return self._peak
+
+    def mfu(self, tokens: float, seconds: float, world_size: int, seq_len: int = 1024, tiles: float = 0,
+            scored: Optional[float] = None) -> float:
+        if seconds <= 0 or tokens <= 0:
+            return 0.0
+        achieved = self.step_flops(tokens, seq_len, tiles, scored) / seconds
+        return achieved / (self.peak().flops * world_size)

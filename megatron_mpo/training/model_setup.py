@@ -1,0 +1,82 @@
+"""From the run config to this rank's model chunks (trainer, reference tool)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from megatron_mpo.config import RunConfig
+from megatron_mpo.conversion.megatron_dir import MODEL_CONFIG_FILE
+from megatron_mpo.errors import UserError
+from megatron_mpo.parallel import Layout
+from megatron_mpo.training.data_setup import packing_layout
+from megatron_mpo.training.precision import PrecisionPlan, training_precision
+
+__all__ = ["model_config", "build_model_chunks"]
+
+
+def model_config(cfg: RunConfig):
+    """The InternVL architecture: from the init checkpoint, else from a preset."""
+    from megatron_mpo.models.config import InternVLConfig
+    from megatron_mpo.models.presets import get_preset
+
+    if cfg.model.init:
+        path = Path(cfg.model.init) / MODEL_CONFIG_FILE
+        if not path.is_file():
+            raise UserError(
+                f"model.init {cfg.model.init} has no {MODEL_CONFIG_FILE}: point it at a directory "
+                "written by tools/convert_hf_to_megatron.py or tools/init_checkpoint.py"
+            )
+        return InternVLConfig.from_json(path.read_text())
+    return get_preset(cfg.model.preset)
+
+
+def build_model_chunks(cfg: RunConfig, model_config, layout: Layout, plan: Optional[PrecisionPlan] = None) -> list:
+    """This rank's model chunk(s) (several with the interleaved pipeline schedule), on the
+    platform's device. ``plan``: the precision to build for (default: training's; the
+    reference tool passes its own)."""
+    from megatron.core import parallel_state
+
+    from megatron_mpo.models.internvl import build_model
+    from megatron_mpo.training.optim import freeze
+
+    plan = plan or training_precision(cfg)
+    chunks = []
+    vp = cfg.parallel.virtual_pipeline or 1
+    layers = cfg.parallel.pipeline_layers
+    total, parts = model_config.language.num_layers, cfg.parallel.pipeline * vp
+    if layers is None and vp > 1 and total % parts == 0:
+        layers = [total // parts] * parts  # interleaved: an explicit even split (build_model refuses uneven ones)
+    for vp_stage in range(vp):
+        if cfg.parallel.virtual_pipeline:
+            parallel_state.set_virtual_pipeline_model_parallel_rank(vp_stage)
+        chunk = build_model(
+            model_config,
+            spec=cfg.model.spec,
+            fp8=plan.fp8,
+            fp8_recipe=plan.fp8_recipe,
+            params_dtype=plan.torch_dtype,
+            pipeline_layers=layers,
+            sequence_parallel=cfg.parallel.sequence,
+            recompute=cfg.model.recompute,
+            # Packed pair rows need an explicit mask; plain rows let TE pick a causal kernel.
+            attention_mask="arbitrary" if packing_layout(cfg) == "packed" else "causal",
+            vp_stage=vp_stage if cfg.parallel.virtual_pipeline else None,
+        )
+        # Micro-batches differ in length: pipeline stages exchange shapes first.
+        chunk.config.variable_seq_lengths = True
+        if cfg.parallel.virtual_pipeline:
+            # The interleaved schedule sends activations forward and gradients backward in
+            # the same exchange. Batched p2p posts them as [send prev, recv prev, send next,
+            # recv next] on every rank; with 2 pipeline ranks prev == next, so the two
+            # messages between the same pair of ranks can be matched to the wrong receives
+            # (seen on gloo: micro-batches 3+ got gradients as activations). Separate sends
+            # and receives, ordered by rank parity, match them one to one for any size.
+            chunk.config.overlap_p2p_comm = True
+            chunk.config.batch_p2p_comm = False
+        chunk.config.pipeline_dtype = plan.torch_dtype
+        freeze(chunk, cfg.model.freeze)
+        chunks.append(chunk)
+    if cfg.parallel.virtual_pipeline:
+        parallel_state.set_virtual_pipeline_model_parallel_rank(0)
+    return chunks
