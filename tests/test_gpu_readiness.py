@@ -1,0 +1,306 @@
+"""The GPU-only rules of the trainer, checked on CPU: device placement of every built chunk,
+the sequence-length multiple for sequence parallelism and FP8, FP8 recipe plumbing, the
+reference tool's precision and fingerprint, the MFU peak, and the packing default under
+Transformer Engine."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Iterator
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+from megatron_mpo import platform
+from megatron_mpo.config import from_dict
+from megatron_mpo.errors import UserError
+from megatron_mpo.models.presets import get_preset
+from tests.conftest import base_config
+
+
+@pytest.fixture(scope="module")
+def world() -> Iterator[None]:
+    """A one-process CPU world (kept if another test module already made one)."""
+    from megatron_mpo import parallel
+
+    owned = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    parallel.initialize(1, 1, device="cpu")
+    yield
+    if owned:
+        parallel.shutdown()
+
+
+def _cfg(**sections) -> "object":
+    """A run config over the tiny preset (no files needed); ``sections`` update it."""
+    raw = {"model": {"preset": "tiny"}, "data": {"shards": "unused", "ref_logps": "unused"},
+           "train": {"steps": 1, "global_batch": 1}}
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    return from_dict(raw).validate()
+
+
+# ---- 1. every chunk on the platform's device -------------------------------------------
+
+
+FREEZES = ([], ["vision"], ["vision", "projector"], ["language"], ["projector", "language"])
+
+
+@pytest.mark.parametrize("freeze", FREEZES, ids=lambda f: "+".join(f) or "none")
+def test_built_chunks_leave_nothing_on_the_cpu(world, monkeypatch, freeze):
+    """Point the platform's device at ``meta``: no parameter or buffer may stay behind,
+    frozen ones included (megatron-core's DDP would move trainable parameters only)."""
+    from megatron_mpo import parallel
+    from megatron_mpo.training import model_setup
+    from megatron_mpo.training.precision import reference_precision
+
+    monkeypatch.setattr(platform, "device", lambda: torch.device("meta"))
+    cfg = _cfg(model={"freeze": freeze})
+    layout = parallel.current_layout()
+    for plan in (None, reference_precision(cfg)):  # trainer, reference tool
+        chunks = model_setup.build_model_chunks(cfg, model_setup.model_config(cfg), layout, plan)
+        left = [name for chunk in chunks
+                for name, t in itertools.chain(chunk.named_parameters(), chunk.named_buffers())
+                if t.device.type != "meta"]
+        assert not left, left[:5]
+        frozen = [n for n, p in chunks[0].named_parameters() if not p.requires_grad]
+        assert bool(frozen) == bool(freeze)
+
+
+# ---- 3. one sequence-length rule for sequence parallelism and FP8 ----------------------
+
+# The constraints, as the libraries state them (not as the code under test computes them):
+# scatter_to_sequence_parallel_region asserts S % TP == 0; Transformer Engine's FP8 GEMM
+# needs prod(shape[:-1]) % 8 == 0 on each rank before the SP all-gather, and megatron-core
+# aligns FP8 sequences to 16 (32 for mxfp8).
+ALIGN = {"delayed": 16, "tensorwise": 16, "mxfp8": 32}
+
+
+def _shapes_ok(S: int, B: int, tp: int, sp: bool, recipe) -> bool:
+    shard = S // tp if sp else S
+    if sp and S % tp:
+        return False
+    return recipe is None or (shard * B % 8 == 0 and shard % ALIGN[recipe] == 0)
+
+
+LAYOUTS = [(1, False), (2, False), (2, True), (4, False), (4, True), (8, False), (8, True)]  # SP needs TP >= 2
+
+
+@pytest.mark.parametrize("tp,sp", LAYOUTS)
+@pytest.mark.parametrize("recipe", [None, "delayed", "tensorwise", "mxfp8"])
+def test_sequence_multiple_meets_sp_and_fp8_shape_rules(tp, sp, recipe):
+    from megatron_mpo.training.precision import sequence_multiple
+
+    m = sequence_multiple(tp, sp, recipe)
+    for k, B in itertools.product(range(1, 5), (1, 2, 3)):
+        assert _shapes_ok(m * k, B, tp, sp, recipe), (m, k, B)
+    # Nothing smaller satisfies them for packed rows (B = 1): no padding is wasted.
+    assert not any(_shapes_ok(s, 1, tp, sp, recipe) for s in range(1, m))
+
+
+@pytest.mark.parametrize("tp,sp,fp8,recipe,expected", [
+    (2, True, None, "delayed", 2),
+    (4, True, "hybrid", "delayed", 64),
+    (8, True, "hybrid", "mxfp8", 256),
+    (4, False, "hybrid", "tensorwise", 16),
+])
+def test_data_pipeline_pads_to_the_rule(tp, sp, fp8, recipe, expected):
+    """The trainer's micro-batches follow the rule; the reference tool's (no FP8 by default)
+    only need the sequence-parallel split."""
+    from megatron_mpo.training.data_setup import data_config
+
+    cfg = _cfg(model={"spec": "transformer_engine"}, parallel={"tensor": tp, "sequence": sp},
+               precision={"dtype": "bf16", "fp8": fp8, "fp8_recipe": recipe})
+    assert data_config(cfg, get_preset("tiny")).pad_multiple == expected
+    assert data_config(cfg, get_preset("tiny"), for_reference=True).pad_multiple == (tp if sp else 1)
+
+
+# ---- 4. the FP8 recipe reaches TransformerConfig, the machine check, the fingerprint ----
+
+
+@pytest.mark.parametrize("recipe", ["delayed", "tensorwise", "mxfp8"])
+def test_fp8_recipe_reaches_the_transformer_config(world, monkeypatch, recipe):
+    from megatron_mpo import parallel
+    from megatron_mpo.models import internvl
+    from megatron_mpo.training import model_setup
+
+    seen = _capture_builds(monkeypatch)
+    cfg = _cfg(model={"spec": "transformer_engine"},
+               precision={"dtype": "bf16", "fp8": "hybrid", "fp8_recipe": recipe})
+    model_setup.build_model_chunks(cfg, model_setup.model_config(cfg), parallel.current_layout())
+    (kwargs,) = seen
+    built = internvl.language_transformer_config(
+        get_preset("tiny"), fp8=kwargs["fp8"], fp8_recipe=kwargs["fp8_recipe"], params_dtype=kwargs["params_dtype"])
+    assert (built.fp8, built.fp8_recipe, built.params_dtype) == ("hybrid", recipe, torch.bfloat16)
+    # The reference tool builds its own chunks without FP8 (default): no recipe at all.
+    seen.clear()
+    from megatron_mpo.training.precision import reference_precision
+
+    model_setup.build_model_chunks(cfg, model_setup.model_config(cfg), parallel.current_layout(),
+                                   reference_precision(cfg))
+    assert seen[0]["fp8"] is None and seen[0]["params_dtype"] == torch.bfloat16
+
+
+class _Chunk(torch.nn.Module):
+    """Stands in for a built chunk where only build_model's arguments matter."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = type("Config", (), {})()
+
+
+def _capture_builds(monkeypatch) -> list:
+    from megatron_mpo.models import internvl
+
+    seen: list = []
+    monkeypatch.setattr(internvl, "build_model", lambda config, **kw: seen.append(kw) or _Chunk())
+    return seen
+
+
+def _fake_gpu(monkeypatch, capability: tuple[int, int]) -> None:
+    """Make the precision check believe it runs on a GPU of ``capability`` with TE installed."""
+    from megatron_mpo.models import specs
+
+    monkeypatch.setattr(platform, "current", lambda: platform.Platform("cuda", "nccl"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
+    monkeypatch.setattr(specs, "te_available", lambda: True)
+
+
+def test_mxfp8_is_refused_below_blackwell(monkeypatch):
+    from megatron_mpo.training.precision import check_precision
+
+    fp8 = {"model": {"spec": "transformer_engine"}, "precision": {"dtype": "bf16", "fp8": "hybrid"}}
+    _fake_gpu(monkeypatch, (9, 0))
+    check_precision(_cfg(**fp8))  # delayed on Hopper: fine
+    with pytest.raises(UserError, match="mxfp8.*compute capability >= 10.0"):
+        check_precision(_cfg(model=fp8["model"], precision={**fp8["precision"], "fp8_recipe": "mxfp8"}))
+    _fake_gpu(monkeypatch, (10, 0))
+    check_precision(_cfg(model=fp8["model"], precision={**fp8["precision"], "fp8_recipe": "mxfp8"}))
+
+
+def test_reference_fp8_needs_a_current_scaling_recipe():
+    with pytest.raises(UserError, match="reference_fp8 with fp8_recipe=delayed"):
+        _cfg(model={"spec": "transformer_engine"}, precision={"fp8": "hybrid", "reference_fp8": True})
+    with pytest.raises(UserError, match="reference_fp8 needs precision.fp8"):
+        _cfg(precision={"reference_fp8": True})
+
+
+def test_fingerprint_records_the_reference_precision(workspace):
+    """By default the reference values are bf16 whatever the training recipe; with
+    reference_fp8 they are FP8 and the recipe is part of the fingerprint."""
+    from megatron_mpo import reference
+    from megatron_mpo.conversion.megatron_dir import read_model_config
+
+    model_config = read_model_config(workspace / "init")
+
+    def fp(**precision):
+        cfg = from_dict(base_config(workspace, model={"spec": "transformer_engine"},
+                                    precision={"dtype": "bf16", "fp8": "hybrid", **precision})).validate()
+        return reference.fingerprint(cfg, model_config)
+
+    default = fp(fp8_recipe="delayed")
+    assert (default["dtype"], default["fp8"], default["fp8_recipe"]) == ("bf16", None, None)
+    assert fp(fp8_recipe="tensorwise") == default
+    tensorwise, mx = fp(fp8_recipe="tensorwise", reference_fp8=True), fp(fp8_recipe="mxfp8", reference_fp8=True)
+    assert (tensorwise["fp8"], tensorwise["fp8_recipe"]) == ("hybrid", "tensorwise")
+    assert tensorwise != mx and tensorwise != default
+    assert "fp8_recipe='tensorwise'" in reference._explain(tensorwise, mx)
+
+
+def test_reference_tool_builds_with_the_reference_precision(world, monkeypatch, workspace, tmp_path):
+    from megatron_mpo import reference
+    from megatron_mpo.training import model_setup, precision
+
+    class Built(Exception):
+        pass
+
+    def capture(cfg, model_config, layout, plan=None):
+        raise Built(plan)
+
+    monkeypatch.setattr(precision, "check_precision", lambda cfg: None)  # no TE / GPU here
+    monkeypatch.setattr(model_setup, "build_model_chunks", capture)
+    monkeypatch.setattr("megatron_mpo.parallel.shutdown", lambda: None)
+    cfg = from_dict(base_config(workspace, model={"spec": "transformer_engine"},
+                                data={"ref_logps": str(tmp_path / "refs")},
+                                precision={"dtype": "bf16", "fp8": "hybrid"})).validate()
+    with pytest.raises(Built) as built:
+        reference.precompute(cfg, log=lambda *_: None)
+    plan = built.value.args[0]
+    assert (plan.dtype, plan.fp8, plan.fp8_recipe) == ("bf16", None, None)
+
+
+# ---- 7. the MFU peak -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,fp8,tflops", [
+    ("NVIDIA H200", False, 989.4),
+    ("NVIDIA H100 80GB HBM3", True, 1978.9),
+    ("NVIDIA H100 PCIe", False, 756.0),
+    ("NVIDIA GH200 480GB", False, 989.4),
+    ("NVIDIA A100-SXM4-80GB", True, 312.0),  # no FP8 units: its bf16 peak
+    ("NVIDIA B200", False, 2250.0),
+])
+def test_nominal_peak_by_device_name(name, fp8, tflops):
+    from megatron_mpo.training.flops import nominal_peak
+
+    peak = nominal_peak(name, fp8)
+    assert peak.flops == pytest.approx(tflops * 1e12) and "nominal" in peak.source and name in peak.source
+
+
+def test_known_gpu_uses_the_nominal_peak_unknown_one_is_measured(monkeypatch):
+    from megatron_mpo.training import flops
+
+    monkeypatch.setattr(platform, "current", lambda: platform.Platform("cuda", "nccl"))
+    monkeypatch.setattr(flops, "measure_matmul_peak", lambda **kw: 1.0e12)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
+    assert flops.device_peak().flops == pytest.approx(989.4e12)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Some Future GPU")
+    peak = flops.device_peak()
+    assert peak.flops == 1.0e12 and "measured" in peak.source
+    assert "TFLOP/s" in peak.describe()
+
+
+class _CountMatmuls(TorchFunctionMode):
+    def __init__(self, log: list):
+        super().__init__()
+        self.log = log
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (torch.matmul, torch.mm, torch.Tensor.__matmul__, torch.Tensor.matmul):
+            self.log.append("mm")
+        return func(*args, **(kwargs or {}))
+
+
+def test_measured_peak_times_many_matmuls_per_sync(monkeypatch):
+    """Launch latency must not dominate: each timed window holds many matmuls."""
+    from megatron_mpo.training import flops
+
+    log: list = []
+    monkeypatch.setattr(platform, "synchronize", lambda: log.append("sync"))
+    with _CountMatmuls(log):
+        value = flops.measure_matmul_peak(size=64)
+    assert value > 0
+    windows = "".join("|" if x == "sync" else "m" for x in log).split("|")[1:-1:2]
+    assert windows and all(len(w) >= 10 for w in windows), windows
+
+
+# ---- 8. packing default under Transformer Engine ---------------------------------------
+
+
+def test_transformer_engine_defaults_to_causal_rows(world, monkeypatch):
+    from megatron_mpo import parallel
+    from megatron_mpo.training import data_setup, model_setup
+
+    te, local = _cfg(model={"spec": "transformer_engine"}), _cfg()
+    assert data_setup.packing_layout(te) == "unpacked" and data_setup.packing_layout(local) == "packed"
+    assert data_setup.packing_warning(te, get_preset("tiny")) is None
+    seen = _capture_builds(monkeypatch)
+    model_setup.build_model_chunks(te, get_preset("tiny"), parallel.current_layout())
+    assert seen[0]["attention_mask"] == "causal"  # TE can pick FlashAttention
+    forced = _cfg(model={"spec": "transformer_engine"}, data={"packing": True, "max_length": 12288},
+                  parallel={"tensor": 4}, precision={"dtype": "bf16"})
+    big = get_preset("InternVL2-8B")
+    assert data_setup.packing_layout(forced) == "packed"
+    warning = data_setup.packing_warning(forced, big)
+    # 8B at TP4, S = 12288: 8 heads x S^2 x 2 bytes x 32 layers = 72 GiB of probabilities.
+    assert "72.0 GiB" in warning and "data.packing=false" in warning
