@@ -114,6 +114,13 @@ def train(cfg: RunConfig) -> dict:
     forward_step = make_forward_step(mpo, on_batch=counted.add)
     forward_backward = schedule.forward_backward_func()
     flops = FlopCounter(model_config, frozen=cfg.model.freeze, fp8=cfg.precision.fp8 is not None)
+    if is_writer:
+        print(f"precision: {precision.training_precision(cfg).describe()}; reference values in "
+              f"{precision.reference_precision(cfg).describe()}; rows: {data_setup.packing_layout(cfg)}; "
+              f"mfu against {flops.peak().describe()}", flush=True)
+        warning = data_setup.packing_warning(cfg, model_config)
+        if warning:
+            print(f"warning: {warning}", flush=True)
     batches = iter(loader)
 
     def save(at_step: int) -> None:

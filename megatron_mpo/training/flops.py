@@ -68,7 +68,7 @@ def device_peak(fp8: bool = False) -> Peak:
         if found is not None:
             return found
         return Peak(measure_matmul_peak(size=8192), f"measured bf16 matmul on {torch.cuda.get_device_name()}")
-    return Peak(measure_matmul_peak(), "measured fp32 matmul on this CPU")
+    return Peak(measure_matmul_peak(trials=2, warmup=1), "measured fp32 matmul on this CPU")
 
 
 def measure_matmul_peak(size: int = 1024, repeats: int = 10, trials: int = 3, warmup: int = 3) -> float:

@@ -76,11 +76,9 @@ def make_forward_step(
     """
 
     def forward_step(data_iterator: Iterator[PairBatch], model: torch.nn.Module):
+        # Causal rows carry no mask: the model builds one only where its attention needs it
+        # (the local spec); Transformer Engine's causal kernels take none.
         batch = next(data_iterator).to(platform.device())
-        if batch.attention_mask is None:
-            from megatron_mpo.batch import causal_mask
-
-            batch.attention_mask = causal_mask(batch.input_ids.shape[1]).to(platform.device())
         if on_batch is not None and _is_first_chunk(model):  # each chunk draws every micro-batch
             on_batch(batch)
         output = model(**model_inputs(model, batch))
