@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from megatron_mpo import parallel, platform
+from megatron_mpo import parallel
 from megatron_mpo.config import RunConfig, load_config
 from megatron_mpo.errors import UserError, exit_on_user_error
 from megatron_mpo.losses import MPOLoss
@@ -29,6 +29,8 @@ from megatron_mpo.training import data_setup, model_setup, precision, schedule
 from megatron_mpo.training.flops import FlopCounter
 from megatron_mpo.training.forward import make_forward_step
 from megatron_mpo.training.metrics import MetricsLogger, StepCounter, global_sum, reduce_loss_metrics
+from megatron_mpo.training.preemption import PreemptionFlag
+from megatron_mpo.training.rng_state import capture_rng_state, restore_rng_state
 from megatron_mpo.training.optim import build_optimizer, build_scheduler, grads_are_finite, wrap_data_parallel
 
 
@@ -97,7 +99,7 @@ def train(cfg: RunConfig) -> dict:
         scheduler.load_state_dict(common["scheduler"])
         mpo.load_state_dict(common["mpo"])
         if per_rank is not None:
-            ckpt_lib.restore_rng_state(per_rank["rng"])
+            restore_rng_state(per_rank["rng"])
             loader.load_state_dict(per_rank["loader"])
         elif is_writer:
             print("world size changed since the checkpoint: RNG and data position restart "
@@ -109,7 +111,7 @@ def train(cfg: RunConfig) -> dict:
         cfg.logging.metrics, cfg.logging.tensorboard, cfg.logging.wandb_project,
         is_writer=is_writer, run_config=cfg.to_dict(), resume_step=step,
     )
-    preemption = ckpt_lib.PreemptionFlag()
+    preemption = PreemptionFlag()
     counted = StepCounter()
     forward_step = make_forward_step(mpo, on_batch=counted.add)
     forward_backward = schedule.forward_backward_func()
@@ -127,7 +129,7 @@ def train(cfg: RunConfig) -> dict:
         if manager is None:
             return
         common = {"step": at_step, "scheduler": scheduler.state_dict(), "mpo": mpo_state(mpo, layout), "config": cfg.to_dict()}
-        per_rank = {"rng": ckpt_lib.capture_rng_state(), "loader": loader.state_dict()}
+        per_rank = {"rng": capture_rng_state(), "loader": loader.state_dict()}
         manager.save(at_step, model, optimizer, common, per_rank)
 
     try:

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from megatron_mpo.errors import UserError
-from megatron_mpo.training.checkpoint import CheckpointManager, PreemptionFlag, load_model_weights
+from megatron_mpo.training.checkpoint import CheckpointManager, load_model_weights
+from megatron_mpo.training.preemption import PreemptionFlag
 from tests.distributed import launch
 
 WORKER = Path(__file__).parent / "workers" / "ckpt_worker.py"

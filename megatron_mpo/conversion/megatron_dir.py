@@ -14,7 +14,6 @@ import shutil
 from pathlib import Path
 from typing import Callable, Optional
 
-import torch
 
 from megatron_mpo.errors import UserError
 

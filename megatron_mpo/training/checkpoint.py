@@ -25,7 +25,7 @@ checkpoint complete and ``latest`` naming it.
 The distributed optimizer is saved as ``dp_reshardable`` (Megatron-LM's default): its state
 resumes at the same TP/PP/VPP layout, with any data-parallel size. Three megatron-core
 0.16.1 defects on the torch-Adam path (no apex / Transformer Engine, e.g. on CPU) are worked
-around here; see :func:`_prime_optimizer_state`, :func:`_restore_adam_steps` and the
+around here; see :mod:`megatron_mpo.training.optimizer_state` and the
 ``no_grad`` in :func:`_load_dist_checkpoint`.
 """
 
@@ -33,25 +33,20 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import shutil
-import signal
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 
-from megatron_mpo import platform
 from megatron_mpo.errors import UserError
 from megatron_mpo.fileio import TMP_PREFIX, fsync_path, fsync_tree, write_atomic
 from megatron_mpo.processes import init_helper_process
+from megatron_mpo.training.optimizer_state import prime_optimizer_state, restore_adam_steps
 
 __all__ = [
     "CheckpointManager",
-    "PreemptionFlag",
-    "capture_rng_state",
-    "restore_rng_state",
     "load_model_weights",
     "save_model_weights",
     "unwrap_model",
@@ -255,63 +250,13 @@ def _write_dist_checkpoint(
     state = _model_state(chunks, SHARDING_METADATA)
     if optimizer is not None:
         # A run whose every step so far was skipped (non-finite) has no Adam state yet.
-        _prime_optimizer_state(optimizer)
-        _restore_adam_steps(optimizer)
+        prime_optimizer_state(optimizer)
+        restore_adam_steps(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(state, metadata=dict(SHARDING_METADATA))
     dist_checkpointing.save(
         state, str(tmp), sharded_strategy=_save_strategy(), content_metadata=dict(SHARDING_METADATA)
     )
     extra()
-
-
-def _distributed_optimizers(optimizer: Any) -> list:
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    subs = getattr(optimizer, "chained_optimizers", [optimizer])
-    return [s for s in subs if isinstance(s, DistributedOptimizer)]
-
-
-def _prime_optimizer_state(optimizer: Any) -> None:
-    """Give a never-stepped DistributedOptimizer placeholder Adam state before a load.
-
-    megatron-core 0.16.1 with torch's Adam (no apex / Transformer Engine): building the
-    load template calls ``DistributedOptimizer.state_dict()``, which asserts that the inner
-    optimizer holds exactly one ``step`` value -- false while its state is still empty. Its
-    own ``load_state_dict`` allocates the state; the checkpoint then overwrites it.
-    """
-    from megatron.core.optimizer import distrib_optimizer
-
-    if distrib_optimizer.HAVE_APEX_OR_TE:
-        return
-    for sub in _distributed_optimizers(optimizer):
-        if len(sub.optimizer.state) == 0:
-            groups = [
-                {**{k: v for k, v in g.items() if k != "params"}, "step": 0}
-                for g in sub.optimizer.state_dict()["param_groups"]
-            ]
-            sub.load_state_dict({"optimizer": {"param_groups": groups}})
-
-
-def _restore_adam_steps(optimizer: Any) -> None:
-    """Put the loaded Adam ``step`` back into every parameter's state, one tensor each.
-
-    megatron-core 0.16.1 with torch's Adam keeps ``step`` in the param groups of the
-    checkpoint, but its dp_reshardable loader then copies the *pre-load* per-parameter step
-    over the loaded one, and the loaded value is one tensor object shared by all parameters
-    (AdamW would increment it once per parameter). Either breaks an exact resume.
-    """
-    from megatron.core.optimizer import distrib_optimizer
-
-    if distrib_optimizer.HAVE_APEX_OR_TE:
-        return
-    for sub in _distributed_optimizers(optimizer):
-        for group in sub.optimizer.param_groups:
-            if "step" not in group:
-                continue
-            for param in group["params"]:
-                state = sub.optimizer.state[param]
-                if "step" in state:
-                    state["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)
 
 
 def _first_problem_on_any_rank(problem: Optional[str]) -> Optional[str]:
@@ -336,7 +281,7 @@ def _load_dist_checkpoint(
     metadata = dist_checkpointing.load_content_metadata(str(path)) or {}
     state = _model_state(chunks, metadata)
     if optimizer is not None:
-        _prime_optimizer_state(optimizer)
+        prime_optimizer_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=dict(metadata))
     try:
         # RETURN_UNEXPECTED: keys the checkpoint lacks are dropped from the request and
@@ -359,7 +304,7 @@ def _load_dist_checkpoint(
         # that are views of leaf parameters, which autograd refuses outside no_grad.
         with torch.no_grad():
             optimizer.load_state_dict(loaded["optimizer"])
-        _restore_adam_steps(optimizer)
+        restore_adam_steps(optimizer)
 
 
 # --------------------------------------------------------------------------------------
@@ -584,80 +529,3 @@ class CheckpointManager:
             per_rank = torch.load(rank_file, weights_only=False)
         _barrier()
         return info["common"], per_rank
-
-
-# --------------------------------------------------------------------------------------
-# RNG state
-# --------------------------------------------------------------------------------------
-
-
-def capture_rng_state() -> dict:
-    """Every RNG this rank draws from (python, numpy, torch, CUDA, megatron-core tracker)."""
-    import numpy as np
-    from megatron.core import tensor_parallel
-
-    state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "tracker": {k: v.clone() for k, v in tensor_parallel.get_cuda_rng_tracker().get_states().items()},
-    }
-    if platform.current().is_cuda:
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def restore_rng_state(state: dict) -> None:
-    """Inverse of :func:`capture_rng_state` (same rank, same world)."""
-    import numpy as np
-    from megatron.core import tensor_parallel
-
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and platform.current().is_cuda:
-        torch.cuda.set_rng_state(state["cuda"])
-    tensor_parallel.get_cuda_rng_tracker().set_states(
-        {k: v.clone() for k, v in state["tracker"].items()}
-    )
-
-
-# --------------------------------------------------------------------------------------
-# preemption
-# --------------------------------------------------------------------------------------
-
-
-class PreemptionFlag:
-    """Turns SIGTERM / SIGUSR1 into a flag, so a preempted job saves before it exits.
-
-    The handler only sets the flag; the training loop polls :meth:`should_stop`, which all
-    ranks must call at the same step (it is a collective) so that they stop together.
-    """
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self, signals: Sequence[int] = SIGNALS):
-        self.received: Optional[int] = None
-        self._previous = {sig: signal.signal(sig, self._handle) for sig in signals}
-
-    def _handle(self, signum: int, _frame: Any) -> None:
-        self.received = signum
-
-    @property
-    def is_set(self) -> bool:
-        """This rank got a signal (no communication)."""
-        return self.received is not None
-
-    def should_stop(self, group: Any = None) -> bool:
-        """True on every rank when any rank got a signal (all-reduce MAX)."""
-        if not _dist():
-            return self.is_set
-        flag = torch.tensor([1 if self.is_set else 0], dtype=torch.int32, device=platform.device())
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=group)
-        return bool(flag.item())
-
-    def uninstall(self) -> None:
-        """Put the previous handlers back."""
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}

@@ -14,7 +14,6 @@ import torch
 
 from megatron_mpo import platform
 from megatron_mpo.config import RunConfig
-from megatron_mpo.errors import UserError
 
 __all__ = [
     "DTYPES",

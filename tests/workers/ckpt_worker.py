@@ -131,9 +131,11 @@ def logits(ddp, layout):
 def resume(work):
     from megatron_mpo import parallel
     from megatron_mpo.training.checkpoint import (
-        CheckpointManager, PreemptionFlag, capture_rng_state, load_model_weights, restore_rng_state,
+        CheckpointManager, load_model_weights,
         save_model_weights,
     )
+    from megatron_mpo.training.preemption import PreemptionFlag
+    from megatron_mpo.training.rng_state import capture_rng_state, restore_rng_state
 
     result = {}
     # --- exact resume at DP=2 with the distributed optimizer ---
