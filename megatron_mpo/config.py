@@ -7,6 +7,8 @@ line (:class:`~megatron_mpo.errors.UserError`) before any process-group work sta
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,8 +46,12 @@ class ParallelSection:
     sequence: bool = False
     virtual_pipeline: Optional[int] = None
     pipeline_layers: Optional[list[int]] = None  # LLM layers per stage, for uneven splits
+    # How long a collective waits for a lost or hung rank before the job fails (and a
+    # scheduler can requeue it). Raise it if one checkpoint save takes longer.
+    timeout_minutes: float = 10.0
 
     def validate(self) -> None:
+        _positive("parallel.timeout_minutes", self.timeout_minutes)
         _positive("parallel.tensor", self.tensor)
         _positive("parallel.pipeline", self.pipeline)
         if self.virtual_pipeline is not None:
@@ -96,6 +102,9 @@ class DataSection:
     num_workers: int = 2
     shuffle_buffer: int = 1000
     seed: int = 1234
+    # pipe: shard sources (in data.shards or an index.json) run a shell command; refused
+    # unless this is true. http(s) shards are fetched in-process (urllib), never by a shell.
+    allow_pipe_sources: bool = False
     # Shared-prompt packing; null = on for the local spec, off for transformer_engine (TE
     # has no fused kernel for the packed mask: its unfused path keeps [b, heads, S, S]).
     packing: Optional[bool] = None
@@ -174,6 +183,10 @@ class TrainSection:
             raise UserError("train.epochs must be > 0")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise UserError("train.lr must be > 0 and 0 <= train.min_lr <= train.lr")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise UserError(f"train.{name} must be in [0, 1), got {getattr(self, name)!r}")
+        _positive("train.max_bad_steps", self.max_bad_steps)
         if self.warmup < 0:
             raise UserError("train.warmup must be >= 0 (a fraction < 1 or a step count)")
         _choice("train.schedule", self.schedule, ("cosine", "linear", "constant"))
@@ -191,6 +204,8 @@ class CheckpointSection:
 
     def validate(self) -> None:
         _positive("checkpoint.interval", self.interval)
+        if self.save:
+            _check_writable_dir("checkpoint.save", self.save)
         if self.keep_last is not None:
             _positive("checkpoint.keep_last", self.keep_last)
         if self.load == "auto" and not self.save:
@@ -206,6 +221,10 @@ class LoggingSection:
 
     def validate(self) -> None:
         _positive("logging.interval", self.interval)
+        if self.metrics:
+            _check_writable_dir("logging.metrics", self.metrics, for_file=True)
+        if self.tensorboard:
+            _check_writable_dir("logging.tensorboard", self.tensorboard)
 
 
 @dataclass
@@ -325,12 +344,34 @@ def _coerce(tp: Any, value: Any, name: str):
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"{name} must be a number, got {value!r}")
+        if not math.isfinite(value):  # every float setting: nan / inf would pass range checks
+            raise UserError(f"{name} must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise UserError(f"{name} must be a string, got {value!r}")
         return str(value)
     return value
+
+
+def _check_writable_dir(name: str, path: str, for_file: bool = False) -> None:
+    """``path`` is (or can be created as) a directory this process may write -- with
+    ``for_file``, a file in one: found at start-up rather than at the first save, after
+    the training time is spent."""
+    target = Path(path).absolute()
+    if for_file:
+        if target.is_dir():
+            raise UserError(f"{name} {path} is a directory; give a file path")
+        target = target.parent
+    elif target.exists() and not target.is_dir():
+        raise UserError(f"{name} {path} exists and is not a directory")
+    existing = target
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{name} {path} cannot be created: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{name} {path} is not writable: no write permission on {existing}")
 
 
 def _positive(name: str, value: Any) -> None:

@@ -57,10 +57,15 @@ def initialize(
     virtual_pipeline: Optional[int] = None,
     seed: int = 1234,
     device: str = "auto",
+    timeout_minutes: float = 10.0,
 ) -> Layout:
-    """Start torch.distributed (if needed) and megatron-core's model-parallel groups."""
+    """Start torch.distributed (if needed) and megatron-core's model-parallel groups.
+
+    ``timeout_minutes``: how long any collective waits for a missing rank (a lost node)
+    before the job fails, on the default group and on every model-parallel group.
+    """
     platform.setup(device)
-    platform.init_distributed()
+    platform.init_distributed(timeout_minutes)
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
@@ -72,6 +77,7 @@ def initialize(
         tensor_model_parallel_size=tensor,
         pipeline_model_parallel_size=pipeline,
         virtual_pipeline_model_parallel_size=virtual_pipeline,
+        distributed_timeout_minutes=timeout_minutes,
     )
     # Same seed on every rank for replicated weights; megatron-core offsets the
     # tensor-parallel stream per TP rank inside the tracker.

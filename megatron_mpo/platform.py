@@ -118,7 +118,7 @@ def setup(prefer: str = "auto") -> Platform:
     return _PLATFORM
 
 
-def init_distributed(timeout_minutes: int = 30) -> None:
+def init_distributed(timeout_minutes: float = 10.0) -> None:
     """Start the default process group from torchrun's environment (or a 1-rank group).
 
     A single process without torchrun variables gets a world of one on a free local

@@ -7,119 +7,48 @@ DP layout. Results go to one small JSON sidecar per shard (image bytes are never
 written atomically once the shard is complete, so a killed run restarted with the same
 arguments recomputes only the shards that have no complete sidecar.
 
-Each sidecar records a *fingerprint* of everything that changes the numbers; the trainer
-refuses to start when its own fingerprint differs (:func:`check_fingerprint`).
+Each sidecar records a *fingerprint* of everything that changes the numbers, the content
+of its shard and a checksum (the contract lives in :mod:`megatron_mpo.data.refs`); the
+trainer refuses to start on a damaged, stale or mismatching sidecar, and so does this tool
+before it calls a shard complete.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
-from pathlib import Path
-from typing import Optional
 
 import torch
 
 from megatron_mpo import parallel
 from megatron_mpo.config import RunConfig
-from megatron_mpo.conversion.megatron_dir import TOKENIZER_FILES
-from megatron_mpo.data.refs import read_sidecar, shard_name, sidecar_path, write_ref_logps
+from megatron_mpo.data.refs import StaleSidecar, check_sidecar, shard_contents, shard_name, sidecar_path, write_ref_logps
 from megatron_mpo.errors import UserError
 from megatron_mpo.training import data_setup, model_setup, precision, schedule
 from megatron_mpo.training.forward import make_forward_step
 
 MICRO_BATCHES_PER_CALL = 8  # micro-batches per schedule call (bounds memory on long shards)
-FINGERPRINT_FIELDS = ("checkpoint", "tokenizer", "template", "max_length", "max_tiles", "image_size",
-                      "tokens_per_tile", "dtype", "fp8", "fp8_recipe")
 
 
-# ---- fingerprints ----------------------------------------------------------------------
+# ---- which shards are done -------------------------------------------------------------
 
 
-def _hash_files(root: Path, names: Optional[list[str]] = None, head_bytes: int = 64 << 20) -> str:
-    """Content hash of the files under ``root`` (large files: size + first/last 4 MiB)."""
-    digest = hashlib.sha256()
-    files = sorted(p for p in root.rglob("*") if p.is_file()) if names is None else [root / n for n in names]
-    for path in files:
-        if not path.is_file():
-            continue
-        size = path.stat().st_size
-        digest.update(f"{path.relative_to(root)}:{size}\n".encode())
-        with path.open("rb") as f:
-            if size <= head_bytes:
-                digest.update(f.read())
-            else:
-                digest.update(f.read(4 << 20))
-                f.seek(-(4 << 20), os.SEEK_END)
-                digest.update(f.read())
-    return digest.hexdigest()[:16]
+def _is_complete(path: str, expected: dict, content: dict) -> bool:
+    """True for a sound sidecar of this run's settings and of the shard's current content.
 
-
-def fingerprint(cfg: RunConfig, model_config) -> dict:
-    """Every setting the reference numbers depend on, the reference forward's precision included."""
-    if not cfg.model.init:
-        raise UserError("reference values need model.init: the initial policy checkpoint")
-    init = Path(cfg.model.init)
-    data = data_setup.data_config(cfg, model_config, for_reference=True)
-    return {
-        "checkpoint": _hash_files(init),
-        "tokenizer": _hash_files(Path(cfg.model.tokenizer or cfg.model.init), list(TOKENIZER_FILES)),
-        "template": data.template,
-        "max_length": data.max_length,
-        "max_tiles": data.max_tiles,
-        "image_size": data.image_size,
-        "tokens_per_tile": data.tokens_per_tile,
-        # What the reference forward computes in (precision.reference_precision): the
-        # training dtype without FP8 unless precision.reference_fp8 is set.
-        **precision.reference_precision(cfg).fingerprint(),
-    }
-
-
-def _explain(found: dict, expected: dict) -> Optional[str]:
-    for key in FINGERPRINT_FIELDS:
-        if found.get(key) != expected.get(key):
-            if key == "checkpoint":
-                return "they were computed from another initial checkpoint than model.init"
-            return f"they were computed with {key}={found.get(key)!r}, this run uses {key}={expected.get(key)!r}"
-    return None
-
-
-def check_fingerprint(ref_dir: str, expected: dict) -> None:
-    """UserError naming the first differing setting when any sidecar disagrees."""
-    directory = Path(ref_dir)
-    sidecars = sorted(directory.glob("*.ref.json")) if directory.is_dir() else []
-    if not sidecars:
-        raise UserError(
-            f"data.ref_logps {ref_dir} holds no reference sidecars: run tools/precompute_ref_logps.py "
-            "with this config first"
-        )
-    for path in sidecars:
-        body = read_sidecar(str(path))
-        if body is None:
-            continue
-        why = _explain(body.get("fingerprint", {}), expected)
-        if why:
-            raise UserError(
-                f"reference values in {ref_dir} do not match this run: {why}; "
-                "recompute them with tools/precompute_ref_logps.py"
-            )
+    A stale one (its shard was rewritten) is redone; a damaged or mismatching one is a
+    UserError (:func:`megatron_mpo.data.refs.check_sidecar`).
+    """
+    if not os.path.exists(path):
+        return False
+    try:
+        check_sidecar(path, expected, content)
+    except StaleSidecar:
+        return False
+    return True
 
 
 # ---- computation -----------------------------------------------------------------------
-
-
-def _is_complete(path: str, expected: dict) -> bool:
-    body = read_sidecar(path)
-    if body is None or not body.get("complete"):
-        return False
-    why = _explain(body.get("fingerprint", {}), expected)
-    if why:
-        raise UserError(
-            f"{path} was written with other settings ({why}); use another data.ref_logps "
-            "directory or delete the old sidecars"
-        )
-    return True
 
 
 def _chunks(iterator, size: int):
@@ -142,7 +71,8 @@ def precompute(cfg: RunConfig, log=print) -> dict:
     if not cfg.data.ref_logps:
         raise UserError("set data.ref_logps: the directory the reference sidecars go to")
     layout = parallel.initialize(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.virtual_pipeline,
-                                 seed=cfg.train.seed, device=cfg.train.device)
+                                 seed=cfg.train.seed, device=cfg.train.device,
+                                 timeout_minutes=cfg.parallel.timeout_minutes)
     is_writer = layout.is_last_stage and layout.tensor_rank == 0
     model_config = model_setup.model_config(cfg)
     precision.check_precision(cfg)
@@ -152,14 +82,15 @@ def precompute(cfg: RunConfig, log=print) -> dict:
         chunk.eval()
     tok = data_setup.tokenizer(cfg)
     data = data_setup.data_config(cfg, model_config, for_reference=True)
-    expected = fingerprint(cfg, model_config)
+    expected = data_setup.reference_fingerprint(cfg, model_config)
     out_dir = cfg.data.ref_logps
     os.makedirs(out_dir, exist_ok=True)
 
     urls = expand_shards(cfg.data.shards)
     counts = read_index_counts(cfg.data.shards) if isinstance(cfg.data.shards, str) else {}
     mine = [u for i, u in enumerate(urls) if i % layout.data == layout.data_rank]
-    todo = [u for u in mine if not _is_complete(sidecar_path(out_dir, shard_name(u)), expected)]
+    contents = shard_contents(mine)
+    todo = [u for u in mine if not _is_complete(sidecar_path(out_dir, shard_name(u)), expected, contents[u])]
     planned = sum(counts.get(os.path.basename(u), 0) for u in todo)
     if torch.distributed.get_rank() == 0:
         log(f"reference log-probs in {precision.reference_precision(cfg).describe()}: {len(urls)} shards, {len(mine) - len(todo)} of this rank's "
@@ -194,8 +125,8 @@ def precompute(cfg: RunConfig, log=print) -> dict:
                 log(f"  {shard_name(url)}: {done_pairs} pairs done, {rate:.1f} pairs/s, ETA {eta:.0f}s")
         if is_writer:
             write_ref_logps(
-                out_dir, shard_name(url), values, fingerprint=expected,
-                extra={"complete": True, "pairs": len(values), "skipped": loader.skip_counts},
+                out_dir, shard_name(url), values, fingerprint=expected, content=contents[url],
+                extra={"complete": True, "skipped": loader.skip_counts},
             )
         computed.append(shard_name(url))
     torch.distributed.barrier()

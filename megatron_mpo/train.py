@@ -24,8 +24,9 @@ from megatron_mpo.config import RunConfig, load_config
 from megatron_mpo.errors import UserError, exit_on_user_error
 from megatron_mpo.losses import MPOLoss
 from megatron_mpo.parallel import Layout, all_ranks_true
+from megatron_mpo.processes import reap_helpers
 from megatron_mpo.training import checkpoint as ckpt_lib
-from megatron_mpo.training import data_setup, model_setup, precision, schedule
+from megatron_mpo.training import data_setup, disk_space, model_setup, precision, schedule
 from megatron_mpo.training.flops import FlopCounter
 from megatron_mpo.training.forward import make_forward_step
 from megatron_mpo.training.metrics import MetricsLogger, StepCounter, global_sum, reduce_loss_metrics
@@ -66,6 +67,7 @@ def train(cfg: RunConfig) -> dict:
     layout = parallel.initialize(
         cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.virtual_pipeline,
         seed=cfg.train.seed, device=cfg.train.device,
+        timeout_minutes=cfg.parallel.timeout_minutes,
     )
     rank = torch.distributed.get_rank()
     is_writer = rank == 0
@@ -125,24 +127,45 @@ def train(cfg: RunConfig) -> dict:
             print(f"warning: {warning}", flush=True)
     batches = iter(loader)
 
+    checkpoint_bytes = 0
+    if manager is not None:
+        checkpoint_bytes = disk_space.estimate_checkpoint_bytes(model, cfg.precision.dtype, layout.data_rank,
+                                                                newest=manager.latest())
+        free = disk_space.free_bytes(manager.save_dir)
+        if is_writer and free < checkpoint_bytes * ((cfg.checkpoint.keep_last or 1) + 1):
+            print(f"warning: {manager.save_dir} has {disk_space.describe(free)} free; each checkpoint takes "
+                  f"~{disk_space.describe(checkpoint_bytes)} and up to keep_last + 1 exist during a save",
+                  flush=True)
+
     def save(at_step: int) -> None:
+        nonlocal checkpoint_bytes
         if manager is None:
             return
         common = {"step": at_step, "scheduler": scheduler.state_dict(), "mpo": mpo_state(mpo, layout), "config": cfg.to_dict()}
         per_rank = {"rng": capture_rng_state(), "loader": loader.state_dict()}
-        manager.save(at_step, model, optimizer, common, per_rank)
+        disk_space.ensure_room(manager, checkpoint_bytes, at_step, is_writer)
+        try:
+            saved = manager.save(at_step, model, optimizer, common, per_rank)
+        except Exception as exc:
+            why = disk_space.explain_write_error(exc, manager.save_dir, checkpoint_bytes)
+            if why is None:
+                raise
+            raise UserError(why) from None
+        if is_writer:
+            checkpoint_bytes = disk_space.directory_bytes(saved)
 
     try:
         bad_in_a_row = 0
         bad_total = 0
         last_saved = step
+        save_due = False
         while step < total_steps:
             step += 1
             started = time.perf_counter()
             try:
                 micro_batches = [next(batches) for _ in range(micro_per_step)]
             except RuntimeError:
-                if not preemption.is_set():
+                if not preemption.is_set:
                     raise
                 # SIGTERM to every process of the job killed the loader workers mid-step.
                 step -= 1
@@ -200,9 +223,14 @@ def train(cfg: RunConfig) -> dict:
                 )
 
             stop = preemption.should_stop()
-            if manager is not None and (step % cfg.checkpoint.interval == 0 or step == total_steps or stop):
+            # Interval saves wait for a step that updated the model: a non-finite streak
+            # writes no checkpoints (keep_last would rotate good ones out). The final step
+            # and a preemption save regardless -- the weights are the last good update's.
+            save_due = save_due or step % cfg.checkpoint.interval == 0
+            if manager is not None and ((save_due and finite) or step == total_steps or stop):
                 save(step)
                 last_saved = step
+                save_due = False
             if stop:
                 if is_writer:
                     print(f"preempted: saved step {last_saved}, exiting", flush=True)
@@ -210,6 +238,7 @@ def train(cfg: RunConfig) -> dict:
 
     finally:
         batches.close()  # stop loader workers now, not at interpreter exit
+        reap_helpers()
         logger.close()
     summary = {"step": step, "total_steps": total_steps}
     parallel.shutdown()

@@ -71,3 +71,47 @@ def workspace(tmp_path_factory) -> Path:
     cfg = write_config(ws / "ref.yaml", base_config(ws))
     run_tool("tools/precompute_ref_logps.py", "--config", str(cfg))
     return ws
+
+
+STRAIGHT_STEPS = 8
+
+
+@pytest.fixture(scope="session")
+def straight_run(workspace, tmp_path_factory) -> Path:
+    """8 uninterrupted steps at TP1 from the workspace (base_config settings: cosine, one
+    loader worker), checkpoints at 4 and 8: the reference run of layout and resume tests."""
+    run = tmp_path_factory.mktemp("straight")
+    cfg = base_config(workspace, checkpoint={"save": str(run / "ckpt"), "interval": 4, "keep_last": 5},
+                      logging={"metrics": str(run / "metrics.jsonl")})
+    cfg["train"]["steps"] = STRAIGHT_STEPS
+    run_tool("-m megatron_mpo.train", "--config", str(write_config(run / "config.yaml", cfg)), timeout=600)
+    return run
+
+
+@pytest.fixture(scope="module")
+def world():
+    """A one-process CPU world for the module (torn down after, unless another test owns it)."""
+    import torch
+
+    from megatron_mpo import parallel
+
+    owned = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    parallel.initialize(1, 1, device="cpu")
+    yield
+    if owned:
+        parallel.shutdown()
+
+
+def resumed_loader(cfg, tok, k: int):
+    """A loader restored from the JSON state another one had after ``k`` micro-batches."""
+    from megatron_mpo.data import build_loader
+
+    first = build_loader(cfg, tok)
+    it = iter(first)
+    for _ in range(k):
+        next(it)
+    state = json.loads(json.dumps(first.state_dict()))
+    del it
+    resumed = build_loader(cfg, tok)
+    resumed.load_state_dict(state)
+    return resumed

@@ -27,6 +27,7 @@ from megatron_mpo.data.templates import expand_image_placeholders, get_template,
 from megatron_mpo.data.tiling import choose_grid, count_tiles, dynamic_preprocess, image_to_tiles, tiles_per_image
 from megatron_mpo.data.tiny_tokenizer import build_tiny_tokenizer
 from megatron_mpo.errors import UserError
+from tests.conftest import resumed_loader
 
 SYS_25 = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
 SYS_2 = "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
@@ -453,20 +454,13 @@ def test_resume_reproduces_remaining_micro_batches(data_shards, data_tok):
     full = [(b.keys, b.input_ids.clone(), b.pixel_values.clone()) for b in build_loader(cfg, data_tok)]
     assert sum(len(k) for k, _, _ in full) == 22
     for k in (1, 3, len(full) // 2 + 1):  # mid first epoch, and inside the second
-        loader = build_loader(cfg, data_tok)
-        it = iter(loader)
-        for _ in range(k):
-            next(it)
-        state = json.loads(json.dumps(loader.state_dict()))
-        del it
-        resumed = build_loader(cfg, data_tok)
-        resumed.load_state_dict(state)
+        resumed = resumed_loader(cfg, data_tok, k)
         rest = [(b.keys, b.input_ids, b.pixel_values) for b in resumed]
         assert [r[0] for r in rest] == [f[0] for f in full[k:]]
         for (_, ids, px), (_, fids, fpx) in zip(rest, full[k:]):
             assert torch.equal(ids, fids) and torch.equal(px, fpx)
     with pytest.raises(UserError, match="dp_size"):
-        build_loader(cfg, data_tok, 0, 2).load_state_dict(state)
+        build_loader(cfg, data_tok, 0, 2).load_state_dict(resumed.state_dict())
 
 
 def _tar_bytes(members):
@@ -568,7 +562,8 @@ def test_streaming_over_http_and_pipe_matches_local(data_shards, data_tok, data_
     local = _keys(build_loader(_cfg(data_shards["dir"]), data_tok))
     over_http = _keys(build_loader(_cfg(data_http + "/shard-{000000..000003}.tar", num_workers=2), data_tok))
     from_index = _keys(build_loader(_cfg(data_http + "/index.json"), data_tok))
-    piped = _keys(build_loader(_cfg(f"pipe:cat {data_shards['dir']}/shard-{{000000..000003}}.tar"), data_tok))
+    piped = _keys(build_loader(_cfg(f"pipe:cat {data_shards['dir']}/shard-{{000000..000003}}.tar",
+                                    allow_pipe_sources=True), data_tok))
     assert from_index == local and piped == local
     assert sorted(over_http) == sorted(local)
 
@@ -583,7 +578,7 @@ def test_reference_logps_join_and_missing_policy(data_shards, data_tok, tmp_path
         if shard == "shard-000001":
             missing = f"{shard}/{keys[0]}"
             del table[keys[0]]
-        write_ref_logps(str(refs), shard, table, fmt="npz" if shard == "shard-000002" else "json")
+        write_ref_logps(str(refs), shard, table)
     loader = build_loader(_cfg(data_shards["dir"], ref_logps=str(refs)), data_tok)
     got = {}
     for b in loader:

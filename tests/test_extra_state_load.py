@@ -9,7 +9,7 @@ done by giving two norms of the tiny model ``get_extra_state`` / ``set_extra_sta
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -31,18 +31,6 @@ class _CarriesExtraState:
 
     def set_extra_state(self, state: Any) -> None:
         self.extra = state
-
-
-@pytest.fixture(scope="module")
-def world() -> Iterator[None]:
-    """A one-process world for the module (torn down after, unless another test owns it)."""
-    from megatron_mpo import parallel
-
-    owned = not (torch.distributed.is_available() and torch.distributed.is_initialized())
-    parallel.initialize(1, 1, device="cpu")
-    yield
-    if owned:
-        parallel.shutdown()
 
 
 def _tiny(seed: int) -> torch.nn.Module:

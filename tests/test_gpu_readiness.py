@@ -6,8 +6,6 @@ Transformer Engine."""
 from __future__ import annotations
 
 import itertools
-from typing import Iterator
-
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
@@ -17,18 +15,6 @@ from megatron_mpo.config import from_dict
 from megatron_mpo.errors import UserError
 from megatron_mpo.models.presets import get_preset
 from tests.conftest import base_config
-
-
-@pytest.fixture(scope="module")
-def world() -> Iterator[None]:
-    """A one-process CPU world (kept if another test module already made one)."""
-    from megatron_mpo import parallel
-
-    owned = not (torch.distributed.is_available() and torch.distributed.is_initialized())
-    parallel.initialize(1, 1, device="cpu")
-    yield
-    if owned:
-        parallel.shutdown()
 
 
 def _cfg(**sections) -> "object":
@@ -63,8 +49,11 @@ def test_built_chunks_leave_nothing_on_the_cpu(world, monkeypatch, freeze):
                 for name, t in itertools.chain(chunk.named_parameters(), chunk.named_buffers())
                 if t.device.type != "meta"]
         assert not left, left[:5]
-        frozen = [n for n, p in chunks[0].named_parameters() if not p.requires_grad]
-        assert bool(frozen) == bool(freeze)
+        # Exactly the named parts are frozen (the projector module is ``vision_projection``).
+        modules = {"vision": "vision_model.", "projector": "vision_projection.", "language": "language_model."}
+        for part, prefix in modules.items():
+            flags = {p.requires_grad for n, p in chunks[0].named_parameters() if n.startswith(prefix)}
+            assert flags == {part not in freeze}, (part, flags)
 
 
 # ---- 3. one sequence-length rule for sequence parallelism and FP8 ----------------------
@@ -188,15 +177,16 @@ def test_reference_fp8_needs_a_current_scaling_recipe():
 def test_fingerprint_records_the_reference_precision(workspace):
     """By default the reference values are bf16 whatever the training recipe; with
     reference_fp8 they are FP8 and the recipe is part of the fingerprint."""
-    from megatron_mpo import reference
     from megatron_mpo.conversion.megatron_dir import read_model_config
+    from megatron_mpo.data.refs import explain
+    from megatron_mpo.training.data_setup import reference_fingerprint
 
     model_config = read_model_config(workspace / "init")
 
     def fp(**precision):
         cfg = from_dict(base_config(workspace, model={"spec": "transformer_engine"},
                                     precision={"dtype": "bf16", "fp8": "hybrid", **precision})).validate()
-        return reference.fingerprint(cfg, model_config)
+        return reference_fingerprint(cfg, model_config)
 
     default = fp(fp8_recipe="delayed")
     assert (default["dtype"], default["fp8"], default["fp8_recipe"]) == ("bf16", None, None)
@@ -204,7 +194,7 @@ def test_fingerprint_records_the_reference_precision(workspace):
     tensorwise, mx = fp(fp8_recipe="tensorwise", reference_fp8=True), fp(fp8_recipe="mxfp8", reference_fp8=True)
     assert (tensorwise["fp8"], tensorwise["fp8_recipe"]) == ("hybrid", "tensorwise")
     assert tensorwise != mx and tensorwise != default
-    assert "fp8_recipe='tensorwise'" in reference._explain(tensorwise, mx)
+    assert "fp8_recipe='tensorwise'" in explain(tensorwise, mx)
 
 
 def test_reference_tool_builds_with_the_reference_precision(world, monkeypatch, workspace, tmp_path):

@@ -3,6 +3,10 @@
 
     python tools/make_shards.py --meta meta.json --out shards/ [--samples-per-shard 1000] [--seed 0] [--workers 8]
     python tools/make_shards.py --jsonl data.jsonl --image-root images/ --name mydata --out shards/
+
+A non-empty --out is refused unless --overwrite (which replaces the folder whole, only once
+the new shards are complete). Images outside the image root (absolute paths, '..',
+symlinks out) are refused as outside_root unless --allow-outside-root.
 """
 
 from __future__ import annotations
@@ -29,6 +33,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seeds repeat_time sampling and the sample order")
     parser.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)))
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a non-empty --out (whole, once the new shards are complete)")
+    parser.add_argument("--allow-outside-root", action="store_true",
+                        help="read images outside the image root (absolute paths, '..', symlinks out)")
     return parser.parse_args(argv)
 
 
@@ -46,6 +54,8 @@ def main(argv=None) -> None:
             seed=args.seed,
             workers=args.workers,
             progress=not args.quiet,
+            overwrite=args.overwrite,
+            allow_outside_root=args.allow_outside_root,
         )
     )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional, Union
 
+from megatron_mpo.data.tiling import MAX_TILES
 from megatron_mpo.errors import UserError
 
 
@@ -15,8 +16,10 @@ class DataConfig:
     ``micro_batch`` counts preference pairs (2 responses each). ``image_size`` and
     ``tokens_per_tile`` must match the vision model (448 / 256 for released InternVL2).
     ``max_tiles`` is the per-sample tile budget (a sample's ``max_dynamic_patch``, set by
-    make_shards from the meta file, takes precedence), split across the images of a
-    multi-image sample. ``epochs=None`` streams forever (epoch after epoch).
+    make_shards from the meta file, can lower it, never raise it), split across the images
+    of a multi-image sample. ``epochs=None`` streams forever (epoch after epoch).
+    ``allow_pipe_sources``: ``pipe:`` shard sources run a shell command, so they are
+    refused unless the user trusts the shard list (index.json files included).
     """
 
     shards: Union[str, List[str]] = ""
@@ -41,6 +44,7 @@ class DataConfig:
     epochs: Optional[int] = None
     drop_last: bool = False  # drop a worker's last, smaller micro-batch of an epoch
     warn_bad_shards: bool = True
+    allow_pipe_sources: bool = False
 
     def __post_init__(self):
         def need(cond: bool, msg: str) -> None:
@@ -51,6 +55,7 @@ class DataConfig:
         need(self.layout in ("unpacked", "packed"), "layout must be 'unpacked' or 'packed'")
         need(self.max_length >= 2, "max_length must be >= 2")
         need(1 <= self.min_tiles <= self.max_tiles, "need 1 <= min_tiles <= max_tiles")
+        need(self.max_tiles <= MAX_TILES, f"max_tiles must be <= {MAX_TILES}")
         need(self.num_workers >= 0, "num_workers must be >= 0")
         need(self.prefetch_factor >= 1, "prefetch_factor must be >= 1")
         need(self.shuffle_buffer >= 0, "shuffle_buffer must be >= 0")

@@ -31,6 +31,7 @@ REFUSAL_REASONS = (
     "missing_image",
     "bad_image",
     "placeholder_mismatch",
+    "outside_root",
 )
 
 
@@ -140,10 +141,24 @@ def _image_extension(path: str, fmt: Optional[str]) -> str:
     return "jpg" if fmt == "jpeg" else fmt
 
 
+def outside_root(root: str, path: str) -> Optional[str]:
+    """How image ``path`` leaves the image ``root`` (absolute, ``..``, a symlink), or None.
+
+    An annotation must not make make_shards copy arbitrary files of the machine into shards.
+    """
+    if os.path.isabs(path):
+        return "is an absolute path"
+    real_root = os.path.realpath(root)
+    if os.path.commonpath([real_root, os.path.realpath(os.path.join(root, path))]) == real_root:
+        return None
+    inside = os.path.commonpath([real_root, os.path.abspath(os.path.join(real_root, path))]) == real_root
+    return "follows a symlink out of the image root" if inside else "leads out of the image root with '..'"
+
+
 def check_record(task: dict) -> dict:
     """Parse and validate one annotation line and read its images.
 
-    ``task``: ``{dataset, root, line, raw, max_dynamic_patch}``. Returns
+    ``task``: ``{dataset, root, line, raw, max_dynamic_patch[, allow_outside_root]}``. Returns
     ``{"ok": True, "meta": {...}, "images": [(ext, bytes), ...]}`` or
     ``{"ok": False, "reason": ..., "detail": ..., "id": ...}``.
     """
@@ -173,6 +188,9 @@ def check_record(task: dict) -> dict:
     images = []
     for path in paths:
         full = os.path.join(task["root"], path)
+        escape = None if task.get("allow_outside_root") else outside_root(task["root"], path)
+        if escape:
+            return refuse("outside_root", f"{path} {escape} ({task['root']}); --allow-outside-root reads it", rec_id)
         if not os.path.isfile(full):
             return refuse("missing_image", full, rec_id)
         try:

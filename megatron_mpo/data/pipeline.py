@@ -6,8 +6,10 @@ Order (a pure function of seed, epoch, dp_rank, dp_size and num_workers):
 2. Data-parallel rank ``r`` takes shards ``r::dp_size``; its stream ``w`` (one per
    DataLoader worker, one when ``num_workers == 0``) takes ``w::W`` of those. When
    there are fewer shards than ``dp_size * W`` streams, every stream reads all shards
-   and keeps every ``(dp_size*W)``-th sample instead. Only ``dp_rank``/``dp_size`` are
-   used: tensor- and pipeline-parallel ranks of a replica get identical micro-batches.
+   and keeps every ``(dp_size*W)``-th sample instead; then only the stream of offset 0
+   counts shard faults (``bad_tar``, ``truncated_shard``), so the sum over ranks counts
+   each once. Only ``dp_rank``/``dp_size`` are used: tensor- and pipeline-parallel ranks
+   of a replica get identical micro-batches.
 3. Each stream shuffles samples with a buffer seeded by ``(seed, e, r, w)``, builds
    pairs and collates ``micro_batch`` consecutive pairs in the worker.
 4. The main process takes micro-batches from streams round-robin (a stream that ends
@@ -19,7 +21,8 @@ restarted stream skips that many raw samples without decoding them (reading the 
 is all it costs) and goes on, so the restarted loader yields exactly the micro-batches
 the uninterrupted one would have.
 
-Skips are counted per reason (``bad_tar``, ``bad_json``, ``missing_field``,
+Skips are counted per reason (``bad_tar``, ``truncated_shard`` (samples index.json
+promised that a shard did not deliver), ``bad_json``, ``missing_field``, ``bad_field``,
 ``missing_image``, ``bad_image``, ``placeholder_mismatch``, ``image_token_in_text``,
 ``missing_ref``, ``prompt_too_long``; ``response_truncated`` counts kept pairs whose responses were cut;
 ``incomplete_batch`` counts pairs dropped by ``drop_last``). Counts travel with the
@@ -42,7 +45,7 @@ from megatron_mpo.data.collate import collate_pairs
 from megatron_mpo.data.config import DataConfig
 from megatron_mpo.data.refs import RefLogps
 from megatron_mpo.data.samples import PairBuilder, SampleError, TokenizedPair, build_pair_builder
-from megatron_mpo.data.shardlist import expand_shards
+from megatron_mpo.data.shardlist import list_shards, refuse_pipes
 from megatron_mpo.data.tar_reader import SkipCounter, iter_shards
 from megatron_mpo.data.tokenizer import Tokenizer
 from megatron_mpo.errors import UserError
@@ -112,11 +115,12 @@ class _EpochStreams(torch.utils.data.IterableDataset):
     """One epoch of one rank's streams; each DataLoader worker runs one stream."""
 
     def __init__(self, config: DataConfig, builder: PairBuilder, plans: List[StreamPlan], epoch: int,
-                 dp_rank: int, start: List[int], done: List[bool]):
+                 dp_rank: int, start: List[int], done: List[bool], expected: Dict[str, int]):
         super().__init__()
         self.config, self.builder, self.plans = config, builder, plans
         self.epoch, self.dp_rank = epoch, dp_rank
         self.start, self.done = start, done
+        self.expected = expected  # url -> samples promised by index.json
 
     def __iter__(self) -> Iterator[_Item]:
         info = torch.utils.data.get_worker_info()
@@ -129,7 +133,8 @@ class _EpochStreams(torch.utils.data.IterableDataset):
                 return
 
     def _raw(self, plan: StreamPlan, counter: SkipCounter) -> Iterator[dict]:
-        samples = iter_shards(plan.urls, counter, warn=self.config.warn_bad_shards)
+        samples = iter_shards(plan.urls, counter, warn=self.config.warn_bad_shards, expected=self.expected,
+                              report=plan.offset == 0, allow_pipe=self.config.allow_pipe_sources)
         if plan.stride == 1:
             return samples
         return (s for i, s in enumerate(samples) if i % plan.stride == plan.offset)
@@ -222,7 +227,10 @@ class PairLoader:
         self.config = config
         self.tokenizer = tokenizer
         self.dp_rank, self.dp_size = dp_rank, dp_size
-        self.urls = expand_shards(config.shards)
+        sources = list_shards(config.shards)
+        refuse_pipes(sources, config.allow_pipe_sources)
+        self.urls = [s.url for s in sources]
+        self.expected = {s.url: s.samples for s in sources if s.samples is not None}
         self.builder = build_pair_builder(config, tokenizer)
         if config.ref_logps:
             RefLogps(config.ref_logps)  # fail early on a missing folder
@@ -297,7 +305,7 @@ class PairLoader:
         plans = plan_streams(self.urls, self.epoch, self.config.seed, self.dp_rank, self.dp_size,
                              self.num_streams, self.config.shuffle_shards)
         dataset = _EpochStreams(self.config, self.builder, plans, self.epoch, self.dp_rank,
-                                list(self._pos), list(self._done))
+                                list(self._pos), list(self._done), self.expected)
         if self.config.num_workers == 0:
             return iter(dataset)
         loader = torch.utils.data.DataLoader(

@@ -1,31 +1,47 @@
-"""Precomputed reference log-probs stored beside the shards, one sidecar file per shard.
+"""Precomputed reference log-probs stored beside the shards, one sidecar file per shard,
+and the contract that the reference tool (writer) and the trainer (reader) both keep.
 
-Layout: ``DIR/{shard}.ref.json`` or ``DIR/{shard}.ref.npz`` where ``{shard}`` is the
-shard's file name without ``.tar`` (see :func:`shard_name`).
+Layout: ``DIR/{shard}.ref.json`` where ``{shard}`` is the shard's file name without
+``.tar`` (see :func:`shard_name`). Body::
 
-- JSON: ``{"format": "megatron_mpo.ref_logps/1", "shard": name,
-  "logps": {key: [chosen_sum, rejected_sum], ...}}``
-- NPZ: arrays ``keys`` (str), ``chosen`` and ``rejected`` (float64).
+    {"format": REF_FORMAT, "shard": name,
+     "shard_content": {"bytes": n, "sha256": hex, "samples": n},  # what the values were computed from
+     "fingerprint": {...},   # every setting the numbers depend on (:func:`fingerprint`)
+     "complete": true, "pairs": n, "skipped": {...},
+     "logps": {key: [chosen_sum, rejected_sum, chosen_tokens, rejected_tokens], ...},
+     "checksum": sha256 of all of the above}
 
 Sums are over response tokens (including ``<|im_end|>``), exactly the slots the trainer
-sums. :func:`write_ref_logps` writes either format atomically; :class:`RefLogps` reads
-them lazily with a small per-process cache.
+sums. :func:`write_ref_logps` writes a sidecar atomically; :func:`load_sidecar` refuses a
+damaged one and :func:`check_sidecar` also a stale or mismatching one, each with a
+one-line UserError; :class:`RefLogps` reads values lazily with a small per-process cache.
+(Older ``.ref.npz`` sidecars had no fingerprint, nothing wrote them: they are refused.)
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 from collections import OrderedDict
-from typing import Dict, Mapping, Optional, Tuple
+from pathlib import Path
+from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
-import numpy as np
-
+from megatron_mpo.conversion.megatron_dir import TOKENIZER_FILES
+from megatron_mpo.data.config import DataConfig
 from megatron_mpo.errors import UserError
 from megatron_mpo.fileio import write_atomic
 
-REF_FORMAT = "megatron_mpo.ref_logps/1"
+REF_FORMAT = "megatron_mpo.ref_logps/2"
+SUFFIX = ".ref.json"
+FINGERPRINT_FIELDS = ("checkpoint", "tokenizer", "template", "max_length", "max_tiles", "image_size",
+                      "tokens_per_tile", "dtype", "fp8", "fp8_recipe")
+FIX = "delete it and recompute with tools/precompute_ref_logps.py"
+
+
+class StaleSidecar(UserError):
+    """A sound sidecar computed from other content of its shard (the reference tool redoes it)."""
 
 
 def shard_name(url: str) -> str:
@@ -48,59 +64,192 @@ def split_sample_id(sample_id: str) -> Tuple[str, str]:
     return shard, key
 
 
+def sidecar_checksum(body: Mapping) -> str:
+    """sha256 of a sidecar body without its ``checksum``: catches edits of any field.
+
+    JSON floats round-trip exactly, so a body read back gives the writer's canonical text.
+    """
+    rest = {k: v for k, v in body.items() if k != "checksum"}
+    text = json.dumps(rest, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def write_ref_logps(
     directory: str,
     shard: str,
     logps: Mapping[str, Tuple[float, ...]],
-    fmt: str = "json",
     fingerprint: Optional[dict] = None,
     extra: Optional[dict] = None,
+    content: Optional[dict] = None,
 ) -> str:
-    """Write one shard's sidecar (``fmt`` "json" or "npz"); returns its path.
+    """Write one shard's sidecar atomically; returns its path.
 
-    Values are ``(chosen_sum, rejected_sum[, chosen_tokens, rejected_tokens])``. The JSON
-    form also records the settings ``fingerprint`` the numbers depend on and ``extra``
-    bookkeeping (e.g. how many samples of the shard were read).
+    Values are ``(chosen_sum, rejected_sum[, chosen_tokens, rejected_tokens])``. The body
+    also records the settings ``fingerprint`` the numbers depend on, the shard ``content``
+    they were computed from (:func:`shard_contents`), ``extra`` bookkeeping and a checksum.
     """
     os.makedirs(directory, exist_ok=True)
-    if fmt == "json":
-        path = os.path.join(directory, f"{shard}.ref.json")
-        body = {
-            "format": REF_FORMAT,
-            "shard": shard,
-            "fingerprint": fingerprint or {},
-            **(extra or {}),
-            "logps": {k: [float(x) for x in v] for k, v in logps.items()},
-        }
-        write_atomic(path, json.dumps(body, sort_keys=True), tmp=path + ".tmp", durable=False)
-    elif fmt == "npz":
-        path = os.path.join(directory, f"{shard}.ref.npz")
-        keys = sorted(logps)
-        tmp = path + ".tmp.npz"
-        np.savez(
-            tmp,
-            keys=np.array(keys, dtype=str),
-            chosen=np.array([logps[k][0] for k in keys], dtype=np.float64),
-            rejected=np.array([logps[k][1] for k in keys], dtype=np.float64),
-        )
-        os.replace(tmp, path)
-    else:
-        raise ValueError(f"fmt must be 'json' or 'npz', not {fmt!r}")
+    path = sidecar_path(directory, shard)
+    body = {
+        "format": REF_FORMAT,
+        "shard": shard,
+        "shard_content": content or {},
+        "fingerprint": fingerprint or {},
+        **(extra or {}),
+        "pairs": len(logps),
+        "logps": {k: [float(x) for x in v] for k, v in logps.items()},
+    }
+    body["checksum"] = sidecar_checksum(body)
+    write_atomic(path, json.dumps(body, sort_keys=True), tmp=path + ".tmp", durable=False)
     return path
 
 
-def read_sidecar(path: str) -> Optional[dict]:
-    """A JSON sidecar's body, or None when it is absent or unreadable (e.g. half-written)."""
+def sidecar_path(directory: str, shard: str) -> str:
+    return os.path.join(directory, f"{shard}{SUFFIX}")
+
+
+def load_sidecar(path: str) -> dict:
+    """A sidecar's body once it is whole, of this format, unedited and of its own shard."""
     try:
         with open(path, encoding="utf-8") as f:
             body = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return body if isinstance(body, dict) and body.get("format") == REF_FORMAT else None
+    except ValueError as exc:
+        raise UserError(f"reference sidecar {path} is truncated or not JSON ({exc}); {FIX}") from None
+    except OSError as exc:
+        raise UserError(f"cannot read reference sidecar {path}: {exc}") from None
+    found = body.get("format") if isinstance(body, dict) else None
+    if found != REF_FORMAT:
+        what = f"format {found!r}" if found else "no format"
+        raise UserError(f"reference sidecar {path} has {what}, expected {REF_FORMAT!r} "
+                        f"(an older version or another tool wrote it); {FIX}")
+    if body.get("checksum") != sidecar_checksum(body):
+        raise UserError(f"reference sidecar {path} fails its checksum (edited or damaged after it was written); {FIX}")
+    if body.get("shard") != os.path.basename(path)[: -len(SUFFIX)]:
+        raise UserError(f"reference sidecar {path} holds the values of shard {body.get('shard')!r}; {FIX}")
+    return body
 
 
-def sidecar_path(directory: str, shard: str) -> str:
-    return os.path.join(directory, f"{shard}.ref.json")
+# ---- what the values depend on: settings (fingerprint) and shard content ----------------------
+
+
+def _hash_files(root: Path, names: Optional[List[str]] = None, head_bytes: int = 64 << 20) -> str:
+    """Content hash of the files under ``root`` (large files: size + first/last 4 MiB)."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if names is None else [root / n for n in names]
+    for path in files:
+        if not path.is_file():
+            continue
+        size = path.stat().st_size
+        digest.update(f"{path.relative_to(root)}:{size}\n".encode())
+        with path.open("rb") as f:
+            if size <= head_bytes:
+                digest.update(f.read())
+            else:
+                digest.update(f.read(4 << 20))
+                f.seek(-(4 << 20), os.SEEK_END)
+                digest.update(f.read())
+    return digest.hexdigest()[:16]
+
+
+def fingerprint(checkpoint: str, tokenizer: str, data: DataConfig, precision: Mapping) -> dict:
+    """Every setting the reference numbers depend on; ``precision``: the reference forward's
+    ``PrecisionPlan.fingerprint()`` (what the values are computed in)."""
+    return {
+        "checkpoint": _hash_files(Path(checkpoint)),
+        "tokenizer": _hash_files(Path(tokenizer), list(TOKENIZER_FILES)),
+        "template": data.template,
+        "max_length": data.max_length,
+        "max_tiles": data.max_tiles,
+        "image_size": data.image_size,
+        "tokens_per_tile": data.tokens_per_tile,
+        **precision,
+    }
+
+
+def explain(found: Mapping, expected: Mapping) -> Optional[str]:
+    """The first setting in which two fingerprints differ, in words (None when equal)."""
+    for key in FINGERPRINT_FIELDS:
+        if found.get(key) != expected.get(key):
+            if key == "checkpoint":
+                return "they were computed from another initial checkpoint than model.init"
+            return f"they were computed with {key}={found.get(key)!r}, this run uses {key}={expected.get(key)!r}"
+    return None
+
+
+def _index_entries(folder: str, cache: Dict[str, dict]) -> dict:
+    """``{shard file name: entry}`` of the index.json make_shards wrote in ``folder`` ({} if none)."""
+    if folder not in cache:
+        try:
+            with open(os.path.join(folder, "index.json"), encoding="utf-8") as f:
+                shards = json.load(f).get("shards", [])
+            cache[folder] = {s["name"]: s for s in shards if isinstance(s, dict) and "name" in s}
+        except (OSError, ValueError, AttributeError, TypeError):
+            cache[folder] = {}
+    return cache[folder]
+
+
+def shard_contents(urls: Iterable[str]) -> Dict[str, dict]:
+    """``{url: {"bytes", "sha256", "samples"}}``: what each shard's values are bound to.
+
+    The digest is the one make_shards computed once while writing the shard (index.json):
+    comparing it and the file size costs a stat per shard, where re-hashing at every start
+    would read the whole multi-GB shard set on every rank. A local shard without such an
+    index is bound by its size only, a remote one (http, pipe:) by its name only.
+    """
+    cache: Dict[str, dict] = {}
+    contents = {}
+    for url in urls:
+        if not os.path.isfile(url):
+            contents[url] = {"bytes": None, "sha256": None, "samples": None}
+            continue
+        size = os.path.getsize(url)
+        entry = _index_entries(os.path.dirname(url), cache).get(os.path.basename(url), {})
+        if entry.get("sha256") and entry.get("bytes") != size:
+            raise UserError(f"shard {url} has {size} bytes but its index.json says {entry.get('bytes')}: it changed "
+                            "after make_shards wrote it; rewrite the shards with tools/make_shards.py --overwrite")
+        contents[url] = {"bytes": size, "sha256": entry.get("sha256"), "samples": entry.get("samples")}
+    return contents
+
+
+# ---- the check both sides run -----------------------------------------------------------------
+
+
+def check_sidecar(path: str, expected: Mapping, content: Optional[Mapping]) -> dict:
+    """A sidecar's body once it is sound (:func:`load_sidecar`), computed with the
+    ``expected`` fingerprint and, when ``content`` is given, from that shard content."""
+    body = load_sidecar(path)
+    why = explain(body.get("fingerprint", {}), expected)
+    if why:
+        raise UserError(f"reference values in {os.path.dirname(path)} do not match this run: {why} "
+                        f"({os.path.basename(path)}); recompute them into a new data.ref_logps directory "
+                        "with tools/precompute_ref_logps.py")
+    if content is not None and body.get("shard_content") != dict(content):
+        raise StaleSidecar(f"reference sidecar {path} was computed from other content of shard {body['shard']} "
+                           "(the shard changed since, e.g. re-sharded); rerun tools/precompute_ref_logps.py, "
+                           "which recomputes stale sidecars")
+    return body
+
+
+def check_sidecars(directory: str, expected: Mapping, urls: List[str], require_all: bool = False) -> None:
+    """Check every sidecar in ``directory`` (those of ``urls``' shards also against their
+    content); ``require_all``: each of ``urls`` needs one. UserError on the first fault."""
+    folder = Path(directory)
+    found = sorted(folder.glob(f"*{SUFFIX}")) if folder.is_dir() else []
+    old = sorted(folder.glob("*.ref.npz")) if folder.is_dir() else []
+    if old:
+        raise UserError(f"reference sidecar {old[0]} is an npz file: npz sidecars carry no fingerprint or "
+                        f"checksum and are no longer read; {FIX}")
+    if not found:
+        raise UserError(f"data.ref_logps {directory} holds no reference sidecars: run "
+                        "tools/precompute_ref_logps.py with this config first")
+    contents = {shard_name(url): c for url, c in shard_contents(urls).items()}
+    for path in found:
+        check_sidecar(str(path), expected, contents.get(path.name[: -len(SUFFIX)]))
+    missing = sorted(set(contents) - {p.name[: -len(SUFFIX)] for p in found})
+    if require_all and missing:
+        raise UserError(f"data.ref_logps {directory} has no sidecar for {len(missing)} of {len(contents)} shards "
+                        f"(first: {missing[0]}) and data.on_missing_ref is error; run tools/precompute_ref_logps.py "
+                        "with this config")
 
 
 class RefLogps:
@@ -114,19 +263,11 @@ class RefLogps:
         self._cache_shards = cache_shards
 
     def _load(self, shard: str) -> Dict[str, Tuple[float, float]]:
-        json_path = os.path.join(self.directory, f"{shard}.ref.json")
-        npz_path = os.path.join(self.directory, f"{shard}.ref.npz")
-        try:
-            if os.path.isfile(json_path):
-                with open(json_path, encoding="utf-8") as f:
-                    body = json.load(f)
-                return {k: (float(v[0]), float(v[1])) for k, v in body.get("logps", {}).items()}
-            if os.path.isfile(npz_path):
-                with np.load(npz_path) as z:
-                    return {str(k): (float(c), float(r)) for k, c, r in zip(z["keys"], z["chosen"], z["rejected"])}
-        except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
-            raise UserError(f"cannot read reference log-probs of shard {shard} in {self.directory}: {exc}") from None
-        return {}
+        """The shard's values ({} without a sidecar); a damaged sidecar is refused here too."""
+        path = sidecar_path(self.directory, shard)
+        if not os.path.isfile(path):
+            return {}
+        return {k: (float(v[0]), float(v[1])) for k, v in load_sidecar(path)["logps"].items()}
 
     def lookup(self, shard: str, key: str) -> Optional[Tuple[float, float]]:
         """``(chosen_sum, rejected_sum)`` of a sample, or None when absent."""

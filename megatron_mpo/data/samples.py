@@ -5,17 +5,21 @@ tokens_per_tile) + ``</img>``, built as ids. Length control never cuts an image:
 whose prompt leaves no room for a response token within ``max_length`` is dropped
 (``prompt_too_long``); responses that do not fit are cut from the end
 (``response_truncated``, the pair is kept). Tile counts come from image headers, so an
-over-long sample is dropped before its pixels are decoded.
+over-long sample is dropped before its pixels are decoded. Images must pass their format's
+integrity checks (``Image.verify``: PNG chunk CRCs...) and decode without PIL's
+truncated-image leniency, else the sample counts as ``bad_image``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
+import math
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 
 from megatron_mpo.data.templates import IMAGE_PLACEHOLDER, ChatTemplate, normalize_placeholders
 from megatron_mpo.data.tiling import count_tiles, image_to_tiles, tiles_per_image
@@ -28,6 +32,49 @@ class SampleError(Exception):
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
+
+
+def tile_limit(value: object, max_tiles: int) -> int:
+    """A sample's ``max_dynamic_patch`` clamped to ``max_tiles`` (absent: ``max_tiles``).
+
+    The field comes from the data, so it may lower the configured budget but never raise
+    it (tokens, memory and the grid search are sized by ``data.max_tiles``); anything but
+    a whole number >= 1 is ``bad_field``.
+    """
+    if value is None:
+        return max_tiles
+    whole = isinstance(value, int) or (isinstance(value, float) and math.isfinite(value) and value.is_integer())
+    if isinstance(value, bool) or not whole or value < 1:
+        raise SampleError("bad_field", f"max_dynamic_patch {value!r}"[:200])
+    return min(int(value), max_tiles)
+
+
+@contextlib.contextmanager
+def strict_decoding():
+    """Decode with PIL's truncated-image leniency off, whatever another library set."""
+    saved = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = saved
+
+
+def open_image(data: bytes) -> Image.Image:
+    """The image's header, after the format's integrity checks on a separate open.
+
+    ``verify()`` checks what the format can (PNG: every chunk's CRC, so a flipped byte
+    that still inflates is caught); it leaves the image unusable, hence the second open.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            probe.verify()
+        img = Image.open(io.BytesIO(data))  # header only: size without decoding
+    except Exception as exc:
+        raise SampleError("bad_image", str(exc)) from None
+    if img.width < 1 or img.height < 1:
+        raise SampleError("bad_image", "empty image")
+    return img
 
 
 @dataclass
@@ -123,20 +170,10 @@ class PairBuilder:
         question = normalize_placeholders(question, len(image_bytes))
         if question is None:
             raise SampleError("placeholder_mismatch", f"{len(image_bytes)} images")
-        max_tiles = meta.get("max_dynamic_patch") or self.max_tiles
-        budget = tiles_per_image(int(max_tiles), len(image_bytes))
-        images = []
-        tiles = []
-        for data in image_bytes:
-            try:
-                img = Image.open(io.BytesIO(data))  # header only: size without decoding
-                width, height = img.size
-            except Exception as exc:
-                raise SampleError("bad_image", str(exc)) from None
-            if width < 1 or height < 1:
-                raise SampleError("bad_image", "empty image")
-            images.append(img)
-            tiles.append(count_tiles(width, height, self.image_size, budget, self.min_tiles, self.use_thumbnail))
+        budget = tiles_per_image(tile_limit(meta.get("max_dynamic_patch"), self.max_tiles), len(image_bytes))
+        images = [open_image(data) for data in image_bytes]
+        tiles = [count_tiles(img.width, img.height, self.image_size, budget, self.min_tiles, self.use_thumbnail)
+                 for img in images]
         prompt = self.prompt_ids(question, tiles)
         chosen_ids, rejected_ids = self.response_ids(chosen), self.response_ids(rejected)
         self._check_image_tokens(prompt, chosen_ids, rejected_ids, tiles)
@@ -144,7 +181,8 @@ class PairBuilder:
         pixel = []
         for img, n in zip(images, tiles):
             try:
-                img.load()
+                with strict_decoding():
+                    img.load()
                 t = image_to_tiles(img, self.image_size, budget, self.min_tiles, self.use_thumbnail)
             except Exception as exc:
                 raise SampleError("bad_image", str(exc)) from None

@@ -9,17 +9,22 @@ Each sample is ``KEY.json`` (question with ``<image>`` placeholders, chosen, rej
 dataset, line, id, num_images, images, [max_dynamic_patch]) and ``KEY.img{i}.{ext}``
 holding the original image bytes. Keys are ``{dataset}-L{line}-r{occurrence}`` with no
 dots. Tar headers are fixed (mtime, owner, mode), so equal input and seed give equal
-bytes. Shards and ``index.json`` are written under a temporary name and renamed.
-Refused records are counted by reason and listed in ``refused.jsonl``.
+bytes. ``index.json`` lists each shard's samples, size and sha256 (reference sidecars are
+bound to them). The whole folder is written as a temporary sibling and renamed into
+place, so a failed run leaves the old folder as it was; a non-empty ``out`` is refused
+unless ``overwrite``. Refused records (images outside the image root among them) are
+counted by reason and listed in ``refused.jsonl``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import multiprocessing
 import os
 import random
+import shutil
 import sys
 import tarfile
 import time
@@ -29,7 +34,7 @@ from typing import Callable, Dict, Iterator, List, Optional
 
 from megatron_mpo.data.mmpr import SourceSpec, check_record, load_meta, read_annotation, safe_key_part, select_indices
 from megatron_mpo.errors import UserError
-from megatron_mpo.fileio import write_atomic
+from megatron_mpo.fileio import TMP_PREFIX, write_atomic
 
 INDEX_NAME = "index.json"
 REFUSED_NAME = "refused.jsonl"
@@ -50,6 +55,8 @@ class MakeShardsConfig:
     seed: int = 0
     workers: int = 1
     progress: bool = True
+    overwrite: bool = False  # replace a non-empty ``out`` (whole: never a mix of old and new shards)
+    allow_outside_root: bool = False  # read images outside the image root (absolute, '..', symlinks)
 
 
 def shard_filename(index: int) -> str:
@@ -70,7 +77,7 @@ def _sources(config: MakeShardsConfig) -> List[SourceSpec]:
     return [SourceSpec(name, root, config.jsonl, 1.0, None)]
 
 
-def _plan(specs: List[SourceSpec], seed: int):
+def _plan(specs: List[SourceSpec], seed: int, allow_outside_root: bool = False):
     """All selected occurrences in output order, and per-source line counts."""
     used = set()
     prefixes = []
@@ -99,6 +106,7 @@ def _plan(specs: List[SourceSpec], seed: int):
                     "raw": raw,
                     "max_dynamic_patch": spec.max_dynamic_patch,
                     "key": f"{prefixes[ds_index]}-L{line_no}-r{occ}",
+                    "allow_outside_root": allow_outside_root,
                 }
             )
         stats[spec.name] = {
@@ -154,9 +162,45 @@ class _ShardSink:
             return
         self._tar.close()
         name = shard_filename(len(self.shards))
-        os.replace(self._tmp, os.path.join(self.out, name))
-        self.shards.append({"name": name, "samples": self._count})
+        path = os.path.join(self.out, name)
+        os.replace(self._tmp, path)
+        self.shards.append({"name": name, "samples": self._count, "bytes": os.path.getsize(path), "sha256": _sha256(path)})
         self._tar = None
+
+
+def _sha256(path: str, chunk: int = 8 << 20) -> str:
+    """A shard's digest, hashed once right after it is written (still in the page cache),
+    in chunks; readers then compare it instead of re-reading multi-GB shards."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _staging_dir(out: str, overwrite: bool) -> str:
+    """A fresh sibling of ``out`` to write into; refuses a non-empty ``out`` without ``overwrite``."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--out {out} exists and is not a folder")
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise UserError(f"--out {out} is not empty (an earlier run's shards?); give --overwrite to replace "
+                        "the whole folder, or choose an empty one")
+    staging = os.path.join(os.path.dirname(out), f"{TMP_PREFIX}{os.path.basename(out)}.{os.getpid()}")
+    try:
+        shutil.rmtree(staging, ignore_errors=True)  # a crashed writer's (same pid)
+        os.makedirs(staging)
+    except OSError as exc:
+        raise UserError(f"cannot create output directory {out}: {exc}") from None
+    return staging
+
+
+def _swap_in(staging: str, out: str) -> None:
+    """Put the finished ``staging`` folder at ``out``; an old ``out`` goes only after that."""
+    old = staging + ".old"
+    if os.path.isdir(out):
+        os.replace(out, old)
+    os.replace(staging, out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _results(tasks: List[dict], workers: int) -> Iterator[dict]:
@@ -177,13 +221,22 @@ def make_shards(config: MakeShardsConfig, log: Optional[Callable[[str], None]] =
     if log is None:
         log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     specs = _sources(config)
-    tasks, stats = _plan(specs, config.seed)
+    tasks, stats = _plan(specs, config.seed, config.allow_outside_root)
+    out = os.path.realpath(config.out)  # a symlinked --out keeps its link
+    staging = _staging_dir(out, config.overwrite)
     try:
-        os.makedirs(config.out, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create output directory {config.out}: {exc}") from None
+        index = _write(config, tasks, stats, staging, log)
+        _swap_in(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log(f"make_shards: wrote {index['total']} samples in {len(index['shards'])} shards to {config.out}")
+    return index
 
-    sink = _ShardSink(config.out, config.samples_per_shard)
+
+def _write(config: MakeShardsConfig, tasks: List[dict], stats: dict, folder: str, log: Callable[[str], None]) -> dict:
+    """Shards, ``refused.jsonl`` and ``index.json`` into ``folder``; returns the index."""
+    sink = _ShardSink(folder, config.samples_per_shard)
     refused_counts: Counter = Counter()
     refused_seen = set()
     refused_rows = []
@@ -212,14 +265,10 @@ def make_shards(config: MakeShardsConfig, log: Optional[Callable[[str], None]] =
             log(f"make_shards: {done}/{total} samples ({rate:.1f}/s), {refused_samples} refused")
     sink.close()
 
-    refused_path = os.path.join(config.out, REFUSED_NAME)
+    refused_path = os.path.join(folder, REFUSED_NAME)
     refused_text = "".join(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n" for row in refused_rows)
     write_atomic(refused_path, refused_text, tmp=refused_path + ".tmp", durable=False)
 
-    keep = {s["name"] for s in sink.shards}
-    for entry in os.listdir(config.out):  # shards of an earlier, larger run
-        if entry.startswith("shard-") and entry.endswith(".tar") and entry not in keep:
-            os.remove(os.path.join(config.out, entry))
     index = {
         "format": INDEX_FORMAT,
         "shards": sink.shards,
@@ -230,11 +279,11 @@ def make_shards(config: MakeShardsConfig, log: Optional[Callable[[str], None]] =
         "refused": dict(sorted(refused_counts.items())),
         "refused_samples": refused_samples,
     }
-    index_path = os.path.join(config.out, INDEX_NAME)
+    index_path = os.path.join(folder, INDEX_NAME)
     index_text = json.dumps(index, ensure_ascii=False, indent=1, sort_keys=True) + "\n"
     write_atomic(index_path, index_text, tmp=index_path + ".tmp", durable=False)
     if refused_counts:
         reasons = ", ".join(f"{k}={v}" for k, v in sorted(refused_counts.items()))
-        log(f"make_shards: refused {sum(refused_counts.values())} records ({reasons}); see {refused_path}")
-    log(f"make_shards: wrote {index['total']} samples in {len(sink.shards)} shards to {config.out}")
+        log(f"make_shards: refused {sum(refused_counts.values())} records ({reasons}); see "
+            f"{os.path.join(config.out, REFUSED_NAME)}")
     return index

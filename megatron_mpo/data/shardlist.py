@@ -4,6 +4,10 @@ Accepted, alone or in a list: a shard folder written by make_shards (its
 ``index.json`` lists the shards), an ``index.json`` path or http(s) URL, a local tar
 path, a brace pattern (``shards/shard-{000000..000009}.tar``), a ``pipe:`` command
 (braces expanded too, as webdataset does) or an http(s) URL. Local paths must exist.
+Index entries are names beside the index unless they are URLs or ``pipe:`` commands.
+Each source keeps the sample count its index promised, so the loader can count a shard
+that ends early. ``pipe:`` sources run a shell command: the loader refuses them
+(:func:`check_pipe`) unless the user opted in (``data.allow_pipe_sources``).
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import urllib.request
-from typing import List, Sequence, Union
+from typing import List, NamedTuple, Optional, Sequence, Union
 
 import braceexpand
 
@@ -20,17 +24,55 @@ from megatron_mpo.errors import UserError
 _REMOTE = ("http://", "https://", "pipe:", "file:")
 
 
-def _from_index(index: dict, base: str, origin: str) -> List[str]:
+class ShardSource(NamedTuple):
+    """One shard to read: where, how many samples its index promised, who named it."""
+
+    url: str
+    samples: Optional[int]  # None when no index.json counts it
+    origin: str  # "data.shards" or the index file that lists it
+
+
+def check_pipe(url: str, allowed: bool, origin: str = "the shard list") -> None:
+    """Refuse a ``pipe:`` source (a shell command named by data) unless opted in."""
+    if url.startswith("pipe:") and not allowed:
+        raise UserError(
+            f"shard source {url[:80]!r} in {origin} runs a shell command; "
+            "set data.allow_pipe_sources: true if you trust it"
+        )
+
+
+def refuse_pipes(sources: Sequence[ShardSource], allowed: bool) -> None:
+    """:func:`check_pipe` for every source, naming where the first offender came from."""
+    for source in sources:
+        check_pipe(source.url, allowed, source.origin)
+
+
+def _promised(entry: object) -> Optional[int]:
+    """The sample count of an index entry, None when it has no usable one."""
+    samples = entry.get("samples") if isinstance(entry, dict) else None
+    return samples if isinstance(samples, int) and not isinstance(samples, bool) and samples >= 0 else None
+
+
+def _beside(base: str, name: str) -> str:
+    """An index entry's location: URLs and commands as written, names beside the index."""
+    if name.startswith(_REMOTE):
+        return name
+    if base.startswith(("http://", "https://")):
+        return base.rstrip("/") + "/" + name
+    return os.path.join(base, name)
+
+
+def _from_index(index: dict, base: str, origin: str) -> List[ShardSource]:
     shards = index.get("shards") if isinstance(index, dict) else None
     if not isinstance(shards, list):
         raise UserError(f"{origin} is not a shard index (no 'shards' list)")
-    names = [s["name"] if isinstance(s, dict) else str(s) for s in shards]
-    if base.startswith(("http://", "https://")):
-        return [base.rstrip("/") + "/" + n for n in names]
-    return [os.path.join(base, n) for n in names]
+    return [
+        ShardSource(_beside(base, s["name"] if isinstance(s, dict) else str(s)), _promised(s), origin)
+        for s in shards
+    ]
 
 
-def _read_index(location: str) -> List[str]:
+def _read_index(location: str) -> List[ShardSource]:
     try:
         if location.startswith(("http://", "https://")):
             with urllib.request.urlopen(location, timeout=60) as response:
@@ -45,8 +87,13 @@ def _read_index(location: str) -> List[str]:
 
 def expand_shards(spec: Union[str, Sequence[str]]) -> List[str]:
     """All shard URLs named by ``spec``, in order; UserError when none or a local one is missing."""
+    return [source.url for source in list_shards(spec)]
+
+
+def list_shards(spec: Union[str, Sequence[str]]) -> List[ShardSource]:
+    """:func:`expand_shards` with each shard's promised sample count and origin."""
     items = [spec] if isinstance(spec, str) else list(spec)
-    urls: List[str] = []
+    sources: List[ShardSource] = []
     for item in items:
         item = str(item).strip()
         if not item:
@@ -54,24 +101,24 @@ def expand_shards(spec: Union[str, Sequence[str]]) -> List[str]:
         if not item.startswith(_REMOTE) and os.path.isdir(item):
             index = os.path.join(item, "index.json")
             if os.path.isfile(index):
-                urls += _read_index(index)
+                sources += _read_index(index)
             else:
                 found = sorted(os.path.join(item, n) for n in os.listdir(item) if n.endswith(".tar"))
                 if not found:
                     raise UserError(f"shard folder {item} has no index.json and no .tar files")
-                urls += found
+                sources += [ShardSource(u, None, "data.shards") for u in found]
             continue
         if item.endswith("index.json") and not item.startswith("pipe:"):
-            urls += _read_index(item)
+            sources += _read_index(item)
             continue
-        urls += list(braceexpand.braceexpand(item))
-    if not urls:
+        sources += [ShardSource(u, None, "data.shards") for u in braceexpand.braceexpand(item)]
+    if not sources:
         raise UserError(f"no shards in {spec!r}")
-    missing = [u for u in urls if not u.startswith(_REMOTE) and not os.path.isfile(u)]
+    missing = [s.url for s in sources if not s.url.startswith(_REMOTE) and not os.path.isfile(s.url)]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise UserError(f"shard {missing[0]} does not exist{more}")
-    return urls
+    return sources
 
 
 def read_index_total(spec: Union[str, Sequence[str]]) -> "int | None":

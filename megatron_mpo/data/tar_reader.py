@@ -1,25 +1,29 @@
 """Stream WebDataset tar shards into raw samples, counting what cannot be read.
 
-Opening goes through webdataset's ``gopen`` (local paths, ``file:``, ``pipe:`` commands,
-http(s) via ``curl``; urllib when curl is absent). Members group into samples by key,
-the basename up to its first dot (webdataset's ``base_plus_ext``). A shard that fails
-to open or breaks mid-way (truncated, corrupt) counts one ``bad_tar``; the sample being
-assembled when it broke is dropped and reading goes on with the next shard.
+Local paths and ``file:`` URLs are opened as files and http(s) with urllib, so no
+process is started (webdataset's ``gopen`` would run ``curl``); only an allowed ``pipe:``
+command goes through ``gopen`` (a shell). Members group into samples by key, the
+basename up to its first dot (webdataset's ``base_plus_ext``). A shard that fails to
+open or breaks mid-way (truncated, corrupt) counts one ``bad_tar``; the sample being
+assembled when it broke is dropped and reading goes on with the next shard. Stream-mode
+tarfile takes a header cut short for the end of the archive, so a shard that ends with
+fewer samples than its index.json promised counts the shortfall as ``truncated_shard``.
 """
 
 from __future__ import annotations
 
-import shutil
 import sys
 import tarfile
 import urllib.request
 from collections import Counter
-from typing import Dict, Iterable, Iterator
+from typing import Dict, Iterable, Iterator, Mapping, Optional
+from urllib.parse import urlparse
 
 from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext
 
 from megatron_mpo.data.refs import shard_name
+from megatron_mpo.data.shardlist import check_pipe
 
 
 class SkipCounter:
@@ -40,11 +44,16 @@ class SkipCounter:
         return out
 
 
-def open_shard(url: str):
-    """A binary stream of the shard at ``url``."""
-    if url.startswith(("http://", "https://")) and shutil.which("curl") is None:
+def open_shard(url: str, allow_pipe: bool = False):
+    """A binary stream of the shard at ``url``; a shell only for an allowed ``pipe:``."""
+    if url.startswith(("http://", "https://")):
         return urllib.request.urlopen(url, timeout=120)
-    return gopen(url, "rb")
+    if url.startswith("pipe:"):
+        check_pipe(url, allow_pipe)
+        return gopen(url, "rb")
+    if url.startswith("file:"):
+        return open(urllib.request.url2pathname(urlparse(url).path), "rb")
+    return open(url, "rb")
 
 
 def _close(stream) -> None:
@@ -54,47 +63,75 @@ def _close(stream) -> None:
         pass
 
 
-def iter_shard(url: str, counter: SkipCounter, warn: bool = True) -> Iterator[dict]:
-    """Raw samples ``{"__key__", "__shard__", "__url__", suffix: bytes...}`` of one shard."""
-    try:
-        stream = open_shard(url)
-    except Exception as exc:
-        _report(counter, url, exc, warn)
-        return
+def _tar_samples(stream, url: str) -> Iterator[dict]:
+    """Samples of an open tar stream; raises on a broken tar (the partial sample is lost)."""
     name = shard_name(url)
     current = None
+    with tarfile.open(fileobj=stream, mode="r|*") as tar:
+        for info in tar:
+            if not info.isreg():
+                continue
+            key, suffix = base_plus_ext(info.name)
+            if key is None:
+                continue
+            handle = tar.extractfile(info)
+            data = handle.read() if handle is not None else b""
+            if current is None or key != current["__key__"]:
+                if current is not None:
+                    yield current
+                current = {"__key__": key, "__shard__": name, "__url__": url}
+            current[suffix.lower()] = data
+    if current is not None:
+        yield current
+
+
+def iter_shard(url: str, counter: SkipCounter, warn: bool = True, expected: Optional[int] = None,
+               report: bool = True, allow_pipe: bool = False) -> Iterator[dict]:
+    """Raw samples ``{"__key__", "__shard__", "__url__", suffix: bytes...}`` of one shard.
+
+    ``expected``: the sample count index.json promised. ``report=False`` reads without
+    counting or warning (another stream that reads the same shard does it).
+    """
+    check_pipe(url, allow_pipe)
+    read = 0
+    error: Optional[BaseException] = None
     try:
-        with tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for info in tar:
-                if not info.isreg():
-                    continue
-                key, suffix = base_plus_ext(info.name)
-                if key is None:
-                    continue
-                handle = tar.extractfile(info)
-                data = handle.read() if handle is not None else b""
-                if current is None or key != current["__key__"]:
-                    if current is not None:
-                        yield current
-                    current = {"__key__": key, "__shard__": name, "__url__": url}
-                current[suffix.lower()] = data
-        if current is not None:
-            yield current
-    except Exception as exc:  # truncated or corrupt tar, failing pipe/HTTP stream
-        _report(counter, url, exc, warn)
-    finally:
-        _close(stream)
+        stream = open_shard(url, allow_pipe)
+    except Exception as exc:
+        error = exc
+    else:
+        try:
+            for sample in _tar_samples(stream, url):
+                read += 1
+                yield sample
+        except Exception as exc:  # truncated or corrupt tar, failing pipe/HTTP stream
+            error = exc
+        finally:
+            _close(stream)
+    if report:  # not reached when the reader stops early: a partly read shard is not short
+        _account(counter, url, read, expected, error, warn)
 
 
-def _report(counter: SkipCounter, url: str, exc: BaseException, warn: bool) -> None:
-    if counter.muted:
+def _account(counter: SkipCounter, url: str, read: int, expected: Optional[int],
+             error: Optional[BaseException], warn: bool) -> None:
+    """Count a broken shard and the samples its index promised but it did not deliver."""
+    missing = max(0, expected - read) if expected is not None else 0
+    if counter.muted or (error is None and not missing):
         return
-    counter.add("bad_tar")
+    notes = []
+    if error is not None:
+        counter.add("bad_tar")
+        notes.append(f"{type(error).__name__}: {error}")
+    if missing:
+        counter.add("truncated_shard", missing)
+        notes.append(f"{read} of the {expected} samples in index.json read, {missing} counted as truncated_shard")
     if warn:
-        print(f"warning: skipping the rest of shard {url}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        print(f"warning: shard {url} ended early: {'; '.join(notes)}", file=sys.stderr, flush=True)
 
 
-def iter_shards(urls: Iterable[str], counter: SkipCounter, warn: bool = True) -> Iterator[dict]:
-    """Raw samples of several shards in order."""
+def iter_shards(urls: Iterable[str], counter: SkipCounter, warn: bool = True,
+                expected: Optional[Mapping[str, int]] = None, report: bool = True,
+                allow_pipe: bool = False) -> Iterator[dict]:
+    """Raw samples of several shards in order; ``expected`` maps URLs to promised counts."""
     for url in urls:
-        yield from iter_shard(url, counter, warn)
+        yield from iter_shard(url, counter, warn, (expected or {}).get(url), report, allow_pipe)

@@ -25,16 +25,26 @@ _MEAN = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
 _STD = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1)
 
 
+# Upper bound of a tile budget: the grid search costs O(max_num log max_num), so its input
+# must be bounded (a sample's max_dynamic_patch is clamped to data.max_tiles, itself <= this).
+MAX_TILES = 256
+
+
 @functools.lru_cache(maxsize=64)
 def candidate_grids(min_num: int, max_num: int) -> Tuple[Tuple[int, int], ...]:
-    """Grids ``(cols, rows)`` in InternVL's visiting order (sorted by tile count)."""
-    ratios = set(
-        (i, j)
-        for n in range(min_num, max_num + 1)
-        for i in range(1, n + 1)
-        for j in range(1, n + 1)
-        if min_num <= i * j <= max_num
-    )
+    """Grids ``(cols, rows)`` in InternVL's visiting order (sorted by tile count).
+
+    InternVL collects the grids in a set and sorts it by tile count; grids of equal count
+    keep the set's iteration order, which decides ties. The set is filled here with the
+    same grids in the order of their first insertion in InternVL's triple loop
+    (``n = max(min_num, cols, rows)``, then cols, rows), so it iterates identically,
+    without InternVL's O(max_num**3) loop.
+    """
+    if min_num < 1 or max_num > MAX_TILES:
+        raise ValueError(f"tile grid search needs min_num >= 1 and max_num <= {MAX_TILES}, "
+                         f"got min_num={min_num}, max_num={max_num}")
+    grids = [(i, j) for i in range(1, max_num + 1) for j in range(1, max_num // i + 1) if i * j >= min_num]
+    ratios = set(sorted(grids, key=lambda g: (max(min_num, *g), g[0], g[1])))
     return tuple(sorted(ratios, key=lambda x: x[0] * x[1]))
 
 

@@ -420,14 +420,6 @@ class InternVLModel(MegatronModule):
         """For megatron-core's finalize_model_grads (tied word embeddings across stages)."""
         return self.language_model.shared_embedding_or_output_weight()
 
-    def freeze(self, vision: bool = False, projector: bool = False, language: bool = False) -> None:
-        """Stop gradients for whole parts (a frozen vision tower also runs without autograd)."""
-        parts = ((vision, self.vision_model), (projector, self.vision_projection), (language, self.language_model))
-        for frozen, module in parts:
-            if frozen and module is not None:
-                for param in module.parameters():
-                    param.requires_grad_(False)
-
     # ---- forward --------------------------------------------------------------------
 
     def encode_images(self, pixel_values: Tensor) -> Tensor:

@@ -7,7 +7,8 @@ On-disk layout of ``save_dir``::
         metadata.json, common.pt, __*.distcp, ...   the dist_checkpointing tree
         common.json             {"format", "step", "world_size", "tensor", "pipeline", "data",
                                  "virtual_pipeline", "has_optimizer", "common": <caller's dict>}
-        rank_00000.pt ...       per-rank extras (RNG states, loader position), torch.save'd
+        rank_00000.pt ...       per-rank extras (RNG states, loader position): tensors and
+                                JSON values, torch.save'd, read back weights-only
     .tmp_step_000000124/        a save in progress (or a crashed one: removed on the next save)
 
 The dist_checkpointing tree holds the model chunks under the state-dict keys ``model``
@@ -21,6 +22,9 @@ the optimizer and without ``common.json``, so :func:`load_model_weights` reads e
 A save writes everything into ``.tmp_<name>/``; once every rank is done, rank 0 fsyncs it,
 renames it into place and then replaces ``latest``. A crash at any point leaves the previous
 checkpoint complete and ``latest`` naming it.
+
+Loads run nothing from the files: every pickle goes through the allow-lists of
+:mod:`megatron_mpo.training.safe_load` (a crafted file is refused with a UserError).
 
 The distributed optimizer is saved as ``dp_reshardable`` (Megatron-LM's default): its state
 resumes at the same TP/PP/VPP layout, with any data-parallel size. Three megatron-core
@@ -155,6 +159,26 @@ def _first_real_key(keys: Iterable[str]) -> Optional[str]:
     return min((k for k in keys if not _is_extra_state(k)), default=None)
 
 
+def _chunk_keys(count: int) -> list[str]:
+    """The state-dict keys of ``count`` model chunks (see :func:`_model_state`)."""
+    return ["model"] if count == 1 else [f"model{i}" for i in range(count)]
+
+
+def _defuse_extra_state(loaded: dict, count: int, path: Path) -> Optional[str]:
+    """Rebuild the chunks' extra state in place from allow-listed readings; the refusal, if any.
+
+    Transformer Engine's ``set_extra_state`` unpickles its extra state itself.
+    """
+    from megatron_mpo.training.safe_load import defuse_extra_state
+
+    try:
+        for name in _chunk_keys(count):
+            loaded[name] = defuse_extra_state(loaded[name], f"extra state in {path}")
+    except UserError as exc:
+        return str(exc)
+    return None
+
+
 def _apply_model_state(chunks: Sequence[torch.nn.Module], state: dict) -> Optional[str]:
     """Copy the loaded tensors into the chunks; returns what did not fit, or None.
 
@@ -162,8 +186,7 @@ def _apply_model_state(chunks: Sequence[torch.nn.Module], state: dict) -> Option
     absent or surplus key is still reported.
     """
     chunks = _unwrapped(chunks)
-    names = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
-    for name, chunk in zip(names, chunks):
+    for name, chunk in zip(_chunk_keys(len(chunks)), chunks):
         result = chunk.load_state_dict(state[name], strict=False)
         if (missing := _first_real_key(result.missing_keys)) is not None:
             return f"the model's {missing} was not loaded"
@@ -278,7 +301,11 @@ def _load_dist_checkpoint(
     from megatron.core.dist_checkpointing.validation import StrictHandling
     from torch.distributed.checkpoint.api import CheckpointException
 
-    metadata = dist_checkpointing.load_content_metadata(str(path)) or {}
+    from megatron_mpo.training import safe_load
+
+    sharded_strategy, common_strategy = safe_load.load_strategies()
+    common = common_strategy.load_common(str(path))
+    metadata = dist_checkpointing.load_content_metadata(preloaded_state_dict=common) or {}
     state = _model_state(chunks, metadata)
     if optimizer is not None:
         prime_optimizer_state(optimizer)
@@ -286,11 +313,19 @@ def _load_dist_checkpoint(
     try:
         # RETURN_UNEXPECTED: keys the checkpoint lacks are dropped from the request and
         # returned (megatron-core calls them "unexpected"); surplus checkpoint keys are fine.
-        loaded, _, absent = dist_checkpointing.load(state, str(path), strict=StrictHandling.RETURN_UNEXPECTED)
+        loaded, _, absent = dist_checkpointing.load(
+            state, str(path), sharded_strategy=sharded_strategy, common_strategy=common_strategy,
+            strict=StrictHandling.RETURN_UNEXPECTED,
+        )
     except (CheckpointingException, CheckpointException) as exc:  # the latter is a BaseException
         cause = next(iter(getattr(exc, "failures", {}).values()), (exc, None))[0]
-        message = " ".join(str(cause).split())[:400]
+        if isinstance(cause, UserError):  # a file refused inside DCP's reader
+            raise UserError(str(cause)) from exc
+        message = " ".join(str(cause).split())[:400] or type(cause).__name__  # EOFError() has no text
         raise UserError(f"cannot load {path} into this model (other architecture?): {message}") from exc
+    refused = _first_problem_on_any_rank(_defuse_extra_state(loaded, len(chunks), path))
+    if refused is not None:
+        raise UserError(refused)
     absent_key = _first_real_key(absent)  # absent extra state keeps its built value
     if absent_key is not None:
         problem = f"the checkpoint has no {absent_key}"
@@ -377,6 +412,13 @@ def _latest_in(save_dir: Path) -> Optional[Path]:
     return found[-1] if found else None
 
 
+def remove_checkpoint(path: Path) -> None:
+    """Delete a complete checkpoint: renamed out of the way first, so it is never seen half-deleted."""
+    doomed = path.with_name(f"{TMP_PREFIX}deleted_{path.name}")
+    os.rename(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
 class CheckpointManager:
     """Saves, finds and loads the training checkpoints of one run directory.
 
@@ -440,8 +482,13 @@ class CheckpointManager:
         """Write checkpoint ``step`` atomically; collective, call on every rank.
 
         ``common`` must be JSON-able and equal on all ranks (rank 0 writes it);
-        ``per_rank`` is pickled separately for every rank.
+        ``per_rank`` (tensors and JSON values only: it is read back weights-only) is
+        written separately for every rank.
         """
+        from megatron_mpo.training.safe_load import non_plain_part
+
+        if (bad := non_plain_part(per_rank)) is not None:
+            raise TypeError(f"per_rank must hold only tensors and JSON values, not {bad}")
         name = step_dir_name(step)
         tmp = self.save_dir / f"{TMP_PREFIX}{name}"
         final = self.save_dir / name
@@ -491,9 +538,7 @@ class CheckpointManager:
                 break
             if old == keep:
                 continue
-            doomed = old.with_name(f"{TMP_PREFIX}deleted_{old.name}")  # rename first: never half a ckpt
-            os.rename(old, doomed)
-            shutil.rmtree(doomed, ignore_errors=True)
+            remove_checkpoint(old)
             excess -= 1
         fsync_path(self.save_dir)
 
@@ -523,9 +568,17 @@ class CheckpointManager:
                     "(data-parallel size may change) or load weights only"
                 )
         _load_dist_checkpoint(path, model, optimizer)
-        per_rank = None
+        per_rank, refused = None, None
         rank_file = path / f"rank_{_rank():05d}.pt"
         if info["world_size"] == _world() and rank_file.is_file():
-            per_rank = torch.load(rank_file, weights_only=False)
+            from megatron_mpo.training.safe_load import load_plain
+
+            try:
+                per_rank = load_plain(rank_file)
+            except UserError as exc:  # raised on every rank, not only on the one whose file it is
+                refused = str(exc)
+        refused = _first_problem_on_any_rank(refused)
+        if refused is not None:
+            raise UserError(refused)
         _barrier()
         return info["common"], per_rank

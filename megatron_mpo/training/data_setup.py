@@ -20,6 +20,7 @@ __all__ = [
     "packing_layout",
     "packing_warning",
     "build_loader",
+    "reference_fingerprint",
     "check_reference_values",
     "shard_total",
 ]
@@ -71,6 +72,7 @@ def data_config(cfg: RunConfig, model_config, *, for_reference: bool = False):
         shuffle_buffer=0 if for_reference else d.shuffle_buffer,
         shuffle_shards=not for_reference,
         seed=d.seed,
+        allow_pipe_sources=d.allow_pipe_sources,
         micro_batch=cfg.train.micro_batch,
         image_size=model_config.vision.image_size,
         tokens_per_tile=model_config.tokens_per_tile,
@@ -125,12 +127,43 @@ def build_loader(cfg: RunConfig, model_config, tok, layout: Layout):
     return build(data_config(cfg, model_config), tok, dp_rank=layout.data_rank, dp_size=layout.data)
 
 
-def check_reference_values(cfg: RunConfig, model_config) -> None:
-    """Refuse to train against reference values computed with other settings."""
-    from megatron_mpo import reference
+def reference_fingerprint(cfg: RunConfig, model_config) -> dict:
+    """The settings this run's reference values depend on: what the reference tool writes
+    into each sidecar and the trainer expects there (``data.refs.fingerprint``)."""
+    from megatron_mpo.data.refs import fingerprint
 
-    if cfg.data.ref_logps:
-        reference.check_fingerprint(cfg.data.ref_logps, reference.fingerprint(cfg, model_config))
+    if not cfg.model.init:
+        raise UserError("reference values need model.init: the initial policy checkpoint")
+    data = data_config(cfg, model_config, for_reference=True)
+    return fingerprint(cfg.model.init, cfg.model.tokenizer or cfg.model.init, data,
+                       precision.reference_precision(cfg).fingerprint())
+
+
+def check_reference_values(cfg: RunConfig, model_config) -> None:
+    """Refuse to train on reference values that are damaged, stale (their shard changed) or
+    computed with other settings: every sidecar is checked before step one.
+
+    Rank 0 reads them (a large shard set has thousands) and every rank raises its verdict.
+    """
+    import torch
+
+    from megatron_mpo.data.refs import check_sidecars
+    from megatron_mpo.data.shardlist import expand_shards
+
+    if not cfg.data.ref_logps:
+        return
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    verdict = [None]
+    if not distributed or torch.distributed.get_rank() == 0:
+        try:
+            check_sidecars(cfg.data.ref_logps, reference_fingerprint(cfg, model_config), expand_shards(cfg.data.shards),
+                           require_all=cfg.data.on_missing_ref == "error")
+        except UserError as exc:
+            verdict[0] = str(exc)
+    if distributed:
+        torch.distributed.broadcast_object_list(verdict, src=0)
+    if verdict[0]:
+        raise UserError(verdict[0])
 
 
 def shard_total(cfg: RunConfig) -> Optional[int]:

@@ -15,7 +15,7 @@ import torch
 from megatron_mpo.config import PrecisionSection, TrainSection
 from megatron_mpo.errors import UserError
 
-FREEZABLE = {"vision": "vision_model", "projector": "projector", "language": "language_model"}
+FREEZABLE = {"vision": "vision_model", "projector": "vision_projection", "language": "language_model"}
 
 
 def freeze(model: torch.nn.Module, parts: list[str]) -> int:

@@ -52,6 +52,10 @@ def restore_adam_steps(optimizer: Any) -> None:
     checkpoint, but its dp_reshardable loader then copies the *pre-load* per-parameter step
     over the loaded one, and the loaded value is one tensor object shared by all parameters
     (AdamW would increment it once per parameter). Either breaks an exact resume.
+
+    The group's ``step`` is removed once used: torch's ``load_state_dict`` leaves it in the
+    live param groups, where it would go stale -- a later save (which calls this too, after
+    :func:`prime_optimizer_state`) would write that old step back into every parameter.
     """
     from megatron.core.optimizer import distrib_optimizer
 
@@ -64,4 +68,7 @@ def restore_adam_steps(optimizer: Any) -> None:
             for param in group["params"]:
                 state = sub.optimizer.state[param]
                 if "step" in state:
-                    state["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)
+                    # On the device torch put it (fused / capturable Adam keep it with the params).
+                    state["step"] = torch.tensor(float(group["step"]), dtype=torch.float32,
+                                                 device=state["step"].device)
+            del group["step"]

@@ -17,19 +17,24 @@ def _dist() -> bool:
 
 
 class PreemptionFlag:
-    """Turns SIGTERM / SIGUSR1 into a flag, so a preempted job saves before it exits.
+    """Turns SIGTERM / SIGUSR1 / SIGINT into a flag, so a stopped job saves before it exits.
 
-    The handler only sets the flag; the training loop polls :meth:`should_stop`, which all
-    ranks must call at the same step (it is a collective) so that they stop together.
+    SIGTERM is what torchrun sends its ranks when it is stopped itself (and schedulers at
+    preemption), SIGUSR1 what the Slurm launcher sends before the time limit, SIGINT what
+    torchrun forwards on Ctrl-C. The handler only sets the flag; the training loop polls
+    :meth:`should_stop`, which all ranks must call at the same step (it is a collective) so
+    that they stop together. A second SIGINT interrupts at once (KeyboardInterrupt).
     """
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self, signals: Sequence[int] = SIGNALS):
         self.received: Optional[int] = None
         self._previous = {sig: signal.signal(sig, self._handle) for sig in signals}
 
     def _handle(self, signum: int, _frame: Any) -> None:
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            raise KeyboardInterrupt
         self.received = signum
 
     @property
