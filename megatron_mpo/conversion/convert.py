@@ -127,7 +127,7 @@ def vision_padding(num_heads: int, tp: int) -> Optional[int]:
 
 def _companions(hf_dir: Path) -> dict:
     """Small non-weight files of an HF directory, to carry through the model directory."""
-    from megatron_mpo.conversion.megatron_dir import TOKENIZER_FILES
+    from megatron_mpo.data.tokenizer import TOKENIZER_FILES
 
     out = {}
     for path in sorted(hf_dir.iterdir()):

@@ -15,18 +15,10 @@ from pathlib import Path
 from typing import Callable, Optional
 
 
+from megatron_mpo.data.tokenizer import TOKENIZER_FILES
 from megatron_mpo.errors import UserError
 
 MODEL_CONFIG_FILE = "model_config.json"
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer.model",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-)
 
 
 def tokenizer_files(directory: str | Path) -> dict[str, bytes]:

@@ -28,8 +28,8 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
-from megatron_mpo.conversion.megatron_dir import TOKENIZER_FILES
 from megatron_mpo.data.config import DataConfig
+from megatron_mpo.data.tokenizer import TOKENIZER_FILES
 from megatron_mpo.errors import UserError
 from megatron_mpo.fileio import write_atomic
 

@@ -20,6 +20,16 @@ from megatron_mpo.data.templates import IM_END, IM_START, IMG_CONTEXT, IMG_END, 
 from megatron_mpo.errors import UserError
 
 REQUIRED_TOKENS = (IMG_START, IMG_END, IMG_CONTEXT, IM_START, IM_END)
+# The files a tokenizer directory may hold: copied into model dirs, hashed into fingerprints.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+)
 
 
 def _read_json(path: str) -> dict:
