@@ -2,53 +2,108 @@
 
 Every section is a dataclass; unknown keys, wrong types and bad values stop with one
 line (:class:`~megatron_mpo.errors.UserError`) before any process-group work starts.
+Each key is declared once with :func:`setting`: default, one-line help, allowed values,
+required mark. ``--print-config`` and the README table are generated from those
+(megatron_mpo.config_docs), and validation takes allowed values from there too.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import yaml
 
 from megatron_mpo.errors import UserError
 
+Choices = Union[tuple, Callable[[], tuple]]
+
+
+def setting(default: Any = None, text: str = "", *, choices: Optional[Choices] = None,
+            required: Union[bool, str] = False, factory: Optional[Callable[[], Any]] = None) -> Any:
+    """A config key with its one-line help: the one place keys are documented, read by
+    ``--print-config`` and the README table. ``choices`` (a tuple, or a function returning
+    the names another module validates) are also what validation accepts; ``required`` is
+    True or the key that may stand in for this one."""
+    metadata = {"help": text, "choices": choices, "required": required}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def allowed(section: Any, name: str) -> tuple:
+    """The allowed values of ``section.name`` (a section class or instance); () if free."""
+    choices = next(f for f in dataclasses.fields(section) if f.name == name).metadata.get("choices")
+    return tuple(choices() if callable(choices) else choices or ())
+
+
+def _loss_names(constant: str) -> Callable[[], tuple]:
+    """Names the losses module validates (imported late: it pulls in torch)."""
+    return lambda: getattr(importlib.import_module("megatron_mpo.losses"), constant)
+
+
+def _preset_names() -> tuple:
+    from megatron_mpo.models.presets import preset_names
+
+    return tuple(preset_names())
+
+
+def _template_names() -> tuple:
+    from megatron_mpo.data.templates import TEMPLATES
+
+    return tuple(sorted(TEMPLATES))
+
 
 @dataclass
 class ModelSection:
-    init: Optional[str] = None  # Megatron checkpoint dir written by tools/convert_hf_to_megatron.py
-    preset: Optional[str] = None  # build a randomly initialised preset instead (demo/tests)
-    tokenizer: Optional[str] = None  # defaults to `init`
-    freeze: list[str] = field(default_factory=list)  # any of vision, projector, language
-    spec: str = "local"  # local | transformer_engine
-    recompute: Optional[str] = None  # null | selective | full (activation recomputation)
+    """The model to train and how its layers are built."""
+
+    init: Optional[str] = setting(None, "Megatron model dir (tools/convert_hf_to_megatron.py or "
+                                  "tools/init_checkpoint.py): architecture, weights, tokenizer",
+                                  required="model.preset")
+    preset: Optional[str] = setting(None, "build this architecture randomly initialised instead of "
+                                    "`model.init` (demos and tests; name case-insensitive)",
+                                    choices=_preset_names, required="model.init")
+    tokenizer: Optional[str] = setting(None, "tokenizer dir; null: the one in `model.init`")
+    freeze: list[str] = setting(text="parts kept fixed (not all three)", factory=list,
+                                choices=("vision", "projector", "language"))
+    spec: str = setting("local", "layer implementation: `local` runs anywhere (CPU too) and packs "
+                        "shared-prompt rows; `transformer_engine` is needed for FP8",
+                        choices=("local", "transformer_engine"))
+    recompute: Optional[str] = setting(None, "activation recomputation to save memory (null: off)",
+                                       choices=("selective", "full"))
 
     def validate(self) -> None:
-        bad = sorted(set(self.freeze) - {"vision", "projector", "language"})
+        parts = allowed(self, "freeze")
+        bad = sorted(set(self.freeze) - set(parts))
         if bad:
-            raise UserError(f"model.freeze: unknown part(s) {bad}; choose from vision, projector, language")
-        if len(set(self.freeze)) == 3:
+            raise UserError(f"model.freeze: unknown part(s) {bad}; choose from {', '.join(parts)}")
+        if len(set(self.freeze)) == len(parts):
             raise UserError("model.freeze freezes every part: nothing would train; drop one of them")
-        _choice("model.spec", self.spec, ("local", "transformer_engine"))
+        _choice("model.spec", self.spec, allowed(self, "spec"))
         if self.recompute is not None:
-            _choice("model.recompute", self.recompute, ("selective", "full"))
+            _choice("model.recompute", self.recompute, allowed(self, "recompute"))
 
 
 @dataclass
 class ParallelSection:
-    tensor: int = 1
-    pipeline: int = 1
-    sequence: bool = False
-    virtual_pipeline: Optional[int] = None
-    pipeline_layers: Optional[list[int]] = None  # LLM layers per stage, for uneven splits
-    # How long a collective waits for a lost or hung rank before the job fails (and a
-    # scheduler can requeue it). Raise it if one checkpoint save takes longer.
-    timeout_minutes: float = 10.0
+    """Model parallelism; the remaining processes are data-parallel replicas."""
+
+    tensor: int = setting(1, "tensor-parallel size (divides the attention heads; keep it inside a node)")
+    pipeline: int = setting(1, "pipeline-parallel stages")
+    sequence: bool = setting(False, "sequence parallelism (needs `tensor` >= 2; both specs)")
+    virtual_pipeline: Optional[int] = setting(None, "interleaved 1F1B: model chunks per stage (needs "
+                                              "`pipeline` >= 2; micro-batches per step a multiple of it)")
+    pipeline_layers: Optional[list[int]] = setting(None, "LLM layers per stage (and virtual stage) "
+                                                   "for an uneven split; null: even")
+    timeout_minutes: float = setting(10.0, "how long collectives wait for a lost or hung rank before "
+                                     "the job fails (and can be requeued); raise it if a save takes longer")
 
     def validate(self) -> None:
         _positive("parallel.timeout_minutes", self.timeout_minutes)
@@ -70,17 +125,22 @@ class ParallelSection:
 
 @dataclass
 class PrecisionSection:
-    dtype: str = "fp32"  # fp32 | bf16 (bf16 keeps fp32 master weights)
-    fp8: Optional[str] = None  # null | hybrid | e4m3
-    fp8_recipe: str = "delayed"  # delayed | tensorwise | mxfp8
-    # Reference values in FP8 too (current-scaling recipes only); default: precision.dtype.
-    reference_fp8: bool = False
+    """Number formats of training and of the reference pass."""
+
+    dtype: str = setting("fp32", "parameter and compute dtype; bf16 keeps fp32 master weights",
+                         choices=("fp32", "bf16"))
+    fp8: Optional[str] = setting(None, "FP8 LLM layers (needs `model.spec: transformer_engine`, "
+                                 "compute capability >= 8.9; null: off)", choices=("hybrid", "e4m3"))
+    fp8_recipe: str = setting("delayed", "FP8 scaling recipe (`mxfp8` needs Blackwell)",
+                              choices=("delayed", "tensorwise", "mxfp8"))
+    reference_fp8: bool = setting(False, "reference values in FP8 too (current-scaling recipes only); "
+                                  "false: in `dtype`")
 
     def validate(self) -> None:
-        _choice("precision.dtype", self.dtype, ("fp32", "bf16"))
+        _choice("precision.dtype", self.dtype, allowed(self, "dtype"))
         if self.fp8 is not None:
-            _choice("precision.fp8", self.fp8, ("hybrid", "e4m3"))
-        _choice("precision.fp8_recipe", self.fp8_recipe, ("delayed", "tensorwise", "mxfp8"))
+            _choice("precision.fp8", self.fp8, allowed(self, "fp8"))
+        _choice("precision.fp8_recipe", self.fp8_recipe, allowed(self, "fp8_recipe"))
         if self.reference_fp8 and self.fp8 is None:
             raise UserError("precision.reference_fp8 needs precision.fp8; turn it off or set fp8")
         if self.reference_fp8 and self.fp8_recipe == "delayed":
@@ -93,26 +153,36 @@ class PrecisionSection:
 
 @dataclass
 class DataSection:
-    shards: Optional[str] = None  # dir with index.json, brace pattern, pipe: or http(s) URL
-    ref_logps: Optional[str] = None  # dir of reference sidecars from tools/precompute_ref_logps.py
-    on_missing_ref: str = "skip"  # skip | error
-    max_length: int = 8192
-    max_tiles: int = 6
-    template: Optional[str] = None  # default: the model's own
-    num_workers: int = 2
-    shuffle_buffer: int = 1000
-    seed: int = 1234
-    # pipe: shard sources (in data.shards or an index.json) run a shell command; refused
-    # unless this is true. http(s) shards are fetched in-process (urllib), never by a shell.
-    allow_pipe_sources: bool = False
-    # Shared-prompt packing; null = on for the local spec, off for transformer_engine (TE
-    # has no fused kernel for the packed mask: its unfused path keeps [b, heads, S, S]).
-    packing: Optional[bool] = None
+    """Preference pairs: shards, reference values, tokenisation and loading."""
+
+    shards: Optional[str] = setting(None, "shards from tools/make_shards.py: a dir with index.json, a brace "
+                                    "pattern, an http(s) URL (or `pipe:`, see `allow_pipe_sources`)",
+                                    required=True)
+    ref_logps: Optional[str] = setting(None, "dir of reference sidecars written by "
+                                       "tools/precompute_ref_logps.py with this config", required=True)
+    on_missing_ref: str = setting("skip", "a pair without a reference value: `skip` it (counted) or "
+                                  "stop with an `error`", choices=("skip", "error"))
+    max_length: int = setting(8192, "tokens per pair (image tokens included); longer prompts are "
+                              "dropped, responses cut")
+    max_tiles: int = setting(6, "most image tiles per sample (plus a thumbnail when tiled)")
+    template: Optional[str] = setting(None, "chat template; null: the model's own", choices=_template_names)
+    num_workers: int = setting(2, "loader worker processes per rank (0: load in the training process)")
+    shuffle_buffer: int = setting(1000, "samples each worker shuffles over (0: shard order only)")
+    seed: int = setting(1234, "seed of the shard and sample order")
+    allow_pipe_sources: bool = setting(False, "allow `pipe:` shard sources (they run a shell command); "
+                                       "http(s) shards are fetched in-process either way")
+    packing: Optional[bool] = setting(None, "one row per pair, the prompt shared by both responses; "
+                                      "null: on for the local spec, off for transformer_engine "
+                                      "(no fused kernel for the packed mask)")
 
     def validate(self) -> None:
         _positive("data.max_length", self.max_length)
         _positive("data.max_tiles", self.max_tiles)
-        _choice("data.on_missing_ref", self.on_missing_ref, ("skip", "error"))
+        _choice("data.on_missing_ref", self.on_missing_ref, allowed(self, "on_missing_ref"))
+        if self.template is not None and self.template not in allowed(self, "template"):
+            # Here, not at the first sample: a typo would otherwise show as a fingerprint mismatch.
+            raise UserError(f"data.template: unknown template {self.template!r}; "
+                            f"known: {', '.join(allowed(self, 'template'))}")
         if self.num_workers < 0:
             raise UserError("data.num_workers must be >= 0")
         if self.shuffle_buffer < 0:
@@ -121,19 +191,28 @@ class DataSection:
 
 @dataclass
 class LossWeightsSection:
-    preference: float = 0.8
-    quality: float = 0.2
-    generation: float = 1.0
+    """Weights of the three MPO terms (the paper's 0.8 / 0.2 / 1.0)."""
+
+    preference: float = setting(0.8, "weight of the preference (DPO) term")
+    quality: float = setting(0.2, "weight of the quality (BCO) term")
+    generation: float = setting(1.0, "weight of the generation (SFT on the chosen response) term")
 
 
 @dataclass
 class MPOSection:
-    beta: float = 0.1
-    preference: str = "sigmoid"  # sigmoid | ipo | hinge | robust
-    label_smoothing: float = 0.0
+    """The MPO loss (megatron_mpo.losses checks these values)."""
+
+    beta: float = setting(0.1, "reward scale: r = beta * (log pi - log pi_ref)")
+    preference: str = setting("sigmoid", "preference loss (`sigmoid`: DPO)", choices=_loss_names("PREFERENCE_LOSSES"))
+    label_smoothing: float = setting(0.0, "assumed label noise in [0, 0.5) (`sigmoid` and `robust` only)")
     weights: LossWeightsSection = field(default_factory=LossWeightsSection)
-    average_log_probs: bool = False
-    delta_update: str = "step"  # step (paper) | micro_batch (TRL)
+    average_log_probs: bool = setting(False, "per-token average log-probs in the preference and quality "
+                                      "terms instead of sequence sums")
+    delta_update: str = setting("step", "BCO reward shift: mean over previous optimizer `step`s (paper) "
+                                "or a running mean per `micro_batch` (TRL)", choices=_loss_names("DELTA_UPDATES"))
+    generation_norm: str = setting("sequence", "SFT term: mean over pairs of per-`sequence` token means (paper) "
+                                   "or mean over all chosen `token`s of the step (InternVL/TRL)",
+                                   choices=_loss_names("GENERATION_NORMS"))
 
     def validate(self) -> None:
         try:
@@ -151,26 +230,31 @@ class MPOSection:
             weights=LossWeights(**dataclasses.asdict(self.weights)),
             average_log_probs=self.average_log_probs,
             delta_update=self.delta_update,
+            generation_norm=self.generation_norm,
         )
 
 
 @dataclass
 class TrainSection:
-    global_batch: int = 256  # preference pairs per optimizer step
-    micro_batch: int = 1  # pairs per micro-batch per data-parallel rank
-    steps: Optional[int] = None
-    epochs: Optional[float] = None
-    lr: float = 5e-6
-    min_lr: float = 0.0
-    warmup: float = 0.03  # fraction of steps (< 1) or a number of steps (>= 1)
-    schedule: str = "cosine"  # cosine | linear | constant
-    weight_decay: float = 0.05
-    clip_grad: float = 1.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    seed: int = 42
-    max_bad_steps: int = 5  # stop after this many non-finite steps in a row
-    device: str = "auto"  # auto | cuda | cpu
+    """Optimizer, schedule and run length."""
+
+    global_batch: int = setting(256, "preference pairs per optimizer step (all data-parallel ranks)")
+    micro_batch: int = setting(1, "pairs per micro-batch per data-parallel rank (gradient "
+                               "accumulation makes up the rest)")
+    steps: Optional[int] = setting(None, "optimizer steps to run; wins over `epochs`", required="train.epochs")
+    epochs: Optional[float] = setting(None, "passes over the shards (needs sample counts in index.json)",
+                                      required="train.steps")
+    lr: float = setting(5e-6, "peak learning rate (write floats with a dot: 5.0e-6)")
+    min_lr: float = setting(0.0, "learning rate at the end of the schedule")
+    warmup: float = setting(0.03, "linear warm-up: a fraction of the steps (< 1) or a step count (>= 1)")
+    schedule: str = setting("cosine", "decay after warm-up", choices=("cosine", "linear", "constant"))
+    weight_decay: float = setting(0.05, "AdamW weight decay")
+    clip_grad: float = setting(1.0, "gradient-norm clipping (0: off)")
+    adam_beta1: float = setting(0.9, "Adam beta1, in [0, 1)")
+    adam_beta2: float = setting(0.999, "Adam beta2, in [0, 1)")
+    seed: int = setting(42, "seed of the random number generators (preset weights, dropout)")
+    max_bad_steps: int = setting(5, "stop after this many steps in a row with a non-finite loss or gradient")
+    device: str = setting("auto", "`auto`: CUDA when present, else CPU (gloo)", choices=("auto", "cuda", "cpu"))
 
     def validate(self) -> None:
         _positive("train.global_batch", self.global_batch)
@@ -189,18 +273,21 @@ class TrainSection:
         _positive("train.max_bad_steps", self.max_bad_steps)
         if self.warmup < 0:
             raise UserError("train.warmup must be >= 0 (a fraction < 1 or a step count)")
-        _choice("train.schedule", self.schedule, ("cosine", "linear", "constant"))
-        _choice("train.device", self.device, ("auto", "cuda", "cpu"))
+        _choice("train.schedule", self.schedule, allowed(self, "schedule"))
+        _choice("train.device", self.device, allowed(self, "device"))
         if self.weight_decay < 0 or self.clip_grad < 0:
             raise UserError("train.weight_decay and train.clip_grad must be >= 0")
 
 
 @dataclass
 class CheckpointSection:
-    save: Optional[str] = None
-    interval: int = 500
-    load: Optional[str] = None  # a checkpoint dir, or `auto` = latest in `save`
-    keep_last: Optional[int] = 3
+    """Where training state is saved and resumed from."""
+
+    save: Optional[str] = setting(None, "dir for training checkpoints (null: none)")
+    interval: int = setting(500, "save every this many steps, and at the last step and on SIGTERM / SIGUSR1")
+    load: Optional[str] = setting(None, "resume from a checkpoint dir, or `auto`: the latest in `save` "
+                                  "if any (null: start from `model.init`)")
+    keep_last: Optional[int] = setting(3, "checkpoints kept in `save` (null: all)")
 
     def validate(self) -> None:
         _positive("checkpoint.interval", self.interval)
@@ -214,10 +301,12 @@ class CheckpointSection:
 
 @dataclass
 class LoggingSection:
-    metrics: Optional[str] = None  # JSONL path
-    tensorboard: Optional[str] = None
-    wandb_project: Optional[str] = None
-    interval: int = 1
+    """Where metrics go besides the console."""
+
+    metrics: Optional[str] = setting(None, "JSONL file, one object per logged step")
+    tensorboard: Optional[str] = setting(None, "TensorBoard log dir")
+    wandb_project: Optional[str] = setting(None, "Weights & Biases project (needs wandb installed)")
+    interval: int = setting(1, "log every this many steps (and the first and last)")
 
     def validate(self) -> None:
         _positive("logging.interval", self.interval)
@@ -256,6 +345,19 @@ class RunConfig:
 
 def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[list[str]] = None) -> RunConfig:
     """Read a YAML file (optional), apply ``a.b=value`` overrides, validate."""
+    cfg = read_config(path, overrides)
+    if path is not None:
+        return cfg.validate()
+    try:  # without a file the first gap would read like a fault of the (absent) config
+        return cfg.validate()
+    except UserError as exc:
+        raise UserError(f"no --config given, and the overrides alone are not a complete run config ({exc}); "
+                        "pass --config FILE") from None
+
+
+def read_config(path: Optional[Union[str, Path]] = None, overrides: Optional[list[str]] = None) -> RunConfig:
+    """The file and overrides over the defaults, keys and types checked but not validated
+    for training: what ``--print-config`` shows for a config still being written."""
     raw: dict = {}
     if path is not None:
         path = Path(path)
@@ -271,7 +373,7 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[lis
             raise UserError(f"config file {path} must hold a mapping of sections")
     for item in overrides or []:
         _apply_override(raw, item)
-    return from_dict(raw).validate()
+    return from_dict(raw)
 
 
 def from_dict(raw: dict) -> RunConfig:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import yaml
 
+from megatron_mpo.console import failure_line
 from megatron_mpo.errors import UserError, exit_on_user_error
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,14 +77,14 @@ def write_color_set(out: Path, count: int, seed: int, image_size: int) -> Path:
 
 def _run(cmd: list[str], log_path: Path, what: str) -> None:
     """Run a stage in its own process(es), logging to a file; stop with one line on failure."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # known-harmless warnings: megatron_mpo/console.py
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     started = time.perf_counter()
     with log_path.open("w") as log:
         proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
     if proc.returncode != 0:
-        tail = log_path.read_text().strip().splitlines()[-1:] or ["(no output)"]
-        raise UserError(f"{what} failed (exit {proc.returncode}): {tail[0]} -- full log: {log_path}")
+        why = failure_line(log_path.read_text())
+        raise UserError(f"{what} failed (exit {proc.returncode}): {why} -- full log: {log_path}")
     print(f"  {what}: done in {time.perf_counter() - started:.0f}s (log: {log_path})", flush=True)
 
 

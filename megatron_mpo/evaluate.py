@@ -18,6 +18,7 @@ import torch
 
 from megatron_mpo import parallel, platform
 from megatron_mpo.batch import causal_mask
+from megatron_mpo.console import setup_console
 from megatron_mpo.errors import UserError, exit_on_user_error
 
 
@@ -84,32 +85,56 @@ class Evaluator:
         return self.tok.decode(ids[len(prompt):])
 
 
+def greedy_is_right(text: str, answer: str, choices: Sequence[str]) -> bool:
+    """The generated text names ``answer`` and no other of ``choices`` (word match)."""
+    words = set(text.lower().replace(".", " ").replace(",", " ").split())
+    return answer in words and not (words & (set(choices) - {answer}))
+
+
 def evaluate_records(evaluator: Evaluator, records: Sequence[dict], image_root: Path,
                      max_new_tokens: int = 16) -> dict:
-    """``greedy_accuracy``: the answer names ``record['answer']`` and no other of
-    ``record['choices']``; ``preference_accuracy``: log pi(chosen) > log pi(rejected)."""
-    greedy_ok = prefer_ok = 0
-    examples = []
+    """``preference_accuracy``: log pi(chosen) > log pi(rejected), over the records that
+    build (the others are counted in ``skipped`` by reason, as training counts them);
+    ``greedy_accuracy``: over those with an ``answer`` (and ``choices``), None when none has
+    one (MMPR records carry only chosen / rejected), with a ``note`` saying so."""
+    from megatron_mpo.data.samples import SampleError
+
+    greedy_ok = prefer_ok = answered = scored = 0
+    examples: list = []
+    skipped: dict = {}
     for record in records:
-        pair = evaluator.pair(record, image_root)
-        text = evaluator.greedy(pair.prompt, pair.pixel_values, max_new_tokens)
-        words = set(text.lower().replace(".", " ").replace(",", " ").split())
-        others = set(record.get("choices", [])) - {record["answer"]}
-        greedy_ok += record["answer"] in words and not (words & others)
+        try:
+            pair = evaluator.pair(record, image_root)
+        except SampleError as exc:  # as the loader does: count it, go on
+            skipped[exc.reason] = skipped.get(exc.reason, 0) + 1
+            continue
+        scored += 1
         prefer_ok += evaluator.sequence_logp(pair.prompt, pair.chosen, pair.pixel_values) > evaluator.sequence_logp(
             pair.prompt, pair.rejected, pair.pixel_values)
+        if "answer" not in record:
+            continue
+        answered += 1
+        text = evaluator.greedy(pair.prompt, pair.pixel_values, max_new_tokens)
+        greedy_ok += greedy_is_right(text, str(record["answer"]), record.get("choices") or [])
         if len(examples) < 4:
-            examples.append({"question": record["question"], "answer": record["answer"], "generated": text})
-    n = max(len(records), 1)
-    return {"greedy_accuracy": greedy_ok / n, "preference_accuracy": prefer_ok / n, "samples": len(records),
-            "examples": examples}
+            examples.append({"question": record.get("question"), "answer": record["answer"], "generated": text})
+    result = {"greedy_accuracy": greedy_ok / answered if answered else None,
+              "preference_accuracy": prefer_ok / scored if scored else None, "samples": scored,
+              "greedy_samples": answered, "skipped": skipped, "examples": examples}
+    if answered < scored:
+        result["note"] = (f"{scored - answered} of {scored} records have no 'answer' (and 'choices'): "
+                          "greedy accuracy counts only records that have one" if answered else
+                          "the records have no 'answer' (and 'choices'): preference accuracy only")
+    return result
 
 
 @exit_on_user_error
 def main(argv=None) -> None:
+    setup_console()
     parser = argparse.ArgumentParser(description="Greedy-answer and preference accuracy of a checkpoint.")
     parser.add_argument("--ckpt", required=True, help="model dir or training checkpoint step dir")
-    parser.add_argument("--records", required=True, help="JSONL with image, question, chosen, rejected, answer, choices")
+    parser.add_argument("--records", required=True, help="JSONL with image, question, chosen, rejected (MMPR "
+                        "records); answer and choices add greedy-answer accuracy")
     parser.add_argument("--image-root", help="directory the image paths are relative to (default: records' dir)")
     parser.add_argument("--template")
     parser.add_argument("--max-tiles", type=int, default=6)

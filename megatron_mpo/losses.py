@@ -6,6 +6,9 @@
     L_q = -log sigmoid(r_c - delta) - log sigmoid(-(r_r - delta))     (BCO pair)
     L_g = -log pi(y_c|x) / |y_c|                                      (SFT on the chosen response)
 
+``generation_norm: token`` replaces the per-sequence L_g by the NLL of all chosen tokens
+of the optimizer step over their number, as InternVL's MPO trainer (TRL's ``sft`` loss) does.
+
 Everything here is pure torch; torch.distributed is used only to all-reduce the reward
 shift ``delta`` over the data-parallel group, and megatron-core only for the optional
 vocab-parallel token log-prob helper. The preference variants follow TRL's
@@ -16,6 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
@@ -29,18 +34,23 @@ from megatron_mpo.platform import collective_device
 __all__ = [
     "PREFERENCE_LOSSES",
     "DELTA_UPDATES",
+    "GENERATION_NORMS",
     "LossWeights",
     "MPOLossConfig",
     "RewardShift",
+    "default_shift_group",
+    "generation_loss",
     "mpo_loss",
     "MPOLoss",
     "preference_loss",
     "sequence_log_probs",
+    "step_generation_tokens",
     "token_log_probs_from_vocab_parallel_logits",
 ]
 
 PREFERENCE_LOSSES = ("sigmoid", "ipo", "hinge", "robust")
 DELTA_UPDATES = ("step", "micro_batch")
+GENERATION_NORMS = ("sequence", "token")
 METRIC_NAMES = (
     "loss",
     "loss_preference",
@@ -75,9 +85,12 @@ class MPOLossConfig:
     """Hyper-parameters of the MPO loss (names follow TRL's DPOConfig where one exists).
 
     ``average_log_probs`` switches the preference and quality terms (and the reported
-    rewards) from per-sequence log-prob sums to per-token averages; the generation term
-    is always the per-token average. ``delta_update`` picks how the BCO reward shift is
-    kept, see :class:`RewardShift`.
+    rewards) from per-sequence log-prob sums to per-token averages. ``generation_norm``
+    picks the generation term's average: ``sequence`` (default, the paper's
+    -log pi(y_c|x)/|y_c| per pair, then the mean over pairs) or ``token`` (chosen-token NLL
+    summed over the batch / its chosen tokens: TRL's ``sft`` loss, which InternVL's MPO
+    trainer uses; long responses weigh more). ``delta_update`` picks how the BCO reward
+    shift is kept, see :class:`RewardShift`.
     """
 
     beta: float = 0.1
@@ -86,6 +99,7 @@ class MPOLossConfig:
     weights: LossWeights = field(default_factory=LossWeights)
     average_log_probs: bool = False
     delta_update: str = "step"
+    generation_norm: str = "sequence"
 
     def __post_init__(self) -> None:
         # Accept the weights as a mapping or a (preference, quality, generation) triple,
@@ -141,6 +155,11 @@ class MPOLossConfig:
             raise UserError(
                 f"unknown delta_update {self.delta_update!r}; choose one of {', '.join(DELTA_UPDATES)}"
             )
+        if self.generation_norm not in GENERATION_NORMS:
+            raise UserError(
+                f"unknown generation_norm {self.generation_norm!r}; choose one of {', '.join(GENERATION_NORMS)} "
+                "(token reproduces InternVL/TRL)"
+            )
 
 
 # --------------------------------------------------------------------------- reward shift
@@ -151,6 +170,32 @@ def _active_group_size(group: Optional[dist.ProcessGroup]) -> int:
     if group is None or not dist.is_available() or not dist.is_initialized():
         return 1
     return dist.get_world_size(group)
+
+
+_warned_local_shift = False
+
+
+def default_shift_group(warn: bool = True) -> Optional[dist.ProcessGroup]:
+    """megatron-core's data-parallel group when its parallel state is initialised, else None.
+
+    None keeps the reward shift per rank. That is right for one process but silently
+    wrong for several data-parallel replicas, so with several torch.distributed ranks and
+    no parallel state it warns (once per process, when ``warn``).
+    """
+    global _warned_local_shift
+    # Initialised parallel state means the module is imported; this never imports megatron.
+    parallel_state = sys.modules.get("megatron.core.parallel_state")
+    if parallel_state is not None and parallel_state.model_parallel_is_initialized():
+        return parallel_state.get_data_parallel_group()
+    several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if warn and several and not _warned_local_shift:
+        _warned_local_shift = True
+        warnings.warn(
+            "MPOLoss got no process group and megatron parallel state is not initialised: the BCO "
+            "reward shift (delta) stays local to each rank; pass group=<data-parallel group>",
+            stacklevel=3,
+        )
+    return None
 
 
 class RewardShift:
@@ -324,6 +369,55 @@ def preference_loss(h: torch.Tensor, config: MPOLossConfig) -> torch.Tensor:
     raise UserError(f"unknown preference loss {config.preference!r}; choose one of {', '.join(PREFERENCE_LOSSES)}")
 
 
+def generation_loss(
+    policy_chosen_logps: torch.Tensor,
+    chosen_lengths: torch.Tensor,
+    norm: str = "sequence",
+    tokens: Optional[float] = None,
+) -> torch.Tensor:
+    """SFT loss on the chosen responses from log-prob sums [B] and token counts [B].
+
+    sequence: mean over pairs of -log pi(y_c|x) / |y_c| (the paper).
+    token: -sum(log pi(y_c|x)) / ``tokens``; ``tokens`` None means this batch's chosen
+    tokens (TRL's ``sft``: cross entropy over every chosen token of the batch). A trainer
+    that averages the losses of several micro-batches and data-parallel ranks passes
+    :func:`step_generation_tokens` so the average is the whole step's token mean.
+    """
+    if norm == "sequence":
+        return (-policy_chosen_logps / chosen_lengths.clamp(min=1)).mean()
+    if norm != "token":
+        raise UserError(f"unknown generation_norm {norm!r}; choose one of {', '.join(GENERATION_NORMS)}")
+    if tokens is None:
+        return -policy_chosen_logps.sum() / chosen_lengths.sum().clamp(min=1)
+    if not tokens > 0:
+        raise ValueError(f"generation tokens must be > 0, got {tokens!r}")
+    return -policy_chosen_logps.sum() / tokens
+
+
+def step_generation_tokens(
+    chosen_tokens: float, micro_batches: int, group: Optional[dist.ProcessGroup] = None
+) -> float:
+    """Chosen tokens per micro-batch over one optimizer step, for ``generation_norm: token``.
+
+    megatron-core's schedule divides every micro-batch loss by the number of micro-batches
+    and DDP averages gradients over data-parallel ranks: the step optimises the mean of the
+    micro-batch losses. Dividing each micro-batch's chosen NLL sum by (step chosen tokens /
+    (micro-batches x DP ranks)) makes that mean the step's chosen NLL over its chosen
+    tokens, independent of micro-batch size and layout. ``chosen_tokens`` and
+    ``micro_batches`` are this rank's; they are summed over ``group`` (a collective; every
+    rank must run the same number of micro-batches, as megatron-core requires anyway).
+    """
+    if micro_batches <= 0:
+        raise ValueError(f"micro_batches must be > 0, got {micro_batches}")
+    stats = [float(chosen_tokens), float(micro_batches)]
+    if _active_group_size(group) > 1:
+        summed = torch.tensor(stats, dtype=torch.float64, device=collective_device(group))
+        dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=group)
+        stats = summed.tolist()
+    tokens, batches = stats
+    return max(tokens, 1.0) / batches  # a step without chosen tokens has a 0 NLL sum anyway
+
+
 def mpo_loss(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,
@@ -335,15 +429,17 @@ def mpo_loss(
     reward_shift: RewardShift,
     *,
     update_shift: bool = True,
+    generation_tokens: Optional[float] = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """MPO loss of one (micro-)batch: w_p*mean(L_p) + w_q*mean(L_q) + w_g*mean(L_g).
+    """MPO loss of one (micro-)batch: w_p*mean(L_p) + w_q*mean(L_q) + w_g*L_g.
 
     Inputs are shape [B]: per-sequence log-prob *sums* over the response tokens (policy
     with grad, reference without) and response token counts. Returns the scalar loss and
     detached metrics (batch means). A term whose weight is 0 is not computed (reported 0).
     When the quality weight is > 0 and ``update_shift`` is true the reward shift is fed
     (step mode: observe; micro_batch mode: update, a collective over its group). Pass
-    ``update_shift=False`` for evaluation.
+    ``update_shift=False`` for evaluation. ``generation_tokens`` is the token-mean divisor
+    of ``generation_norm: token`` (see :func:`generation_loss`); ignored for ``sequence``.
     """
     dtype = torch.promote_types(policy_chosen_logps.dtype, torch.float32)
     pc, pr = policy_chosen_logps.to(dtype), policy_rejected_logps.to(dtype)
@@ -384,7 +480,8 @@ def mpo_loss(
 
     loss_g = zero
     if w.generation > 0:
-        loss_g = (-pc / n_c).mean()
+        lengths = chosen_lengths.to(device=pc.device, dtype=dtype)
+        loss_g = generation_loss(pc, lengths, config.generation_norm, generation_tokens)
         loss = loss + w.generation * loss_g
 
     with torch.no_grad():
@@ -406,12 +503,16 @@ def mpo_loss(
 class MPOLoss:
     """``mpo_loss`` bundled with its :class:`RewardShift`, for trainers that want one object.
 
-    ``group`` is the data-parallel process group the shift is reduced over.
+    ``group`` is the data-parallel process group the shift is reduced over; without one,
+    megatron-core's data-parallel group when its parallel state is initialised (a shift
+    kept per rank would differ between replicas), see :func:`default_shift_group`.
     """
 
     def __init__(self, config: MPOLossConfig, group: Optional[dist.ProcessGroup] = None) -> None:
         config.validate()
         self.config = config
+        if group is None:
+            group = default_shift_group(warn=config.weights.quality > 0)
         self.reward_shift = RewardShift(config.delta_update, group=group)
 
     def __call__(
@@ -424,6 +525,7 @@ class MPOLoss:
         rejected_lengths: torch.Tensor,
         *,
         update_shift: bool = True,
+        generation_tokens: Optional[float] = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return mpo_loss(
             policy_chosen_logps,
@@ -435,6 +537,7 @@ class MPOLoss:
             self.config,
             self.reward_shift,
             update_shift=update_shift,
+            generation_tokens=generation_tokens,
         )
 
     def end_step(self, group: Optional[dist.ProcessGroup] = None) -> None:

@@ -24,7 +24,7 @@ from megatron_mpo import parallel
 from megatron_mpo.config import RunConfig
 from megatron_mpo.data.refs import StaleSidecar, check_sidecar, shard_contents, shard_name, sidecar_path, write_ref_logps
 from megatron_mpo.errors import UserError
-from megatron_mpo.training import data_setup, model_setup, precision, schedule
+from megatron_mpo.training import data_setup, model_setup, precision, preflight, schedule
 from megatron_mpo.training.forward import make_forward_step
 
 MICRO_BATCHES_PER_CALL = 8  # micro-batches per schedule call (bounds memory on long shards)
@@ -70,6 +70,7 @@ def precompute(cfg: RunConfig, log=print) -> dict:
 
     if not cfg.data.ref_logps:
         raise UserError("set data.ref_logps: the directory the reference sidecars go to")
+    preflight.check_reference(cfg)  # shards, template, model dir, tokenizer, sidecars: before any group or model
     layout = parallel.initialize(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.virtual_pipeline,
                                  seed=cfg.train.seed, device=cfg.train.device,
                                  timeout_minutes=cfg.parallel.timeout_minutes)
@@ -93,7 +94,8 @@ def precompute(cfg: RunConfig, log=print) -> dict:
     todo = [u for u in mine if not _is_complete(sidecar_path(out_dir, shard_name(u)), expected, contents[u])]
     planned = sum(counts.get(os.path.basename(u), 0) for u in todo)
     if torch.distributed.get_rank() == 0:
-        log(f"reference log-probs in {precision.reference_precision(cfg).describe()}: {len(urls)} shards, {len(mine) - len(todo)} of this rank's "
+        log(f"reference log-probs in {precision.reference_precision(cfg).describe()}, template "
+            f"{data_setup.describe_template(cfg, model_config)}: {len(urls)} shards, {len(mine) - len(todo)} of this rank's "
             f"{len(mine)} already complete, {len(todo)} to compute")
 
     forward_step = make_forward_step(None)

@@ -1,8 +1,10 @@
 """MPO training, top to bottom.
 
     torchrun --nproc-per-node N -m megatron_mpo.train --config FILE [section.key=value ...]
+    python -m megatron_mpo.train --print-config [--config FILE] [...]   # every key, its value and help
 
-The loop reads like a recipe: parse config -> process groups -> model (+ weights) ->
+The loop reads like a recipe: parse config -> checks that need no model (preflight) ->
+process groups -> model (+ weights) ->
 DDP + distributed optimizer -> data -> resume -> for each step: draw the step's
 micro-batches, run megatron-core's forward/backward schedule, skip non-finite updates,
 step optimizer and schedule, fold the step's rewards into the MPO running mean, log,
@@ -20,27 +22,31 @@ from typing import Optional
 import torch
 
 from megatron_mpo import parallel
-from megatron_mpo.config import RunConfig, load_config
+from megatron_mpo.config import RunConfig, load_config, read_config
+from megatron_mpo.config_docs import config_yaml
+from megatron_mpo.console import setup_console
 from megatron_mpo.errors import UserError, exit_on_user_error
 from megatron_mpo.losses import MPOLoss
 from megatron_mpo.parallel import Layout, all_ranks_true
 from megatron_mpo.processes import reap_helpers
 from megatron_mpo.training import checkpoint as ckpt_lib
-from megatron_mpo.training import data_setup, disk_space, model_setup, precision, schedule
+from megatron_mpo.training import run_report
+from megatron_mpo.training import data_setup, disk_space, model_setup, precision, preflight, schedule
 from megatron_mpo.training.flops import FlopCounter
-from megatron_mpo.training.forward import make_forward_step
+from megatron_mpo.training.forward import StepContext, make_forward_step
 from megatron_mpo.training.metrics import MetricsLogger, StepCounter, global_sum, reduce_loss_metrics
 from megatron_mpo.training.preemption import PreemptionFlag
 from megatron_mpo.training.rng_state import capture_rng_state, restore_rng_state
 from megatron_mpo.training.optim import build_optimizer, build_scheduler, grads_are_finite, wrap_data_parallel
 
 
-def parse_args(argv: Optional[list[str]] = None) -> tuple[Optional[str], list[str]]:
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="megatron_mpo.train", description=__doc__.split("\n")[0])
     parser.add_argument("--config", help="YAML run configuration")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (defaults included) with a help line per key, then exit")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    args = parser.parse_args(argv)
-    return args.config, args.overrides
+    return parser.parse_args(argv)
 
 
 def resolve_resume(cfg: RunConfig, manager: Optional[ckpt_lib.CheckpointManager]) -> Optional[Path]:
@@ -64,6 +70,7 @@ def mpo_state(mpo: MPOLoss, layout: Layout) -> dict:
 
 def train(cfg: RunConfig) -> dict:
     """Run training to the configured end (or a preemption signal); returns a summary."""
+    preflight.check_training(cfg)  # data, template, batch split, model dir, tokenizer: before any group or model
     layout = parallel.initialize(
         cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.virtual_pipeline,
         seed=cfg.train.seed, device=cfg.train.device,
@@ -77,6 +84,8 @@ def train(cfg: RunConfig) -> dict:
     precision.check_precision(cfg)
     chunks = model_setup.build_model_chunks(cfg, model_config, layout)
     manager = ckpt_lib.CheckpointManager(cfg.checkpoint.save, cfg.checkpoint.keep_last) if cfg.checkpoint.save else None
+    if manager is not None:
+        ckpt_lib.start_writer()
     resume_from = resolve_resume(cfg, manager)
     if cfg.model.init and resume_from is None:  # a resumed run loads its weights below
         ckpt_lib.load_model_weights(cfg.model.init, chunks)
@@ -85,7 +94,6 @@ def train(cfg: RunConfig) -> dict:
 
     # ---- data -------------------------------------------------------------------------
     tokenizer = data_setup.tokenizer(cfg)
-    data_setup.check_reference_values(cfg, model_config)
     loader = data_setup.build_loader(cfg, model_config, tokenizer, layout)
     total_steps = schedule.total_steps(cfg, layout)
     micro_per_step = schedule.micro_batches_per_step(cfg, layout)
@@ -111,17 +119,22 @@ def train(cfg: RunConfig) -> dict:
 
     logger = MetricsLogger(
         cfg.logging.metrics, cfg.logging.tensorboard, cfg.logging.wandb_project,
-        is_writer=is_writer, run_config=cfg.to_dict(), resume_step=step,
+        is_writer=is_writer, run_config=cfg.to_dict(), resume_step=step, total_steps=total_steps,
     )
     preemption = PreemptionFlag()
     counted = StepCounter()
-    forward_step = make_forward_step(mpo, on_batch=counted.add)
+    step_context = StepContext()
+    forward_step = make_forward_step(mpo, on_batch=counted.add, step=step_context)
     forward_backward = schedule.forward_backward_func()
     flops = FlopCounter(model_config, frozen=cfg.model.freeze, fp8=cfg.precision.fp8 is not None)
     if is_writer:
-        print(f"precision: {precision.training_precision(cfg).describe()}; reference values in "
-              f"{precision.reference_precision(cfg).describe()}; rows: {data_setup.packing_layout(cfg)}; "
-              f"mfu against {flops.peak().describe()}", flush=True)
+        template, template_source = data_setup.run_template(cfg, model_config)
+        print(run_report.banner(
+            cfg, layout, total_steps=total_steps, start_step=step, pairs=data_setup.shard_total(cfg),
+            template=template, template_source=template_source,
+            precision=precision.training_precision(cfg).describe(),
+            reference_precision=precision.reference_precision(cfg).describe(),
+            rows=data_setup.packing_layout(cfg), mfu_peak=flops.peak().describe()), flush=True)
         warning = data_setup.packing_warning(cfg, model_config)
         if warning:
             print(f"warning: {warning}", flush=True)
@@ -144,6 +157,7 @@ def train(cfg: RunConfig) -> dict:
         common = {"step": at_step, "scheduler": scheduler.state_dict(), "mpo": mpo_state(mpo, layout), "config": cfg.to_dict()}
         per_rank = {"rng": capture_rng_state(), "loader": loader.state_dict()}
         disk_space.ensure_room(manager, checkpoint_bytes, at_step, is_writer)
+        began = time.perf_counter()
         try:
             saved = manager.save(at_step, model, optimizer, common, per_rank)
         except Exception as exc:
@@ -153,6 +167,7 @@ def train(cfg: RunConfig) -> dict:
             raise UserError(why) from None
         if is_writer:
             checkpoint_bytes = disk_space.directory_bytes(saved)
+            print(run_report.saved_line(at_step, time.perf_counter() - began), flush=True)
 
     try:
         bad_in_a_row = 0
@@ -176,6 +191,7 @@ def train(cfg: RunConfig) -> dict:
                     print(f"preempted: saved step {last_saved}, exiting", flush=True)
                 break
             seq_len = max(b.input_ids.shape[1] for b in micro_batches)
+            step_context.start(mpo, micro_batches, layout.data_group)  # the step's chosen-token count
             counted.reset()
             for chunk in model:
                 chunk.zero_grad_buffer()
@@ -185,6 +201,7 @@ def train(cfg: RunConfig) -> dict:
             losses = reduce_loss_metrics(results, layout.is_last_stage, layout.tensor_rank)
             finite = math.isfinite(losses["loss"]) and all_ranks_true(grads_are_finite(model))
             grad_norm = float("nan")
+            lr = optimizer.param_groups[0]["lr"]  # this step's rate (the scheduler moves on below)
             if finite:
                 _, grad_norm, _ = optimizer.step()
                 scheduler.step(increment=1)
@@ -205,7 +222,7 @@ def train(cfg: RunConfig) -> dict:
                 skipped = global_sum(loader.skip_counts if first else {})
                 record = {
                     **{k: v for k, v in losses.items() if k != "abs_logratio"},
-                    "lr": optimizer.param_groups[0]["lr"],
+                    "lr": lr,
                     "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                     "samples_per_s": cfg.train.global_batch / elapsed,
                     "tokens_per_s": tokens / elapsed,
@@ -241,14 +258,23 @@ def train(cfg: RunConfig) -> dict:
         reap_helpers()
         logger.close()
     summary = {"step": step, "total_steps": total_steps}
+    if is_writer:
+        print(run_report.summary_line(
+            step=step, total_steps=total_steps, start_step=logger.progress.start_step,
+            global_batch=cfg.train.global_batch, seconds=logger.progress.elapsed(), last=logger.last,
+            checkpoint=manager.latest() if manager else None, metrics=cfg.logging.metrics), flush=True)
     parallel.shutdown()
     return summary
 
 
 @exit_on_user_error
 def main(argv: Optional[list[str]] = None) -> None:
-    config_path, overrides = parse_args(argv)
-    cfg = load_config(config_path, overrides)  # all config errors surface before any process group work
+    setup_console()
+    args = parse_args(argv)
+    if args.print_config:  # keys and types are checked; a config still being written prints too
+        print(config_yaml(read_config(args.config, args.overrides)), end="")
+        return
+    cfg = load_config(args.config, args.overrides)  # all config errors surface before any process group work
     train(cfg)
 
 

@@ -84,7 +84,9 @@ def straight_run(workspace, tmp_path_factory) -> Path:
     cfg = base_config(workspace, checkpoint={"save": str(run / "ckpt"), "interval": 4, "keep_last": 5},
                       logging={"metrics": str(run / "metrics.jsonl")})
     cfg["train"]["steps"] = STRAIGHT_STEPS
-    run_tool("-m megatron_mpo.train", "--config", str(write_config(run / "config.yaml", cfg)), timeout=600)
+    proc = run_tool("-m megatron_mpo.train", "--config", str(write_config(run / "config.yaml", cfg)), timeout=600)
+    (run / "stdout.txt").write_text(proc.stdout)  # its console, checked by tests/test_console.py
+    (run / "stderr.txt").write_text(proc.stderr)
     return run
 
 

@@ -105,6 +105,70 @@ def test_generation_gradient_only_through_policy():
     assert m["loss_preference"].item() == 0.0 and m["loss_quality"].item() == 0.0
 
 
+def test_token_generation_norm_is_the_chosen_token_mean():
+    # TRL's "sft" term (InternVL's MPO): cross entropy over every chosen token of the batch.
+    cfg = MPOLossConfig(generation_norm="token", weights=LossWeights(0.0, 0.0, 1.0))
+    pc = t([-6.0, -10.0]).requires_grad_()
+    others = (t([-1.0, -1.0]), t([-5.0, -5.0]), t([-1.0, -1.0]), t([3.0, 4.0]), t([1.0, 1.0]))
+    loss, m = mpo_loss(pc, *others, cfg, RewardShift())
+    assert loss.item() == pytest.approx((6.0 + 10.0) / (3 + 4), abs=1e-12)
+    assert m["loss_generation"].item() == pytest.approx(16.0 / 7, abs=1e-12)
+    loss.backward()
+    assert pc.grad.tolist() == pytest.approx([-1 / 7, -1 / 7])  # every token weighs the same
+    # A step-wide divisor (step_generation_tokens) replaces the batch's own count.
+    scaled, _ = mpo_loss(pc, *others, cfg, RewardShift(), generation_tokens=2.5)
+    assert scaled.item() == pytest.approx(16.0 / 2.5, abs=1e-12)
+    # sequence (the default) is unchanged: the mean of per-pair token means.
+    seq, _ = mpo_loss(pc, *others, MPOLossConfig(weights=LossWeights(0.0, 0.0, 1.0)), RewardShift(),
+                      generation_tokens=2.5)
+    assert seq.item() == pytest.approx((6.0 / 3 + 10.0 / 4) / 2, abs=1e-12)
+
+
+def test_step_generation_tokens_and_step_context():
+    from megatron_mpo.config import read_config
+    from megatron_mpo.losses import step_generation_tokens
+    from megatron_mpo.training.forward import StepContext, chosen_tokens
+    from tests.workers.generation_norm import collate, make_pairs
+
+    assert step_generation_tokens(14, 4) == 3.5  # chosen tokens per micro-batch of the step
+    assert step_generation_tokens(0, 2) == 0.5  # no chosen tokens: a 0 sum over a positive divisor
+    with pytest.raises(ValueError):
+        step_generation_tokens(3, 0)
+    batches = [collate(make_pairs()[:3]), collate(make_pairs()[3:])]  # chosen lengths 2 + 9 + 5, then 7
+    assert [chosen_tokens(b) for b in batches] == [16, 7]
+    context = StepContext()
+    cfg = read_config(None, ["mpo.generation_norm=token"]).mpo.loss_config()
+    context.start(MPOLoss(cfg), batches, group=None)
+    assert context.generation_tokens == 23 / 2
+    context.start(MPOLoss(MPOLossConfig()), batches, group=None)
+    assert context.generation_tokens is None  # sequence norm: nothing to count
+
+
+def test_token_generation_norm_matches_trl_in_every_layout(tmp_path):
+    """One micro-batch of 4 pairs, 4 of 1 pair, and 2 DP ranks x 2 (real DDP) give the
+    gradient and logged loss of sum(chosen-token NLL) / chosen tokens over the global batch;
+    ``sequence`` gives the paper's per-pair mean. Also: ``MPOLoss(config)`` without a group
+    shares delta over megatron's data-parallel group."""
+    from tests.distributed import launch
+
+    out_path = tmp_path / "out.pt"
+    launch(REPO / "tests" / "workers" / "generation_norm.py", 2, out_path, timeout=300)
+    out = torch.load(out_path, weights_only=False)
+    for norm in ("token", "sequence"):
+        want_loss, want_grad = out["formula"][norm]
+        for loss, grad in (out["local"][(norm, "one_of_4")], out["local"][(norm, "four_of_1")], out["ddp"][norm]):
+            assert loss == pytest.approx(want_loss, rel=1e-6), norm
+            torch.testing.assert_close(grad, want_grad, rtol=1e-5, atol=1e-6)
+    # The two formulas differ on these pairs, so the checks above tell them apart.
+    assert (out["formula"]["token"][1] - out["formula"]["sequence"][1]).abs().max() > 1e-2
+    # With all three terms the gradient does not depend on the layout either.
+    whole = out["local"][("token_all_terms", "one_of_4")][1]
+    torch.testing.assert_close(out["local"][("token_all_terms", "four_of_1")][1], whole, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["ddp"]["token_all_terms"][1], whole, rtol=1e-5, atol=1e-6)
+    # Rank r saw rewards 0.5 (r + 1) and -0.5: delta is their mean over both ranks.
+    assert out["deltas"] == pytest.approx([(0.5 + 1.0 - 0.5 - 0.5) / 4] * 2, abs=1e-12)
+
+
 def _sigmoid(h, b, s):
     return -(1 - s) * logsig(b * h) - s * logsig(-b * h)
 
@@ -306,6 +370,12 @@ _DP_WORKER = textwrap.dedent(
             loss_fn.end_step(group=dist.group.WORLD)
             deltas.append(loss_fn.reward_shift.current())
         out[mode] = {"losses": losses, "deltas": deltas}
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:  # no group, no megatron parallel state
+        warnings.simplefilter("always")
+        MPOLoss(MPOLossConfig())
+        MPOLoss(MPOLossConfig())
+    out["warnings"] = [str(w.message) for w in caught]
     if rank == 0:
         json.dump(out, open(out_path, "w"))
     dist.barrier()
@@ -349,6 +419,9 @@ def test_two_data_parallel_ranks_match_one(tmp_path):
             pytest.fail("data-parallel workers timed out")
     assert all(p.returncode == 0 for p in procs), "\n".join(logs)
     got = json.loads(out_path.read_text())
+    # Without a group or megatron parallel state the shift stays per rank: one warning says so.
+    ours = [w for w in got["warnings"] if "MPOLoss" in w]
+    assert len(ours) == 1 and "stays local to each rank" in ours[0]
 
     for mode in ("step", "micro_batch"):
         loss_fn = MPOLoss(MPOLossConfig(beta=0.3, delta_update=mode))
@@ -393,6 +466,7 @@ def test_two_data_parallel_ranks_match_one(tmp_path):
         ({"label_smoothing": 0.1, "preference": "ipo"}, "label_smoothing"),
         ({"delta_update": "epoch"}, "step, micro_batch"),
         ({"average_log_probs": "yes"}, "average_log_probs"),
+        ({"generation_norm": "batch"}, "sequence, token"),
     ],
 )
 def test_config_errors_are_one_line_user_errors(kwargs, needle):

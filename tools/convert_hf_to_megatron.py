@@ -7,18 +7,19 @@ remote-code layout (InternVLChatModel). The output is a megatron-core dist_check
 directory (+ model_config.json, tokenizer, conversion.json) that training points
 ``model.init`` at. It is written once by this single process and loads under any TP/PP;
 --tp/--pp are checked against the architecture (heads, KV groups, layers) before anything
-is written, and recorded. See megatron_mpo/conversion/convert.py.
+is written, and recorded. The chat template comes from the checkpoint's files, not its
+folder name (megatron_mpo/conversion/chat_template.py). See megatron_mpo/conversion/convert.py.
 """
 
 import argparse
-import warnings
 
+from megatron_mpo.console import setup_console
 from megatron_mpo.errors import exit_on_user_error
 
-# megatron-core announces its fallbacks on import (no apex / Transformer Engine on CPU);
-# a converter does not use them, so keep its output to progress lines and errors.
-warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).*not installed")
-warnings.filterwarnings("ignore", message=r"full scope is deprecated")
+# Known-harmless megatron-core / torch notices stay out of the output (megatron_mpo/console.py);
+# at module level, so that the helper processes dist_checkpointing spawns (which re-import
+# this file, not main) filter them too.
+setup_console()
 
 
 @exit_on_user_error
@@ -32,10 +33,15 @@ def main(argv=None) -> None:
         "--vision-padded-heads", type=int, default=None,
         help="zero-pad the vision attention heads to this count (default: only when --tp does not divide them)",
     )
+    parser.add_argument(
+        "--template", default=None,
+        help="chat template to record (default: the one the checkpoint's config.json or chat template names)",
+    )
     args = parser.parse_args(argv)
     from megatron_mpo.conversion.convert import hf_to_megatron_dir
 
-    hf_to_megatron_dir(args.hf, args.out, args.tp, args.pp, vision_padded_heads=args.vision_padded_heads)
+    hf_to_megatron_dir(args.hf, args.out, args.tp, args.pp, vision_padded_heads=args.vision_padded_heads,
+                       template=args.template)
 
 
 if __name__ == "__main__":  # required: dist_checkpointing's writer spawns processes that re-import this file

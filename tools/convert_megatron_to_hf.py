@@ -5,26 +5,28 @@
 
 ``native`` loads with transformers' InternVLForConditionalGeneration.from_pretrained;
 ``internvl-chat`` is the original InternVLChatModel layout (remote code). --ckpt may be a
-converted model directory or a training checkpoint (save/step_N). Tensors are bit-exact
-in the chosen dtype (auto: the dtype of the checkpoint it was converted from, else
-float32). See megatron_mpo/conversion/convert.py.
+converted model directory, a training checkpoint (save/step_N) or a run's save dir (the
+checkpoint its ``latest`` names). Tensors are bit-exact in the chosen dtype (auto: the
+dtype of the checkpoint it was converted from, else float32). See
+megatron_mpo/conversion/convert.py.
 """
 
 import argparse
-import warnings
 
+from megatron_mpo.console import setup_console
 from megatron_mpo.errors import exit_on_user_error
 
-# megatron-core announces its fallbacks on import (no apex / Transformer Engine on CPU);
-# a converter does not use them, so keep its output to progress lines and errors.
-warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).*not installed")
-warnings.filterwarnings("ignore", message=r"full scope is deprecated")
+# Known-harmless megatron-core / torch notices stay out of the output (megatron_mpo/console.py);
+# at module level, so that the helper processes dist_checkpointing spawns (which re-import
+# this file, not main) filter them too.
+setup_console()
 
 
 @exit_on_user_error
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Megatron model directory -> Hugging Face InternVL.")
-    parser.add_argument("--ckpt", required=True, help="megatron model directory or training checkpoint (save/step_N)")
+    parser.add_argument("--ckpt", required=True, help="megatron model directory, training checkpoint "
+                        "(save/step_N) or a run's save dir (the checkpoint its latest names)")
     parser.add_argument("--out", required=True, help="new output directory (must not exist or be empty)")
     parser.add_argument("--format", default="native", choices=["native", "internvl-chat"],
                         help="native: transformers InternVLForConditionalGeneration (default); "

@@ -7,11 +7,13 @@ For demos and tests: the result is what model.init points at, like a converted c
 
 import argparse
 
+from megatron_mpo.console import setup_console
 from megatron_mpo.errors import exit_on_user_error
 
 
 @exit_on_user_error
 def main(argv=None) -> None:
+    setup_console()
     parser = argparse.ArgumentParser(description="Initialise a model preset as a Megatron model directory.")
     parser.add_argument("--preset", required=True, help="model preset name (e.g. tiny, InternVL2-1B)")
     parser.add_argument("--tokenizer", required=True, help="directory with tokenizer.json or tokenizer.model")

@@ -9,12 +9,14 @@ sidecar per shard into data.ref_logps. Rerunning resumes: complete shards are sk
 import argparse
 
 from megatron_mpo.config import load_config
+from megatron_mpo.console import setup_console
 from megatron_mpo.errors import exit_on_user_error
 
 
 @exit_on_user_error
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    setup_console()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", help="training YAML config")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     args = parser.parse_args(argv)

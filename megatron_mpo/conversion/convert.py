@@ -25,7 +25,12 @@ layout. Both directions are bit-exact for the tensors (in the checkpoint's dtype
 Companion files: the source directory's non-weight files (generation / processor
 configs, chat templates, remote code, README) are kept in the model directory under
 ``hf_files/`` and written back on export -- all of them when exporting to the layout the
-model came from, only the tokenizer-related ones otherwise.
+model came from, only the tokenizer-related ones otherwise. A native export gets the
+processor files the source did not ship (:mod:`.processor`), so ``AutoProcessor`` loads it.
+
+Chat template: read from the checkpoint's own files (never its folder name, see
+:mod:`.chat_template`), stored as ``template`` in ``model_config.json`` and written back as
+``template`` in an ``internvl-chat`` export's ``config.json``.
 
 Every user mistake (another architecture, a TP size that does not divide the heads, a
 missing file, an existing non-empty destination) raises :class:`UserError` with one line,
@@ -41,6 +46,7 @@ from typing import Any, Callable, Optional
 
 from megatron_mpo.conversion import hf_io
 from megatron_mpo.conversion.hf_io import NATIVE, ORIGINAL, FORMATS
+from megatron_mpo.conversion.processor import export_max_tiles, processor_files
 from megatron_mpo.errors import UserError
 
 __all__ = [
@@ -165,15 +171,20 @@ def hf_to_megatron_dir(
     pp: int = 1,
     *,
     vision_padded_heads: Optional[int] = None,
+    template: Optional[str] = None,
     log: Log = print,
 ) -> Path:
     """Convert a Hugging Face InternVL directory (either layout) into a megatron model dir.
+
+    The chat template is read from the checkpoint's files (``template`` forces one), see
+    :mod:`megatron_mpo.conversion.chat_template`, and stored in ``model_config.json``.
 
     Written by this one process; the dist_checkpointing result loads under any TP / PP
     (``tp`` / ``pp`` are validated against the architecture and recorded, see the module
     docstring). Nothing appears at ``out_dir`` unless the whole conversion succeeds.
     """
     from megatron_mpo.conversion import native
+    from megatron_mpo.conversion.chat_template import checkpoint_template
     from megatron_mpo.conversion.megatron_dir import remove_partial, tokenizer_files, write_model_dir
 
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
@@ -181,9 +192,11 @@ def hf_to_megatron_dir(
     hf = hf_io.inspect_hf_dir(hf_dir)
     tokenizer_files(hf_dir)  # fail now, not after reading the weights
     config, native_cfg = hf_model_config(hf, log)
+    config.template, template_source = checkpoint_template(hf_dir, hf.config, config.language.family, template)
     _check_layout(config, tp, pp, vision_padded_heads, log)
     log(f"{hf_dir}: {hf.layout} InternVL ({config.language.family} LLM), {len(hf.weight_files)} weight file(s), "
         f"{hf_io._human(hf.total_bytes)}")
+    log(f"chat template {config.template} ({template_source}); data.template overrides it")
     hf_state = read_hf_model(hf, log)
     dtype = hf_io.dominant_dtype(hf_state)
     state = native.hf_to_megatron(hf_state, config)
@@ -304,7 +317,8 @@ def megatron_dir_to_hf(
     ``bfloat16`` or ``float16``. Nothing appears at ``out`` unless the export succeeds.
     """
     from megatron_mpo.conversion import native, original
-    from megatron_mpo.conversion.megatron_dir import MODEL_CONFIG_FILE, read_model_dir, tokenizer_source
+    from megatron_mpo.conversion.megatron_dir import MODEL_CONFIG_FILE, follow_latest, read_model_dir, tokenizer_source
+    from megatron_mpo.data.templates import family_template
 
     if fmt not in FORMATS:
         raise UserError(f"format must be one of {', '.join(FORMATS)}, not {fmt!r}")
@@ -314,6 +328,7 @@ def megatron_dir_to_hf(
     hf_io.check_destination(out)
     if not ckpt.is_dir():
         raise UserError(f"checkpoint {ckpt} does not exist")
+    ckpt = follow_latest(ckpt, log)
     home = model_home(ckpt)
     if not (home / MODEL_CONFIG_FILE).is_file():
         raise UserError(f"{ckpt} has no {MODEL_CONFIG_FILE}: not a megatron_mpo model directory or training checkpoint")
@@ -325,6 +340,8 @@ def megatron_dir_to_hf(
             dtype = "float32"
     config, state = read_model_dir(ckpt)
     files, generation = _export_files(home, tokenizer_dir, fmt, record, log)
+    if fmt == NATIVE:  # what AutoProcessor needs, where the source did not ship it
+        files.update(processor_files(files, config, export_max_tiles(ckpt, record)))
     torch_dtype = hf_io.DTYPES[dtype]
     state = {k: (v.to(torch_dtype) if v.is_floating_point() else v) for k, v in state.items()}
     native_cfg = hf_io.to_native_hf_config(config, base=record.get("native_config"), dtype=dtype)
@@ -335,6 +352,8 @@ def megatron_dir_to_hf(
         module_state = native.megatron_to_hf(state, config, layout="module")
         source = record.get("original_config") or {}
         overrides = {k: source[k] for k in _CHAT_OVERRIDES if k in source}
+        # The template the model was converted (and trained) with; older model dirs lack it.
+        overrides["template"] = config.template or overrides.get("template") or family_template(config.language.family)
         hf_state, hf_config = original.native_to_original(
             module_state, native_cfg, llm_family=config.language.family, **overrides
         )

@@ -356,7 +356,7 @@ def internvl_config_from_native(native: Mapping[str, Any], family: Optional[str]
     return config.validate()
 
 
-_ARCH_FIELDS_IGNORED = ("name", "vision.num_padded_heads", "language.vocab_size_divisible_by")
+_ARCH_FIELDS_IGNORED = ("name", "template", "vision.num_padded_heads", "language.vocab_size_divisible_by")
 
 
 def _flat_arch(config) -> dict:

@@ -115,6 +115,24 @@ def read_model_config(ckpt: str | Path):
     return InternVLConfig.from_json(config_path.read_text())
 
 
+def follow_latest(ckpt: str | Path, log: Callable[[str], None] = print) -> Path:
+    """A run's ``checkpoint.save`` dir (``latest`` + ``step_*``) stands for the checkpoint
+    ``latest`` names; a model dir or step dir is itself."""
+    from megatron_mpo.training.checkpoint import LATEST, is_model_dir, latest_checkpoint
+
+    ckpt = Path(ckpt)
+    if (ckpt / MODEL_CONFIG_FILE).is_file() or is_model_dir(ckpt):
+        return ckpt
+    newest = latest_checkpoint(ckpt)
+    if newest is None:
+        if (ckpt / LATEST).exists() or any(ckpt.glob("step_*")):
+            raise UserError(f"{ckpt} holds no complete checkpoint (its step_* dirs are unfinished): "
+                            "nothing to read")
+        return ckpt
+    log(f"{ckpt} is a checkpoint save dir: using its latest checkpoint, {newest.name}")
+    return newest
+
+
 def read_model_dir(ckpt: str | Path) -> tuple:
     """(InternVLConfig, full state dict with megatron names) of a model or training checkpoint."""
     from megatron_mpo.training.checkpoint import load_model_weights

@@ -72,6 +72,12 @@ def get_template(name: str) -> ChatTemplate:
         raise UserError(f"unknown chat template {name!r}; known: {', '.join(sorted(TEMPLATES))}") from None
 
 
+def family_template(family: str) -> str:
+    """The template to assume when a checkpoint names none: ``internlm2-chat`` for an
+    InternLM2 LLM, ``internvl2_5`` (InternVL2.5 and later) for any other."""
+    return "internlm2-chat" if family == "internlm2" else "internvl2_5"
+
+
 def normalize_placeholders(question: str, num_images: int) -> Optional[str]:
     """Make the question hold exactly one ``<image>`` per image, or None when it cannot.
 

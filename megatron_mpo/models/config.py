@@ -132,6 +132,9 @@ class InternVLConfig:
     projector_norm_eps: float = 1e-5
     projector_act: str = "gelu"
     name: str = ""  # preset or source name, informational
+    # Chat template the checkpoint was trained with, read from its own files at conversion
+    # (megatron_mpo.conversion.chat_template); None in older model dirs (see data_setup).
+    template: Optional[str] = None
 
     @property
     def shuffle_factor(self) -> int:
@@ -152,6 +155,11 @@ class InternVLConfig:
         self.language.validate()
         _check(self.ps_version == "v2", f"only ps_version v2 is supported, not {self.ps_version!r}")
         _check(self.projector_act == "gelu", f"projector_act must be gelu, not {self.projector_act!r}")
+        if self.template is not None:
+            from megatron_mpo.data.templates import TEMPLATES
+
+            _check(self.template in TEMPLATES,
+                   f"unknown template {self.template!r}; known: {', '.join(sorted(TEMPLATES))}")
         _check(
             abs(1 / self.shuffle_factor - self.downsample_ratio) < 1e-9
             and self.vision.grid % self.shuffle_factor == 0,

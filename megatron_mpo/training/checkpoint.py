@@ -56,6 +56,7 @@ __all__ = [
     "unwrap_model",
     "is_model_dir",
     "is_training_checkpoint",
+    "latest_checkpoint",
 ]
 
 FORMAT = "megatron_mpo.checkpoint/1"
@@ -196,6 +197,15 @@ def _apply_model_state(chunks: Sequence[torch.nn.Module], state: dict) -> Option
 
 
 _WRITER_MANAGERS: list = []
+
+
+def start_writer() -> None:
+    """Start the checkpoint writer's helper process now, at start-up.
+
+    Started lazily it would come up inside the first save -- often the preemption save,
+    right after a job signal, while the new process still has Python's default handlers.
+    """
+    _ensure_writer_queue()
 
 
 def _ensure_writer_queue() -> None:
@@ -410,6 +420,12 @@ def _latest_in(save_dir: Path) -> Optional[Path]:
         return save_dir / name
     found = _complete_in(save_dir)
     return found[-1] if found else None
+
+
+def latest_checkpoint(save_dir: str | Path) -> Optional[Path]:
+    """The checkpoint a run's ``checkpoint.save`` dir stands for (``latest``, else the newest
+    complete step), without constructing a manager (which would clear a running save)."""
+    return _latest_in(Path(save_dir))
 
 
 def remove_checkpoint(path: Path) -> None:

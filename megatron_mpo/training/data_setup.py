@@ -16,6 +16,9 @@ from megatron_mpo.training import precision
 __all__ = [
     "tokenizer",
     "default_template",
+    "model_template",
+    "run_template",
+    "describe_template",
     "data_config",
     "packing_layout",
     "packing_warning",
@@ -46,11 +49,39 @@ PRESET_TEMPLATES = {
 }
 
 
-def default_template(model_config) -> str:
-    """The model's own chat template: by InternVL2 name, else by LLM family (InternVL2.5 style)."""
+def model_template(model_config) -> tuple[str, str]:
+    """(the model's own chat template, where it came from).
+
+    ``model_config.json``'s ``template`` (read from the checkpoint's files at conversion);
+    model dirs written before it existed keep the old rule, so their reference values stay
+    valid: by InternVL2 preset name, else by LLM family.
+    """
+    from megatron_mpo.data.templates import family_template
+
+    if model_config.template:
+        return model_config.template, "from model_config.json"
     if model_config.name in PRESET_TEMPLATES:
-        return PRESET_TEMPLATES[model_config.name]
-    return "internlm2-chat" if model_config.language.family == "internlm2" else "internvl2_5"
+        return PRESET_TEMPLATES[model_config.name], f"model_config.json has none: by the name {model_config.name}"
+    family = model_config.language.family
+    return family_template(family), f"model_config.json has none: by the {family} LLM"
+
+
+def default_template(model_config) -> str:
+    """The model's own chat template (see :func:`model_template`)."""
+    return model_template(model_config)[0]
+
+
+def run_template(cfg: RunConfig, model_config) -> tuple[str, str]:
+    """(the chat template this run uses, where it came from): ``data.template`` wins."""
+    if cfg.data.template:
+        return cfg.data.template, "data.template"
+    return model_template(model_config)
+
+
+def describe_template(cfg: RunConfig, model_config) -> str:
+    """For the start-up line: ``internvl2_5 (from model_config.json)``."""
+    name, source = run_template(cfg, model_config)
+    return f"{name} ({source})"
 
 
 def data_config(cfg: RunConfig, model_config, *, for_reference: bool = False):
@@ -67,7 +98,7 @@ def data_config(cfg: RunConfig, model_config, *, for_reference: bool = False):
         on_missing_ref=d.on_missing_ref,
         max_length=d.max_length,
         max_tiles=d.max_tiles,
-        template=d.template or default_template(model_config),
+        template=run_template(cfg, model_config)[0],
         num_workers=0 if for_reference else d.num_workers,
         shuffle_buffer=0 if for_reference else d.shuffle_buffer,
         shuffle_shards=not for_reference,

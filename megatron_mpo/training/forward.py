@@ -11,13 +11,14 @@ function only collects log-probs.
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
 import torch
 
 from megatron_mpo import platform
 from megatron_mpo.batch import PairBatch
-from megatron_mpo.losses import MPOLoss
+from megatron_mpo.losses import MPOLoss, step_generation_tokens
 from megatron_mpo.training.checkpoint import unwrap_model
 
 
@@ -40,6 +41,32 @@ def slot_log_probs(
         0, slots, torch.ones_like(values)
     )
     return sums, counts
+
+
+def chosen_tokens(batch: PairBatch) -> int:
+    """Scored tokens of the batch's chosen responses (slots below ``num_pairs``)."""
+    index = batch.response_index
+    return int(((index >= 0) & (index < batch.num_pairs)).sum())
+
+
+@dataclass
+class StepContext:
+    """What a micro-batch's loss needs to know about its whole optimizer step.
+
+    ``generation_tokens``: the divisor of ``generation_norm: token`` (None: each
+    micro-batch's own chosen tokens), so the step's token mean covers all its micro-batches
+    on all data-parallel ranks. Set by :meth:`start` before the schedule runs.
+    """
+
+    generation_tokens: Optional[float] = None
+
+    def start(self, mpo: MPOLoss, micro_batches: list[PairBatch], group) -> None:
+        """Prepare for a step of ``micro_batches``; a collective over ``group`` (the DP group)
+        on every rank when the token norm is on."""
+        self.generation_tokens = None
+        if mpo.config.generation_norm == "token" and mpo.config.weights.generation > 0:
+            local = sum(chosen_tokens(b) for b in micro_batches)
+            self.generation_tokens = step_generation_tokens(local, len(micro_batches), group)
 
 
 def _takes_images(model: torch.nn.Module) -> bool:
@@ -68,11 +95,13 @@ def model_inputs(model: torch.nn.Module, batch: PairBatch) -> dict:
 def make_forward_step(
     mpo: Optional[MPOLoss],
     on_batch: Optional[Callable[[PairBatch], None]] = None,
+    step: Optional[StepContext] = None,
 ) -> Callable:
     """Build the schedule's forward step.
 
     ``mpo`` None means forward-only log-prob collection (no reference values needed).
     ``on_batch`` sees every micro-batch drawn (the trainer counts samples and tokens).
+    ``step`` is read at every micro-batch; the trainer refreshes it once per step.
     """
 
     def forward_step(data_iterator: Iterator[PairBatch], model: torch.nn.Module):
@@ -104,6 +133,7 @@ def make_forward_step(
                 batch.ref_rejected_logps.to(sums.device).float(),
                 n_chosen,
                 n_rejected,
+                generation_tokens=step.generation_tokens if step is not None else None,
             )
             ref_c = batch.ref_chosen_logps.to(sums.device).float()
             ref_r = batch.ref_rejected_logps.to(sums.device).float()

@@ -2,6 +2,11 @@
 
 Loss metrics exist only on the last pipeline stage; every rank takes part in one
 all-reduce so that rank 0 (which writes) sees the data-parallel mean.
+
+The logger splits the loader's skip counts (``skipped``, totals by reason) into samples
+dropped and responses truncated, per logging interval and in total (JSONL keys
+``samples_dropped``, ``responses_truncated`` and their ``_total``); the console line shows
+``step N/total``, the loss parts, those counts, elapsed time and ETA.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from megatron_mpo import platform
 from megatron_mpo.errors import UserError
 from megatron_mpo.fileio import write_atomic
 from megatron_mpo.losses import METRIC_NAMES
+from megatron_mpo.training.run_report import KEPT_REASONS, NOT_SAMPLES, Progress, split_skips
 
 # Per-step scalars averaged over micro-batches and data-parallel replicas: the metrics of
 # mpo_loss, and abs_logratio, the mean |log pi - log pi_0| (logged once as ref_logratio_step0).
@@ -73,8 +79,13 @@ class MetricsLogger:
         is_writer: bool,
         run_config: Optional[dict] = None,
         resume_step: int = 0,
+        total_steps: Optional[int] = None,
     ) -> None:
         self.is_writer = is_writer
+        self.progress = Progress(total_steps or 0, resume_step)
+        self.total_steps = total_steps
+        self.last: Optional[dict] = None  # the latest record logged
+        self._skip_totals = (0, 0)  # (dropped, truncated) at the previous logged step
         self._file = None
         self._tb = None
         self._wandb = None
@@ -83,7 +94,9 @@ class MetricsLogger:
         if jsonl:
             path = Path(jsonl)
             path.parent.mkdir(parents=True, exist_ok=True)
-            _truncate_after(path, resume_step)
+            kept = _truncate_after(path, resume_step)
+            if kept and isinstance(kept.get("skipped"), dict):
+                self._skip_totals = split_skips(kept["skipped"])
             self._file = path.open("a")
         if tensorboard:
             try:
@@ -106,6 +119,8 @@ class MetricsLogger:
     def log(self, step: int, metrics: dict) -> None:
         if not self.is_writer:
             return
+        metrics = {**metrics, **self._skip_split(metrics.get("skipped"))}
+        self.last = metrics
         record = {"step": step, **metrics}
         if self._file is not None:
             self._file.write(json.dumps(record, sort_keys=False) + "\n")
@@ -116,7 +131,18 @@ class MetricsLogger:
                 self._tb.add_scalar(key, value, step)
         if self._wandb is not None:
             self._wandb.log(flat, step=step)
-        print(console_line(step, metrics), file=sys.stdout, flush=True)
+        progress = self.progress.text(step) if self.total_steps else None
+        print(console_line(step, metrics, self.total_steps, progress), file=sys.stdout, flush=True)
+
+    def _skip_split(self, skipped: Optional[dict]) -> dict:
+        """Dropped samples and truncated responses: since the previous logged step, and totals."""
+        if not isinstance(skipped, dict):
+            return {}
+        dropped, truncated = split_skips(skipped)
+        before = self._skip_totals
+        self._skip_totals = (dropped, truncated)
+        return {"samples_dropped": dropped - before[0], "responses_truncated": truncated - before[1],
+                "samples_dropped_total": dropped, "responses_truncated_total": truncated}
 
     def close(self) -> None:
         if self._file is not None:
@@ -127,18 +153,33 @@ class MetricsLogger:
             self._wandb.finish()
 
 
-def console_line(step: int, m: dict) -> str:
-    parts = [f"step {step}"]
+def console_line(step: int, m: dict, total_steps: Optional[int] = None, progress: Optional[str] = None) -> str:
+    """``step 3/10 | loss ... | dropped 2 (total 5: bad_image=5) | truncated 1 (total 3) | elapsed .. | ETA ..``."""
+    parts = [f"step {step}/{total_steps}" if total_steps else f"step {step}"]
     for key in CONSOLE_KEYS:
         if key in m:
             parts.append(f"{key} {m[key]:.4f}")
     for key, fmt in (("lr", "{:.3g}"), ("grad_norm", "{:.3f}"), ("samples_per_s", "{:.2f}"), ("tokens_per_s", "{:.0f}"), ("mfu", "{:.4f}")):
         if key in m and m[key] is not None and not (isinstance(m[key], float) and math.isnan(m[key])):
             parts.append(f"{key} " + fmt.format(m[key]))
-    skipped = {k: int(v) for k, v in (m.get("skipped") or {}).items() if v}
-    if skipped:
-        parts.append("skipped " + ",".join(f"{k}={v}" for k, v in sorted(skipped.items())))
+    parts.extend(_skip_parts(m))
+    if progress:
+        parts.append(progress)
     return " | ".join(parts)
+
+
+def _skip_parts(m: dict) -> list[str]:
+    """Non-zero skip counts: dropped samples by reason, truncated responses, non-finite steps."""
+    skipped = {k: int(v) for k, v in (m.get("skipped") or {}).items() if v}
+    parts = []
+    if m.get("samples_dropped_total"):
+        reasons = ",".join(f"{k}={v}" for k, v in sorted(skipped.items()) if k not in KEPT_REASONS + NOT_SAMPLES)
+        parts.append(f"dropped {m['samples_dropped']} (total {m['samples_dropped_total']}: {reasons})")
+    if m.get("responses_truncated_total"):
+        parts.append(f"truncated {m['responses_truncated']} (total {m['responses_truncated_total']})")
+    if skipped.get("nonfinite_steps"):
+        parts.append(f"nonfinite_steps {skipped['nonfinite_steps']}")
+    return parts
 
 
 def _flatten(metrics: dict, prefix: str = "") -> dict:
@@ -151,10 +192,10 @@ def _flatten(metrics: dict, prefix: str = "") -> dict:
     return flat
 
 
-def _truncate_after(path: Path, step: int) -> None:
-    """Keep only records of steps <= ``step`` (what the checkpoint being resumed saw)."""
+def _truncate_after(path: Path, step: int) -> Optional[dict]:
+    """Keep only records of steps <= ``step`` (what the checkpoint being resumed saw); the last kept."""
     if not path.exists():
-        return
+        return None
     kept = []
     for line in path.read_text().splitlines():
         try:
@@ -164,6 +205,7 @@ def _truncate_after(path: Path, step: int) -> None:
             continue  # a half-written last line from a killed run
     tmp = path.with_suffix(path.suffix + ".tmp")
     write_atomic(path, "".join(line + "\n" for line in kept), tmp=tmp, durable=False)
+    return json.loads(kept[-1]) if kept else None
 
 
 class StepCounter:

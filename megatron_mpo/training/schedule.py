@@ -71,6 +71,11 @@ def micro_batches_per_step(cfg: RunConfig, layout: Layout) -> int:
 
 
 def total_steps(cfg: RunConfig, layout: Layout) -> int:
+    """``train.steps``, or whole global batches in ``train.epochs`` passes over the index's pairs.
+
+    Fewer pairs than one global batch is refused: the single step it would round up to
+    would repeat pairs, and says nothing a user asked for.
+    """
     from megatron_mpo.training.data_setup import shard_total
 
     if cfg.train.steps is not None:
@@ -78,4 +83,13 @@ def total_steps(cfg: RunConfig, layout: Layout) -> int:
     total = shard_total(cfg)
     if total is None:
         raise UserError("train.epochs needs a shard index.json with sample counts; set train.steps instead")
-    return max(1, int(math.floor(cfg.train.epochs * total / cfg.train.global_batch)))
+    pairs = cfg.train.epochs * total
+    steps = int(math.floor(pairs / cfg.train.global_batch))
+    if steps < 1:
+        per_step = cfg.train.micro_batch * layout.data
+        raise UserError(
+            f"train.epochs={cfg.train.epochs:g} over {total} pairs is {pairs:g} pairs, less than one step of "
+            f"train.global_batch={cfg.train.global_batch}; lower train.global_batch to at most {int(pairs)} "
+            f"(a multiple of micro_batch x data-parallel size = {per_step}), or set train.steps"
+        )
+    return steps

@@ -1,0 +1,133 @@
+"""The chat template a Hugging Face InternVL checkpoint was trained with, read from its files.
+
+Why: the directory name says nothing reliable (the same Qwen2 weights were given
+``Hermes-2`` from a folder named ``InternVL2-1B`` and ``internvl2_5`` from one named
+``hf``), and a wrong template silently changes every prompt. The converter stores the
+result in ``model_config.json`` (``template``); ``data.template`` overrides it at run time.
+
+Sources, the first one that says something wins:
+
+1. ``config.json`` ``template`` (the original ``InternVLChatModel`` layout: InternVL's
+   conversation template name). A name this project does not know is refused.
+2. A Jinja chat template (the transformers-native layout: transformers 5 saves tokenizer
+   and processor templates as ``chat_template.jinja``; older versions wrote
+   ``chat_template.json`` for the processor and ``tokenizer_config.json`` ``chat_template``
+   for the tokenizer; ``processor_config.json`` is read too), mapped by content:
+
+   * InternVL2.5's system prompt -> ``internvl2_5``; InternVL2's -> the InternVL2 template;
+   * else a ChatML template (``<|im_start|>`` ... ``<|im_end|>``) whose turns end with
+     ``<|im_end|>\\n`` -> ``internvl2_5`` (transformers' own InternVL template: no system
+     prompt, ``\\n`` after every turn), ending with a bare ``<|im_end|>`` -> InternVL2's;
+   * anything else (not ChatML: Phi-3, Llama-3 ...) is refused.
+
+   The InternVL2 template is ``internlm2-chat`` for an InternLM2 LLM, else ``Hermes-2``
+   (they differ only in the BOS token), as in the InternVL2 releases.
+3. Nothing: by LLM family (``internlm2-chat`` for InternLM2, else ``internvl2_5``), and the
+   converter says so.
+
+A refusal names the known templates; ``--template`` on the converter chooses one instead.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Mapping, Optional
+
+from megatron_mpo.data.templates import (IM_END, IM_START, INTERNVL2_5_SYSTEM, INTERNVL2_SYSTEM, TEMPLATES,
+                                         family_template)
+from megatron_mpo.errors import UserError
+
+__all__ = ["JINJA_SOURCES", "checkpoint_template", "template_from_jinja"]
+
+# (file, key in it or None for the raw file), in the order they are consulted.
+JINJA_SOURCES = (
+    ("chat_template.jinja", None),
+    ("chat_template.json", "chat_template"),
+    ("processor_config.json", "chat_template"),
+    ("tokenizer_config.json", "chat_template"),
+)
+_SKIPPED_AFTER_IM_END = "'\" +~\t"
+
+
+def _known() -> str:
+    return ", ".join(sorted(TEMPLATES))
+
+
+def _internvl2_template(family: str) -> str:
+    return "internlm2-chat" if family == "internlm2" else "Hermes-2"
+
+
+def _turns_end_with_newline(text: str) -> bool:
+    """Whether some ``<|im_end|>`` is followed by a newline (quotes and ``+`` skipped)."""
+    text = text.replace("\\n", "\n")
+    start = text.find(IM_END)
+    while start >= 0:
+        rest = text[start + len(IM_END):].lstrip(_SKIPPED_AFTER_IM_END)
+        if rest.startswith("\n"):
+            return True
+        start = text.find(IM_END, start + 1)
+    return False
+
+
+def template_from_jinja(text: str, family: str) -> Optional[tuple[str, str]]:
+    """(template name, why) for a Jinja chat template's text; None when it is not ChatML."""
+    if INTERNVL2_5_SYSTEM in text:
+        return "internvl2_5", "InternVL2.5 system prompt"
+    if INTERNVL2_SYSTEM in text:
+        return _internvl2_template(family), f"InternVL2 system prompt, {family} LLM"
+    if IM_START not in text or IM_END not in text:
+        return None
+    if _turns_end_with_newline(text):
+        return "internvl2_5", "ChatML, turns end with <|im_end|>\\n"
+    return _internvl2_template(family), f"ChatML, turns end with a bare <|im_end|>, {family} LLM"
+
+
+def _jinja_text(path: Path, key: Optional[str]) -> Optional[str]:
+    """The default chat template stored in ``path`` (None when absent or unreadable)."""
+    if not path.is_file():
+        return None
+    try:
+        raw = path.read_text(encoding="utf-8")
+        value = raw if key is None else json.loads(raw).get(key)
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return None
+    if isinstance(value, list):  # [{"name": "default", "template": ...}, ...]
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+        value = named.get("default")
+    return value if isinstance(value, str) and value.strip() else None
+
+
+def _named(name: str, where: str) -> str:
+    if name not in TEMPLATES:
+        raise UserError(
+            f"{where} names chat template {name!r}, which this project does not know; known: {_known()} "
+            "(pass --template to convert with one of them)"
+        )
+    return name
+
+
+def checkpoint_template(hf_dir: str | Path, config: Mapping, family: str,
+                        override: Optional[str] = None) -> tuple[str, str]:
+    """(template name, where it came from) for an HF InternVL directory and its config.json.
+
+    ``override`` (the converter's ``--template``) wins; see the module docstring for the rest.
+    """
+    hf_dir = Path(hf_dir)
+    if override is not None:
+        return _named(override, "--template"), "--template"
+    named = config.get("template")
+    if isinstance(named, str) and named:
+        return _named(named, f"{hf_dir / 'config.json'}"), "config.json 'template'"
+    for name, key in JINJA_SOURCES:
+        text = _jinja_text(hf_dir / name, key)
+        if text is None:
+            continue
+        found = template_from_jinja(text, family)
+        if found is None:
+            raise UserError(
+                f"the chat template in {hf_dir / name} is not one this project knows (not ChatML "
+                f"<|im_start|> ... <|im_end|>); known: {_known()} (pass --template to choose one)"
+            )
+        return found[0], f"{name}: {found[1]}"
+    return family_template(family), f"the checkpoint names none: by its {family} LLM"

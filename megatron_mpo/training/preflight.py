@@ -1,0 +1,123 @@
+"""Start-up checks that need no model: run before process groups and the model exist.
+
+A wrong shard path, missing reference values, an unknown template or a global batch that
+does not split over the data-parallel ranks used to surface only after the process groups
+were up and the model had loaded (a minute on the tiny model, far longer on a real one).
+Everything here reads the config, ``model_config.json``, the tokenizer, the shard index
+and the sidecars; the parallel layout comes from torchrun's environment (``WORLD_SIZE``).
+
+Each failure is one :class:`~megatron_mpo.errors.UserError` line. The full sidecar check
+reads every sidecar, so only global rank 0 runs it (torchrun stops the others when it
+exits); every other check is cheap and runs on every rank.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from megatron_mpo import parallel, platform
+from megatron_mpo.config import RunConfig
+from megatron_mpo.errors import UserError
+from megatron_mpo.parallel import Layout
+from megatron_mpo.training import data_setup, model_setup, precision, schedule
+
+__all__ = ["check_training", "check_reference", "launch_layout"]
+
+
+def check_training(cfg: RunConfig) -> int:
+    """Everything the trainer can check before building a model; returns the run's steps."""
+    model_config = _check_common(cfg)
+    layout = launch_layout(cfg)
+    schedule.micro_batches_per_step(cfg, layout)
+    steps = schedule.total_steps(cfg, layout)
+    if not cfg.data.ref_logps:
+        raise UserError("set data.ref_logps: MPO needs reference log-probs; compute them with "
+                        "tools/precompute_ref_logps.py first")
+    if _is_rank_zero():
+        data_setup.check_reference_values(cfg, model_config)
+    return steps
+
+
+def check_reference(cfg: RunConfig) -> None:
+    """Everything the reference tool can check before building a model."""
+    model_config = _check_common(cfg)
+    launch_layout(cfg)
+    if _is_rank_zero():
+        _check_existing_sidecars(cfg, model_config)
+
+
+def launch_layout(cfg: RunConfig) -> Layout:
+    """The layout rank 0 of this launch will get (process groups need not exist yet):
+    tensor x pipeline must divide the world; the rest is data parallelism."""
+    world = _world_size()
+    parallel.check_divisible(world, cfg.parallel.tensor, cfg.parallel.pipeline)
+    data = world // (cfg.parallel.tensor * cfg.parallel.pipeline)
+    return Layout(tensor=cfg.parallel.tensor, pipeline=cfg.parallel.pipeline, data=data, tensor_rank=0,
+                  pipeline_rank=0, data_rank=0, virtual_pipeline=cfg.parallel.virtual_pipeline)
+
+
+def _check_common(cfg: RunConfig):
+    """Device and precision, model dir, tokenizer, shards and template; the model config."""
+    platform.setup(cfg.train.device)
+    precision.check_precision(cfg)
+    if cfg.model.init and not Path(cfg.model.init).is_dir():
+        raise UserError(f"model.init {cfg.model.init} does not exist: point it at a model directory written by "
+                        "tools/convert_hf_to_megatron.py or tools/init_checkpoint.py")
+    model_config = model_setup.model_config(cfg)
+    data_setup.tokenizer(cfg)
+    _check_shards(cfg)
+    from megatron_mpo.data.templates import get_template
+
+    get_template(data_setup.data_config(cfg, model_config).template)
+    return model_config
+
+
+def _check_shards(cfg: RunConfig) -> None:
+    """The shard set lists (index readable, local shards present) and names no refused source."""
+    from megatron_mpo.data.shardlist import list_shards, refuse_pipes
+
+    if not cfg.data.shards:
+        raise UserError("set data.shards (a shard directory with index.json, a brace pattern or URL)")
+    refuse_pipes(list_shards(cfg.data.shards), cfg.data.allow_pipe_sources)
+
+
+def _check_existing_sidecars(cfg: RunConfig, model_config) -> None:
+    """Sidecars already in ``data.ref_logps`` are sound and of this run's settings; stale
+    ones (their shard changed) and missing ones are left for the tool to compute."""
+    from megatron_mpo.data.refs import StaleSidecar, check_sidecar, shard_contents, shard_name, sidecar_path
+    from megatron_mpo.data.shardlist import expand_shards
+
+    expected = None
+    for url, content in shard_contents(expand_shards(cfg.data.shards)).items():
+        path = sidecar_path(cfg.data.ref_logps, shard_name(url))
+        if not os.path.exists(path):
+            continue
+        expected = expected or data_setup.reference_fingerprint(cfg, model_config)
+        try:
+            check_sidecar(path, expected, content)
+        except StaleSidecar:
+            pass
+
+
+def _world_size() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return _env_int("WORLD_SIZE")
+
+
+def _is_rank_zero() -> bool:
+    """Global rank 0, or a process group already exists (its checks agree across ranks)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return True
+    return _env_int("RANK", 0) == 0
+
+
+def _env_int(name: str, default: int = 1) -> int:
+    value = os.environ.get(name, str(default))
+    try:
+        return int(value)
+    except ValueError:
+        raise UserError(f"environment variable {name}={value!r} is not a whole number (set by torchrun)") from None

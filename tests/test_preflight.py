@@ -1,0 +1,140 @@
+"""Mistakes that need no model stop before any process group or model exists, in seconds,
+with one line (issue 15, item 4): the trainer's and the reference tool's entry points run
+in-process with process-group start-up and model building replaced by tripwires."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from megatron_mpo.config import from_dict, load_config
+from megatron_mpo.errors import UserError
+from tests.conftest import base_config
+
+
+class Tripwire(Exception):
+    """Raised where the run would start process groups or build the model."""
+
+
+@pytest.fixture
+def tripwires(monkeypatch):
+    """Process groups and model building raise :class:`Tripwire`; a fresh launch, in which no
+    process group exists yet (whatever earlier in-process tests left behind)."""
+    import torch
+
+    from megatron_mpo import parallel
+    from megatron_mpo.training import model_setup
+
+    def trip(*args, **kwargs):
+        raise Tripwire("reached process-group or model start-up")
+
+    monkeypatch.setattr(parallel, "initialize", trip)
+    monkeypatch.setattr(model_setup, "build_model_chunks", trip)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def _cfg(ws: Path, **sections):
+    return from_dict(base_config(ws, **sections)).validate()
+
+
+def _refused(entry, cfg, *words: str) -> str:
+    """``entry(cfg)`` stops with one UserError line holding ``words``, within 10 s."""
+    started = time.perf_counter()
+    with pytest.raises(UserError) as err:
+        entry(cfg)
+    elapsed = time.perf_counter() - started
+    message = str(err.value)
+    assert "\n" not in message and all(w in message for w in words), message
+    assert elapsed < 10, f"{elapsed:.1f}s to refuse: {message}"
+    return message
+
+
+def _train(cfg):
+    from megatron_mpo.train import train
+
+    return train(cfg)
+
+
+def _reference(cfg):
+    from megatron_mpo.reference import precompute
+
+    return precompute(cfg, log=lambda _: None)
+
+
+def _broken_sidecars(ws: Path, tmp_path: Path) -> Path:
+    refs = tmp_path / "refs"
+    shutil.copytree(ws / "refs", refs)
+    sidecar = refs / "shard-000001.ref.json"
+    sidecar.write_text(sidecar.read_text()[:100])
+    return refs
+
+
+def test_a_sound_run_gets_to_process_groups(workspace, tripwires):
+    with pytest.raises(Tripwire):
+        _train(_cfg(workspace))
+    with pytest.raises(Tripwire):
+        _reference(_cfg(workspace))
+
+
+@pytest.mark.parametrize("entry", [_train, _reference], ids=["train", "reference"])
+def test_data_faults_stop_before_process_groups(workspace, tripwires, tmp_path, entry):
+    _refused(entry, _cfg(workspace, data={"shards": str(tmp_path / "no-shards")}), "no-shards", "does not exist")
+    bad_index = tmp_path / "bad-index"
+    bad_index.mkdir()
+    (bad_index / "index.json").write_text("{not json")
+    _refused(entry, _cfg(workspace, data={"shards": str(bad_index)}), "cannot read shard index")
+    _refused(entry, _cfg(workspace, data={"ref_logps": str(_broken_sidecars(workspace, tmp_path))}),
+             "shard-000001.ref.json", "truncated")
+    cfg = _cfg(workspace)
+    cfg.data.template = "chatml-typo"  # past config validation, e.g. set by code
+    _refused(entry, cfg, "unknown chat template", "chatml-typo")
+
+
+@pytest.mark.parametrize("entry", [_train, _reference], ids=["train", "reference"])
+def test_model_and_tokenizer_faults_stop_before_process_groups(workspace, tripwires, tmp_path, entry):
+    _refused(entry, _cfg(workspace, model={"init": str(tmp_path / "no-model")}), "model.init", "does not exist")
+    (tmp_path / "empty").mkdir()
+    _refused(entry, _cfg(workspace, model={"init": str(tmp_path / "empty")}), "model_config.json")
+    _refused(entry, _cfg(workspace, model={"tokenizer": str(tmp_path / "empty")}), "no tokenizer.json")
+
+
+def test_reference_values_must_exist_before_training(workspace, tripwires, tmp_path):
+    _refused(_train, _cfg(workspace, data={"ref_logps": None}), "set data.ref_logps")
+    (tmp_path / "refs").mkdir()
+    _refused(_train, _cfg(workspace, data={"ref_logps": str(tmp_path / "refs")}), "holds no reference sidecars")
+
+
+def test_layout_faults_stop_before_process_groups(workspace, tripwires, monkeypatch):
+    """torchrun's WORLD_SIZE is known before any process group: TP x PP must divide it and
+    the global batch must split over micro-batch x data-parallel size."""
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    _refused(_train, _cfg(workspace, parallel={"tensor": 2}), "3 processes", "launch a multiple of 2")
+    _refused(_reference, _cfg(workspace, parallel={"tensor": 2}), "launch a multiple of 2")
+    monkeypatch.setenv("WORLD_SIZE", "4")  # tensor 2 -> 2 data-parallel replicas
+    _refused(_train, _cfg(workspace, parallel={"tensor": 2}, train={"global_batch": 3}),
+             "global_batch 3", "data-parallel size 2")
+
+
+def test_too_few_pairs_for_one_epoch_step_is_refused(workspace, tripwires):
+    """Fewer pairs than one global batch used to round up to one step (of repeated pairs)."""
+    total = json.loads((workspace / "shards" / "index.json").read_text())["total"]
+    cfg = _cfg(workspace, train={"steps": None, "epochs": 1, "global_batch": 4 * total})
+    _refused(_train, cfg, f"over {total} pairs", f"global_batch={4 * total}", f"at most {total}", "train.steps")
+
+
+def test_no_config_file_says_so(capsys):
+    from megatron_mpo.train import main
+
+    with pytest.raises(UserError, match="no --config given"):
+        load_config(None, [])
+    with pytest.raises(SystemExit) as exc:
+        main([])
+    assert exc.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: no --config given"), lines
