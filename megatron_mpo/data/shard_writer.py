@@ -208,7 +208,12 @@ def _results(tasks: List[dict], workers: int) -> Iterator[dict]:
         for task in tasks:
             yield check_record(task)
         return
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
+    # forkserver, not fork: the caller may hold threads (torch's pools, a process group),
+    # and a child forked from such a process can crash or hang (seen: a segfault in PIL's
+    # plugin import inside a forked worker, which left the pool waiting forever).
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["megatron_mpo.data.mmpr"])
+    with context.Pool(workers) as pool:
         yield from pool.imap(check_record, tasks, chunksize=8)
 
 
