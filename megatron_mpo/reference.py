@@ -70,13 +70,12 @@ def precompute(cfg: RunConfig, log=print) -> dict:
 
     if not cfg.data.ref_logps:
         raise UserError("set data.ref_logps: the directory the reference sidecars go to")
-    preflight.check_reference(cfg)  # shards, template, model dir, tokenizer, sidecars: before any group or model
+    # Shards, template, model dir, tokenizer, precision, sidecars: before any group or model.
+    model_config = preflight.check_reference(cfg)
     layout = parallel.initialize(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.virtual_pipeline,
                                  seed=cfg.train.seed, device=cfg.train.device,
                                  timeout_minutes=cfg.parallel.timeout_minutes)
     is_writer = layout.is_last_stage and layout.tensor_rank == 0
-    model_config = model_setup.model_config(cfg)
-    precision.check_precision(cfg)
     chunks = model_setup.build_model_chunks(cfg, model_config, layout, precision.reference_precision(cfg))
     load_model_weights(cfg.model.init, chunks)
     for chunk in chunks:

@@ -70,7 +70,8 @@ def mpo_state(mpo: MPOLoss, layout: Layout) -> dict:
 
 def train(cfg: RunConfig) -> dict:
     """Run training to the configured end (or a preemption signal); returns a summary."""
-    preflight.check_training(cfg)  # data, template, batch split, model dir, tokenizer: before any group or model
+    # Data, template, batch split, model dir, tokenizer, precision: before any group or model.
+    model_config, total_steps = preflight.check_training(cfg)
     layout = parallel.initialize(
         cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.virtual_pipeline,
         seed=cfg.train.seed, device=cfg.train.device,
@@ -80,8 +81,6 @@ def train(cfg: RunConfig) -> dict:
     is_writer = rank == 0
 
     # ---- model ------------------------------------------------------------------------
-    model_config = model_setup.model_config(cfg)
-    precision.check_precision(cfg)
     chunks = model_setup.build_model_chunks(cfg, model_config, layout)
     manager = ckpt_lib.CheckpointManager(cfg.checkpoint.save, cfg.checkpoint.keep_last) if cfg.checkpoint.save else None
     if manager is not None:
@@ -95,7 +94,6 @@ def train(cfg: RunConfig) -> dict:
     # ---- data -------------------------------------------------------------------------
     tokenizer = data_setup.tokenizer(cfg)
     loader = data_setup.build_loader(cfg, model_config, tokenizer, layout)
-    total_steps = schedule.total_steps(cfg, layout)
     micro_per_step = schedule.micro_batches_per_step(cfg, layout)
     scheduler = build_scheduler(optimizer, cfg.train, total_steps)
     mpo = MPOLoss(cfg.mpo.loss_config(), group=layout.data_group)

@@ -27,8 +27,9 @@ from megatron_mpo.training import data_setup, model_setup, precision, schedule
 __all__ = ["check_training", "check_reference", "launch_layout"]
 
 
-def check_training(cfg: RunConfig) -> int:
-    """Everything the trainer can check before building a model; returns the run's steps."""
+def check_training(cfg: RunConfig) -> tuple:
+    """Everything the trainer can check before building a model; returns the model config
+    and the run's total steps (the trainer reuses both)."""
     model_config = _check_common(cfg)
     layout = launch_layout(cfg)
     schedule.micro_batches_per_step(cfg, layout)
@@ -38,15 +39,16 @@ def check_training(cfg: RunConfig) -> int:
                         "tools/precompute_ref_logps.py first")
     if _is_rank_zero():
         data_setup.check_reference_values(cfg, model_config)
-    return steps
+    return model_config, steps
 
 
-def check_reference(cfg: RunConfig) -> None:
-    """Everything the reference tool can check before building a model."""
+def check_reference(cfg: RunConfig):
+    """Everything the reference tool can check before building a model; returns the model config."""
     model_config = _check_common(cfg)
     launch_layout(cfg)
     if _is_rank_zero():
         _check_existing_sidecars(cfg, model_config)
+    return model_config
 
 
 def launch_layout(cfg: RunConfig) -> Layout:
