@@ -107,6 +107,19 @@ def _tiny_internvl(out: Path, kind: str, seed: int, dtype=torch.float32):
         text = dict(model_type="qwen2", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2, intermediate_size=128, rope_theta=10000.0)
         tie = False
+    elif kind == "qwen3":  # InternVL3.5: InternViT-6B style + Qwen3 (per-head qk-norm, explicit head_dim)
+        vision = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=3, intermediate_size=96,
+                      attention_bias=False, norm_type="rms_norm", use_qk_norm=True)
+        text = dict(model_type="qwen3", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=24, intermediate_size=128, rope_theta=1000000.0)
+        tie = False
+    elif kind == "internlm3":  # InternVL3-9B: InternViT-300M style + InternLM3 (Llama layers, head_dim)
+        vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                      attention_bias=True, norm_type="layer_norm", use_qk_norm=False)
+        text = dict(model_type="internlm3", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=20, intermediate_size=128,
+                    rope_parameters={"rope_type": "dynamic", "factor": 6.0, "rope_theta": 50000000.0})
+        tie = False
     else:  # InternViT-6B style (RMSNorm, qk-norm, no bias, 3 heads) + Llama, tied
         vision = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=3, intermediate_size=96,
                       attention_bias=False, norm_type="rms_norm", use_qk_norm=True)
@@ -472,3 +485,50 @@ def test_failed_write_leaves_nothing(source, monkeypatch, tmp_path):
     with pytest.raises(OSError):
         hf_io.write_hf_dir(out, {"model_type": "internvl"}, source["tensors"], log=lambda _: None)
     assert out.is_dir() and not list(out.iterdir())
+
+
+@pytest.mark.parametrize("family", ["qwen3", "internlm3"])
+def test_new_families_convert_from_both_layouts_at_tp2_pp2(tmp_path, family):
+    """Qwen3 (InternVL3.5) and InternLM3 (InternVL3-9B): a native ``-hf`` directory and its
+    original-layout twin each convert at TP2/PP2; every export is bit-exact to the source of
+    that layout, and transformers reproduces the source logits from the native export."""
+    from safetensors.torch import save_file
+    from transformers import InternVLForConditionalGeneration
+
+    from megatron_mpo.conversion.convert import hf_to_megatron_dir, megatron_dir_to_hf
+    from megatron_mpo.conversion.megatron_dir import read_model_dir
+    from megatron_mpo.conversion.original import native_to_original
+
+    model, tok = _tiny_internvl(tmp_path / "native", family, seed=11)
+    native_sd = _safetensors_dir(tmp_path / "native")
+    native_cfg = json.loads((tmp_path / "native" / "config.json").read_text())
+    orig_sd, orig_cfg = native_to_original(native_sd, native_cfg, template="internvl2_5")
+    src = tmp_path / "orig"
+    shutil.copytree(tmp_path / "native", src, ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
+    (src / "config.json").write_text(json.dumps(orig_cfg))
+    save_file({k: v.contiguous() for k, v in orig_sd.items()}, str(src / "model.safetensors"))
+
+    quiet = dict(log=lambda _: None)
+    hf_to_megatron_dir(tmp_path / "native", tmp_path / "m_native", tp=2, pp=2, **quiet)
+    hf_to_megatron_dir(src, tmp_path / "m_orig", tp=2, pp=2, **quiet)
+    config_a, state_a = read_model_dir(tmp_path / "m_native")
+    config_b, state_b = read_model_dir(tmp_path / "m_orig")
+    lang = config_a.language
+    assert (lang.family, lang.qk_norm, lang.head_dim, lang.tie_embeddings) == (
+        family, family == "qwen3", 24 if family == "qwen3" else 20, False)
+    assert config_b.language == lang
+    _assert_bits_equal(state_a, state_b, f"{family}: megatron from the two layouts")
+
+    megatron_dir_to_hf(tmp_path / "m_orig", tmp_path / "native_out", "native", **quiet)
+    _assert_bits_equal(_safetensors_dir(tmp_path / "native_out"), native_sd, f"{family} native export")
+    megatron_dir_to_hf(tmp_path / "m_native", tmp_path / "chat", "internvl-chat", **quiet)
+    _assert_bits_equal(_safetensors_dir(tmp_path / "chat"), orig_sd, f"{family} internvl-chat export")
+    chat_cfg = json.loads((tmp_path / "chat" / "config.json").read_text())
+    assert chat_cfg["llm_config"]["architectures"] == [{"qwen3": "Qwen3ForCausalLM",
+                                                        "internlm3": "InternLM3ForCausalLM"}[family]]
+
+    exported = InternVLForConditionalGeneration.from_pretrained(tmp_path / "native_out").eval()
+    ids, pixels = _image_prompt(tok)
+    with torch.no_grad():
+        assert torch.equal(exported(input_ids=ids, pixel_values=pixels).logits,
+                           model(input_ids=ids, pixel_values=pixels).logits)

@@ -34,6 +34,13 @@ TEXT_TOKENS = 280  # random text ids stay below the image token id
 # ---- reference models -----------------------------------------------------------------
 
 
+# InternViT-6B style: RMSNorm, cross-head qk-norm, no qkv bias, 3 heads (zero-padded to 4 for TP 2).
+VIT_6B = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=3, intermediate_size=96,
+              attention_bias=False, norm_type="rms_norm", use_qk_norm=True)
+KINDS = ("qwen2", "llama", "qwen3", "internlm3")
+PADDED_VISION = ("llama", "qwen3")
+
+
 def _hf_model(kind: str, image_size: int = 56):
     from transformers import InternVLConfig as HFInternVLConfig
     from transformers import InternVLForConditionalGeneration
@@ -44,19 +51,31 @@ def _hf_model(kind: str, image_size: int = 56):
         text = dict(model_type="qwen2", vocab_size=320, hidden_size=64, num_hidden_layers=4,
                     num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, rope_theta=10000.0)
         tie = False
-    else:
-        vision = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=3, intermediate_size=96,
-                      attention_bias=False, norm_type="rms_norm", use_qk_norm=True)
+    elif kind == "llama":
+        vision = dict(VIT_6B)
         text = dict(model_type="llama", vocab_size=300, hidden_size=64, num_hidden_layers=3,
                     num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, rope_theta=500000.0)
         tie = True
+    elif kind == "qwen3":  # InternVL3.5-38B style: InternViT-6B (cross-head qk-norm) + Qwen3 (per-head qk-norm)
+        vision = dict(VIT_6B)
+        text = dict(model_type="qwen3", vocab_size=300, hidden_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=24, intermediate_size=96,
+                    rope_theta=1000000.0, attention_bias=False)
+        tie = False
+    else:  # internlm3 (InternVL3-9B): Llama layers, explicit head_dim, dynamic NTK RoPE
+        vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                      attention_bias=True, norm_type="layer_norm", use_qk_norm=False)
+        text = dict(model_type="internlm3", vocab_size=300, hidden_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=20, intermediate_size=96,
+                    rope_parameters={"rope_type": "dynamic", "factor": 6.0, "rope_theta": 50000000.0})
+        tie = False
     vision.update(image_size=image_size, patch_size=14, layer_scale_init_value=0.5)
     text.update(max_position_embeddings=256, rms_norm_eps=1e-6)
     config = HFInternVLConfig(vision_config=vision, text_config=text, image_token_id=IMG_ID,
                               image_seq_length=4, downsample_ratio=0.5, tie_word_embeddings=tie)
     torch.manual_seed(0)
     model = InternVLForConditionalGeneration(config).eval()
-    gen = torch.Generator().manual_seed(1 if kind == "qwen2" else 2)
+    gen = torch.Generator().manual_seed(1 + KINDS.index(kind))
     with torch.no_grad():  # random everything: norms, layer scales, biases, position embeddings
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=gen)
@@ -69,7 +88,7 @@ def _our_config(hf_config, kind: str):
     from megatron_mpo.models.config import InternVLConfig
 
     config = InternVLConfig.from_hf_config(hf_config)
-    if kind == "llama":
+    if kind in PADDED_VISION:
         config.vision.num_padded_heads = 4
     return config.validate()
 
@@ -177,7 +196,7 @@ def reference(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("internvl_ref")
     out = {}
-    for seed, kind in enumerate(("qwen2", "llama")):
+    for seed, kind in enumerate(KINDS):
         hf, hf_config = _hf_model(kind)
         config = _our_config(hf_config, kind)
         cases = _cases(hf, config.language.vocab_size, seed)
@@ -288,7 +307,7 @@ def test_hf_megatron_hf_round_trip_is_bit_exact(reference):
         from_te_names, hf_to_megatron, megatron_to_hf, normalize_hf_names, to_te_names,
     )
 
-    for kind in ("qwen2", "llama"):
+    for kind in KINDS:
         ref = reference[kind]
         hf_sd, config = ref["hf"].state_dict(), ref["config"]
         mcore = hf_to_megatron(hf_sd, config)
@@ -374,7 +393,7 @@ def test_build_refuses_bad_parallel_layouts(reference, megatron_tp1):
         build_model(config, "transformer_engine")
     bad = InternVLConfig.from_dict({**config.to_dict(), "language": {**config.to_dict()["language"],
                                     "rope_scaling": {"rope_type": "longrope"}}})
-    with pytest.raises(UserError, match="RoPE scaling"):
+    with pytest.raises(UserError, match="Phi-3 LongRoPE .* is not supported"):
         build_model(bad)
     with pytest.raises(UserError, match="sequence_parallel .* needs tensor parallel size >= 2"):
         build_model(config, sequence_parallel=True)
@@ -385,7 +404,7 @@ def test_build_refuses_bad_parallel_layouts(reference, megatron_tp1):
 # ---- TP=1 / PP=1 in this process ------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "llama"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_tp1_logits_losses_and_grads_match_transformers(reference, megatron_tp1, kind):
     ref = reference[kind]
     model = _tp1_model(ref).eval()
@@ -583,5 +602,5 @@ def test_tp2_pp1_tp1_pp2_tp2_pp2_and_interleaved_match_transformers(reference):
     launch(REPO / "tests" / "_model_worker.py", 4, root, timeout=600)
     result = json.loads((root / "failures.json").read_text())
     assert not result["failures"], "\n".join(result["failures"][:20])
-    expected = [f"TP{g} {kind}" for g in ("2PP1VP1", "1PP2VP1", "2PP2VP1") for kind in ("qwen2", "llama")]
+    expected = [f"TP{g} {kind}" for g in ("2PP1VP1", "1PP2VP1", "2PP2VP1") for kind in KINDS]
     assert result["checked"] == sorted(expected + ["TP1PP2VP2 qwen2"])  # every grouping ran

@@ -28,7 +28,13 @@ D = HIDDEN // HEADS
 G = HEADS // KV
 
 ARCH = {"internlm2": "InternLM2ForCausalLM", "qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM",
-        "phi3": "Phi3ForCausalLM"}
+        "phi3": "Phi3ForCausalLM", "qwen3": "Qwen3ForCausalLM", "internlm3": "InternLM3ForCausalLM"}
+# Qwen3 (InternVL3.5) and InternLM3 (InternVL3-9B) state head_dim; here it differs from HIDDEN // HEADS.
+EXPLICIT_HEAD_DIM = {"qwen3": 12, "internlm3": 16}
+
+
+def head_dim(family: str) -> int:
+    return EXPLICIT_HEAD_DIM.get(family, D)
 
 
 # ---- synthetic original checkpoints ----------------------------------------------------
@@ -53,6 +59,10 @@ def original_config(family: str, vit6b: bool = False, tie: bool = False) -> dict
     if family == "internlm2":
         llm.update(bias=False, rope_scaling={"type": "dynamic", "factor": 2.0}, attn_implementation="eager",
                    auto_map={"AutoConfig": "configuration_internlm2.InternLM2Config"})
+    if family in EXPLICIT_HEAD_DIM:
+        llm["head_dim"] = EXPLICIT_HEAD_DIM[family]
+    if family == "internlm3":
+        llm.update(qkv_bias=False, bias=False, rope_scaling={"rope_type": "dynamic", "factor": 6.0})
     return {
         "architectures": ["InternVLChatModel"], "model_type": "internvl_chat",
         "vision_config": vision, "llm_config": llm, "downsample_ratio": 0.5, "ps_version": "v2",
@@ -125,19 +135,22 @@ def original_state_dict(family: str, vit6b: bool = False, tie: bool = False, dty
             sd["language_model.output.weight"] = r(VOCAB, HIDDEN)
     else:
         sd[L + "embed_tokens.weight"] = r(VOCAB, HIDDEN)
+        hd = head_dim(family)
         for i in range(LAYERS):
             p = f"{L}layers.{i}."
+            if family == "qwen3":  # per-head q/k RMSNorm
+                sd[p + "self_attn.q_norm.weight"], sd[p + "self_attn.k_norm.weight"] = r(hd), r(hd)
             if family == "phi3":
-                sd[p + "self_attn.qkv_proj.weight"] = r((HEADS + 2 * KV) * D, HIDDEN)
+                sd[p + "self_attn.qkv_proj.weight"] = r((HEADS + 2 * KV) * hd, HIDDEN)
                 sd[p + "mlp.gate_up_proj.weight"] = r(2 * FFN, HIDDEN)
             else:
-                for x, rows in (("q", HEADS * D), ("k", KV * D), ("v", KV * D)):
+                for x, rows in (("q", HEADS * hd), ("k", KV * hd), ("v", KV * hd)):
                     sd[p + f"self_attn.{x}_proj.weight"] = r(rows, HIDDEN)
                     if family == "qwen2":
                         sd[p + f"self_attn.{x}_proj.bias"] = r(rows)
                 sd[p + "mlp.gate_proj.weight"] = r(FFN, HIDDEN)
                 sd[p + "mlp.up_proj.weight"] = r(FFN, HIDDEN)
-            sd[p + "self_attn.o_proj.weight"] = r(HIDDEN, HIDDEN)
+            sd[p + "self_attn.o_proj.weight"] = r(HIDDEN, HEADS * hd)
             sd[p + "mlp.down_proj.weight"] = r(HIDDEN, FFN)
             sd[p + "input_layernorm.weight"] = r(HIDDEN)
             sd[p + "post_attention_layernorm.weight"] = r(HIDDEN)
@@ -168,6 +181,8 @@ CASES = [
     ("qwen2", False, True),
     ("llama", True, True),
     ("phi3", False, False),
+    ("qwen3", True, False),  # InternVL3.5-38B style: InternViT-6B + Qwen3
+    ("internlm3", False, False),  # InternVL3-9B
 ]
 
 
@@ -304,6 +319,8 @@ def test_original_native_megatron_round_trip(family, vit6b, tie, config_from):
     ("qwen2", "qwen2", True, False),
     ("llama", "internlm2", True, False),
     ("llama", "llama", False, True),
+    ("qwen3", "qwen3", True, False),
+    ("internlm3", "internlm3", False, False),
 ])
 def test_real_native_model_round_trip(text_type, family, vit6b, tie):
     from transformers import InternVLConfig, InternVLForConditionalGeneration
@@ -313,7 +330,7 @@ def test_real_native_model_round_trip(text_type, family, vit6b, tie):
                   norm_type="rms_norm" if vit6b else "layer_norm", use_qk_norm=vit6b, attention_bias=not vit6b)
     text = dict(model_type=text_type, vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
                 num_attention_heads=HEADS, num_key_value_heads=KV, intermediate_size=FFN,
-                max_position_embeddings=128)
+                max_position_embeddings=128, head_dim=head_dim(family))
     config = InternVLConfig(vision_config=vision, text_config=text, image_token_id=7, image_seq_length=4,
                             tie_word_embeddings=tie)
     torch.manual_seed(0)
@@ -350,8 +367,15 @@ def test_config_round_trip(family, vit6b, tie):
         assert back[key] == cfg[key], key
     for key, value in cfg["vision_config"].items():
         assert back["vision_config"][key] == value, key
+    def rope(scaling):  # "type" and "rope_type" name the same thing
+        scaling = dict(scaling or {})
+        kind = scaling.pop("rope_type", scaling.pop("type", None))
+        return {**scaling, "type": kind}
+
     for key, value in cfg["llm_config"].items():
-        if key not in ("auto_map",):
+        if key == "rope_scaling":
+            assert rope(back["llm_config"][key]) == rope(value)
+        elif key not in ("auto_map",):
             assert back["llm_config"][key] == value, key
     assert native_cfg["image_seq_length"] == (IMAGE // PATCH) ** 2 // 4
 
@@ -435,3 +459,39 @@ def test_bad_configs():
     biased = copy.deepcopy(original_config("internlm2"))
     biased["llm_config"]["bias"] = True
     assert "bias" in _error(orig.native_config_from_original, biased)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "internlm3"])
+def test_original_layout_llm_runs_in_its_own_transformers_class(family):
+    """InternVL3.5's remote code builds its LLM with transformers' own ``Qwen3ForCausalLM``
+    from ``llm_config`` (InternVL3-9B's ``InternLM3ForCausalLM`` has Llama names; transformers
+    runs ``internlm3`` configs as Llama). The exported ``language_model.*`` tensors must load
+    strictly into that class, built from the exported ``llm_config``, and give the native
+    model's text logits."""
+    from transformers import AutoConfig, AutoModelForCausalLM, InternVLConfig, InternVLForConditionalGeneration
+
+    text = dict(model_type=family, vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+                num_attention_heads=HEADS, num_key_value_heads=KV, intermediate_size=FFN,
+                max_position_embeddings=128, head_dim=head_dim(family))
+    vision = dict(hidden_size=V_HIDDEN, num_hidden_layers=V_LAYERS, num_attention_heads=V_HEADS,
+                  intermediate_size=V_FFN, image_size=IMAGE, patch_size=PATCH)
+    model = InternVLForConditionalGeneration(InternVLConfig(vision_config=vision, text_config=text,
+                                                            image_token_id=7, tie_word_embeddings=False)).eval()
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * (0.3 if p.dim() == 1 else 0.1) + ("norm" in name))
+    o_sd, o_cfg = orig.native_to_original(model.state_dict(), model.config.to_dict(), family)
+    llm_config = dict(o_cfg["llm_config"])
+    assert llm_config["architectures"] == [ARCH[family]] and llm_config["head_dim"] == head_dim(family)
+    kind = llm_config.pop("model_type")
+    for key in ("architectures", "auto_map", "torch_dtype"):
+        llm_config.pop(key, None)
+    if kind == "internlm3":  # the remote-code names, as InternLM3Config's attribute map reads them
+        assert llm_config.pop("qkv_bias") is False and llm_config.pop("bias") is False
+    llm = AutoModelForCausalLM.from_config(AutoConfig.for_model(kind, **llm_config)).eval()
+    prefix = "language_model."
+    llm.load_state_dict({k[len(prefix):]: v for k, v in o_sd.items() if k.startswith(prefix)}, strict=True)
+    ids = torch.randint(8, VOCAB, (2, 9), generator=gen)
+    with torch.no_grad():
+        torch.testing.assert_close(llm(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=1e-5)

@@ -231,7 +231,10 @@ def dominant_dtype(state: Mapping[str, Tensor]) -> Optional[torch.dtype]:
 # ---- configs --------------------------------------------------------------------------
 
 _NORM_TYPES = {"LayerNorm": "layer_norm", "RMSNorm": "rms_norm"}
-_TEXT_TYPES = {"qwen2": "qwen2", "llama": "llama", "internlm2": "llama", "phi3": "phi3"}
+_TEXT_TYPES = {"qwen2": "qwen2", "qwen3": "qwen3", "llama": "llama", "internlm2": "llama", "internlm3": "internlm3",
+               "phi3": "phi3"}
+# Text configs whose class defaults head_dim to something other than hidden / heads.
+_EXPLICIT_HEAD_DIM_TYPES = ("llama", "qwen3", "internlm3")
 # base text_config keys replaced by ``rope_parameters`` (transformers 5 naming)
 _ROPE_KEYS = ("rope_theta", "rope_scaling", "rope_parameters")
 
@@ -301,9 +304,9 @@ def to_native_hf_config(config, base: Optional[Mapping[str, Any]] = None, dtype:
         "rope_parameters": _rope_parameters(lang.rope_theta, lang.rope_scaling),
         "tie_word_embeddings": bool(lang.tie_embeddings),
     }
-    if lang.head_dim is not None or text_type == "llama":
+    if lang.head_dim is not None or text_type in _EXPLICIT_HEAD_DIM_TYPES:
         text["head_dim"] = lang.kv_channels
-    if text_type == "llama":
+    if text_type in ("llama", "internlm3", "qwen3"):
         text["attention_bias"] = False
         text["mlp_bias"] = False
     base_text = dict(base.get("text_config") or {})

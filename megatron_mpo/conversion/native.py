@@ -27,6 +27,7 @@ Transformer Engine spec)::
     language_model.embedding.word_embeddings.weight  [padded vocab, H]
     language_model.decoder.layers.N.input_layernorm.weight / .pre_mlp_layernorm.weight
       .self_attention.linear_qkv.{weight[,bias]}     rows per KV group: [q x G; k; v]
+      [.self_attention.{q,k}_layernorm.weight]       per-head qk-norm [head_dim] (Qwen3)
       .self_attention.linear_proj.weight
       .mlp.linear_fc1.weight                         [gate; up]
       .mlp.linear_fc2.weight
@@ -46,7 +47,7 @@ import torch
 from torch import Tensor
 
 from megatron_mpo.errors import UserError
-from megatron_mpo.models.config import InternVLConfig
+from megatron_mpo.models.config import InternVLConfig, check_not_flash
 
 __all__ = ["hf_to_megatron", "megatron_to_hf", "to_te_names", "from_te_names", "normalize_hf_names"]
 
@@ -255,6 +256,9 @@ def _language_to_megatron(src: _Source, out: dict, config: InternVLConfig) -> No
             else:
                 q, k, v = (src.pop(h + f"self_attn.{x}_proj.{p}") for x in "qkv")
             out[m + f"self_attention.linear_qkv.{p}"] = _fuse_qkv(q, k, v, kv, d, kv)
+        if lang.qk_norm:
+            for x in "qk":
+                out[m + f"self_attention.{x}_layernorm.weight"] = src.pop(h + f"self_attn.{x}_norm.weight")
         out[m + "self_attention.linear_proj.weight"] = src.pop(h + "self_attn.o_proj.weight")
         if fused_hf:
             out[m + "mlp.linear_fc1.weight"] = src.pop(h + "mlp.gate_up_proj.weight")
@@ -290,6 +294,9 @@ def _language_to_hf(src: _Source, out: dict, config: InternVLConfig, layout: str
             else:
                 for x, t in zip("qkv", (q, k, v)):
                     out[h + f"self_attn.{x}_proj.{p}"] = t
+        if lang.qk_norm:
+            for x in "qk":
+                out[h + f"self_attn.{x}_norm.weight"] = src.pop(m + f"self_attention.{x}_layernorm.weight")
         out[h + "self_attn.o_proj.weight"] = src.pop(m + "self_attention.linear_proj.weight")
         fc1 = src.pop(m + "mlp.linear_fc1.weight")
         if fused_hf:
@@ -307,6 +314,7 @@ def hf_to_megatron(hf_sd: Mapping[str, Tensor], config: InternVLConfig) -> dict[
     """A transformers InternVL state dict (module or checkpoint names) -> the full megatron
     ``InternVLModel`` state dict (local-spec names, no ``_extra_state`` entries)."""
     config.validate()
+    check_not_flash({}, hf_sd)
     src = _Source(normalize_hf_names(hf_sd))
     out: dict[str, Tensor] = {}
     _vision_to_megatron(src, out, config)

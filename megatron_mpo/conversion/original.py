@@ -42,9 +42,13 @@ Language model, by family (``llm_config.architectures[0]``, else ``model_type``)
   ``norm -> norm``, ``language_model.output -> lm_head``. ``wqkv`` is packed per KV group:
   viewed as ``[KV, G + 2, D, hidden]`` (``G = heads / KV``), rows ``[:G]`` are the
   group's queries, ``[-2]`` its key, ``[-1]`` its value.
-* ``qwen2`` / ``llama`` / ``phi3``: the names are already the native ones (only the prefix
-  changes); biases follow the config (Qwen2: q/k/v bias; Llama: ``attention_bias`` on
-  q/k/v/o, ``mlp_bias``; Phi-3: fused ``qkv_proj`` / ``gate_up_proj``).
+* ``qwen2`` / ``qwen3`` / ``llama`` / ``internlm3`` / ``phi3``: the names are already the
+  native ones (only the prefix changes); biases follow the config (Qwen2: q/k/v bias; Llama:
+  ``attention_bias`` on q/k/v/o, ``mlp_bias``; Phi-3: fused ``qkv_proj`` / ``gate_up_proj``).
+  Qwen3 (InternVL3.5, transformers' own ``Qwen3ForCausalLM`` in the remote code too) adds
+  ``self_attn.{q,k}_norm.weight`` ``[head_dim]`` and states ``head_dim``; InternLM3
+  (InternVL3-9B, ``InternLM3ForCausalLM`` remote code) has Llama names and an explicit
+  ``head_dim`` and becomes a native ``internlm3`` text model (transformers runs it as Llama).
 
 Tied embeddings (``tie_word_embeddings``): the original side omits the output matrix (as
 ``save_pretrained`` does) and accepts it when it equals the embedding; the native side
@@ -78,6 +82,7 @@ from torch import Tensor
 
 from megatron_mpo.conversion.native import normalize_hf_names
 from megatron_mpo.errors import UserError
+from megatron_mpo.models.config import UNSUPPORTED_LLMS, check_not_flash
 
 __all__ = [
     "LLM_FAMILIES",
@@ -88,17 +93,25 @@ __all__ = [
     "original_config_from_native",
 ]
 
-LLM_FAMILIES = ("internlm2", "qwen2", "llama", "phi3")
+LLM_FAMILIES = ("internlm2", "internlm3", "qwen2", "qwen3", "llama", "phi3")
 
 _ARCH_TO_FAMILY = {
     "InternLM2ForCausalLM": "internlm2",
+    "InternLM3ForCausalLM": "internlm3",
     "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
     "LlamaForCausalLM": "llama",
     "Phi3ForCausalLM": "phi3",
 }
 _FAMILY_TO_ARCH = {v: k for k, v in _ARCH_TO_FAMILY.items()}
-# The native text model each family becomes.
-_NATIVE_TEXT_TYPE = {"internlm2": "llama", "qwen2": "qwen2", "llama": "llama", "phi3": "phi3"}
+# The native text model each family becomes (InternLM3's remote code and transformers'
+# internlm3 both use Llama tensor names; Qwen3 is transformers' own class in both layouts).
+_NATIVE_TEXT_TYPE = {"internlm2": "llama", "internlm3": "internlm3", "qwen2": "qwen2", "qwen3": "qwen3",
+                     "llama": "llama", "phi3": "phi3"}
+
+# <IMG_CONTEXT> id by LLM family when a config does not say (InternLM2 tokenizer; Qwen3's,
+# whose <think> / </think> come before InternVL's tokens; else Qwen2 / Qwen2.5's).
+_GUESSED_IMAGE_TOKEN = {"internlm2": 92546, "qwen3": 151671}
 
 # Defaults of the remote-code InternVisionConfig (used only for keys a config.json lacks).
 _INTERN_VISION_DEFAULTS = {
@@ -185,6 +198,7 @@ class _Arch:
     head_dim: int
     ffn: int
     attn_bias: bool  # q/k/v bias
+    qk_norm: bool  # per-head q/k RMSNorm (Qwen3)
     o_bias: bool
     mlp_bias: bool
     tie: bool
@@ -209,10 +223,14 @@ def _as_dict(config: Any) -> dict:
 
 
 def detect_llm_family(original_config: Mapping[str, Any]) -> str:
-    """``internlm2`` | ``qwen2`` | ``llama`` | ``phi3`` from an original ``llm_config``."""
+    """One of :data:`LLM_FAMILIES` from an original ``llm_config``; Qwen3-MoE and GPT-OSS
+    LLMs are refused with one line."""
     llm = dict(original_config.get("llm_config") or {})
     if not llm:
         raise UserError("original InternVL config has no llm_config (is it an InternVLChatConfig?)")
+    for name in list(llm.get("architectures") or []) + [llm.get("model_type")]:
+        if name in UNSUPPORTED_LLMS:
+            raise UserError(UNSUPPORTED_LLMS[name])
     for arch in llm.get("architectures") or []:
         if arch in _ARCH_TO_FAMILY:
             return _ARCH_TO_FAMILY[arch]
@@ -241,6 +259,8 @@ def _arch_from_original(cfg: Mapping[str, Any]) -> _Arch:
     llm = _llm_config(cfg)
     if llm.get("bias", False):
         raise UserError("llm_config.bias=True (InternLM2 with biased linears) is not supported")
+    if family == "internlm3" and llm.get("qkv_bias", False):
+        raise UserError("llm_config.qkv_bias=True (InternLM3 with q/k/v biases) is not supported")
     heads = int(llm["num_attention_heads"])
     hidden = int(llm["hidden_size"])
     head_dim = hidden // heads if family == "internlm2" else int(llm.get("head_dim") or hidden // heads)
@@ -266,6 +286,7 @@ def _arch_from_original(cfg: Mapping[str, Any]) -> _Arch:
         head_dim=head_dim,
         ffn=int(llm["intermediate_size"]),
         attn_bias=attn_bias,
+        qk_norm=family == "qwen3",
         o_bias=family == "llama" and bool(llm.get("attention_bias", False)),
         mlp_bias=family == "llama" and bool(llm.get("mlp_bias", False)),
         tie=bool(llm.get("tie_word_embeddings", False)),
@@ -299,6 +320,7 @@ def _arch_from_native(cfg: Mapping[str, Any], family: str) -> _Arch:
         head_dim=int(text.get("head_dim") or hidden // heads),
         ffn=int(text.get("intermediate_size", 11008)),
         attn_bias=family == "qwen2" or (llama and bool(text.get("attention_bias", False))),
+        qk_norm=text.get("model_type") == "qwen3",
         o_bias=llama and bool(text.get("attention_bias", False)),
         mlp_bias=llama and bool(text.get("mlp_bias", False)),
         tie=bool(cfg.get("tie_word_embeddings", True)),
@@ -412,6 +434,9 @@ def _table(a: _Arch) -> list[_Entry]:
                     keep(f"self_attn.{x}_proj.weight", rows, H)
                     if a.attn_bias:
                         keep(f"self_attn.{x}_proj.bias", rows)
+                if a.qk_norm:
+                    keep("self_attn.q_norm.weight", D)
+                    keep("self_attn.k_norm.weight", D)
                 for x, shape in (("gate", (F, H)), ("up", (F, H)), ("down", (H, F))):
                     keep(f"mlp.{x}_proj.weight", *shape)
                     if a.mlp_bias:
@@ -518,6 +543,7 @@ def original_to_native(
     """An ``InternVLChatModel`` state dict + its config.json dict -> (transformers
     ``InternVLForConditionalGeneration.state_dict()``-named tensors, native config dict)."""
     cfg = _as_dict(original_config)
+    check_not_flash(cfg, sd)
     native_config = native_config_from_original(cfg, image_token_id=image_token_id)
     a = _arch_from_original(cfg)
     src = _Source(sd, "original")
@@ -667,10 +693,13 @@ def native_config_from_original(original_config: Any, *, image_token_id: Optiona
     else:
         text = {k: v for k, v in llm.items() if k not in _LOADER_KEYS}
         text["model_type"] = _NATIVE_TEXT_TYPE[family]
+        if family == "internlm3":  # remote-code names -> transformers' InternLM3Config names
+            text["attention_bias"] = bool(text.pop("qkv_bias", False))
+            text["mlp_bias"] = bool(llm.get("bias", False))
     text["rope_parameters"] = _rope_native(theta, scaling)
     text["tie_word_embeddings"] = tie
     if image_token_id is None:
-        image_token_id = cfg.get("img_context_token_id") or (92546 if family == "internlm2" else 151667)
+        image_token_id = cfg.get("img_context_token_id") or _GUESSED_IMAGE_TOKEN.get(family, 151667)
     native = {
         "model_type": "internvl",
         "architectures": ["InternVLForConditionalGeneration"],
@@ -786,6 +815,9 @@ def original_config_from_native(
         llm = {k: v for k, v in text.items() if k not in _LOADER_KEYS}
         llm["architectures"] = [_FAMILY_TO_ARCH[family]]
         llm["model_type"] = family
+        if family == "internlm3":  # transformers' names -> the remote code's
+            llm["qkv_bias"] = bool(llm.pop("attention_bias", False))
+            llm["bias"] = bool(llm.pop("mlp_bias", False))
     llm["rope_theta"] = theta
     llm["rope_scaling"] = scaling
     llm["tie_word_embeddings"] = tie

@@ -19,7 +19,16 @@ from megatron_mpo.errors import UserError
 
 __all__ = ["VisionConfig", "LanguageConfig", "InternVLConfig"]
 
-LANGUAGE_FAMILIES = ("qwen2", "llama", "internlm2", "phi3")
+LANGUAGE_FAMILIES = ("qwen2", "qwen3", "llama", "internlm2", "internlm3", "phi3")
+# LLMs of InternVL releases that are recognised but not supported yet (one line each).
+UNSUPPORTED_LLMS = {
+    "qwen3_moe": "Qwen3-MoE LLMs (InternVL3.5-30B-A3B / 241B-A28B) are not supported yet (mixture of experts)",
+    "Qwen3MoeForCausalLM": "Qwen3-MoE LLMs (InternVL3.5-30B-A3B / 241B-A28B) are not supported yet (mixture of experts)",
+    "gpt_oss": "GPT-OSS LLMs (InternVL3.5-20B-A4B) are not supported (mixture of experts, attention sinks, "
+               "alternating sliding windows)",
+    "GptOssForCausalLM": "GPT-OSS LLMs (InternVL3.5-20B-A4B) are not supported (mixture of experts, attention "
+                         "sinks, alternating sliding windows)",
+}
 
 
 @dataclass
@@ -82,7 +91,7 @@ class VisionConfig:
 class LanguageConfig:
     """The decoder LLM: a Llama-style GPT (RoPE, RMSNorm, SwiGLU, GQA)."""
 
-    family: str = "qwen2"  # "qwen2" | "llama" | "internlm2" | "phi3" (naming / bias conventions)
+    family: str = "qwen2"  # one of LANGUAGE_FAMILIES (naming / bias conventions)
     vocab_size: int = 151655
     hidden_size: int = 896
     num_layers: int = 24
@@ -91,7 +100,10 @@ class LanguageConfig:
     ffn_hidden_size: int = 4864
     rope_theta: float = 1_000_000.0
     rms_norm_eps: float = 1e-6
-    qkv_bias: bool = True  # Qwen2: True; Llama / InternLM2 / Phi-3: False
+    qkv_bias: bool = True  # Qwen2: True; Qwen3 / Llama / InternLM2 / InternLM3 / Phi-3: False
+    # Qwen3: RMSNorm over each attention head's query and key (width head_dim, one weight
+    # shared by all heads) before RoPE.
+    qk_norm: bool = False
     tie_embeddings: bool = False
     max_position_embeddings: int = 32768
     head_dim: Optional[int] = None  # None = hidden_size // num_heads
@@ -194,6 +206,7 @@ class InternVLConfig:
         """From a transformers ``InternVLConfig`` (object or ``to_dict()``), or from the
         original remote-code ``InternVLChatConfig`` dict (``vision_config`` + ``llm_config``)."""
         data = hf.to_dict() if hasattr(hf, "to_dict") else dict(hf)
+        check_not_flash(data)
         if "llm_config" in data:
             return _from_original_config(data)
         return _from_native_config(data)
@@ -260,10 +273,14 @@ def _from_native_config(data: Mapping[str, Any]) -> InternVLConfig:
         act=vis.get("hidden_act", "gelu"),
     )
     family = text.get("model_type", "qwen2")
-    _check(family in ("qwen2", "llama", "phi3"), f"text model type {family!r} is not supported (qwen2, llama, phi3)")
+    _check_llm_supported(family)
+    _check(family in _NATIVE_FAMILIES,
+           f"text model type {family!r} is not supported ({', '.join(_NATIVE_FAMILIES)})")
     _check(not text.get("mlp_bias", False), "text_config.mlp_bias=True is not supported")
     attention_bias = bool(text.get("attention_bias", False))
-    _check(not (family == "llama" and attention_bias), "llama attention_bias=True (o_proj bias) is not supported")
+    _check(not (family in ("llama", "internlm3", "qwen3") and attention_bias),
+           f"{family} attention_bias=True is not supported")
+    _check_no_sliding_window(text, "text_config")
     theta, scaling = _rope(text)
     heads = text.get("num_attention_heads", 32)
     hidden = text.get("hidden_size", 4096)
@@ -279,6 +296,7 @@ def _from_native_config(data: Mapping[str, Any]) -> InternVLConfig:
         rope_theta=theta,
         rms_norm_eps=text.get("rms_norm_eps", 1e-6),
         qkv_bias=family == "qwen2",
+        qk_norm=family == "qwen3",
         tie_embeddings=bool(data.get("tie_word_embeddings", True)),
         max_position_embeddings=text.get("max_position_embeddings", 32768),
         head_dim=None if head_dim in (None, hidden // heads) else head_dim,
@@ -294,22 +312,72 @@ def _from_native_config(data: Mapping[str, Any]) -> InternVLConfig:
     ).validate()
 
 
+# transformers-native text model types (InternLM2 becomes llama in the native layout).
+_NATIVE_FAMILIES = ("qwen2", "qwen3", "llama", "internlm3", "phi3")
+
 _ORIGINAL_FAMILIES = {
     "InternLM2ForCausalLM": "internlm2",
+    "InternLM3ForCausalLM": "internlm3",
     "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
     "LlamaForCausalLM": "llama",
     "Phi3ForCausalLM": "phi3",
 }
+
+
+def _check_llm_supported(name: str) -> None:
+    """One line for an LLM InternVL ships that this project refuses (MoE, GPT-OSS)."""
+    if name in UNSUPPORTED_LLMS:
+        raise UserError(UNSUPPORTED_LLMS[name])
+
+
+def _check_no_sliding_window(text: Mapping[str, Any], where: str) -> None:
+    if text.get("use_sliding_window"):
+        raise UserError(f"{where}.use_sliding_window=True (sliding-window attention) is not supported")
+
+
+# Config keys / tensor name prefixes of InternVL3.5-Flash's visual resolution router (ViR).
+FLASH_CONFIG_KEYS = ("vir", "use_vir", "vir_config", "flash", "use_flash_mlp", "mlp2")
+FLASH_TENSOR_PREFIXES = ("mlp2.", "vir.", "router.", "vision_router.", "model.mlp2.", "model.vir.")
+FLASH_REFUSAL = (
+    "InternVL3.5-Flash checkpoints (ViR visual resolution router with a second compressing projector) "
+    "are not supported; use the non-Flash release"
+)
+
+
+def check_not_flash(config: Mapping[str, Any], tensor_names: Any = ()) -> None:
+    """Refuse an InternVL3.5-Flash checkpoint (by config keys or its router/projector tensors)."""
+    name = str(config.get("_name_or_path") or "")
+    keys = {k.lower() for k in config}
+    if keys & set(FLASH_CONFIG_KEYS) or "flash" in name.lower().rsplit("/", 1)[-1].split("-"):
+        raise UserError(FLASH_REFUSAL)
+    for key in tensor_names:
+        if key.startswith(FLASH_TENSOR_PREFIXES):
+            raise UserError(f"{FLASH_REFUSAL} (tensor {key!r})")
+
+
+def _explicit_head_dim(llm: Mapping[str, Any], family: str) -> Optional[int]:
+    """``head_dim`` when the LLM states one that differs from hidden / heads (InternLM2's
+    remote code has no such field)."""
+    if family == "internlm2" or not llm.get("head_dim"):
+        return None
+    head_dim = int(llm["head_dim"])
+    heads = int(llm.get("num_attention_heads", 32))
+    return None if head_dim * heads == int(llm.get("hidden_size", 4096)) else head_dim
 
 
 def _from_original_config(data: Mapping[str, Any]) -> InternVLConfig:
     vis = data.get("vision_config") or {}
     llm = data.get("llm_config") or {}
     arch = (llm.get("architectures") or ["LlamaForCausalLM"])[0]
+    _check_llm_supported(arch)
     _check(arch in _ORIGINAL_FAMILIES, f"LLM architecture {arch!r} is not supported ({', '.join(_ORIGINAL_FAMILIES)})")
     _check(data.get("select_layer", -1) == -1, "only select_layer -1 is supported")
     family = _ORIGINAL_FAMILIES[arch]
     _check(not llm.get("bias", False), "an LLM with biased linears (llm_config.bias=True) is not supported")
+    _check(not llm.get("qkv_bias", False) and not (family != "qwen2" and llm.get("attention_bias", False)),
+           f"{arch} with q/k/v biases (llm_config.qkv_bias / attention_bias) is not supported")
+    _check_no_sliding_window(llm, "llm_config")
     image_size = data.get("force_image_size") or vis.get("image_size", 448)
     theta, scaling = _rope(llm)
     heads = llm.get("num_attention_heads", 32)
@@ -340,8 +408,10 @@ def _from_original_config(data: Mapping[str, Any]) -> InternVLConfig:
             rope_theta=theta,
             rms_norm_eps=llm.get("rms_norm_eps", 1e-6),
             qkv_bias=family == "qwen2",
+            qk_norm=family == "qwen3",
             tie_embeddings=bool(llm.get("tie_word_embeddings", False)),
             max_position_embeddings=llm.get("max_position_embeddings", 32768),
+            head_dim=_explicit_head_dim(llm, family),
             rope_scaling=scaling,
         ),
         downsample_ratio=data.get("downsample_ratio", 0.5),

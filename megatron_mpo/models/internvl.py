@@ -390,7 +390,8 @@ class InternVLModel(MegatronModule):
         self.language_model = InternVLLanguageModel(
             config=language_config,
             transformer_layer_spec=language_block_spec(
-                spec, attn_mask_type, get_num_layers_to_build(language_config, vp_stage, pg_collection.pp.rank())
+                spec, attn_mask_type, get_num_layers_to_build(language_config, vp_stage, pg_collection.pp.rank()),
+                qk_norm=lang.qk_norm, tp_group=pg_collection.tp,
             ),
             vocab_size=lang.padded_vocab_size,
             max_sequence_length=lang.max_position_embeddings,
@@ -506,6 +507,8 @@ def _rope_kwargs(scaling: Optional[dict]) -> dict:
         expected = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
         if all(float(scaling.get(k, v)) == float(v) for k, v in expected.items()):
             return {"rope_scaling": True, "rope_scaling_factor": float(scaling.get("factor", 8.0))}
+    if kind == "longrope":
+        raise UserError("Phi-3 LongRoPE (rope_scaling type 'longrope', InternVL2-4B) is not supported")
     raise UserError(f"RoPE scaling {scaling} is not supported (supported: linear, dynamic, llama3 with default factors)")
 
 

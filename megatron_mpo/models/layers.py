@@ -297,6 +297,32 @@ class RMSNorm(torch.nn.Module):
         return _RMSNormFunction.apply(x, self.weight, self.eps)
 
 
+class HeadRMSNorm(RMSNorm):
+    """RMSNorm over each attention head's query or key (Qwen3 ``q_norm`` / ``k_norm``).
+
+    One weight of width ``head_dim`` is shared by every head, and each TP rank only sees
+    its own heads, so its gradient is a partial sum. The weight enters the forward through
+    megatron-core's ``copy_to_tensor_model_parallel_region`` (identity forward, all-reduce
+    over TP in backward): every rank ends up with the full gradient without a rule in
+    ``finalize_model_grads``. (megatron-core's own rule sums every parameter named
+    ``q_layernorm`` when ``config.qk_layernorm`` is set, which would also sum InternViT-6B's
+    TP-split cross-head norm.) The queries are whole sequences here even under sequence
+    parallelism, so the weight is never marked ``sequence_parallel``.
+    """
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-6,
+                 tp_group: Optional[dist.ProcessGroup] = None, **unused):
+        super().__init__(config, hidden_size, eps)
+        self.weight.sequence_parallel = False
+        self.tp_group = tp_group
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = self.weight
+        if self.tp_group is not None and self.tp_group.size() > 1 and torch.is_grad_enabled():
+            weight = tensor_parallel.copy_to_tensor_model_parallel_region(weight, self.tp_group)
+        return _RMSNormFunction.apply(x, weight, self.eps)
+
+
 class _SwiGLUFunction(torch.autograd.Function):
     """``silu(a) * b`` for ``[a | b] = x`` keeping only ``x`` for backward (the unfused
     path keeps ``silu(a)`` and a copy of ``b`` as well: two more half-width tensors).

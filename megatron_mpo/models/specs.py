@@ -31,6 +31,7 @@ from megatron_mpo.errors import UserError
 from megatron_mpo.models.config import VisionConfig
 from megatron_mpo.models.layers import (
     CrossHeadRMSNorm,
+    HeadRMSNorm,
     LayerScaleTransformerLayer,
     RMSNorm,
     SDPAttention,
@@ -157,12 +158,19 @@ def vision_layer_spec(vision: VisionConfig, spec: str = "local", tp_group=None) 
     )
 
 
-def language_layer_spec(spec: str = "local", attn_mask_type: AttnMaskType = AttnMaskType.causal) -> ModuleSpec:
+def language_layer_spec(
+    spec: str = "local",
+    attn_mask_type: AttnMaskType = AttnMaskType.causal,
+    qk_norm: bool = False,
+    tp_group=None,
+) -> ModuleSpec:
     """The LLM layer: megatron-core's own GPT spec (RMSNorm, GQA attention, SwiGLU MLP).
 
     ``attn_mask_type`` is ``causal`` for plain rows; ``arbitrary`` makes Transformer Engine
     honour a custom ``attention_mask`` (packed pair rows). The local spec always applies
-    the mask it is given.
+    the mask it is given. ``qk_norm`` (Qwen3) adds a per-head RMSNorm on queries and keys
+    before RoPE, the same module under both specs (:class:`HeadRMSNorm`, which reduces
+    its gradient over ``tp_group``).
     """
     if spec == "local":
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -182,11 +190,14 @@ def language_layer_spec(spec: str = "local", attn_mask_type: AttnMaskType = Attn
         raise UserError(f"unknown layer spec {spec!r}; use one of: {', '.join(SPECS)}")
     attention = layer.submodules.self_attention
     attention.params = dict(attention.params, attn_mask_type=attn_mask_type)
+    if qk_norm:
+        head_norm = ModuleSpec(module=HeadRMSNorm, params={"tp_group": tp_group})
+        attention.submodules.q_layernorm = attention.submodules.k_layernorm = head_norm
     return layer
 
 
 def language_block_spec(
-    spec: str, attn_mask_type: AttnMaskType, num_layers: int
+    spec: str, attn_mask_type: AttnMaskType, num_layers: int, qk_norm: bool = False, tp_group=None
 ) -> TransformerBlockSubmodules:
     """The LLM block of one pipeline chunk: ``num_layers`` layers and a final RMSNorm.
 
@@ -196,7 +207,7 @@ def language_block_spec(
     without TE, and runs sequence parallel too.
     """
     final_norm = RMSNorm if spec == "local" else _te().TENorm
-    layer = language_layer_spec(spec, attn_mask_type)
+    layer = language_layer_spec(spec, attn_mask_type, qk_norm=qk_norm, tp_group=tp_group)
     return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=final_norm)
 
 
