@@ -166,6 +166,8 @@ class DataSection:
                               "dropped, responses cut")
     max_tiles: int = setting(6, "most image tiles per sample (plus a thumbnail when tiled)")
     template: Optional[str] = setting(None, "chat template; null: the model's own", choices=_template_names)
+    system_message: Optional[str] = setting(None, "system message of every prompt; null: the template's own; "
+                                            "`thinking`: InternVL3.5's thinking-mode (R1) prompt")
     num_workers: int = setting(2, "loader worker processes per rank (0: load in the training process)")
     shuffle_buffer: int = setting(1000, "samples each worker shuffles over (0: shard order only)")
     seed: int = setting(1234, "seed of the shard and sample order")
@@ -179,6 +181,11 @@ class DataSection:
         _positive("data.max_length", self.max_length)
         _positive("data.max_tiles", self.max_tiles)
         _choice("data.on_missing_ref", self.on_missing_ref, allowed(self, "on_missing_ref"))
+        if self.template is not None:
+            from megatron_mpo.data.templates import REFUSED_TEMPLATES
+
+            if self.template in REFUSED_TEMPLATES:
+                raise UserError(f"data.template {self.template!r}: {REFUSED_TEMPLATES[self.template]}")
         if self.template is not None and self.template not in allowed(self, "template"):
             # Here, not at the first sample: a typo would otherwise show as a fingerprint mismatch.
             raise UserError(f"data.template: unknown template {self.template!r}; "

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_mpo.data.templates import INTERNVL2_SYSTEM
+from megatron_mpo.data.templates import INTERNVL2_5_SYSTEM, INTERNVL2_SYSTEM
 from megatron_mpo.errors import UserError
 from tests.test_conversion import _error_line, _safetensors_dir, _tiny_internvl, _tool_main
 
@@ -36,6 +36,28 @@ INTERNVL2_JINJA = (
 )
 BARE_CHATML = "{% for m in messages %}{{'<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>'}}{% endfor %}"
 PHI3 = "{% for m in messages %}{{'<|' + m['role'] + '|>\\n' + m['content'] + '<|end|>\\n'}}{% endfor %}"
+# An InternVL3.5 -HF template, Qwen3 style: a default system message (InternVL2.5's prompt),
+# earlier answers' <think> blocks dropped, an enable_thinking switch for generation.
+INTERNVL3_5_HF = (
+    r"{%- if messages[0]['role'] == 'system' %}{%- set system = messages[0]['content'] %}"
+    r"{%- set turns = messages[1:] %}{%- else %}{%- set system = '" + INTERNVL2_5_SYSTEM + r"' %}"
+    r"{%- set turns = messages %}{%- endif %}{{- '<|im_start|>system\n' + system + '<|im_end|>\n' }}"
+    r"{%- for message in turns %}{%- set content = message['content'] %}"
+    r"{%- if message['role'] == 'assistant' and '</think>' in content %}"
+    r"{%- set content = content.split('</think>')[-1].lstrip('\n') %}{%- endif %}"
+    r"{{- '<|im_start|>' + message['role'] + '\n' + content + '<|im_end|>' + '\n' }}{%- endfor %}"
+    r"{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}"
+    r"{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\n\n</think>\n\n' }}"
+    r"{%- endif %}{%- endif %}"
+)
+# The same without a default system message (no InternVL prompt to recognise).
+QWEN3_THINKING = INTERNVL3_5_HF.replace(INTERNVL2_5_SYSTEM, "")
+# InternVL3.5-GPT-OSS: OpenAI's harmony format.
+HARMONY = (
+    "{{'<|start|>system<|message|>You are InternVL, a large language model trained by Shanghai AI Laboratory."
+    "<|end|>'}}{% for m in messages %}{{'<|start|>' + m['role'] + '<|message|>' + m['content'] + '<|end|>'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{'<|start|>assistant'}}{% endif %}"
+)
 
 
 def _write(folder: Path, files: dict) -> Path:
@@ -57,6 +79,8 @@ CASES = {
         "internlm2", "internlm2-chat"),
     "processor_config, bare <|im_end|>, Qwen2": ("hf", {"processor_config.json": {"chat_template": BARE_CHATML}},
                                                  "qwen2", "Hermes-2"),
+    "InternVL3.5 -HF template with a <think> block": ("InternVL2-1B", {"chat_template.jinja": INTERNVL3_5_HF},
+                                                      "qwen3", "internvl2_5"),
     "config.json template wins over the Jinja": ("InternVL2-8B", {"config.json": {"template": "Hermes-2"},
                                                                   "chat_template.jinja": HF_INTERNVL},
                                                  "internlm2", "Hermes-2"),
@@ -73,6 +97,51 @@ def test_template_read_from_the_checkpoint_files(tmp_path, case):
     name, source = checkpoint_template(hf, config, family)
     assert name == expected, source
     assert name not in folder
+
+
+def test_internvl3_5_templates_are_internvl2_5(tmp_path):
+    import jinja2
+
+    from megatron_mpo.conversion.chat_template import checkpoint_template
+    from megatron_mpo.data.templates import THINKING_SYSTEM_PROMPT, get_template
+
+    # the -HF template renders what internvl2_5 does, with its default and with the R1 prompt
+    jinja = jinja2.Environment().from_string(INTERNVL3_5_HF)
+    user = [{"role": "user", "content": "Q"}]
+    internvl2_5 = get_template("internvl2_5")
+    assert jinja.render(messages=user, add_generation_prompt=True) == internvl2_5.render_prompt("Q")
+    assert jinja.render(messages=[{"role": "system", "content": THINKING_SYSTEM_PROMPT}] + user,
+                        add_generation_prompt=True) == internvl2_5.render_prompt("Q", "thinking")
+
+    hf = _write(tmp_path / "InternVL3_5-8B-HF", {"chat_template.jinja": INTERNVL3_5_HF})
+    assert checkpoint_template(hf, {}, "qwen3") == ("internvl2_5", "chat_template.jinja: InternVL2.5 system prompt")
+    hf = _write(tmp_path / "InternVL2-1B", {"tokenizer_config.json": {"chat_template": QWEN3_THINKING}})
+    assert checkpoint_template(hf, {}, "qwen3") == (
+        "internvl2_5", "tokenizer_config.json: ChatML, turns end with <|im_end|>\\n")
+    # original layout: config.json names the template (Qwen3's own Jinja next to it)
+    config = {"architectures": ["InternVLChatModel"], "template": "internvl2_5",
+              "llm_config": {"architectures": ["Qwen3ForCausalLM"]}}
+    orig = _write(tmp_path / "InternVL3_5-2B", {"config.json": config,
+                                                "tokenizer_config.json": {"chat_template": BARE_CHATML}})
+    assert checkpoint_template(orig, config, "qwen3") == ("internvl2_5", "config.json 'template'")
+
+
+def test_gpt_oss_template_is_refused_as_gpt_oss_in_one_line(tmp_path):
+    from megatron_mpo.conversion.chat_template import checkpoint_template
+    from megatron_mpo.data.templates import get_template
+
+    orig = _write(tmp_path / "InternVL3_5-GPT-OSS-20B-A4B-Preview", {"chat_template.jinja": HF_INTERNVL})
+    hf = _write(tmp_path / "InternVL3_5-GPT-OSS-20B-A4B-Preview-HF", {"chat_template.jinja": HARMONY})
+    calls = [lambda: checkpoint_template(orig, {"template": "internvl3_5_gpt_oss"}, "gpt_oss"),
+             lambda: checkpoint_template(hf, {}, "qwen3"),
+             lambda: checkpoint_template(hf, {}, "qwen3", "internvl3_5_gpt_oss"),
+             lambda: get_template("internvl3_5_gpt_oss")]
+    for call in calls:
+        with pytest.raises(UserError) as exc:
+            call()
+        line = str(exc.value)
+        assert "GPT-OSS LLMs (InternVL3.5-20B-A4B) are not supported" in line and "\n" not in line, line
+        assert "known:" not in line
 
 
 def test_nothing_in_the_files_falls_back_by_llm_family(tmp_path):

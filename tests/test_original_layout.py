@@ -495,3 +495,39 @@ def test_original_layout_llm_runs_in_its_own_transformers_class(family):
     ids = torch.randint(8, VOCAB, (2, 9), generator=gen)
     with torch.no_grad():
         torch.testing.assert_close(llm(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=1e-5)
+
+
+def test_unsupported_releases_are_refused_with_one_line():
+    """Qwen3-MoE and GPT-OSS LLMs (InternVL3.5 MoE releases), InternVL3.5-Flash (ViR) and
+    Phi-3 LongRoPE: one line naming what is refused, from either layout's config or tensors."""
+    from megatron_mpo.conversion.native import hf_to_megatron
+    from megatron_mpo.models.config import InternVLConfig
+
+    def refused(fn, *args) -> str:
+        with pytest.raises(UserError) as exc:
+            fn(*args)
+        assert "\n" not in str(exc.value)
+        return str(exc.value)
+
+    for arch, model_type, says in (("Qwen3MoeForCausalLM", "qwen3_moe", "Qwen3-MoE"),
+                                   ("GptOssForCausalLM", "gpt_oss", "GPT-OSS")):
+        cfg = original_config("qwen3")
+        cfg["llm_config"].update(architectures=[arch], model_type=model_type)
+        assert says in refused(orig.detect_llm_family, cfg)
+        assert says in refused(InternVLConfig.from_hf_config, cfg)
+        native_cfg = orig.native_config_from_original(original_config("qwen3"))
+        native_cfg["text_config"]["model_type"] = model_type
+        assert says in refused(InternVLConfig.from_hf_config, native_cfg)
+
+    flash_named = {**original_config("qwen3"), "_name_or_path": "OpenGVLab/InternVL3_5-8B-Flash"}
+    assert "Flash" in refused(InternVLConfig.from_hf_config, flash_named)
+    sd, _ = original_state_dict("qwen3", vit6b=True)
+    with_router = {**sd, "mlp2.0.weight": torch.zeros(4)}
+    assert "Flash" in refused(orig.original_to_native, with_router, original_config("qwen3", vit6b=True))
+    native_sd, native_cfg = orig.original_to_native(sd, original_config("qwen3", vit6b=True))
+    config = InternVLConfig.from_hf_config(native_cfg)
+    assert "Flash" in refused(hf_to_megatron, {**native_sd, "model.mlp2.0.weight": torch.zeros(4)}, config)
+
+    sliding = original_config("qwen3")
+    sliding["llm_config"]["use_sliding_window"] = True
+    assert "sliding" in refused(InternVLConfig.from_hf_config, sliding)

@@ -8,7 +8,9 @@ result in ``model_config.json`` (``template``); ``data.template`` overrides it a
 Sources, the first one that says something wins:
 
 1. ``config.json`` ``template`` (the original ``InternVLChatModel`` layout: InternVL's
-   conversation template name). A name this project does not know is refused.
+   conversation template name; InternVL2.5, InternVL3 and the dense InternVL3.5 releases
+   name ``internvl2_5``). A name this project does not know is refused, and
+   ``internvl3_5_gpt_oss`` (InternVL3.5-GPT-OSS) with the reason: GPT-OSS is not supported.
 2. A Jinja chat template (the transformers-native layout: transformers 5 saves tokenizer
    and processor templates as ``chat_template.jinja``; older versions wrote
    ``chat_template.json`` for the processor and ``tokenizer_config.json`` ``chat_template``
@@ -17,8 +19,13 @@ Sources, the first one that says something wins:
    * InternVL2.5's system prompt -> ``internvl2_5``; InternVL2's -> the InternVL2 template;
    * else a ChatML template (``<|im_start|>`` ... ``<|im_end|>``) whose turns end with
      ``<|im_end|>\\n`` -> ``internvl2_5`` (transformers' own InternVL template: no system
-     prompt, ``\\n`` after every turn), ending with a bare ``<|im_end|>`` -> InternVL2's;
-   * anything else (not ChatML: Phi-3, Llama-3 ...) is refused.
+     prompt, ``\\n`` after every turn; the InternVL3.5 ``-HF`` templates, Qwen3 style, whose
+     ``<think>`` block / ``enable_thinking`` switch only shapes generation prompts: in
+     training the prompt ends at ``<|im_start|>assistant\\n`` and any ``<think>...</think>``
+     is the response's own text), ending with a bare ``<|im_end|>`` -> InternVL2's;
+   * a harmony template (``<|start|>`` ... ``<|message|>``: InternVL3.5-GPT-OSS) is refused
+     because GPT-OSS is not supported; anything else (not ChatML: Phi-3, Llama-3 ...) is
+     refused as unknown.
 
    The InternVL2 template is ``internlm2-chat`` for an InternLM2 LLM, else ``Hermes-2``
    (they differ only in the BOS token), as in the InternVL2 releases.
@@ -34,8 +41,8 @@ import json
 from pathlib import Path
 from typing import Mapping, Optional
 
-from megatron_mpo.data.templates import (IM_END, IM_START, INTERNVL2_5_SYSTEM, INTERNVL2_SYSTEM, TEMPLATES,
-                                         family_template)
+from megatron_mpo.data.templates import (IM_END, IM_START, INTERNVL2_5_SYSTEM, INTERNVL2_SYSTEM, REFUSED_TEMPLATES,
+                                         TEMPLATES, family_template)
 from megatron_mpo.errors import UserError
 
 __all__ = ["JINJA_SOURCES", "checkpoint_template", "template_from_jinja"]
@@ -48,6 +55,8 @@ JINJA_SOURCES = (
     ("tokenizer_config.json", "chat_template"),
 )
 _SKIPPED_AFTER_IM_END = "'\" +~\t"
+# Tokens of OpenAI's harmony chat format (GPT-OSS), none of which ChatML has.
+_HARMONY_TOKENS = ("<|start|>", "<|message|>")
 
 
 def _known() -> str:
@@ -99,6 +108,8 @@ def _jinja_text(path: Path, key: Optional[str]) -> Optional[str]:
 
 
 def _named(name: str, where: str) -> str:
+    if name in REFUSED_TEMPLATES:
+        raise UserError(f"{where} names chat template {name!r}: {REFUSED_TEMPLATES[name]}")
     if name not in TEMPLATES:
         raise UserError(
             f"{where} names chat template {name!r}, which this project does not know; known: {_known()} "
@@ -124,6 +135,9 @@ def checkpoint_template(hf_dir: str | Path, config: Mapping, family: str,
         if text is None:
             continue
         found = template_from_jinja(text, family)
+        if found is None and all(t in text for t in _HARMONY_TOKENS):
+            raise UserError(f"the chat template in {hf_dir / name} is in the harmony format: "
+                            f"{REFUSED_TEMPLATES['internvl3_5_gpt_oss']}")
         if found is None:
             raise UserError(
                 f"the chat template in {hf_dir / name} is not one this project knows (not ChatML "

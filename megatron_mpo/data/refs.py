@@ -35,8 +35,8 @@ from megatron_mpo.fileio import write_atomic
 
 REF_FORMAT = "megatron_mpo.ref_logps/2"
 SUFFIX = ".ref.json"
-FINGERPRINT_FIELDS = ("checkpoint", "tokenizer", "template", "max_length", "max_tiles", "image_size",
-                      "tokens_per_tile", "dtype", "fp8", "fp8_recipe")
+FINGERPRINT_FIELDS = ("checkpoint", "tokenizer", "template", "system_message", "max_length", "max_tiles",
+                      "image_size", "tokens_per_tile", "dtype", "fp8", "fp8_recipe")
 FIX = "delete it and recompute with tools/precompute_ref_logps.py"
 
 
@@ -158,6 +158,9 @@ def fingerprint(checkpoint: str, tokenizer: str, data: DataConfig, precision: Ma
         "checkpoint": _hash_files(Path(checkpoint)),
         "tokenizer": _hash_files(Path(tokenizer), list(TOKENIZER_FILES)),
         "template": data.template,
+        # As configured (None: the template's own), so sidecars written before this field
+        # existed still match a run that leaves it unset.
+        "system_message": data.system_message,
         "max_length": data.max_length,
         "max_tiles": data.max_tiles,
         "image_size": data.image_size,

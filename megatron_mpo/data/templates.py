@@ -12,6 +12,19 @@ for ``internvl2_5``. A response is ``{text}<|im_end|>``; its ``<|im_end|>`` is t
 it is not part of a response here). InternVL prepends the tokenizer's BOS for
 ``internlm2-chat`` and ``internvl2_5`` when the tokenizer adds one (InternLM2), never
 for ``Hermes-2``.
+
+InternVL2.5, InternVL3 and the dense InternVL3.5 releases all use ``internvl2_5``.
+InternVL3.5-GPT-OSS's ``internvl3_5_gpt_oss`` (harmony format) is refused by name
+(:data:`REFUSED_TEMPLATES`): GPT-OSS LLMs are not supported.
+
+Thinking mode (InternVL3.5): nothing but a system message. The user sets the system
+message to InternVL's R1 prompt (:data:`THINKING_SYSTEM_PROMPT`, or the alias
+``"thinking"``, see :data:`SYSTEM_MESSAGE_ALIASES`) and the responses hold
+``<think>...</think>`` text, which stays in the trained response: the Qwen3 tokenizer
+declares ``<think>`` / ``</think>`` as added tokens, so each is one id. Reasoning data
+that carries the R1 prompt at the start of the question (MMPR: ``R1 + "\\n" + question``)
+is used as it is: as in InternVL's own MPO trainer, the prompt is never moved out of the
+question into the system message.
 """
 
 from __future__ import annotations
@@ -33,6 +46,39 @@ INTERNVL2_SYSTEM = "你是由上海人工智能实验室联合商汤科技开发
 # InternVL2.5's system message (template internvl2_5).
 INTERNVL2_5_SYSTEM = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
 
+THINK_START = "<think>"
+THINK_END = "</think>"
+# InternVL's R1 system prompt of the thinking mode (InternVL3.5), exactly as InternVL
+# defines it: ``R1_SYSTEM_PROMPT`` (``.strip()``-ed, no trailing newline) in
+# internvl_chat/tools/reasoning_data_pipeline/utils/constants.py, the string the model
+# cards assign to ``model.system_message``. (The MPO trainer appends "\n" to its copy only
+# to match the prompt at the start of a question.)
+THINKING_SYSTEM_PROMPT = (
+    "You are an AI assistant that rigorously follows this response protocol:\n"
+    "\n"
+    "1. First, conduct a detailed analysis of the question. Consider different angles, potential solutions, "
+    "and reason through the problem step-by-step. Enclose this entire thinking process within <think> and "
+    "</think> tags.\n"
+    "\n"
+    "2. After the thinking section, provide a clear, concise, and direct answer to the user's question. "
+    "Separate the answer from the think section with a newline.\n"
+    "\n"
+    "Ensure that the thinking process is thorough but remains focused on the query. The final answer should "
+    "be standalone and not reference the thinking section."
+)
+# Names a system message may be given by (DataConfig ``system_message="thinking"``: the R1 prompt).
+SYSTEM_MESSAGE_ALIASES: Dict[str, str] = {"thinking": THINKING_SYSTEM_PROMPT}
+# Templates InternVL releases use that this project refuses, with the reason (one line).
+REFUSED_TEMPLATES: Dict[str, str] = {
+    "internvl3_5_gpt_oss": "GPT-OSS LLMs (InternVL3.5-20B-A4B) are not supported (InternVL3.5-GPT-OSS's "
+                           "harmony-format template)",
+}
+
+
+def resolve_system_message(value: Optional[str]) -> Optional[str]:
+    """The system message text for a configured value: an alias's text, else the value itself."""
+    return SYSTEM_MESSAGE_ALIASES.get(value, value) if isinstance(value, str) else value
+
 
 @dataclass(frozen=True)
 class ChatTemplate:
@@ -45,7 +91,7 @@ class ChatTemplate:
 
     def render_prompt(self, question: str, system_message: Optional[str] = None) -> str:
         """The prompt text up to and including ``<|im_start|>assistant\\n``."""
-        system = self.system_message if system_message is None else system_message
+        system = self.system_message if system_message is None else resolve_system_message(system_message)
         return (
             f"{IM_START}system\n{system}{self.sep}"
             f"{IM_START}user\n{question}{self.sep}"
@@ -66,6 +112,8 @@ TEMPLATES: Dict[str, ChatTemplate] = {
 
 def get_template(name: str) -> ChatTemplate:
     """The template called ``name``; a UserError names the known ones otherwise."""
+    if name in REFUSED_TEMPLATES:
+        raise UserError(f"chat template {name!r}: {REFUSED_TEMPLATES[name]}")
     try:
         return TEMPLATES[name]
     except KeyError:

@@ -168,7 +168,10 @@ class InternVLConfig:
         _check(self.ps_version == "v2", f"only ps_version v2 is supported, not {self.ps_version!r}")
         _check(self.projector_act == "gelu", f"projector_act must be gelu, not {self.projector_act!r}")
         if self.template is not None:
-            from megatron_mpo.data.templates import TEMPLATES
+            from megatron_mpo.data.templates import REFUSED_TEMPLATES, TEMPLATES
+
+            _check(self.template not in REFUSED_TEMPLATES,
+                   f"template {self.template!r}: {REFUSED_TEMPLATES.get(self.template)}")
 
             _check(self.template in TEMPLATES,
                    f"unknown template {self.template!r}; known: {', '.join(sorted(TEMPLATES))}")
@@ -306,7 +309,8 @@ def _from_native_config(data: Mapping[str, Any]) -> InternVLConfig:
         vision=vision,
         language=language,
         downsample_ratio=data.get("downsample_ratio", 0.5),
-        img_context_token_id=data.get("image_token_id", 151667),
+        # Not stated: <IMG_CONTEXT> of the Qwen2 / Qwen2.5 tokenizer, or Qwen3's (after <think>).
+        img_context_token_id=data.get("image_token_id", 151671 if family == "qwen3" else 151667),
         projector_act=data.get("projector_hidden_act", "gelu"),
         name=data.get("_name_or_path", "") or "",
     ).validate()

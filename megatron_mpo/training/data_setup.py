@@ -99,6 +99,7 @@ def data_config(cfg: RunConfig, model_config, *, for_reference: bool = False):
         max_length=d.max_length,
         max_tiles=d.max_tiles,
         template=run_template(cfg, model_config)[0],
+        system_message=d.system_message,
         num_workers=0 if for_reference else d.num_workers,
         shuffle_buffer=0 if for_reference else d.shuffle_buffer,
         shuffle_shards=not for_reference,
