@@ -18,7 +18,7 @@ import sys
 import traceback
 from pathlib import Path
 
-LOGIT_ATOL = 1e-4
+LOGIT_ATOL = 1e-5
 GRAD_ATOL = 1e-4
 GRAD_RTOL = 1e-4
 GROUPINGS = ((2, 1, 1), (1, 2, 1), (2, 2, 1), (1, 2, 2))  # (TP, PP, virtual stages)
