@@ -131,6 +131,50 @@ def test_local_spec_builds_on_the_device_in_bf16_and_trains(world):
     assert sum(float(p.grad.float().norm()) for p in model.parameters()) > 0
 
 
+def _qwen3_tiny():
+    """The tiny preset with a Qwen3-style LLM: per-head q/k norm, head_dim 24 != 64 / 4."""
+    from megatron_mpo.models.presets import get_preset
+
+    config = get_preset("tiny")
+    lang = config.language
+    lang.family, lang.qk_norm, lang.qkv_bias, lang.head_dim = "qwen3", True, False, 24
+    return config.validate()
+
+
+def test_qwen3_qk_norm_runs_on_the_device_in_bf16_close_to_fp32(world):
+    """InternVL3.5's LLM: the per-head q/k RMSNorm (HeadRMSNorm) on the device, bf16 log-probs
+    within bf16 rounding of fp32 ones from the same weights, finite gradients that reach the
+    norms; with Transformer Engine installed, the TE spec builds the same norms and agrees."""
+    from megatron_mpo.models.internvl import build_model
+    from megatron_mpo.models.layers import HeadRMSNorm
+
+    config = _qwen3_tiny()
+    torch.manual_seed(0)
+    fp32 = build_model(config, spec="local", params_dtype=torch.float32)
+    assert off_device(fp32) == []
+    attention = fp32.language_model.decoder.layers[0].self_attention
+    assert isinstance(attention.q_layernorm, HeadRMSNorm) and attention.q_layernorm.weight.numel() == 24
+    with torch.no_grad():  # random norm weights, so a dropped or misplaced norm shows
+        for name, p in fp32.named_parameters():
+            if "layernorm" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    batch = collate(config, tiny_pairs(config, 2, seed=4))
+    sums32, counts = forward_logps(fp32, batch)
+    bf16 = build_model(config, spec="local", params_dtype=torch.bfloat16)
+    bf16.load_state_dict(fp32.state_dict(), strict=False)
+    with torch.no_grad():
+        sums16, _ = forward_logps(bf16, batch)
+    per_token32, per_token16 = (sums32 / counts).float(), (sums16 / counts).float()
+    assert float((per_token16 - per_token32.detach()).abs().max()) < 0.1, (per_token16, per_token32)
+    (-sums32.sum()).backward()
+    for norm in (attention.q_layernorm, attention.k_layernorm):
+        assert norm.weight.grad is not None and torch.isfinite(norm.weight.grad).all()
+        assert float(norm.weight.grad.abs().sum()) > 0
+    if _te_available():
+        te = build_model(config, spec="transformer_engine", params_dtype=torch.bfloat16)
+        assert isinstance(te.language_model.decoder.layers[0].self_attention.q_layernorm, HeadRMSNorm)
+
+
 @pytest.mark.parametrize("freeze", [[], ["vision"], ["vision", "projector"], ["language"]], ids=str)
 def test_frozen_parts_stay_on_the_device_through_a_training_step(world, freeze):
     """megatron-core's DDP copies only trainable parameters into its device buffer: frozen
