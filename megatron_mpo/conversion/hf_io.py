@@ -41,6 +41,7 @@ from torch import Tensor
 
 from megatron_mpo.errors import UserError
 from megatron_mpo.fileio import fsync_path, fsync_tree
+from megatron_mpo.models.config import NATIVE_TEXT_TYPE
 
 __all__ = [
     "NATIVE",
@@ -231,10 +232,8 @@ def dominant_dtype(state: Mapping[str, Tensor]) -> Optional[torch.dtype]:
 # ---- configs --------------------------------------------------------------------------
 
 _NORM_TYPES = {"LayerNorm": "layer_norm", "RMSNorm": "rms_norm"}
-_TEXT_TYPES = {"qwen2": "qwen2", "qwen3": "qwen3", "llama": "llama", "internlm2": "llama", "internlm3": "internlm3",
-               "phi3": "phi3"}
-# Text configs whose class defaults head_dim to something other than hidden / heads.
-_EXPLICIT_HEAD_DIM_TYPES = ("llama", "qwen3", "internlm3")
+# Text configs whose classes default head_dim (and biases) to values of their own: stated.
+_EXPLICIT_FIELD_TYPES = ("llama", "qwen3", "internlm3")
 # base text_config keys replaced by ``rope_parameters`` (transformers 5 naming)
 _ROPE_KEYS = ("rope_theta", "rope_scaling", "rope_parameters")
 
@@ -289,7 +288,7 @@ def to_native_hf_config(config, base: Optional[Mapping[str, Any]] = None, dtype:
     for key, default in (("attention_dropout", 0.0), ("projection_dropout", 0.0),
                          ("hidden_dropout_prob", 0.0), ("initializer_range", 0.02)):
         vision.setdefault(key, (base.get("vision_config") or {}).get(key, default))
-    text_type = _TEXT_TYPES[lang.family]
+    text_type = NATIVE_TEXT_TYPE[lang.family]
     text = {
         "model_type": text_type,
         "vocab_size": lang.vocab_size,
@@ -304,9 +303,9 @@ def to_native_hf_config(config, base: Optional[Mapping[str, Any]] = None, dtype:
         "rope_parameters": _rope_parameters(lang.rope_theta, lang.rope_scaling),
         "tie_word_embeddings": bool(lang.tie_embeddings),
     }
-    if lang.head_dim is not None or text_type in _EXPLICIT_HEAD_DIM_TYPES:
+    if lang.head_dim is not None or text_type in _EXPLICIT_FIELD_TYPES:
         text["head_dim"] = lang.kv_channels
-    if text_type in ("llama", "internlm3", "qwen3"):
+    if text_type in _EXPLICIT_FIELD_TYPES:
         text["attention_bias"] = False
         text["mlp_bias"] = False
     base_text = dict(base.get("text_config") or {})

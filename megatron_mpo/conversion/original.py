@@ -82,7 +82,7 @@ from torch import Tensor
 
 from megatron_mpo.conversion.native import normalize_hf_names
 from megatron_mpo.errors import UserError
-from megatron_mpo.models.config import UNSUPPORTED_LLMS, check_not_flash
+from megatron_mpo.models.config import NATIVE_TEXT_TYPE, ORIGINAL_ARCHITECTURES, check_llm_supported, check_not_flash
 
 __all__ = [
     "LLM_FAMILIES",
@@ -95,19 +95,7 @@ __all__ = [
 
 LLM_FAMILIES = ("internlm2", "internlm3", "qwen2", "qwen3", "llama", "phi3")
 
-_ARCH_TO_FAMILY = {
-    "InternLM2ForCausalLM": "internlm2",
-    "InternLM3ForCausalLM": "internlm3",
-    "Qwen2ForCausalLM": "qwen2",
-    "Qwen3ForCausalLM": "qwen3",
-    "LlamaForCausalLM": "llama",
-    "Phi3ForCausalLM": "phi3",
-}
-_FAMILY_TO_ARCH = {v: k for k, v in _ARCH_TO_FAMILY.items()}
-# The native text model each family becomes (InternLM3's remote code and transformers'
-# internlm3 both use Llama tensor names; Qwen3 is transformers' own class in both layouts).
-_NATIVE_TEXT_TYPE = {"internlm2": "llama", "internlm3": "internlm3", "qwen2": "qwen2", "qwen3": "qwen3",
-                     "llama": "llama", "phi3": "phi3"}
+_FAMILY_TO_ARCH = {v: k for k, v in ORIGINAL_ARCHITECTURES.items()}
 
 # <IMG_CONTEXT> id by LLM family when a config does not say (InternLM2 tokenizer; Qwen3's,
 # whose <think> / </think> come before InternVL's tokens; else Qwen2 / Qwen2.5's).
@@ -229,16 +217,15 @@ def detect_llm_family(original_config: Mapping[str, Any]) -> str:
     if not llm:
         raise UserError("original InternVL config has no llm_config (is it an InternVLChatConfig?)")
     for name in list(llm.get("architectures") or []) + [llm.get("model_type")]:
-        if name in UNSUPPORTED_LLMS:
-            raise UserError(UNSUPPORTED_LLMS[name])
+        check_llm_supported(name)
     for arch in llm.get("architectures") or []:
-        if arch in _ARCH_TO_FAMILY:
-            return _ARCH_TO_FAMILY[arch]
+        if arch in ORIGINAL_ARCHITECTURES:
+            return ORIGINAL_ARCHITECTURES[arch]
     if llm.get("model_type") in LLM_FAMILIES:
         return llm["model_type"]
     raise UserError(
         f"unsupported LLM {llm.get('architectures') or llm.get('model_type')!r} in llm_config; "
-        f"supported: {', '.join(_ARCH_TO_FAMILY)}"
+        f"supported: {', '.join(ORIGINAL_ARCHITECTURES)}"
     )
 
 
@@ -692,7 +679,7 @@ def native_config_from_original(original_config: Any, *, image_token_id: Optiona
         }
     else:
         text = {k: v for k, v in llm.items() if k not in _LOADER_KEYS}
-        text["model_type"] = _NATIVE_TEXT_TYPE[family]
+        text["model_type"] = NATIVE_TEXT_TYPE[family]
         if family == "internlm3":  # remote-code names -> transformers' InternLM3Config names
             text["attention_bias"] = bool(text.pop("qkv_bias", False))
             text["mlp_bias"] = bool(llm.get("bias", False))
@@ -738,9 +725,9 @@ def original_config_from_native(
     family = llm_family or text_type
     if family not in LLM_FAMILIES:
         raise UserError(f"llm_family must be one of {', '.join(LLM_FAMILIES)}, not {family!r}")
-    if _NATIVE_TEXT_TYPE[family] != text_type:
+    if NATIVE_TEXT_TYPE[family] != text_type:
         raise UserError(
-            f"llm_family {family!r} needs a native {_NATIVE_TEXT_TYPE[family]!r} text model, "
+            f"llm_family {family!r} needs a native {NATIVE_TEXT_TYPE[family]!r} text model, "
             f"but text_config.model_type is {text_type!r}"
         )
     if cfg.get("vision_feature_select_strategy", "default") != "default":

@@ -21,14 +21,25 @@ __all__ = ["VisionConfig", "LanguageConfig", "InternVLConfig"]
 
 LANGUAGE_FAMILIES = ("qwen2", "qwen3", "llama", "internlm2", "internlm3", "phi3")
 # LLMs of InternVL releases that are recognised but not supported yet (one line each).
-UNSUPPORTED_LLMS = {
-    "qwen3_moe": "Qwen3-MoE LLMs (InternVL3.5-30B-A3B / 241B-A28B) are not supported yet (mixture of experts)",
-    "Qwen3MoeForCausalLM": "Qwen3-MoE LLMs (InternVL3.5-30B-A3B / 241B-A28B) are not supported yet (mixture of experts)",
-    "gpt_oss": "GPT-OSS LLMs (InternVL3.5-20B-A4B) are not supported (mixture of experts, attention sinks, "
-               "alternating sliding windows)",
-    "GptOssForCausalLM": "GPT-OSS LLMs (InternVL3.5-20B-A4B) are not supported (mixture of experts, attention "
-                         "sinks, alternating sliding windows)",
+_QWEN3_MOE = "Qwen3-MoE LLMs (InternVL3.5-30B-A3B / 241B-A28B) are not supported yet (mixture of experts)"
+_GPT_OSS = ("GPT-OSS LLMs (InternVL3.5-20B-A4B) are not supported (mixture of experts, attention sinks, "
+            "alternating sliding windows)")
+# By model_type and by architecture name.
+UNSUPPORTED_LLMS = {"qwen3_moe": _QWEN3_MOE, "Qwen3MoeForCausalLM": _QWEN3_MOE,
+                    "gpt_oss": _GPT_OSS, "GptOssForCausalLM": _GPT_OSS}
+# The original layout's llm_config architecture of each family.
+ORIGINAL_ARCHITECTURES = {
+    "InternLM2ForCausalLM": "internlm2",
+    "InternLM3ForCausalLM": "internlm3",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "LlamaForCausalLM": "llama",
+    "Phi3ForCausalLM": "phi3",
 }
+# The transformers-native text model type each family is stored as (InternLM2 as llama;
+# InternLM3's remote code and transformers' internlm3 both use Llama tensor names).
+NATIVE_TEXT_TYPE = {"internlm2": "llama", "internlm3": "internlm3", "qwen2": "qwen2", "qwen3": "qwen3",
+                    "llama": "llama", "phi3": "phi3"}
 
 
 @dataclass
@@ -276,7 +287,7 @@ def _from_native_config(data: Mapping[str, Any]) -> InternVLConfig:
         act=vis.get("hidden_act", "gelu"),
     )
     family = text.get("model_type", "qwen2")
-    _check_llm_supported(family)
+    check_llm_supported(family)
     _check(family in _NATIVE_FAMILIES,
            f"text model type {family!r} is not supported ({', '.join(_NATIVE_FAMILIES)})")
     _check(not text.get("mlp_bias", False), "text_config.mlp_bias=True is not supported")
@@ -317,19 +328,10 @@ def _from_native_config(data: Mapping[str, Any]) -> InternVLConfig:
 
 
 # transformers-native text model types (InternLM2 becomes llama in the native layout).
-_NATIVE_FAMILIES = ("qwen2", "qwen3", "llama", "internlm3", "phi3")
-
-_ORIGINAL_FAMILIES = {
-    "InternLM2ForCausalLM": "internlm2",
-    "InternLM3ForCausalLM": "internlm3",
-    "Qwen2ForCausalLM": "qwen2",
-    "Qwen3ForCausalLM": "qwen3",
-    "LlamaForCausalLM": "llama",
-    "Phi3ForCausalLM": "phi3",
-}
+_NATIVE_FAMILIES = tuple(sorted(set(NATIVE_TEXT_TYPE.values()), key=LANGUAGE_FAMILIES.index))
 
 
-def _check_llm_supported(name: str) -> None:
+def check_llm_supported(name: str) -> None:
     """One line for an LLM InternVL ships that this project refuses (MoE, GPT-OSS)."""
     if name in UNSUPPORTED_LLMS:
         raise UserError(UNSUPPORTED_LLMS[name])
@@ -374,10 +376,10 @@ def _from_original_config(data: Mapping[str, Any]) -> InternVLConfig:
     vis = data.get("vision_config") or {}
     llm = data.get("llm_config") or {}
     arch = (llm.get("architectures") or ["LlamaForCausalLM"])[0]
-    _check_llm_supported(arch)
-    _check(arch in _ORIGINAL_FAMILIES, f"LLM architecture {arch!r} is not supported ({', '.join(_ORIGINAL_FAMILIES)})")
+    check_llm_supported(arch)
+    _check(arch in ORIGINAL_ARCHITECTURES, f"LLM architecture {arch!r} is not supported ({', '.join(ORIGINAL_ARCHITECTURES)})")
     _check(data.get("select_layer", -1) == -1, "only select_layer -1 is supported")
-    family = _ORIGINAL_FAMILIES[arch]
+    family = ORIGINAL_ARCHITECTURES[arch]
     _check(not llm.get("bias", False), "an LLM with biased linears (llm_config.bias=True) is not supported")
     _check(not llm.get("qkv_bias", False) and not (family != "qwen2" and llm.get("attention_bias", False)),
            f"{arch} with q/k/v biases (llm_config.qkv_bias / attention_bias) is not supported")
