@@ -5,8 +5,19 @@ in ``pixel_values``; both of the pair's responses read the same vision features 
 ``image_token_index``. Responses are identified by a *response slot*: slot ``i`` is the
 chosen response of pair ``i`` and slot ``P + i`` its rejected response. Token rows may
 hold one response each (unpacked: row ``r`` is slot ``r``) or a shared prompt followed by
-both responses (packed); the model and the losses only see slots, so both layouts give
-the same per-sequence log-probs.
+both responses (packed, several pairs per row); the model and the losses only see slots,
+so both layouts give the same per-sequence log-probs.
+
+Packed rows describe who may attend to whom with ``segments`` ([R, S] int): position
+``t`` holds ``3 * pair + branch`` (``pair`` counts the pairs of its row from 0;
+``branch`` is ``PROMPT``, ``CHOSEN`` or ``REJECTED``). Query ``t`` sees key ``u`` iff
+``u <= t``, both belong to the same pair, and ``u`` is in the prompt or in ``t``'s own
+branch: each response sees its own prompt and itself, causally, and nothing of another
+pair. Trailing padding is one more "pair" of prompt positions (causal among itself, so
+no softmax row is empty). This [R, S] tensor is all the attention needs: the SDPA path
+splits rows at pair boundaries, FlexAttention builds its block mask from it, and
+:func:`segment_mask` gives the dense mask where one is wanted. Nothing of size S x S
+travels with a micro-batch.
 """
 
 from __future__ import annotations
@@ -28,7 +39,7 @@ class PairBatch:
     image_token_index: torch.Tensor  # [R, S] long; row in the flat [T*tokens_per_tile] vision features, -1 = text
     pixel_values: torch.Tensor  # [T, 3, H, W] float; T may be 0 (text-only micro-batch)
     num_pairs: int  # P
-    attention_mask: Optional[torch.Tensor] = None  # [R, 1, S, S] bool, True = masked; None = causal
+    segments: Optional[torch.Tensor] = None  # [R, S] int32 packed-row layout (see module doc); None = causal
     ref_chosen_logps: Optional[torch.Tensor] = None  # [P] float64/float32 reference sums
     ref_rejected_logps: Optional[torch.Tensor] = None  # [P]
     keys: list = field(default_factory=list)  # sample keys, for joins and debugging
@@ -54,16 +65,36 @@ class PairBatch:
         return self.response_index >= 0
 
 
+PROMPT, CHOSEN, REJECTED = 0, 1, 2
+BRANCHES = 3
+
+
 def causal_mask(seq_len: int) -> torch.Tensor:
     """[1, 1, S, S] bool mask, True above the diagonal (megatron-core's convention)."""
     return torch.ones(1, 1, seq_len, seq_len, dtype=torch.bool).triu(diagonal=1)
+
+
+def is_segments(mask: Optional[torch.Tensor]) -> bool:
+    """True for a packed-row ``segments`` tensor ([b, S] integers) passed where megatron-core
+    passes its attention mask (a [b, 1, S, S] bool tensor or None)."""
+    return mask is not None and mask.dim() == 2 and not mask.dtype.is_floating_point and mask.dtype != torch.bool
+
+
+def segment_mask(segments: torch.Tensor) -> torch.Tensor:
+    """The dense ``[R, 1, S, S]`` bool mask (True = masked) that ``segments`` describes."""
+    S = segments.shape[-1]
+    pair, branch = segments // BRANCHES, segments % BRANCHES
+    q_pair, k_pair = pair.unsqueeze(-1), pair.unsqueeze(-2)
+    visible = (q_pair == k_pair) & ((branch.unsqueeze(-2) == PROMPT) | (segments.unsqueeze(-1) == segments.unsqueeze(-2)))
+    causal = torch.ones(S, S, dtype=torch.bool, device=segments.device).tril()
+    return ~(visible & causal).unsqueeze(1)
 
 
 def pad_to_length(batch: PairBatch, seq_len: int, pad_id: int = 0) -> PairBatch:
     """``batch`` with every row padded at the end to ``seq_len`` positions.
 
     Padding is invisible: it adds no log-prob (``response_index`` -1), no image features,
-    and no real position attends to it (causal order, or masked in a custom mask). Used
+    and no real position attends to it (causal order, or a segment of its own). Used
     where the schedule needs one shape for all micro-batches of a step (interleaved
     pipeline).
     """
@@ -76,12 +107,11 @@ def pad_to_length(batch: PairBatch, seq_len: int, pad_id: int = 0) -> PairBatch:
         return torch.cat([t, t.new_full((rows, extra), value)], dim=1)
 
     positions = batch.position_ids[:, -1:] + torch.arange(1, extra + 1).unsqueeze(0)
-    mask = None
-    if batch.attention_mask is not None:
-        mask = torch.ones(batch.attention_mask.shape[0], 1, seq_len, seq_len, dtype=torch.bool)
-        mask[:, :, :length, :length] = batch.attention_mask
-        pad = torch.arange(length, seq_len)
-        mask[:, :, pad, pad] = False  # padding attends to itself only (no empty softmax rows)
+    segments = None
+    if batch.segments is not None:  # the padding joins (or starts) each row's trailing pad segment
+        last = batch.segments[:, -1:]
+        pad_segment = torch.where(last % BRANCHES == PROMPT, last, (last // BRANCHES + 1) * BRANCHES)
+        segments = torch.cat([batch.segments, pad_segment.expand(rows, extra)], dim=1)
     return PairBatch(
         input_ids=grow(batch.input_ids, pad_id),
         position_ids=torch.cat([batch.position_ids, positions], dim=1),
@@ -90,7 +120,7 @@ def pad_to_length(batch: PairBatch, seq_len: int, pad_id: int = 0) -> PairBatch:
         image_token_index=grow(batch.image_token_index, -1),
         pixel_values=batch.pixel_values,
         num_pairs=batch.num_pairs,
-        attention_mask=mask,
+        segments=segments,
         ref_chosen_logps=batch.ref_chosen_logps,
         ref_rejected_logps=batch.ref_rejected_logps,
         keys=batch.keys,

@@ -78,6 +78,11 @@ class ModelSection:
                         choices=("local", "transformer_engine"))
     recompute: Optional[str] = setting(None, "activation recomputation to save memory (null: off)",
                                        choices=("selective", "full"))
+    attention: Optional[str] = setting(None, "LLM core attention: `sdpa` (torch fused; packed rows pair by "
+                                       "pair; trains on CPU), `flex` (FlexAttention block-sparse kernel; "
+                                       "trains on GPUs only), `te` (Transformer Engine's; packed rows unfused, "
+                                       "S x S); null: sdpa for local, te for transformer_engine (flex "
+                                       "with packed rows)", choices=("sdpa", "flex", "te"))
 
     def validate(self) -> None:
         parts = allowed(self, "freeze")
@@ -89,6 +94,11 @@ class ModelSection:
         _choice("model.spec", self.spec, allowed(self, "spec"))
         if self.recompute is not None:
             _choice("model.recompute", self.recompute, allowed(self, "recompute"))
+        if self.attention is not None:
+            _choice("model.attention", self.attention, allowed(self, "attention"))
+            if self.attention == "te" and self.spec != "transformer_engine":
+                raise UserError("model.attention=te is Transformer Engine's attention: set "
+                                "model.spec=transformer_engine or pick sdpa / flex")
 
 
 @dataclass
@@ -173,13 +183,19 @@ class DataSection:
     seed: int = setting(1234, "seed of the shard and sample order")
     allow_pipe_sources: bool = setting(False, "allow `pipe:` shard sources (they run a shell command); "
                                        "http(s) shards are fetched in-process either way")
-    packing: Optional[bool] = setting(None, "one row per pair, the prompt shared by both responses; "
-                                      "null: on for the local spec, off for transformer_engine "
-                                      "(no fused kernel for the packed mask)")
+    packing: Optional[bool] = setting(None, "packed rows: each pair's prompt shared by both responses, "
+                                      "several pairs per row; null: on for the local spec, off for "
+                                      "transformer_engine (FlashAttention on plain rows; not yet measured "
+                                      "against FlexAttention on a GPU)")
+    pairs_per_row: Optional[int] = setting(None, "packed rows: most pairs per row (first-fit within "
+                                           "`max_length` over each micro-batch); null: as many as fit; "
+                                           "a longer pair gets a row of its own")
 
     def validate(self) -> None:
         _positive("data.max_length", self.max_length)
         _positive("data.max_tiles", self.max_tiles)
+        if self.pairs_per_row is not None:
+            _positive("data.pairs_per_row", self.pairs_per_row)
         _choice("data.on_missing_ref", self.on_missing_ref, allowed(self, "on_missing_ref"))
         if self.template is not None:
             from megatron_mpo.data.templates import REFUSED_TEMPLATES

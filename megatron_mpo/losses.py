@@ -45,6 +45,7 @@ __all__ = [
     "preference_loss",
     "sequence_log_probs",
     "step_generation_tokens",
+    "step_means",
     "token_log_probs_from_vocab_parallel_logits",
 ]
 
@@ -394,28 +395,39 @@ def generation_loss(
     return -policy_chosen_logps.sum() / tokens
 
 
-def step_generation_tokens(
-    chosen_tokens: float, micro_batches: int, group: Optional[dist.ProcessGroup] = None
-) -> float:
-    """Chosen tokens per micro-batch over one optimizer step, for ``generation_norm: token``.
+def step_means(
+    counts: Mapping[str, float], micro_batches: int, group: Optional[dist.ProcessGroup] = None
+) -> dict[str, float]:
+    """Per name, the step's count per micro-batch: the divisors of step-level means.
 
     megatron-core's schedule divides every micro-batch loss by the number of micro-batches
-    and DDP averages gradients over data-parallel ranks: the step optimises the mean of the
-    micro-batch losses. Dividing each micro-batch's chosen NLL sum by (step chosen tokens /
-    (micro-batches x DP ranks)) makes that mean the step's chosen NLL over its chosen
-    tokens, independent of micro-batch size and layout. ``chosen_tokens`` and
-    ``micro_batches`` are this rank's; they are summed over ``group`` (a collective; every
-    rank must run the same number of micro-batches, as megatron-core requires anyway).
+    and DDP averages gradients over data-parallel ranks: the step optimises the mean of
+    the micro-batch losses. A micro-batch that divides its *sum* over pairs (or tokens) by
+    (the step's pairs / (micro-batches x DP ranks)) makes that mean the step's mean over
+    all its pairs (tokens), however the pairs were split into micro-batches and rows --
+    micro-batches may hold different numbers of them. ``counts`` and ``micro_batches``
+    are this rank's; they are summed over ``group`` in one all-reduce (a collective:
+    every rank of the group calls it once per step). A count of 0 becomes 1 (its sum is 0).
     """
     if micro_batches <= 0:
         raise ValueError(f"micro_batches must be > 0, got {micro_batches}")
-    stats = [float(chosen_tokens), float(micro_batches)]
+    names = list(counts)
+    stats = [float(counts[n]) for n in names] + [float(micro_batches)]
     if _active_group_size(group) > 1:
         summed = torch.tensor(stats, dtype=torch.float64, device=collective_device(group))
         dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=group)
         stats = summed.tolist()
-    tokens, batches = stats
-    return max(tokens, 1.0) / batches  # a step without chosen tokens has a 0 NLL sum anyway
+    batches = stats[-1]
+    return {n: max(v, 1.0) / batches for n, v in zip(names, stats)}
+
+
+def step_generation_tokens(
+    chosen_tokens: float, micro_batches: int, group: Optional[dist.ProcessGroup] = None
+) -> float:
+    """Chosen tokens per micro-batch over one optimizer step, for ``generation_norm: token``
+    (see :func:`step_means`): with it each micro-batch's chosen NLL sum averages to the
+    step's chosen NLL over its chosen tokens, independent of micro-batch size and layout."""
+    return step_means({"tokens": chosen_tokens}, micro_batches, group)["tokens"]
 
 
 def mpo_loss(
@@ -430,6 +442,7 @@ def mpo_loss(
     *,
     update_shift: bool = True,
     generation_tokens: Optional[float] = None,
+    step_pairs: Optional[float] = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """MPO loss of one (micro-)batch: w_p*mean(L_p) + w_q*mean(L_q) + w_g*L_g.
 
@@ -459,10 +472,15 @@ def mpo_loss(
     w = config.weights
     zero = pc.new_zeros(())
     loss = zero
+    if step_pairs is not None and not step_pairs > 0:
+        raise ValueError(f"step_pairs must be > 0, got {step_pairs!r}")
+
+    def pair_mean(values: torch.Tensor) -> torch.Tensor:
+        return values.mean() if step_pairs is None else values.sum() / step_pairs
 
     loss_p = zero
     if w.preference > 0:
-        loss_p = preference_loss(chosen_logratio - rejected_logratio, config).mean()
+        loss_p = pair_mean(preference_loss(chosen_logratio - rejected_logratio, config))
         loss = loss + w.preference * loss_p
 
     loss_q = zero
@@ -475,13 +493,16 @@ def mpo_loss(
             delta = reward_shift.current()  # previous steps only
             if update_shift:
                 reward_shift.observe(chosen_rewards, rejected_rewards)
-        loss_q = (-F.logsigmoid(chosen_rewards - delta) - F.logsigmoid(-(rejected_rewards - delta))).mean()
+        loss_q = pair_mean(-F.logsigmoid(chosen_rewards - delta) - F.logsigmoid(-(rejected_rewards - delta)))
         loss = loss + w.quality * loss_q
 
     loss_g = zero
     if w.generation > 0:
         lengths = chosen_lengths.to(device=pc.device, dtype=dtype)
-        loss_g = generation_loss(pc, lengths, config.generation_norm, generation_tokens)
+        if config.generation_norm == "sequence" and step_pairs is not None:
+            loss_g = pair_mean(-pc / lengths.clamp(min=1))
+        else:
+            loss_g = generation_loss(pc, lengths, config.generation_norm, generation_tokens)
         loss = loss + w.generation * loss_g
 
     with torch.no_grad():
@@ -526,6 +547,7 @@ class MPOLoss:
         *,
         update_shift: bool = True,
         generation_tokens: Optional[float] = None,
+        step_pairs: Optional[float] = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return mpo_loss(
             policy_chosen_logps,
@@ -538,6 +560,7 @@ class MPOLoss:
             self.reward_shift,
             update_shift=update_shift,
             generation_tokens=generation_tokens,
+            step_pairs=step_pairs,
         )
 
     def end_step(self, group: Optional[dist.ProcessGroup] = None) -> None:

@@ -5,7 +5,8 @@ TP=2/PP=1, TP=1/PP=2, TP=2/PP=2 and TP=1/PP=2 with 2 virtual stages (interleaved
 same processes (one launch, since every process pays for importing megatron-core). For each grouping and each reference model
 it loads this rank's slice of the full converted state dict, runs the micro-batch cases
 through megatron-core's real pipeline schedules, compares logits, per-token losses and
-(for the image pair case) gradients with the transformers reference, and finally saves
+(for the image pair case and a row packed with three pairs) gradients with the
+transformers reference, and finally saves
 a TP=2/PP=2 distributed checkpoint and reloads it at TP=1 (sharded_state_dict check).
 
 Usage: python -m torch.distributed.run --nproc-per-node=4 tests/_model_worker.py ARTIFACTS
@@ -201,6 +202,7 @@ def _run(artifacts: Path, checked: list) -> list[str]:
             full=torch.load(d / "mcore.pt"),
             cases=torch.load(d / "cases.pt"),
             grads=torch.load(d / "grads.pt"),
+            packed_grads=torch.load(d / "packed_grads.pt"),
         )
     failures: list[str] = []
     ckpt_dir = artifacts / "dist_ckpt"
@@ -234,6 +236,9 @@ def _run(artifacts: Path, checked: list) -> list[str]:
                     chunk.train()
                 pair = next(c for c in d["cases"] if c["name"] == "pair")
                 failures += check_grads(model, pair, d["grads"], where, tp_group, tp, emb_group)
+                packed = next(c for c in d["cases"] if c["name"] == "packed_pairs")  # 3 pairs in one row
+                failures += check_grads(model, packed, d["packed_grads"], f"{where} packed_pairs", tp_group, tp,
+                                        emb_group)
                 checked.append(f"TP{tp}PP{pp}VP{vp} {kind}")
                 if (tp, pp, vp) == (2, 2, 1):
                     target = ckpt_dir / kind

@@ -20,7 +20,8 @@ import torch
 from PIL import Image
 
 from megatron_mpo.data import DataConfig, build_loader, load_tokenizer, write_ref_logps
-from megatron_mpo.data.collate import collate_pairs
+from megatron_mpo.batch import segment_mask
+from megatron_mpo.data.collate import collate_pairs, pack_rows, packed_length
 from megatron_mpo.data.samples import PairBuilder, SampleError
 from megatron_mpo.data.shard_writer import MakeShardsConfig, make_shards
 from megatron_mpo.data.templates import expand_image_placeholders, get_template, normalize_placeholders
@@ -386,7 +387,7 @@ def _toy_slot_logps(batch, vocab, seed=0):
     x = emb[batch.input_ids] + pos[batch.position_ids]
     scores = (x @ wq) @ (x @ wk).transpose(1, 2) / 4.0
     S = batch.input_ids.shape[1]
-    mask = batch.attention_mask[:, 0] if batch.attention_mask is not None else torch.ones(S, S, dtype=torch.bool).triu(1)
+    mask = segment_mask(batch.segments)[:, 0] if batch.segments is not None else torch.ones(S, S, dtype=torch.bool).triu(1)
     scores = scores.masked_fill(mask, float("-inf"))
     h = torch.softmax(scores, -1) @ (x @ wv) + x
     logp = torch.log_softmax(h @ out, -1).gather(-1, batch.labels.unsqueeze(-1)).squeeze(-1)
@@ -397,24 +398,52 @@ def _toy_slot_logps(batch, vocab, seed=0):
 
 
 def test_packed_layout_matches_unpacked_per_slot(data_tok):
+    """Packed rows, one pair per row and several (first-fit into max_length), give every
+    response the log-prob it has in its own unpacked row under a toy attention LM that
+    honours the segment layout and the restarted positions."""
     b = _builder(data_tok)
     pairs = [
         b.build("s/a", {"question": "What is it?", "chosen": "A red box here.", "rejected": "A cat."}, [_png(112, 56)]),
         b.build("s/b", {"question": "Hi?", "chosen": "Hello.", "rejected": "Go away now please."}, []),
+        b.build("s/c", {"question": "Why?", "chosen": "Because it is.", "rejected": "No."}, []),
+        b.build("s/d", {"question": "Count to three.", "chosen": "One two three.", "rejected": "Four."}, []),
     ]
-    unpacked = collate_pairs(pairs, data_tok.pad_id, data_tok.img_context_id, 4, layout="unpacked")
-    packed = collate_pairs(pairs, data_tok.pad_id, data_tok.img_context_id, 4, layout="packed", pad_multiple=8)
-    assert packed.input_ids.shape[0] == 2 and packed.attention_mask.shape[:2] == (2, 1)
-    assert torch.equal(packed.pixel_values, unpacked.pixel_values)
+    args = (data_tok.pad_id, data_tok.img_context_id, 4)
+    unpacked = collate_pairs(pairs, *args, layout="unpacked")
+    single = collate_pairs(pairs, *args, layout="packed", pad_multiple=8)
+    assert single.input_ids.shape[0] == 4 and single.segments.shape == single.input_ids.shape
     lp = len(pairs[0].prompt)
     # the rejected branch restarts at the prompt's last position
     b_start = lp + len(pairs[0].chosen)
-    assert packed.position_ids[0, b_start].item() == lp - 1 and packed.position_ids[0, b_start + 1].item() == lp
-    a = _toy_slot_logps(unpacked, data_tok.vocab_size)
-    p = _toy_slot_logps(packed, data_tok.vocab_size)
-    assert torch.allclose(a, p, atol=1e-9, rtol=0)
-    for slot in range(4):  # same labels, in order, per slot
-        assert unpacked.labels[unpacked.response_index == slot].tolist() == packed.labels[packed.response_index == slot].tolist()
+    assert single.position_ids[0, b_start].item() == lp - 1 and single.position_ids[0, b_start + 1].item() == lp
+    lengths = [packed_length(p) for p in pairs]
+    row_length = max(lengths) + min(lengths) + 1
+    many = collate_pairs(pairs, *args, layout="packed", row_length=row_length, max_pairs_per_row=None)
+    assert many.input_ids.shape[0] < len(pairs) and many.input_ids.shape[1] <= row_length
+    assert torch.equal(many.pixel_values, unpacked.pixel_values)
+    two_in_a_row = [r for r in range(many.input_ids.shape[0]) if int(many.segments[r].max()) >= 3]
+    assert two_in_a_row, "no row holds two pairs"
+    r = two_in_a_row[0]
+    second = int((many.segments[r] == 3).nonzero()[0])  # pair 1's prompt starts here, at position 0
+    assert many.position_ids[r, second].item() == 0
+    reference = _toy_slot_logps(unpacked, data_tok.vocab_size)
+    for packed in (single, many):
+        assert torch.allclose(_toy_slot_logps(packed, data_tok.vocab_size), reference, atol=1e-9, rtol=0)
+        for slot in range(8):  # same labels, in order, per slot
+            assert (unpacked.labels[unpacked.response_index == slot].tolist()
+                    == packed.labels[packed.response_index == slot].tolist())
+
+
+def test_first_fit_packing_is_deterministic_and_bounded():
+    rows = pack_rows([5, 9, 3, 7, 2, 12], row_length=12)
+    assert sorted(i for row in rows for i in row) == list(range(6))
+    lengths = [5, 9, 3, 7, 2, 12]
+    assert all(sum(lengths[i] for i in row) <= 12 for row in rows)
+    assert rows == [[3, 0], [1, 2], [4], [5]]  # 38 > 3 x 12: four rows, by first pair; longest first in a row
+    assert rows == pack_rows([5, 9, 3, 7, 2, 12], row_length=12)
+    assert pack_rows([20, 3], row_length=12) == [[0], [1]]  # too long: a row of its own
+    assert pack_rows([3, 3, 3], row_length=100, max_pairs=2) == [[0, 1], [2]]
+    assert pack_rows([3, 3, 3], row_length=100, max_pairs=1) == [[0], [1], [2]]
 
 
 # ----------------------------------------------------------------------------- streaming loader

@@ -161,10 +161,18 @@ def test_token_generation_norm_matches_trl_in_every_layout(tmp_path):
             torch.testing.assert_close(grad, want_grad, rtol=1e-5, atol=1e-6)
     # The two formulas differ on these pairs, so the checks above tell them apart.
     assert (out["formula"]["token"][1] - out["formula"]["sequence"][1]).abs().max() > 1e-2
-    # With all three terms the gradient does not depend on the layout either.
-    whole = out["local"][("token_all_terms", "one_of_4")][1]
-    torch.testing.assert_close(out["local"][("token_all_terms", "four_of_1")][1], whole, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(out["ddp"]["token_all_terms"][1], whole, rtol=1e-5, atol=1e-6)
+    # With all three terms the gradient does not depend on the layout either, also when
+    # micro-batches (and data-parallel ranks) hold different numbers of pairs, as packed
+    # rows make them: the losses are normalised over the step's pairs and tokens.
+    for norm in ("token", "sequence"):
+        whole = out["local"][(f"{norm}_all_terms", "one_of_4")][1]
+        for split in ("four_of_1", "one_then_3"):
+            torch.testing.assert_close(out["local"][(f"{norm}_all_terms", split)][1], whole, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out["ddp"][f"{norm}_all_terms"][1], whole, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out["ddp_uneven"][f"{norm}_all_terms"], whole, rtol=1e-5, atol=1e-6)
+        for only_generation in ("token", "sequence"):
+            torch.testing.assert_close(out["ddp_uneven"][only_generation], out["formula"][only_generation][1],
+                                       rtol=1e-5, atol=1e-6)
     # Rank r saw rewards 0.5 (r + 1) and -0.5: delta is their mean over both ranks.
     assert out["deltas"] == pytest.approx([(0.5 + 1.0 - 0.5 - 0.5) / 4] * 2, abs=1e-12)
 

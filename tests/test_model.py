@@ -168,7 +168,81 @@ def _cases(hf, vocab: int, seed: int) -> list[dict]:
     positions = torch.tensor(list(range(p + c)) + list(range(p, p + r)))
     cases.append(b.case("packed", [row], hf, position_ids=positions[None], attention_mask=mask[None, None],
                         ref_logits=torch.cat([a, z[p:]])[None]))
+    cases.append(_packed_pairs_case(hf, vocab, gen))
     return cases
+
+
+def _packed_pairs(gen: torch.Generator, tpt: int = 4) -> list:
+    """Three pairs (two with images) of different lengths for packed rows."""
+    from megatron_mpo.data.samples import TokenizedPair
+
+    def text(n):
+        return torch.randint(0, TEXT_TOKENS, (n,), generator=gen).tolist()
+
+    def image(tiles):
+        return torch.randn(tiles, 3, 56, 56, generator=gen)
+
+    return [
+        TokenizedPair("s/a", text(3) + [IMG_ID] * (2 * tpt) + text(4), text(6), text(4), image(2)),
+        TokenizedPair("s/b", text(5), text(3), text(7), torch.zeros(0, 3, 56, 56)),
+        TokenizedPair("s/c", text(2) + [IMG_ID] * tpt + text(2), text(5), text(2), image(1)),
+    ]
+
+
+def _packed_pairs_case(hf, vocab: int, gen: torch.Generator) -> dict:
+    """All three pairs in ONE row, as the data pipeline collates them (segments layout,
+    positions restarting per pair). Each position's reference logits are those of the
+    same position of its own unpacked sequence (prompt + chosen, or prompt + rejected, run
+    alone through transformers); ``ref_rows`` says which, for the reference gradients."""
+    from megatron_mpo.batch import BRANCHES, REJECTED
+    from megatron_mpo.data.collate import collate_pairs
+
+    pairs = _packed_pairs(gen)
+    batch = collate_pairs(pairs, 0, IMG_ID, 4, layout="packed", row_length=10_000, max_pairs_per_row=None)
+    assert batch.input_ids.shape[0] == 1, "the case must put every pair in one row"
+    segments, positions = batch.segments[0], batch.position_ids[0]
+    sequences = {}
+    for i, pair in enumerate(pairs):
+        for branch, response in (("chosen", pair.chosen), ("rejected", pair.rejected)):
+            sequences[(i, branch)] = (pair.prompt + response, pair.pixel_values if pair.num_tiles else None)
+    pair_of_segment = {}
+    for t in range(segments.numel()):  # pair index of each row segment, from the chosen slots
+        slot = int(batch.response_index[0, t])
+        if 0 <= slot < len(pairs):
+            pair_of_segment[int(segments[t]) // BRANCHES] = slot
+    ref_rows = [(pair_of_segment[int(seg) // BRANCHES],
+                 "rejected" if int(seg) % BRANCHES == REJECTED else "chosen", int(pos))
+                for seg, pos in zip(segments, positions)]
+    with torch.no_grad():
+        outputs = {k: hf(input_ids=torch.tensor([ids]), pixel_values=px).logits[0] for k, (ids, px) in sequences.items()}
+    ref_logits = torch.stack([outputs[(i, branch)][pos] for i, branch, pos in ref_rows])[None]
+    S = batch.input_ids.shape[1]
+    return dict(
+        name="packed_pairs", input_ids=batch.input_ids, position_ids=batch.position_ids,
+        attention_mask=batch.segments, labels=torch.randint(0, vocab, (1, S), generator=gen),
+        pixel_values=batch.pixel_values, image_token_index=batch.image_token_index, ref_logits=ref_logits,
+        ref_rows=ref_rows, sequences=sequences,
+    )
+
+
+def _packed_reference_grads(hf, case: dict, config) -> dict:
+    """d sum(per-token loss) / d params of the packed case, from transformers run on each
+    pair's unpacked sequences (every row position scored once, at its own sequence's
+    position), mapped to megatron names."""
+    from megatron_mpo.conversion.native import hf_to_megatron
+
+    hf.zero_grad(set_to_none=True)
+    total = 0.0
+    for key, (ids, pixels) in case["sequences"].items():
+        where = [(t, pos) for t, (i, branch, pos) in enumerate(case["ref_rows"]) if (i, branch) == key]
+        logits = hf(input_ids=torch.tensor([ids]), pixel_values=pixels).logits[0]
+        picked = logits[torch.tensor([pos for _, pos in where])]
+        labels = case["labels"][0, torch.tensor([t for t, _ in where])]
+        total = total + torch.nn.functional.cross_entropy(picked, labels, reduction="sum")
+    total.backward()
+    grads = {name: p.grad.detach().clone() for name, p in hf.named_parameters() if p.grad is not None}
+    hf.zero_grad(set_to_none=True)
+    return hf_to_megatron(grads, config)
 
 
 def _reference_grads(hf, case: dict, config) -> dict:
@@ -201,14 +275,17 @@ def reference(tmp_path_factory):
         config = _our_config(hf_config, kind)
         cases = _cases(hf, config.language.vocab_size, seed)
         grads = _reference_grads(hf, next(c for c in cases if c["name"] == "pair"), config)
+        packed_grads = _packed_reference_grads(hf, next(c for c in cases if c["name"] == "packed_pairs"), config)
         full = hf_to_megatron(hf.state_dict(), config)
-        out[kind] = dict(hf=hf, hf_config=hf_config, config=config, cases=cases, grads=grads, full=full)
+        out[kind] = dict(hf=hf, hf_config=hf_config, config=config, cases=cases, grads=grads, full=full,
+                         packed_grads=packed_grads)
         d = root / kind
         d.mkdir()
         (d / "config.json").write_text(config.to_json())
         torch.save(full, d / "mcore.pt")
         torch.save(cases, d / "cases.pt")
         torch.save(grads, d / "grads.pt")
+        torch.save(packed_grads, d / "packed_grads.pt")
     (root / "kinds.json").write_text(json.dumps(list(out)))
     out["root"] = root
     return out
@@ -414,16 +491,15 @@ def test_tp1_logits_losses_and_grads_match_transformers(reference, megatron_tp1,
     model.train()
     pair = next(c for c in ref["cases"] if c["name"] == "pair")
     failures += worker.check_grads(model, pair, ref["grads"], f"TP1PP1 {kind}", None, 1)
+    packed = next(c for c in ref["cases"] if c["name"] == "packed_pairs")
+    failures += worker.check_grads(model, packed, ref["packed_grads"], f"TP1PP1 {kind} packed_pairs", None, 1)
     assert not failures, "\n".join(failures)
 
 
 def _slot_log_probs_and_grads(model, batch):
     """Per-response log-prob sums of one collated micro-batch and the gradient of their total."""
-    from megatron_mpo.batch import causal_mask
     from megatron_mpo.training.forward import model_inputs, slot_log_probs
 
-    if batch.attention_mask is None:
-        batch.attention_mask = causal_mask(batch.input_ids.shape[1])
     model.zero_grad(set_to_none=True)
     token_nll = model(**model_inputs(model, batch))
     sums, _ = slot_log_probs(token_nll, batch.response_index, batch.num_slots)
@@ -433,9 +509,10 @@ def _slot_log_probs_and_grads(model, batch):
 
 def test_packed_pairs_match_unpacked_log_probs_and_grads(reference, megatron_tp1):
     """Shared-prompt packing is exact: per-response log-prob sums and every parameter
-    gradient equal those of the unpacked rows. One batch has a long prompt (its shared
-    prefix runs through the attention kernel's causal mode, see ``causal_prefix``), the
-    other adds a short text-only pair (explicit mask for the whole row)."""
+    gradient equal those of the unpacked rows, with one pair per row and with several
+    pairs per row (first-fit into a row length). One batch has a long prompt (its causal
+    part runs through the kernel's causal mode), one adds a short text-only pair, one
+    packs three pairs into two rows (restarted positions, no cross-pair attention)."""
     from megatron_mpo.data.collate import collate_pairs
     from megatron_mpo.data.samples import TokenizedPair
 
@@ -450,17 +527,66 @@ def test_packed_pairs_match_unpacked_log_probs_and_grads(reference, megatron_tp1
     image_pair = TokenizedPair("s/a", text(40) + [IMG_ID] * (2 * tpt) + text(30), text(9), text(6),
                                torch.randn(2, 3, 56, 56, generator=gen))
     text_pair = TokenizedPair("s/b", text(5), text(3), text(8), torch.zeros(0, 3, 56, 56))
-    for pairs in ([image_pair], [image_pair, text_pair]):
-        args = dict(pad_id=0, context_id=IMG_ID, tokens_per_tile=tpt)
-        packed_batch = collate_pairs(pairs, layout="packed", **args)
+    three = _packed_pairs(gen, tpt)
+    args = dict(pad_id=0, context_id=IMG_ID, tokens_per_tile=tpt)
+    layouts = [([image_pair], {}), ([image_pair, text_pair], {}),
+               (three, dict(row_length=60, max_pairs_per_row=None)),
+               ([image_pair, text_pair] + three, dict(row_length=200, max_pairs_per_row=None, pad_multiple=8))]
+    for pairs, packing in layouts:
+        packed_batch = collate_pairs(pairs, layout="packed", **args, **packing)
         unpacked_batch = collate_pairs(pairs, layout="unpacked", **args)
         assert packed_batch.input_ids.numel() < unpacked_batch.input_ids.numel()
+        if packing:
+            assert packed_batch.input_ids.shape[0] < len(pairs)  # several pairs share a row
         packed, packed_grads = _slot_log_probs_and_grads(model, packed_batch)
         unpacked, unpacked_grads = _slot_log_probs_and_grads(model, unpacked_batch)
         torch.testing.assert_close(packed, unpacked, rtol=1e-5, atol=1e-4)
         assert packed_grads.keys() == unpacked_grads.keys() and len(packed_grads) > 20
         for name, grad in packed_grads.items():
             torch.testing.assert_close(grad, unpacked_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_packed_many_and_one_pair_per_row_give_the_same_step(reference, megatron_tp1):
+    """One optimizer step's gradient (MPO loss with all three terms, through the trainer's
+    forward step and megatron-core's schedule) does not depend on how the step's pairs
+    are laid out: 5 micro-batches of one pair in unpacked rows, or 2 micro-batches of 2
+    and 3 pairs packed several to a row. Needs the step-level loss normalisation (a
+    per-micro-batch mean would weigh the pairs of the smaller micro-batch more), for both
+    generation norms."""
+    from megatron_mpo.data.collate import collate_pairs
+    from megatron_mpo.data.samples import TokenizedPair
+    from megatron_mpo.losses import MPOLoss, MPOLossConfig
+    from megatron_mpo.training import schedule
+    from megatron_mpo.training.forward import StepContext, make_forward_step
+
+    ref = reference["qwen2"]
+    model = _tp1_model(ref)
+    gen = torch.Generator().manual_seed(5)
+    pairs = _packed_pairs(gen) + [
+        TokenizedPair(f"s/x{i}", torch.randint(0, TEXT_TOKENS, (4 + i,), generator=gen).tolist(),
+                      torch.randint(0, TEXT_TOKENS, (3 + 4 * i,), generator=gen).tolist(),
+                      torch.randint(0, TEXT_TOKENS, (5,), generator=gen).tolist(), torch.zeros(0, 3, 56, 56))
+        for i in range(2)
+    ]
+    for i, pair in enumerate(pairs):  # references a little off the policy: every term has a gradient
+        pair.ref_chosen, pair.ref_rejected = -30.0 - 3 * i, -25.0 + 2 * i
+    args = dict(pad_id=0, context_id=IMG_ID, tokens_per_tile=4)
+    one_per_row = [collate_pairs([p], layout="unpacked", **args) for p in pairs]
+    packed = [collate_pairs(pairs[:2], layout="packed", row_length=1000, max_pairs_per_row=None, **args),
+              collate_pairs(pairs[2:], layout="packed", row_length=30, max_pairs_per_row=None, **args)]
+    assert [b.input_ids.shape[0] for b in packed] == [1, 2]
+
+    def step_grads(micro_batches, norm):
+        mpo = MPOLoss(MPOLossConfig(generation_norm=norm))
+        context = StepContext()
+        context.start(mpo, micro_batches, group=None)
+        model.zero_grad(set_to_none=True)
+        schedule.run_schedule(schedule.forward_backward_func(), make_forward_step(mpo, step=context), [model],
+                              micro_batches, 0, forward_only=False)
+        return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
+
+    for norm in ("sequence", "token"):
+        torch.testing.assert_close(step_grads(packed, norm), step_grads(one_per_row, norm), rtol=1e-4, atol=1e-6)
 
 
 def test_loss_mask_runs_the_output_layer_on_scored_positions_only(reference, megatron_tp1):
@@ -604,3 +730,47 @@ def test_tp2_pp1_tp1_pp2_tp2_pp2_and_interleaved_match_transformers(reference):
     assert not result["failures"], "\n".join(result["failures"][:20])
     expected = [f"TP{g} {kind}" for g in ("2PP1VP1", "1PP2VP1", "2PP2VP1") for kind in KINDS]
     assert result["checked"] == sorted(expected + ["TP1PP2VP2 qwen2"])  # every grouping ran
+
+
+def test_flex_attention_forward_matches_sdpa_on_packed_rows(reference, megatron_tp1, monkeypatch):
+    """The FlexAttention core attention (block mask from the segments) gives the SDPA
+    path's per-response log-probs on rows packed with several pairs, and on plain causal
+    rows, in eval (CPU: forward only). With gradients on a CPU it hands over to the SDPA
+    path (torch has no FlexAttention backward there); the GPU kit checks its backward."""
+    from megatron_mpo.data.collate import collate_pairs
+    from megatron_mpo.models import packed_attention
+    from megatron_mpo.models.internvl import build_model
+    from megatron_mpo.models.layers import FlexAttention
+    from megatron_mpo.training.forward import model_inputs, slot_log_probs
+
+    ref = reference["llama"]  # GQA, tied embeddings, padded InternViT-6B heads
+    sdpa_model = _tp1_model(ref).eval()
+    flex_model = build_model(ref["config"], attention_mask="arbitrary", attention="flex")
+    worker.load_full(flex_model, ref["full"])
+    flex_model.eval()
+    cores = [layer.self_attention.core_attention for layer in flex_model.language_model.decoder.layers]
+    assert cores and all(type(c) is FlexAttention for c in cores)
+    calls = []
+    kernel = packed_attention.flex_attention()
+    monkeypatch.setattr(packed_attention, "flex_attention", lambda: lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    gen = torch.Generator().manual_seed(3)
+    pairs = _packed_pairs(gen)
+    args = dict(pad_id=0, context_id=IMG_ID, tokens_per_tile=4)
+    batches = [collate_pairs(pairs, layout="packed", row_length=45, max_pairs_per_row=None, pad_multiple=16, **args),
+               collate_pairs(pairs, layout="unpacked", **args)]
+    assert batches[0].input_ids.shape[0] == 2 and batches[0].input_ids.shape[1] % 16 == 0
+
+    def logps(model, batch):
+        nll = model(**model_inputs(model, batch))
+        return slot_log_probs(nll, batch.response_index, batch.num_slots)[0]
+
+    with torch.no_grad():
+        for batch in batches:
+            calls.clear()
+            torch.testing.assert_close(logps(flex_model, batch), logps(sdpa_model, batch), rtol=1e-5, atol=1e-4)
+            assert len(calls) == len(cores)  # every LLM layer ran FlexAttention
+    flex_model.train()
+    calls.clear()
+    logps(flex_model, batches[0]).sum().backward()  # trains on a CPU through the SDPA path
+    assert not calls
+    assert all(p.grad is not None for p in flex_model.language_model.decoder.parameters())

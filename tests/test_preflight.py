@@ -121,6 +121,18 @@ def test_layout_faults_stop_before_process_groups(workspace, tripwires, monkeypa
              "global_batch 3", "data-parallel size 2")
 
 
+def test_flex_attention_training_on_a_cpu_is_refused(workspace, tripwires):
+    """torch has no FlexAttention backward on a CPU: one line before any model, naming the
+    setting that trains (sdpa). The reference tool (forward only) may use flex there; a
+    `te` attention without the TE spec is a config error."""
+    _refused(_train, _cfg(workspace, model={"attention": "flex"}, train={"device": "cpu"}),
+             "model.attention=flex", "model.attention=sdpa")
+    with pytest.raises(Tripwire):
+        _reference(_cfg(workspace, model={"attention": "flex"}, train={"device": "cpu"}))
+    with pytest.raises(UserError, match="model.spec=transformer_engine"):
+        _cfg(workspace, model={"attention": "te"})
+
+
 def test_too_few_pairs_for_one_epoch_step_is_refused(workspace, tripwires):
     """Fewer pairs than one global batch used to round up to one step (of repeated pairs)."""
     total = json.loads((workspace / "shards" / "index.json").read_text())["total"]

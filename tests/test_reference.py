@@ -24,9 +24,12 @@ def sidecars(directory: Path) -> dict[str, dict]:
 
 def test_reference_values_do_not_depend_on_the_layout(workspace, tmp_path):
     # TP2 x PP2 with the interleaved schedule (2 virtual stages: one LLM layer per chunk);
-    # 15 pairs per shard in schedule calls of 8 -> the last call is topped up to PP.
-    cfg = base_config(workspace, data={"ref_logps": str(tmp_path / "refs_tp2pp2")},
-                      parallel={"tensor": 2, "pipeline": 2, "virtual_pipeline": 2})
+    # 15 pairs per shard in schedule calls of 8 -> the last call is topped up to PP. Rows
+    # packed several pairs to a row (micro-batches of 4 pairs; the schedule pads them to
+    # one length) against the session's one-pair unpacked rows at TP1.
+    cfg = base_config(workspace, data={"ref_logps": str(tmp_path / "refs_tp2pp2"), "packing": True,
+                                       "pairs_per_row": None},
+                      parallel={"tensor": 2, "pipeline": 2, "virtual_pipeline": 2}, train={"micro_batch": 4})
     launch(REPO / TOOL, 4, "--config", write_config(tmp_path / "c.yaml", cfg))
     single, parallel = sidecars(workspace / "refs"), sidecars(tmp_path / "refs_tp2pp2")
     assert single.keys() == parallel.keys() and len(single) == 4

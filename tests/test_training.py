@@ -65,12 +65,14 @@ def losses(records: list[dict]) -> list[float]:
 def layout_runs(workspace, straight_run, tmp_path_factory):
     """8 steps from the same checkpoint and data at TP1/PP1 (the session's straight run,
     saving at 4 and 8), TP2, PP2, TP2xPP2 and PP2 with the interleaved schedule (2 virtual
-    stages)."""
+    stages). TP2xPP2 also packs its rows (micro-batches of 2 pairs, several pairs per row):
+    the same pairs per step as the one-pair unpacked micro-batches of the others."""
     root = tmp_path_factory.mktemp("layouts")
     runs = {(1, 1, None): straight_run}
     for tp, pp, vp in ((2, 1, None), (1, 2, None), (2, 2, None), (1, 2, 2)):
         run = root / f"tp{tp}pp{pp}vp{vp}"
-        train(workspace, run, tp * pp, parallel={"tensor": tp, "pipeline": pp, "virtual_pipeline": vp})
+        packed = {"data": {"packing": True, "pairs_per_row": None}, "train": {"micro_batch": 2}} if tp == pp == 2 else {}
+        train(workspace, run, tp * pp, parallel={"tensor": tp, "pipeline": pp, "virtual_pipeline": vp}, **packed)
         runs[(tp, pp, vp)] = run
     return runs
 

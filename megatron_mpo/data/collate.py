@@ -4,11 +4,13 @@ Two layouts give the same per-slot log-prob sums:
 
 - ``unpacked``: rows ``0..P-1`` are prompt+chosen, rows ``P..2P-1`` prompt+rejected,
   padded to the longest row (rounded up to ``pad_multiple``); causal attention.
-- ``packed``: one row per pair, ``prompt[:-1] | prompt[-1] chosen | prompt[-1] rejected``.
+- ``packed``: per pair ``prompt[:-1] | prompt[-1] chosen | prompt[-1] rejected``, and
+  several pairs per row (first-fit decreasing into rows of ``row_length`` positions).
   The prompt's last token is repeated at the start of each branch so that each branch
-  predicts its own first response token; each branch sees the shared prefix and itself
-  only (explicit mask), and both branches take positions from ``len(prompt) - 1`` on, as
-  in the unpacked rows. The image is encoded once per pair in both layouts.
+  predicts its own first response token; each branch sees its own pair's prompt and
+  itself only (``segments``, see :mod:`megatron_mpo.batch`), positions restart at 0 for
+  every pair, and both branches take positions from ``len(prompt) - 1`` on, as in the
+  unpacked rows. The image is encoded once per pair in both layouts.
 
 Labels are the next token at response positions only (0 elsewhere); ``response_index``
 holds the slot there (chosen ``i``, rejected ``P + i``) and -1 elsewhere.
@@ -20,7 +22,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from megatron_mpo.batch import PairBatch
+from megatron_mpo.batch import BRANCHES, CHOSEN, PROMPT, REJECTED, PairBatch
 from megatron_mpo.data.samples import TokenizedPair
 
 LAYOUTS = ("unpacked", "packed")
@@ -77,7 +79,7 @@ def _batch(
     response_index: torch.Tensor,
     image_token_index: torch.Tensor,
     *,
-    attention_mask: Optional[torch.Tensor],
+    segments: Optional[torch.Tensor],
 ) -> PairBatch:
     """The filled rows + what every layout takes from the pairs alike (pixels, refs, keys)."""
     ref_c, ref_r = _refs(pairs)
@@ -89,7 +91,7 @@ def _batch(
         image_token_index=image_token_index,
         pixel_values=_pixels(pairs),
         num_pairs=len(pairs),
-        attention_mask=attention_mask,
+        segments=segments,
         ref_chosen_logps=ref_c,
         ref_rejected_logps=ref_r,
         keys=[p.key for p in pairs],
@@ -116,38 +118,83 @@ def collate_unpacked(
         where, feature_rows = images[r % P]
         image_token_index[r, where] = feature_rows
     position_ids = torch.arange(S, dtype=torch.long).unsqueeze(0).expand(2 * P, S).contiguous()
-    return _batch(pairs, input_ids, position_ids, labels, response_index, image_token_index, attention_mask=None)
+    return _batch(pairs, input_ids, position_ids, labels, response_index, image_token_index, segments=None)
+
+
+def packed_length(pair: TokenizedPair) -> int:
+    """Positions a pair takes in a packed row: prompt, chosen, the repeated last prompt
+    token, rejected."""
+    return len(pair.prompt) + len(pair.chosen) + 1 + len(pair.rejected)
+
+
+def pack_rows(lengths: Sequence[int], row_length: Optional[int], max_pairs: Optional[int] = None) -> List[List[int]]:
+    """First-fit decreasing: pair indices grouped into rows of at most ``row_length``
+    positions and ``max_pairs`` pairs (None: no limit).
+
+    Deterministic (ties keep input order); a pair longer than ``row_length`` gets a row
+    of its own. Rows come in order of their first pair, pairs within a row by length.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    rows: List[List[int]] = []
+    used: List[int] = []
+    for i in order:
+        for r, row in enumerate(rows):
+            fits = row_length is None or used[r] + lengths[i] <= row_length
+            if fits and (max_pairs is None or len(row) < max_pairs):
+                row.append(i)
+                used[r] += lengths[i]
+                break
+        else:
+            rows.append([i])
+            used.append(lengths[i])
+    return sorted(rows, key=min)
 
 
 def collate_packed(
-    pairs: Sequence[TokenizedPair], pad_id: int, context_id: int, tokens_per_tile: int, pad_multiple: int = 1
+    pairs: Sequence[TokenizedPair],
+    pad_id: int,
+    context_id: int,
+    tokens_per_tile: int,
+    pad_multiple: int = 1,
+    row_length: Optional[int] = None,
+    max_pairs_per_row: Optional[int] = 1,
 ) -> PairBatch:
-    """One row per pair: shared prompt, then each response in its own masked branch."""
+    """Pairs packed into rows (see :func:`pack_rows`); per pair: shared prompt, then each
+    response in its own branch, positions restarting at 0 for every pair."""
     P = len(pairs)
-    lengths = [len(p.prompt) + len(p.chosen) + len(p.rejected) + 1 for p in pairs]
-    S = _round_up(max(lengths), pad_multiple)
-    input_ids, labels, response_index, image_token_index = _rows(P, S, pad_id)
-    position_ids = torch.zeros((P, S), dtype=torch.long)
-    mask = torch.ones(S, S, dtype=torch.bool).triu(diagonal=1).repeat(P, 1, 1, 1).view(P, 1, S, S).clone()
+    rows = pack_rows([packed_length(p) for p in pairs], row_length, max_pairs_per_row)
+    S = _round_up(max(sum(packed_length(pairs[i]) for i in row) for row in rows), pad_multiple)
+    R = len(rows)
+    input_ids, labels, response_index, image_token_index = _rows(R, S, pad_id)
+    position_ids = torch.zeros((R, S), dtype=torch.long)
+    segments = torch.zeros((R, S), dtype=torch.int32)
     images = _image_rows(pairs, context_id, tokens_per_tile)
-    for i, pair in enumerate(pairs):
-        lp, lc, lr = len(pair.prompt), len(pair.chosen), len(pair.rejected)
-        last = pair.prompt[-1]
-        row = torch.tensor(pair.prompt + pair.chosen + [last] + pair.rejected, dtype=torch.long)
-        input_ids[i, : row.numel()] = row
-        a, b = lp - 1, lp + lc  # branch starts (the repeated last prompt token)
-        end = b + 1 + lr
-        position_ids[i, :a] = torch.arange(a)
-        position_ids[i, a:b] = torch.arange(a, a + lc + 1)
-        position_ids[i, b:end] = torch.arange(a, a + lr + 1)
-        labels[i, a : a + lc] = row[a + 1 : b]
-        response_index[i, a : a + lc] = i
-        labels[i, b : b + lr] = row[b + 1 : end]
-        response_index[i, b : b + lr] = P + i
-        mask[i, 0, b:end, a:b] = True  # the rejected branch does not see the chosen one
-        where, feature_rows = images[i]
-        image_token_index[i, where] = feature_rows
-    return _batch(pairs, input_ids, position_ids, labels, response_index, image_token_index, attention_mask=mask)
+    for r, members in enumerate(rows):
+        start = 0
+        for k, i in enumerate(members):
+            pair = pairs[i]
+            lp, lc, lr = len(pair.prompt), len(pair.chosen), len(pair.rejected)
+            row = torch.tensor(pair.prompt + pair.chosen + [pair.prompt[-1]] + pair.rejected, dtype=torch.long)
+            end = start + row.numel()
+            a, b = start + lp - 1, start + lp + lc  # branch starts (the repeated last prompt token)
+            input_ids[r, start:end] = row
+            position_ids[r, start:a] = torch.arange(lp - 1)
+            position_ids[r, a:b] = torch.arange(lp - 1, lp + lc)
+            position_ids[r, b:end] = torch.arange(lp - 1, lp + lr)
+            labels[r, a : a + lc] = row[lp : lp + lc]
+            response_index[r, a : a + lc] = i
+            labels[r, b : b + lr] = row[lp + lc + 1 :]
+            response_index[r, b : b + lr] = P + i
+            segments[r, start:a] = BRANCHES * k + PROMPT
+            segments[r, a:b] = BRANCHES * k + CHOSEN
+            segments[r, b:end] = BRANCHES * k + REJECTED
+            where, feature_rows = images[i]
+            image_token_index[r, start + where] = feature_rows
+            start = end
+        # Trailing padding: a segment of its own, positions running on (causal among itself).
+        segments[r, start:] = BRANCHES * len(members) + PROMPT
+        position_ids[r, start:] = torch.arange(S - start)
+    return _batch(pairs, input_ids, position_ids, labels, response_index, image_token_index, segments=segments)
 
 
 def collate_pairs(
@@ -157,12 +204,15 @@ def collate_pairs(
     tokens_per_tile: int,
     pad_multiple: int = 1,
     layout: str = "unpacked",
+    row_length: Optional[int] = None,
+    max_pairs_per_row: Optional[int] = 1,
 ) -> PairBatch:
-    """Collate ``pairs`` in ``layout`` (``"unpacked"`` or ``"packed"``)."""
+    """Collate ``pairs`` in ``layout`` (``"unpacked"`` or ``"packed"``); packed rows hold up
+    to ``max_pairs_per_row`` pairs (None: any number) within ``row_length`` positions."""
     if not pairs:
         raise ValueError("no pairs to collate")
     if layout == "unpacked":
         return collate_unpacked(pairs, pad_id, context_id, tokens_per_tile, pad_multiple)
     if layout == "packed":
-        return collate_packed(pairs, pad_id, context_id, tokens_per_tile, pad_multiple)
+        return collate_packed(pairs, pad_id, context_id, tokens_per_tile, pad_multiple, row_length, max_pairs_per_row)
     raise ValueError(f"layout must be one of {LAYOUTS}, not {layout!r}")

@@ -18,6 +18,8 @@ class DataConfig:
     ``max_tiles`` is the per-sample tile budget (a sample's ``max_dynamic_patch``, set by
     make_shards from the meta file, can lower it, never raise it), split across the images
     of a multi-image sample. ``epochs=None`` streams forever (epoch after epoch).
+    ``layout`` ``packed`` puts each micro-batch's pairs into rows of at most ``max_length``
+    positions (first-fit decreasing, at most ``pairs_per_row`` pairs per row).
     ``allow_pipe_sources``: ``pipe:`` shard sources run a shell command, so they are
     refused unless the user trusts the shard list (index.json files included).
     """
@@ -41,6 +43,7 @@ class DataConfig:
     tokens_per_tile: int = 256
     pad_multiple: int = 1
     layout: str = "unpacked"  # or "packed"
+    pairs_per_row: Optional[int] = 1  # packed rows: most pairs per row within max_length (None: any)
     epochs: Optional[int] = None
     drop_last: bool = False  # drop a worker's last, smaller micro-batch of an epoch
     warn_bad_shards: bool = True
@@ -62,4 +65,5 @@ class DataConfig:
         need(self.micro_batch >= 1, "micro_batch must be >= 1")
         need(self.image_size >= 1 and self.tokens_per_tile >= 1, "image_size and tokens_per_tile must be >= 1")
         need(self.pad_multiple >= 1, "pad_multiple must be >= 1")
+        need(self.pairs_per_row is None or self.pairs_per_row >= 1, "pairs_per_row must be None or >= 1")
         need(self.epochs is None or self.epochs >= 1, "epochs must be None (forever) or >= 1")

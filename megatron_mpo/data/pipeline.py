@@ -174,8 +174,9 @@ class _EpochStreams(torch.utils.data.IterableDataset):
 
     def _collate(self, pairs: List[TokenizedPair]) -> PairBatch:
         tok = self.builder.tokenizer
-        return collate_pairs(pairs, tok.pad_id, tok.img_context_id, self.config.tokens_per_tile,
-                             self.config.pad_multiple, self.config.layout)
+        c = self.config
+        return collate_pairs(pairs, tok.pad_id, tok.img_context_id, c.tokens_per_tile, c.pad_multiple, c.layout,
+                             row_length=c.max_length, max_pairs_per_row=c.pairs_per_row)
 
     def _pair(self, raw: dict, refs: Optional[RefLogps], counter: SkipCounter) -> Optional[TokenizedPair]:
         shard, key = raw["__shard__"], raw["__key__"]

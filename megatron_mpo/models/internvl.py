@@ -28,10 +28,16 @@ from megatron.core.transformer.transformer_block import get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_mpo import platform
-from megatron_mpo.batch import causal_mask
+from megatron_mpo.batch import causal_mask, is_segments, segment_mask
 from megatron_mpo.errors import UserError
 from megatron_mpo.models.config import InternVLConfig
-from megatron_mpo.models.specs import check_backend, language_block_spec, projector_spec, vision_layer_spec
+from megatron_mpo.models.specs import (
+    check_backend,
+    default_attention,
+    language_block_spec,
+    projector_spec,
+    vision_layer_spec,
+)
 from megatron_mpo.models.vision import InternViTModel, InternVLProjector, pixel_shuffle
 
 __all__ = [
@@ -357,6 +363,7 @@ class InternVLModel(MegatronModule):
         attn_mask_type: AttnMaskType = AttnMaskType.causal,
         pg_collection: Optional[ProcessGroupCollection] = None,
         vp_stage: Optional[int] = None,
+        attention: Optional[str] = None,
     ):
         super().__init__(config=language_config)
         pg_collection = pg_collection or ProcessGroupCollection.use_mpu_process_groups()
@@ -365,8 +372,12 @@ class InternVLModel(MegatronModule):
         self.post_process = post_process
         self.model_type = ModelType.encoder_or_decoder
         self.share_embeddings_and_output_weights = config.language.tie_embeddings
-        # The local attention applies the mask it is given; TE's causal kernel needs none.
-        self._explicit_causal_mask = spec == "local" or attn_mask_type != AttnMaskType.causal
+        # The local attention applies the mask it is given; TE's causal kernel needs none,
+        # nor does FlexAttention (no mask = its causal block mask).
+        attention = attention or default_attention(spec)
+        self._explicit_causal_mask = attention != "flex" and (spec == "local" or attn_mask_type != AttnMaskType.causal)
+        # TE's own core attention takes packed rows as a dense [b, 1, S, S] mask only.
+        self._dense_packed_mask = attention == "te"
         self.vision_model: Optional[InternViTModel] = None
         self.vision_projection: Optional[InternVLProjector] = None
         if pre_process:
@@ -391,7 +402,7 @@ class InternVLModel(MegatronModule):
             config=language_config,
             transformer_layer_spec=language_block_spec(
                 spec, attn_mask_type, get_num_layers_to_build(language_config, vp_stage, pg_collection.pp.rank()),
-                qk_norm=lang.qk_norm, tp_group=pg_collection.tp,
+                qk_norm=lang.qk_norm, tp_group=pg_collection.tp, attention=attention,
             ),
             vocab_size=lang.padded_vocab_size,
             max_sequence_length=lang.max_position_embeddings,
@@ -479,6 +490,8 @@ class InternVLModel(MegatronModule):
             decoder_input = self.embed(input_ids, position_ids, pixel_values, image_token_index)
         if attention_mask is None and self._explicit_causal_mask:
             attention_mask = causal_mask(position_ids.shape[-1]).to(position_ids.device)
+        elif self._dense_packed_mask and is_segments(attention_mask):
+            attention_mask = segment_mask(attention_mask)
         output = self.language_model(
             input_ids=input_ids,
             position_ids=position_ids,
@@ -528,6 +541,7 @@ def build_model(
     sequence_parallel: bool = False,
     recompute: Optional[str] = None,
     attention_mask: str = "causal",
+    attention: Optional[str] = None,
     dropout: float = 0.0,
     vp_stage: Optional[int] = None,
     pg_collection: Optional[ProcessGroupCollection] = None,
@@ -546,7 +560,9 @@ def build_model(
     build one chunk per ``vp_stage``, and give ``pp * vp`` entries (chunk order: all
     stages' first chunks, then all second chunks) or none (even split).
     ``attention_mask``: ``causal`` (plain rows) or ``arbitrary`` (custom masks, e.g. packed
-    pair rows, honoured by Transformer Engine too).
+    pair rows, honoured by Transformer Engine too). ``attention``: the LLM's core
+    attention, ``sdpa``, ``flex`` or ``te`` (None: the spec's default, see
+    :func:`~megatron_mpo.models.specs.language_layer_spec`).
     ``language_overrides``: extra fields of the LLM's TransformerConfig (``model.config``,
     which the pipeline schedules read), e.g. ``{"deallocate_pipeline_outputs": True}``.
     (megatron-core 0.16.1 refuses ``variable_seq_lengths`` unless
@@ -583,7 +599,7 @@ def build_model(
     model = InternVLModel(
         config, language_config, vision_config, projector_config, spec=spec,
         pre_process=pre_process, post_process=post_process, attn_mask_type=mask_type,
-        pg_collection=pg_collection, vp_stage=vp_stage,
+        pg_collection=pg_collection, vp_stage=vp_stage, attention=attention,
     )
     return platform.to_device(model)
 

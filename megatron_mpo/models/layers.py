@@ -7,6 +7,8 @@
   biased proj/MLP linears but a bias-free qkv).
 * :class:`SDPAttention` -- the local spec's core attention through torch's fused
   ``scaled_dot_product_attention`` instead of megatron-core's unfused baddbmm/softmax/bmm.
+* :class:`FlexAttention` -- core attention for packed rows through FlexAttention's
+  block-sparse kernel (local and Transformer Engine specs, GPUs).
 * :class:`RMSNorm`, :class:`SwiGLUMLP` -- the local spec's norm and gated MLP, keeping
   fewer tensors for backward than torch's composite ``rms_norm`` and the unfused SwiGLU.
 """
@@ -31,7 +33,12 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
-__all__ = ["LayerScaleTransformerLayer", "CrossHeadRMSNorm", "SDPAttention", "RMSNorm", "SwiGLUMLP", "without_bias"]
+from megatron_mpo import platform
+from megatron_mpo.batch import is_segments
+from megatron_mpo.models import packed_attention
+
+__all__ = ["LayerScaleTransformerLayer", "CrossHeadRMSNorm", "SDPAttention", "FlexAttention", "RMSNorm", "SwiGLUMLP",
+           "without_bias"]
 
 
 class LayerScaleTransformerLayer(TransformerLayer):
@@ -186,9 +193,11 @@ class SDPAttention(DotProductAttention):
     backward) and keeps the probabilities for backward; torch's fused kernel (flash
     attention on CPU, flash / memory-efficient on GPU) does none of that. Settings the
     fused kernel cannot express (query-key layer scaling, a softmax offset, sliding
-    windows, attention bias, packed sequences) fall back to the original.
+    windows, attention bias, megatron's packed sequences) fall back to the original.
 
-    A mask is inspected once per forward (:func:`causal_prefix`): plain causal rows run
+    Packed preference rows come as a ``segments`` tensor in place of the mask and run
+    pair by pair (:func:`~megatron_mpo.models.packed_attention.sdpa_packed_attention`).
+    A dense bool mask is inspected once per forward (:func:`causal_prefix`): plain causal rows run
     the kernel's causal mode, which skips the blocks above the diagonal; packed pair rows
     run their causal prefix (shared prompt + chosen branch) in causal mode and only the
     rejected branch's rows with the explicit mask (measured on CPU for a 1214-token
@@ -215,6 +224,8 @@ class SDPAttention(DotProductAttention):
         packed_seq_params=None,
     ) -> Tensor:
         if not self._fused_ok(attention_bias, packed_seq_params):
+            if is_segments(attention_mask):
+                attention_mask = packed_attention.dense_attention_mask(attention_mask, query.shape[0])
             return super().forward(
                 query, key, value, attention_mask, attn_mask_type=attn_mask_type,
                 attention_bias=attention_bias, packed_seq_params=packed_seq_params,
@@ -232,6 +243,8 @@ class SDPAttention(DotProductAttention):
             )
 
         def attend() -> Tensor:
+            if is_segments(attention_mask):
+                return packed_attention.sdpa_packed_attention(q, k, v, attention_mask, sdpa)
             if attention_mask is None:
                 return sdpa(q, k, v, causal=mask_type == AttnMaskType.causal and sq > 1)
             prefix = causal_prefix(attention_mask) if q.shape[2] == k.shape[2] else 0
@@ -251,6 +264,47 @@ class SDPAttention(DotProductAttention):
         else:
             context = attend()
         # [b, np, sq, hn] -> [sq, b, np * hn]
+        return context.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
+
+
+class FlexAttention(SDPAttention):
+    """megatron-core core attention computed by FlexAttention with a block-sparse mask.
+
+    Same contract, parameters (none) and checkpoint keys as ``DotProductAttention``, so
+    it drops into the local spec and into the Transformer Engine spec in place of
+    ``TEDotProductAttention``. ``attention_mask`` is None (causal rows) or a ``segments``
+    tensor (packed rows). What FlexAttention cannot do goes to the SDPA path (same
+    maths): attention dropout, a dense bool mask, what ``SDPAttention`` itself hands to
+    megatron-core, and backward on a CPU (torch 2.13 has none).
+    """
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attention_mask: Optional[Tensor],
+        attn_mask_type=None,
+        attention_bias: Optional[Tensor] = None,
+        packed_seq_params=None,
+    ) -> Tensor:
+        dropout = self.attention_dropout.p if self.training else 0.0
+        needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (query, key, value))
+        usable = (
+            self._fused_ok(attention_bias, packed_seq_params)
+            and dropout == 0.0
+            and (attention_mask is None or is_segments(attention_mask))
+            and query.shape[0] == key.shape[0]
+            and not (needs_grad and not platform.current().is_cuda)
+        )
+        if not usable:
+            return super().forward(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
+                                   attention_bias=attention_bias, packed_seq_params=packed_seq_params)
+        sq, b = query.shape[0], query.shape[1]
+        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [b, heads, s, hn]
+        block_mask = packed_attention.segment_block_mask(attention_mask, sq, b, q.device)
+        gqa = self.num_attention_heads_per_partition != self.num_query_groups_per_partition
+        context = packed_attention.flex_attention()(q, k, v, block_mask=block_mask, scale=self.softmax_scale, enable_gqa=gqa)
         return context.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
 
 

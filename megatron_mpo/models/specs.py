@@ -33,6 +33,7 @@ from megatron_mpo.models.layers import (
     CrossHeadRMSNorm,
     HeadRMSNorm,
     LayerScaleTransformerLayer,
+    FlexAttention,
     RMSNorm,
     SDPAttention,
     SwiGLUMLP,
@@ -41,6 +42,7 @@ from megatron_mpo.models.layers import (
 
 __all__ = [
     "SPECS",
+    "ATTENTIONS",
     "FP8_FORMATS",
     "te_available",
     "check_backend",
@@ -52,6 +54,9 @@ __all__ = [
 ]
 
 SPECS = ("local", "transformer_engine")
+# The LLM's core attention: torch SDPA (per pair for packed rows), FlexAttention (block
+# sparse, GPUs), or the spec's own (TE's DotProductAttention; megatron-core's for local).
+ATTENTIONS = ("sdpa", "flex", "te")
 FP8_FORMATS = ("hybrid", "e4m3")
 FP8_MIN_CAPABILITY = (8, 9)  # Ada / Hopper and newer
 
@@ -158,11 +163,17 @@ def vision_layer_spec(vision: VisionConfig, spec: str = "local", tp_group=None) 
     )
 
 
+def default_attention(spec: str) -> str:
+    """The LLM core attention a spec uses unless told otherwise."""
+    return "sdpa" if spec == "local" else "te"
+
+
 def language_layer_spec(
     spec: str = "local",
     attn_mask_type: AttnMaskType = AttnMaskType.causal,
     qk_norm: bool = False,
     tp_group=None,
+    attention: Optional[str] = None,
 ) -> ModuleSpec:
     """The LLM layer: megatron-core's own GPT spec (RMSNorm, GQA attention, SwiGLU MLP).
 
@@ -170,14 +181,19 @@ def language_layer_spec(
     honour a custom ``attention_mask`` (packed pair rows). The local spec always applies
     the mask it is given. ``qk_norm`` (Qwen3) adds a per-head RMSNorm on queries and keys
     before RoPE, the same module under both specs (:class:`HeadRMSNorm`, which reduces
-    its gradient over ``tp_group``).
+    its gradient over ``tp_group``). ``attention`` picks the core attention (one of
+    ``ATTENTIONS``; None: :func:`default_attention`); the linears stay the spec's own, so
+    FlexAttention under the TE spec keeps TE's fused, FP8-capable linears.
     """
+    attention_kind = attention or default_attention(spec)
+    if attention_kind not in ATTENTIONS:
+        raise UserError(f"unknown attention {attention_kind!r}; use one of: {', '.join(ATTENTIONS)}")
+    if attention_kind == "te" and spec != "transformer_engine":
+        raise UserError("attention `te` is Transformer Engine's: it needs model.spec=transformer_engine")
     if spec == "local":
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
         layer = get_gpt_layer_local_spec(normalization="RMSNorm")
-        # megatron-core's DotProductAttention, computed by torch's fused SDPA kernel.
-        layer.submodules.self_attention.submodules.core_attention = SDPAttention
         # Same maths, fewer tensors kept for backward (what TE's fused modules do on GPU).
         layer.submodules.input_layernorm = layer.submodules.pre_mlp_layernorm = RMSNorm
         layer.submodules.mlp.module = SwiGLUMLP
@@ -190,6 +206,8 @@ def language_layer_spec(
         raise UserError(f"unknown layer spec {spec!r}; use one of: {', '.join(SPECS)}")
     attention = layer.submodules.self_attention
     attention.params = dict(attention.params, attn_mask_type=attn_mask_type)
+    if attention_kind != "te":
+        attention.submodules.core_attention = FlexAttention if attention_kind == "flex" else SDPAttention
     if qk_norm:
         head_norm = ModuleSpec(module=HeadRMSNorm, params={"tp_group": tp_group})
         attention.submodules.q_layernorm = attention.submodules.k_layernorm = head_norm
@@ -197,7 +215,8 @@ def language_layer_spec(
 
 
 def language_block_spec(
-    spec: str, attn_mask_type: AttnMaskType, num_layers: int, qk_norm: bool = False, tp_group=None
+    spec: str, attn_mask_type: AttnMaskType, num_layers: int, qk_norm: bool = False, tp_group=None,
+    attention: Optional[str] = None,
 ) -> TransformerBlockSubmodules:
     """The LLM block of one pipeline chunk: ``num_layers`` layers and a final RMSNorm.
 
@@ -207,7 +226,7 @@ def language_block_spec(
     without TE, and runs sequence parallel too.
     """
     final_norm = RMSNorm if spec == "local" else _te().TENorm
-    layer = language_layer_spec(spec, attn_mask_type, qk_norm=qk_norm, tp_group=tp_group)
+    layer = language_layer_spec(spec, attn_mask_type, qk_norm=qk_norm, tp_group=tp_group, attention=attention)
     return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=final_norm)
 
 

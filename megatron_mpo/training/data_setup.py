@@ -21,6 +21,7 @@ __all__ = [
     "describe_template",
     "data_config",
     "packing_layout",
+    "attention_kind",
     "packing_warning",
     "build_loader",
     "reference_fingerprint",
@@ -110,6 +111,7 @@ def data_config(cfg: RunConfig, model_config, *, for_reference: bool = False):
         tokens_per_tile=model_config.tokens_per_tile,
         pad_multiple=precision.sequence_multiple(cfg.parallel.tensor, cfg.parallel.sequence, plan.fp8_recipe),
         layout=packing_layout(cfg),
+        pairs_per_row=d.pairs_per_row,
         epochs=1 if for_reference else None,
         # Training micro-batches all hold micro_batch pairs (equal weight per micro-batch);
         # the reference tool must see every sample.
@@ -118,12 +120,14 @@ def data_config(cfg: RunConfig, model_config, *, for_reference: bool = False):
 
 
 def packing_layout(cfg: RunConfig) -> str:
-    """``packed`` (one row per pair, explicit mask) or ``unpacked`` (causal rows).
+    """``packed`` (pairs share their prompt, several per row) or ``unpacked`` (causal rows).
 
-    ``data.packing: null`` (default) packs with the local spec only: Transformer Engine has
-    no fused attention kernel for the packed mask (``attn_mask_type=arbitrary`` rules out
-    FlashAttention and cuDNN), and its unfused path keeps ``[b, heads/TP, S, S]``
-    probabilities for every layer. Plain causal rows run on FlashAttention.
+    ``data.packing: null`` (default) packs with the local spec only. Under the Transformer
+    Engine spec packed rows run on FlexAttention's block-sparse kernel (``model.attention``
+    null), which this project has not yet measured against FlashAttention on plain rows
+    on a GPU (``benchmarks/gpu_bench.py`` does, in the GPU kit); until it has, the TE
+    default stays the plain rows whose kernel is known. Set ``data.packing: true`` to
+    pack under TE.
     """
     packing = cfg.data.packing
     if packing is None:
@@ -131,9 +135,20 @@ def packing_layout(cfg: RunConfig) -> str:
     return "packed" if packing else "unpacked"
 
 
+def attention_kind(cfg: RunConfig) -> str:
+    """The LLM core attention: ``model.attention``, else ``sdpa`` for the local spec, and
+    for Transformer Engine ``te`` on plain rows, ``flex`` on packed rows (TE has no fused
+    kernel for their mask)."""
+    if cfg.model.attention:
+        return cfg.model.attention
+    if cfg.model.spec != "transformer_engine":
+        return "sdpa"
+    return "flex" if packing_layout(cfg) == "packed" else "te"
+
+
 def packing_warning(cfg: RunConfig, model_config) -> Optional[str]:
     """A warning line when packed rows are forced onto TE's unfused attention, with its cost."""
-    if cfg.model.spec != "transformer_engine" or packing_layout(cfg) != "packed":
+    if attention_kind(cfg) != "te" or packing_layout(cfg) != "packed":
         return None
     lang = model_config.language
     heads = lang.num_heads // cfg.parallel.tensor
@@ -141,10 +156,10 @@ def packing_warning(cfg: RunConfig, model_config) -> Optional[str]:
     per_layer = cfg.train.micro_batch * heads * cfg.data.max_length**2 * bytes_per
     total = per_layer * lang.num_layers / cfg.parallel.pipeline
     return (
-        f"data.packing=true with model.spec=transformer_engine: packed rows run on TE's unfused "
+        f"data.packing=true with model.attention=te: packed rows run on TE's unfused "
         f"attention, which keeps [b, heads/TP, S, S] probabilities per layer: up to "
         f"{total / 2**30:.1f} GiB per rank at data.max_length={cfg.data.max_length}; "
-        "set data.packing=false (FlashAttention on causal rows) if memory runs out"
+        "use model.attention=flex (block sparse), or data.packing=false (FlashAttention on causal rows)"
     )
 
 

@@ -18,7 +18,7 @@ import torch
 
 from megatron_mpo import platform
 from megatron_mpo.batch import PairBatch
-from megatron_mpo.losses import MPOLoss, step_generation_tokens
+from megatron_mpo.losses import MPOLoss, step_means
 from megatron_mpo.training.checkpoint import unwrap_model
 
 
@@ -53,20 +53,26 @@ def chosen_tokens(batch: PairBatch) -> int:
 class StepContext:
     """What a micro-batch's loss needs to know about its whole optimizer step.
 
-    ``generation_tokens``: the divisor of ``generation_norm: token`` (None: each
-    micro-batch's own chosen tokens), so the step's token mean covers all its micro-batches
-    on all data-parallel ranks. Set by :meth:`start` before the schedule runs.
+    The divisors that make each micro-batch's loss a share of the step's means over all
+    its micro-batches on all data-parallel ranks (:func:`~megatron_mpo.losses.step_means`),
+    so the update does not depend on how the step's pairs were split into micro-batches
+    and rows: ``pairs`` (pairs per micro-batch) and ``generation_tokens`` (chosen tokens
+    per micro-batch, for ``generation_norm: token``). Set by :meth:`start` before the
+    schedule runs; None means each micro-batch's own mean.
     """
 
+    pairs: Optional[float] = None
     generation_tokens: Optional[float] = None
 
     def start(self, mpo: MPOLoss, micro_batches: list[PairBatch], group) -> None:
-        """Prepare for a step of ``micro_batches``; a collective over ``group`` (the DP group)
-        on every rank when the token norm is on."""
-        self.generation_tokens = None
-        if mpo.config.generation_norm == "token" and mpo.config.weights.generation > 0:
-            local = sum(chosen_tokens(b) for b in micro_batches)
-            self.generation_tokens = step_generation_tokens(local, len(micro_batches), group)
+        """Prepare for a step of ``micro_batches``; one collective over ``group`` (the DP
+        group) on every rank."""
+        counts = {"pairs": sum(b.num_pairs for b in micro_batches),
+                  "tokens": sum(chosen_tokens(b) for b in micro_batches)}
+        means = step_means(counts, len(micro_batches), group)
+        self.pairs = means["pairs"]
+        token_norm = mpo.config.generation_norm == "token" and mpo.config.weights.generation > 0
+        self.generation_tokens = means["tokens"] if token_norm else None
 
 
 def _takes_images(model: torch.nn.Module) -> bool:
@@ -83,7 +89,7 @@ def model_inputs(model: torch.nn.Module, batch: PairBatch) -> dict:
     kwargs = dict(
         input_ids=batch.input_ids,
         position_ids=batch.position_ids,
-        attention_mask=batch.attention_mask,
+        attention_mask=batch.segments,  # None (causal rows) or the packed-row layout
         labels=batch.labels,
         loss_mask=batch.response_mask(),  # the output layer runs on response tokens only
     )
@@ -134,6 +140,7 @@ def make_forward_step(
                 n_chosen,
                 n_rejected,
                 generation_tokens=step.generation_tokens if step is not None else None,
+                step_pairs=step.pairs if step is not None else None,
             )
             ref_c = batch.ref_chosen_logps.to(sums.device).float()
             ref_r = batch.ref_rejected_logps.to(sums.device).float()

@@ -9,7 +9,7 @@ from megatron_mpo.config import RunConfig
 from megatron_mpo.conversion.megatron_dir import MODEL_CONFIG_FILE
 from megatron_mpo.errors import UserError
 from megatron_mpo.parallel import Layout
-from megatron_mpo.training.data_setup import packing_layout
+from megatron_mpo.training.data_setup import attention_kind, packing_layout
 from megatron_mpo.training.precision import PrecisionPlan, training_precision
 
 __all__ = ["model_config", "build_model_chunks"]
@@ -61,6 +61,7 @@ def build_model_chunks(cfg: RunConfig, model_config, layout: Layout, plan: Optio
             recompute=cfg.model.recompute,
             # Packed pair rows need an explicit mask; plain rows let TE pick a causal kernel.
             attention_mask="arbitrary" if packing_layout(cfg) == "packed" else "causal",
+            attention=attention_kind(cfg),
             vp_stage=vp_stage if cfg.parallel.virtual_pipeline else None,
         )
         # Micro-batches differ in length: pipeline stages exchange shapes first.

@@ -31,6 +31,7 @@ def check_training(cfg: RunConfig) -> tuple:
     """Everything the trainer can check before building a model; returns the model config
     and the run's total steps (the trainer reuses both)."""
     model_config = _check_common(cfg)
+    _check_flex_trains_here(cfg)
     layout = launch_layout(cfg)
     schedule.micro_batches_per_step(cfg, layout)
     steps = schedule.total_steps(cfg, layout)
@@ -40,6 +41,16 @@ def check_training(cfg: RunConfig) -> tuple:
     if _is_rank_zero():
         data_setup.check_reference_values(cfg, model_config)
     return model_config, steps
+
+
+def _check_flex_trains_here(cfg: RunConfig) -> None:
+    """FlexAttention has no backward on CPU (torch 2.13): refuse before building anything."""
+    from megatron_mpo import platform
+
+    on_cpu = cfg.train.device == "cpu" or (cfg.train.device == "auto" and not platform.cuda_available())
+    if on_cpu and data_setup.attention_kind(cfg) == "flex":
+        raise UserError("model.attention=flex cannot train on a CPU (torch has no FlexAttention backward "
+                        "there); use model.attention=sdpa (same result), or flex on a GPU")
 
 
 def check_reference(cfg: RunConfig):

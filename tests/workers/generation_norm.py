@@ -1,8 +1,9 @@
 """Worker (2 ranks): the generation term through the real forward step, schedule and DDP.
 
 The same 4 pairs (chosen responses of different lengths) and the same weights are run as
-(a) one micro-batch of 4 pairs, (b) 4 micro-batches of 1 pair, both on each rank alone,
-and (c) 2 data-parallel ranks x 2 micro-batches of 1 pair under megatron-core DDP. Rank 0
+(a) one micro-batch of 4 pairs, (b) 4 micro-batches of 1 pair, (c) micro-batches of 1 and
+3 pairs, all on each rank alone, (d) 2 data-parallel ranks x 2 micro-batches of 1 pair
+under megatron-core DDP, and (e) 2 ranks holding 1 and 3 pairs. Rank 0
 saves every layout's gradient and logged ``loss_generation`` next to gradients of the
 TRL/InternVL SFT formula and of the paper's per-sequence formula, both computed here from
 the model's logits without the project's loss code. It also checks that ``MPOLoss(config)``
@@ -122,7 +123,11 @@ def main(out_path):
         norm: MPOLossConfig(generation_norm=norm, weights=LossWeights(0.0, 0.0, 1.0)) for norm in ("token", "sequence")
     }
     configs["token_all_terms"] = MPOLossConfig(generation_norm="token")
-    layouts = {"one_of_4": [collate(pairs)], "four_of_1": [collate([x]) for x in pairs]}
+    configs["sequence_all_terms"] = MPOLossConfig(generation_norm="sequence")
+    # Micro-batches of different sizes (what packed rows produce): the step-level divisors
+    # must still give the step's per-pair and per-token means.
+    layouts = {"one_of_4": [collate(pairs)], "four_of_1": [collate([x]) for x in pairs],
+               "one_then_3": [collate(pairs[:1]), collate(pairs[1:])]}
     for name, config in configs.items():
         for layout_name, micro_batches in layouts.items():
             model.zero_grad(set_to_none=True)
@@ -135,6 +140,11 @@ def main(out_path):
         ddp.zero_grad_buffer()
         metrics = run_layout(ddp, mine, config, group=layout.data_group)
         out["ddp"][name] = (metrics["loss_generation"], flat(model, "main_grad"))
+    uneven = [collate(pairs[:1])] if rank == 0 else [collate(pairs[1:])]  # 1 pair here, 3 there
+    for name, config in configs.items():
+        ddp.zero_grad_buffer()
+        run_layout(ddp, uneven, config, group=layout.data_group)
+        out["ddp_uneven"] = {**out.get("ddp_uneven", {}), name: flat(model, "main_grad")}
     deltas = [None, None]
     torch.distributed.all_gather_object(deltas, shared_delta(rank))
     out["deltas"] = deltas
