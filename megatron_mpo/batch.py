@@ -60,6 +60,22 @@ class PairBatch:
         """Tokens the model computes on (all positions of all rows)."""
         return int(self.input_ids.numel())
 
+    def attended_keys(self) -> int:
+        """Query-key pairs the attention computes over all rows (the score FLOPs): S(S+1)/2
+        per causal row; per pair of a packed row its prompt + chosen causally, and each
+        rejected position the prompt plus the rejected ones up to it."""
+        rows, S = self.input_ids.shape
+        if self.segments is None:
+            return rows * S * (S + 1) // 2
+        from megatron_mpo.models.packed_attention import pair_spans
+
+        total = 0
+        for spans in pair_spans(self.segments):
+            for start, chosen, rejected, end in spans:
+                head, tail = rejected - start, end - rejected
+                total += head * (head + 1) // 2 + tail * (chosen - start) + tail * (tail + 1) // 2
+        return total
+
     def response_mask(self) -> torch.Tensor:
         """[R, S] bool: the positions whose label is a response token (the ones scored)."""
         return self.response_index >= 0

@@ -214,8 +214,8 @@ def train(cfg: RunConfig) -> dict:
 
             if step % cfg.logging.interval == 0 or step == total_steps or step == 1:
                 first = layout.tensor_rank == 0 and layout.pipeline_rank == 0
-                counts = global_sum({"tokens": counted.tokens, "tiles": counted.tiles, "scored": counted.scored}
-                                    if first else {"tokens": 0, "tiles": 0, "scored": 0})
+                names = ("tokens", "tiles", "scored", "attended")
+                counts = global_sum({n: getattr(counted, n) if first else 0 for n in names})
                 tokens = counts["tokens"]
                 skipped = global_sum(loader.skip_counts if first else {})
                 record = {
@@ -225,7 +225,7 @@ def train(cfg: RunConfig) -> dict:
                     "samples_per_s": cfg.train.global_batch / elapsed,
                     "tokens_per_s": tokens / elapsed,
                     "mfu": flops.mfu(tokens, elapsed, torch.distributed.get_world_size(), seq_len=seq_len,
-                                     tiles=counts["tiles"], scored=counts["scored"]),
+                                     tiles=counts["tiles"], scored=counts["scored"], attended=counts["attended"]),
                     "skipped": {**{k: int(v) for k, v in skipped.items()}, "nonfinite_steps": bad_total},
                 }
                 if step == 1 and resume_from is None:

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from megatron_mpo.data import DataConfig, build_loader, load_tokenizer, write_ref_logps
-from megatron_mpo.batch import segment_mask
+from megatron_mpo.batch import pad_to_length, segment_mask
 from megatron_mpo.data.collate import collate_pairs, pack_rows, packed_length
 from megatron_mpo.data.samples import PairBuilder, SampleError
 from megatron_mpo.data.shard_writer import MakeShardsConfig, make_shards
@@ -625,3 +625,24 @@ def test_bench_loader_smoke(data_shards, data_tok_dir, capsys):
           "--image-size", "56", "--tokens-per-tile", "4"])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["pairs"] == 5 and result["pairs_per_s"] > 0
+
+
+def test_attended_keys_count_the_visible_query_key_pairs(data_tok):
+    """MFU counts attention per query-key pair computed: for packed rows the visible pairs
+    of the segment layout (counted here from the dense mask), for causal rows S(S+1)/2."""
+    b = _builder(data_tok)
+    pairs = [
+        b.build("s/a", {"question": "What is it?", "chosen": "A red box here.", "rejected": "A cat."}, [_png(112, 56)]),
+        b.build("s/b", {"question": "Hi?", "chosen": "Hello.", "rejected": "Go away now please."}, []),
+        b.build("s/c", {"question": "Why?", "chosen": "Because it is.", "rejected": "No."}, []),
+    ]
+    args = (data_tok.pad_id, data_tok.img_context_id, 4)
+    packed = collate_pairs(pairs, *args, layout="packed", row_length=10_000, max_pairs_per_row=None)
+    padded = pad_to_length(packed, packed.input_ids.shape[1] + 5)  # a trailing pad segment
+    assert packed.input_ids.shape[0] == 1 and int(padded.segments[0, -1]) == 9
+    for batch in (packed, padded):
+        assert batch.attended_keys() == int((~segment_mask(batch.segments)).sum())
+    unpacked = collate_pairs(pairs, *args, layout="unpacked")
+    R, S = unpacked.input_ids.shape
+    assert unpacked.attended_keys() == int(torch.ones(R, S, S).tril().sum())
+    assert packed.attended_keys() < unpacked.attended_keys()

@@ -131,6 +131,13 @@ def test_flex_attention_training_on_a_cpu_is_refused(workspace, tripwires):
         _reference(_cfg(workspace, model={"attention": "flex"}, train={"device": "cpu"}))
     with pytest.raises(UserError, match="model.spec=transformer_engine"):
         _cfg(workspace, model={"attention": "te"})
+    # Under flex, rows are padded to whole FlexAttention blocks (and TP x SP's multiple).
+    from megatron_mpo.training import data_setup, precision
+
+    flex = _cfg(workspace, model={"attention": "flex"}, parallel={"tensor": 2, "sequence": True})
+    plan = precision.training_precision(flex)
+    assert data_setup.pad_multiple(flex, plan) == 128
+    assert data_setup.pad_multiple(_cfg(workspace, parallel={"tensor": 2, "sequence": True}), plan) == 2
 
 
 def test_too_few_pairs_for_one_epoch_step_is_refused(workspace, tripwires):

@@ -36,7 +36,12 @@ __all__ = ["Span", "pair_spans", "sdpa_packed_attention", "segment_block_mask", 
 # chosen start == rejected start == end (prompt positions only).
 Span = Tuple[int, int, int, int]
 
+# FlexAttention's block size: rows are padded to a multiple of it under ``flex`` (whole
+# blocks, and few distinct shapes for the compiled kernel).
+FLEX_BLOCK_SIZE = 128
+
 _CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
+_CAUSAL: dict = {}  # (S, device) -> block mask of plain causal rows
 _CACHE_SIZE = 16  # micro-batches in flight on one pipeline stage, times what is cached per batch
 
 
@@ -115,10 +120,14 @@ def segment_block_mask(segments: Optional[Tensor], seq_len: int, batch: int, dev
     compile_mask = platform.current().is_cuda  # no [b, S, S] tensor on the GPU
 
     if segments is None:
-        def causal(b, h, q_idx, kv_idx):
-            return kv_idx <= q_idx
+        key = (seq_len, str(device))
+        if key not in _CAUSAL:
+            def causal(b, h, q_idx, kv_idx):
+                return kv_idx <= q_idx
 
-        return create_block_mask(causal, None, None, seq_len, seq_len, device=device, _compile=compile_mask)
+            _CAUSAL[key] = create_block_mask(causal, None, None, seq_len, seq_len, device=device,
+                                             _compile=compile_mask)
+        return _CAUSAL[key]
 
     def build():
         seg = segments.to(device=device, dtype=torch.int32)
@@ -144,7 +153,9 @@ def flex_attention() -> Callable:
     if _FLEX is None:
         from torch.nn.attention.flex_attention import flex_attention as kernel
 
-        _FLEX = torch.compile(kernel, dynamic=False) if platform.current().is_cuda else kernel
+        # Compiled, the kernel is fused (eager it materialises the scores); shapes vary per
+        # micro-batch, so after the first recompile torch marks them dynamic (dynamic=None).
+        _FLEX = torch.compile(kernel) if platform.current().is_cuda else kernel
     return _FLEX
 
 

@@ -109,7 +109,7 @@ def data_config(cfg: RunConfig, model_config, *, for_reference: bool = False):
         micro_batch=cfg.train.micro_batch,
         image_size=model_config.vision.image_size,
         tokens_per_tile=model_config.tokens_per_tile,
-        pad_multiple=precision.sequence_multiple(cfg.parallel.tensor, cfg.parallel.sequence, plan.fp8_recipe),
+        pad_multiple=pad_multiple(cfg, plan),
         layout=packing_layout(cfg),
         pairs_per_row=d.pairs_per_row,
         epochs=1 if for_reference else None,
@@ -117,6 +117,19 @@ def data_config(cfg: RunConfig, model_config, *, for_reference: bool = False):
         # the reference tool must see every sample.
         drop_last=not for_reference,
     )
+
+
+def pad_multiple(cfg: RunConfig, plan) -> int:
+    """Rows are padded to a multiple of this: what TP + sequence parallelism and FP8 need,
+    and FlexAttention's block size under ``model.attention: flex``."""
+    import math
+
+    from megatron_mpo.models.packed_attention import FLEX_BLOCK_SIZE
+
+    multiple = precision.sequence_multiple(cfg.parallel.tensor, cfg.parallel.sequence, plan.fp8_recipe)
+    if attention_kind(cfg) == "flex":
+        multiple = math.lcm(multiple, FLEX_BLOCK_SIZE)
+    return multiple
 
 
 def packing_layout(cfg: RunConfig) -> str:

@@ -102,7 +102,8 @@ class FlopCounter:
     The usual "model FLOPs" definition (no recomputation counted): 2 FLOPs per
     multiply-add of every weight matrix touched, plus the attention score / value
     products, times 3 for forward + backward. The LLM is counted per token position of
-    the step (padding included), causal attention as half the scores, the output layer
+    the step (padding included), attention per query-key pair it computes (causal rows:
+    half the scores; packed rows: within each pair), the output layer
     per scored (response) token, the only positions it runs on; the vision tower
     (patch embedding, InternViT layers with bidirectional attention over patches + class
     token) and the mlp1 projector per image tile. Frozen parts count what they still run:
@@ -125,13 +126,21 @@ class FlopCounter:
         return 2 if earlier_trains else 1
 
     def llm_flops_per_token(self, seq_len: int) -> float:
+        """Weights plus causal attention over a row of ``seq_len`` (half the scores)."""
+        return self.llm_linear_flops_per_token() + self.llm_score_flops_per_key() * seq_len / 2
+
+    def llm_linear_flops_per_token(self) -> float:
         lang = self.cfg.language
         head_dim = lang.kv_channels
         q_width = lang.num_heads * head_dim
         attn = lang.hidden_size * (q_width + 2 * lang.num_kv_heads * head_dim) + q_width * lang.hidden_size
         mlp = 3 * lang.hidden_size * lang.ffn_hidden_size
-        per_layer = 2 * (attn + mlp) + 2 * 2 * seq_len * q_width / 2  # causal: half the scores
-        return self._passes("language") * lang.num_layers * per_layer
+        return self._passes("language") * lang.num_layers * 2 * (attn + mlp)
+
+    def llm_score_flops_per_key(self) -> float:
+        """Q K^T and A V of one query-key pair over all layers."""
+        lang = self.cfg.language
+        return self._passes("language") * lang.num_layers * 2 * 2 * lang.num_heads * lang.kv_channels
 
     def logits_flops_per_token(self) -> float:
         lang = self.cfg.language  # the padded vocabulary is computed too
@@ -152,11 +161,17 @@ class FlopCounter:
         projector = 2 * self.cfg.tokens_per_tile * (self.cfg.projector_input_size * hidden + hidden * hidden)
         return self._passes("vision") * tower + self._passes("projector") * projector
 
-    def step_flops(self, tokens: float, seq_len: int, tiles: float = 0, scored: Optional[float] = None) -> float:
-        """``scored`` tokens get logits (default: all ``tokens``)."""
+    def step_flops(self, tokens: float, seq_len: int, tiles: float = 0, scored: Optional[float] = None,
+                   attended: Optional[float] = None) -> float:
+        """``scored`` tokens get logits (default: all ``tokens``). ``attended``: the query-key
+        pairs attention computed (:meth:`PairBatch.attended_keys`: packed rows attend within
+        each pair only); default every token over a causal row of ``seq_len``."""
         scored = tokens if scored is None else scored
-        return (tokens * self.llm_flops_per_token(seq_len) + scored * self.logits_flops_per_token()
-                + tiles * self.vision_flops_per_tile())
+        if attended is None:
+            llm = tokens * self.llm_flops_per_token(seq_len)
+        else:
+            llm = tokens * self.llm_linear_flops_per_token() + attended * self.llm_score_flops_per_key()
+        return llm + scored * self.logits_flops_per_token() + tiles * self.vision_flops_per_tile()
 
     def peak(self) -> "Peak":
         """The FLOP/s one process counts MFU against (looked up or measured once)."""
@@ -165,8 +180,8 @@ class FlopCounter:
         return self._peak
 
     def mfu(self, tokens: float, seconds: float, world_size: int, seq_len: int = 1024, tiles: float = 0,
-            scored: Optional[float] = None) -> float:
+            scored: Optional[float] = None, attended: Optional[float] = None) -> float:
         if seconds <= 0 or tokens <= 0:
             return 0.0
-        achieved = self.step_flops(tokens, seq_len, tiles, scored) / seconds
+        achieved = self.step_flops(tokens, seq_len, tiles, scored, attended) / seconds
         return achieved / (self.peak().flops * world_size)

@@ -219,6 +219,7 @@ class StepCounter:
         self.tokens = 0
         self.scored = 0  # response tokens: the output layer runs on these only
         self.tiles = 0
+        self.attended = 0  # query-key pairs of the attention
 
     def add(self, batch) -> None:
         # The forward step reports each micro-batch once (from the first model chunk).
@@ -226,3 +227,4 @@ class StepCounter:
         self.tokens += batch.num_tokens()
         self.scored += int(batch.response_mask().sum())
         self.tiles += int(batch.pixel_values.shape[0])
+        self.attended += batch.attended_keys()
