@@ -32,29 +32,65 @@ def _run(cmd: list[str], timeout: int = 120, env: dict | None = None) -> subproc
 
 
 def test_bench_smoke_on_cpu(tmp_path):
+    """Every attention asked for: sdpa runs packed rows of several pairs and unpacked rows at
+    two row lengths; FlexAttention (no backward on a CPU) and TE (not installed, no GPU) are
+    skipped with their reasons, not run."""
     out = tmp_path / "bench.json"
+    lengths = (256, 512)
     proc = _run([sys.executable, str(BENCH), "--size", "smoke", "--device", "cpu", "--steps", "2", "--warmup", "1",
-                 "--out", str(out)])
+                 "--attentions", "flex,sdpa,te", "--layouts", "packed,unpacked",
+                 "--row-lengths", ",".join(map(str, lengths)), "--out", str(out)])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["device"] == "cpu" and report["peak"]["flops"] > 0 and report["peak"]["source"]
-    assert set(report["results"]) == {"packed", "unpacked"}
-    for layout, result in report["results"].items():
+    assert set(report["results"]) == {f"sdpa/{layout}/{s}" for layout in ("packed", "unpacked") for s in lengths}
+    skipped = {(e["attention"], e["layout"]): e["reason"] for e in report["skipped"]}
+    assert set(skipped) == {("flex", "packed"), ("flex", "unpacked"), ("te", "packed"), ("te", "unpacked")}
+    assert "no backward on a CPU" in skipped[("flex", "packed")]
+    assert "Transformer Engine" in skipped[("te", "packed")]
+    assert "skipped flex/packed: FlexAttention" in proc.stdout
+    for name, result in report["results"].items():
         for key in POSITIVE:
-            assert result[key] > 0, (layout, key, result[key])
-        assert result["steps_measured"] == 2 and result["nonfinite_steps"] == 0
+            assert result[key] > 0, (name, key, result[key])
+        assert result["steps_measured"] == 2 and result["nonfinite_steps"] == 0 and "error" not in result
+        assert result["core_attention"] == "SDPAttention"
         assert 3 <= result["tiles_per_pair"] <= 6  # the smoke size draws 3-6 tiles per pair
-        assert f"| {layout} |" in proc.stdout
-    packed, unpacked = report["results"]["packed"], report["results"]["unpacked"]
-    # Same pairs in both layouts; packing computes the shared prompt once.
-    assert packed["tokens_per_pair"] == unpacked["tokens_per_pair"]
-    assert packed["positions_per_pair"] < unpacked["positions_per_pair"]
+        assert f"| sdpa | {result['layout']} | {result['row_length']} |" in proc.stdout
+    for s in lengths:
+        packed, unpacked = report["results"][f"sdpa/packed/{s}"], report["results"][f"sdpa/unpacked/{s}"]
+        # One row of exactly S positions holding several pairs.
+        assert packed["rows"] == 1 and packed["max_seq_len"] == s and packed["pairs_per_row"] >= 2
+        assert 0.5 < packed["row_fill"] <= 1
+        # Same pairs in both layouts; packing computes each shared prompt once.
+        assert packed["pairs_per_step"] == unpacked["pairs_per_step"]
+        assert packed["tokens_per_pair"] == unpacked["tokens_per_pair"]
+        assert packed["positions_per_pair"] < unpacked["positions_per_pair"]
+        assert unpacked["rows"] == 2 * unpacked["pairs_per_step"] and unpacked["pairs_per_row"] is None
+    small, large = (report["results"][f"sdpa/packed/{s}"] for s in lengths)
+    assert large["pairs_per_row"] > small["pairs_per_row"]
 
 
-def test_bench_refuses_bad_input_with_one_line():
-    proc = _run([sys.executable, str(BENCH), "--size", "smoke", "--device", "cpu", "--layouts", "packed,rows"])
+def test_bench_stops_starting_configurations_past_its_budget(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = _run([sys.executable, str(BENCH), "--size", "smoke", "--device", "cpu", "--steps", "1", "--warmup", "0",
+                 "--attentions", "sdpa", "--row-lengths", "256", "--budget-s", "0", "--out", str(out)])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert list(report["results"]) == ["sdpa/packed/256"]  # the first always runs
+    (late,) = report["skipped"]
+    assert (late["attention"], late["layout"], late["row_length"]) == ("sdpa", "unpacked", 256)
+    assert "time budget" in late["reason"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--layouts", "packed,rows"], "error: --layouts rows is not valid"),
+    (["--attentions", "flex,flash"], "error: --attentions flash is not valid"),
+    (["--row-lengths", "4k"], "error: --row-lengths '4k' is not a comma-separated list of integers"),
+])
+def test_bench_refuses_bad_input_with_one_line(args, message):
+    proc = _run([sys.executable, str(BENCH), "--size", "smoke", "--device", "cpu", *args])
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: --layouts rows is not valid")
+    assert proc.stderr.strip().splitlines()[-1].startswith(message), proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
 
 

@@ -277,7 +277,7 @@ def test_measured_peak_times_many_matmuls_per_sync(monkeypatch):
 # ---- 8. packing default under Transformer Engine ---------------------------------------
 
 
-def test_transformer_engine_defaults_to_causal_rows(world, monkeypatch):
+def test_transformer_engine_defaults_to_causal_rows_and_packs_on_flex_attention(world, monkeypatch):
     from megatron_mpo import parallel
     from megatron_mpo.training import data_setup, model_setup
 
@@ -287,10 +287,18 @@ def test_transformer_engine_defaults_to_causal_rows(world, monkeypatch):
     seen = _capture_builds(monkeypatch)
     model_setup.build_model_chunks(te, get_preset("tiny"), parallel.current_layout())
     assert seen[0]["attention_mask"] == "causal"  # TE can pick FlashAttention
-    forced = _cfg(model={"spec": "transformer_engine"}, data={"packing": True, "max_length": 12288},
-                  parallel={"tensor": 4}, precision={"dtype": "bf16"})
+    assert seen[0]["attention"] == "te"
+    # Packing forced under TE: packed rows go to FlexAttention (block sparse), no warning.
+    packed = dict(data={"packing": True, "max_length": 12288}, parallel={"tensor": 4}, precision={"dtype": "bf16"})
+    forced = _cfg(model={"spec": "transformer_engine"}, **packed)
     big = get_preset("InternVL2-8B")
-    assert data_setup.packing_layout(forced) == "packed"
-    warning = data_setup.packing_warning(forced, big)
+    assert data_setup.packing_layout(forced) == "packed" and data_setup.attention_kind(forced) == "flex"
+    assert data_setup.packing_warning(forced, big) is None
+    seen.clear()
+    model_setup.build_model_chunks(forced, get_preset("tiny"), parallel.current_layout())
+    assert (seen[0]["attention_mask"], seen[0]["attention"]) == ("arbitrary", "flex")
+    # ... unless TE's own attention is asked for: its unfused path keeps the probabilities.
+    unfused = _cfg(model={"spec": "transformer_engine", "attention": "te"}, **packed)
+    warning = data_setup.packing_warning(unfused, big)
     # 8B at TP4, S = 12288: 8 heads x S^2 x 2 bytes x 32 layers = 72 GiB of probabilities.
-    assert "72.0 GiB" in warning and "data.packing=false" in warning
+    assert "72.0 GiB" in warning and "data.packing=false" in warning and "model.attention=flex" in warning

@@ -1,6 +1,7 @@
 """What only a GPU can show: the model and its frozen parts live on the device, the trainer
-and the reference tool run end to end on CUDA and agree with the CPU, and Transformer Engine
-/ FP8 build, load and run.
+and the reference tool run end to end on CUDA and agree with the CPU, FlexAttention's compiled
+kernel trains packed rows of several pairs as the SDPA path and unpacked rows do, and
+Transformer Engine / FP8 (and TE's linears around FlexAttention) build, load and run.
 
 Run with ``python -m pytest -q -m gpu tests/gpu`` (tools/gpu_kit/run_kit.sh does); see
 conftest.py for the markers, the CPU dry run and the per-test time limit.
@@ -69,21 +70,55 @@ def tiny_pairs(model_config, count: int, seed: int, odd_length: bool = False) ->
     return pairs
 
 
-def collate(model_config, pairs: list, layout: str = "unpacked", pad_multiple: int = 1):
+def long_pairs(model_config, count: int, seed: int) -> list:
+    """Synthetic TokenizedPairs of 130-250 packed positions (1-2 tiles, 30-100 prompt text
+    tokens, responses of 30-90): a row of several of them spans several of FlexAttention's
+    128-position blocks, so its block mask has skipped, full and partial blocks."""
+    from megatron_mpo.data.samples import TokenizedPair
+
+    gen = torch.Generator().manual_seed(seed)
+    context = model_config.img_context_token_id
+    high = min(context, model_config.language.vocab_size) - 1
+    side = model_config.vision.image_size
+
+    def draw(lo: int, hi: int) -> int:
+        return int(torch.randint(lo, hi + 1, (1,), generator=gen))
+
+    def text(n: int) -> list[int]:
+        return torch.randint(1, high, (n,), generator=gen).tolist()
+
+    pairs = []
+    for i in range(count):
+        tiles = 1 + i % 2
+        prompt = text(draw(20, 60)) + [context] * (tiles * model_config.tokens_per_tile) + text(draw(10, 40))
+        chosen, rejected = text(draw(30, 90)), text(draw(30, 90))
+        pairs.append(TokenizedPair(key=f"long/{i}", prompt=prompt, chosen=chosen, rejected=rejected,
+                                   pixel_values=torch.randn(tiles, 3, side, side, generator=gen),
+                                   ref_chosen=-1.5 * len(chosen), ref_rejected=-1.5 * len(rejected)))
+    return pairs
+
+
+def collate(model_config, pairs: list, layout: str = "unpacked", pad_multiple: int = 1,
+            row_length: Optional[int] = None, max_pairs_per_row: Optional[int] = 1):
     from megatron_mpo.data.collate import collate_pairs
 
     return collate_pairs(pairs, 0, model_config.img_context_token_id, model_config.tokens_per_tile,
-                         pad_multiple=pad_multiple, layout=layout)
+                         pad_multiple=pad_multiple, layout=layout, row_length=row_length,
+                         max_pairs_per_row=max_pairs_per_row)
+
+
+def pairs_per_row(batch) -> list[int]:
+    """Pairs whose responses each row scores (read off ``response_index``, not ``segments``)."""
+    P = batch.num_pairs
+    return [len({int(s) % P for s in row[row >= 0].tolist()}) for row in batch.response_index]
 
 
 def forward_logps(model: torch.nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-slot log-prob sums and token counts, as the trainer's forward step computes them."""
-    from megatron_mpo.batch import causal_mask
+    """Per-slot log-prob sums and token counts, as the trainer's forward step computes them
+    (causal rows carry no mask: the model builds one where its attention needs it)."""
     from megatron_mpo.training.forward import model_inputs, slot_log_probs
 
     batch = batch.to(torch.device(DEVICE))
-    if batch.attention_mask is None:
-        batch.attention_mask = causal_mask(batch.input_ids.shape[1]).to(DEVICE)
     token_nll = model(**model_inputs(model, batch))
     return slot_log_probs(token_nll, batch.response_index, batch.num_slots)
 
@@ -175,6 +210,189 @@ def test_qwen3_qk_norm_runs_on_the_device_in_bf16_close_to_fp32(world):
         assert isinstance(te.language_model.decoder.layers[0].self_attention.q_layernorm, HeadRMSNorm)
 
 
+# ---- packed rows of several pairs: FlexAttention against SDPA and unpacked rows -----------------
+
+
+class FlexSpy:
+    """Counts FlexAttention kernel calls and the distinct block masks they got (wraps
+    ``packed_attention.flex_attention``, which ``layers.FlexAttention`` looks up at each
+    call). The masks are kept, so no two are ever the same object by a reused id."""
+
+    def __init__(self, monkeypatch) -> None:
+        from megatron_mpo.models import packed_attention
+
+        self.calls = 0
+        self.block_masks: list = []
+        real_kernel = packed_attention.flex_attention
+
+        def kernel():
+            inner = real_kernel()
+
+            def call(*args, **kwargs):
+                self.calls += 1
+                mask = kwargs.get("block_mask")
+                if not any(mask is seen for seen in self.block_masks):
+                    self.block_masks.append(mask)
+                return inner(*args, **kwargs)
+
+            return call
+
+        monkeypatch.setattr(packed_attention, "flex_attention", kernel)
+
+    @property
+    def masks(self) -> int:
+        return len(self.block_masks)
+
+
+# Rows of ``long_pairs(tiny, 8, seed=7)`` packed into 560 positions (padded to 64): 3 rows of
+# 2-3 pairs, 576 positions (4.5 blocks of 128), trailing padding in the rows not full.
+FLEX_ROW_LENGTH, FLEX_PAD_MULTIPLE = 560, 64
+# The LLM's weight matrices times this: at the tiny preset's init (std 0.02) attention
+# barely depends on what it sees (letting a pair see the previous one moves a token's
+# log-prob by ~5e-3); x5 makes that ~0.2 nats, 50x the bf16 rounding (CPU measurement).
+FLEX_SHARPEN = 5.0
+# fp32: FlexAttention's Triton kernel against torch SDPA (and the unpacked rows) differ in
+# the order of fp32 sums only: ~5e-7 nats per token and 6e-7 relative gradient norm
+# between two SDPA layouts on a CPU; 300x (400x) margin for other kernels.
+FLEX_FP32_TOKEN_TOL, FLEX_FP32_GRAD_RTOL = 2e-4, 2e-4
+# bf16: within BF16_SCALE x what bf16 itself costs (SDPA bf16 against SDPA fp32, measured
+# in the test), as the TE test does; that bound must sit well below what a wrong mask
+# (the packed row read as one causal sequence) changes, or the check would mean nothing.
+FLEX_BF16_SCALE, FLEX_MEANINGFUL = 4.0, 5.0
+
+
+def sharpen(model: torch.nn.Module) -> torch.nn.Module:
+    """The LLM's weight matrices (local or TE modules alike) times FLEX_SHARPEN."""
+    with torch.no_grad():
+        for p in model.language_model.parameters():
+            if p.dim() >= 2:
+                p.mul_(FLEX_SHARPEN)
+    return model
+
+
+def _grads(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.grad.detach().float().reshape(-1) for p in model.parameters()])
+
+
+def _logps_and_grads(model: torch.nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-prob means per slot and the gradient of their sum (all parameters)."""
+    model.zero_grad(set_to_none=True)
+    sums, counts = forward_logps(model, batch)
+    per_token = sums / counts
+    (-per_token.sum()).backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert missing == [], missing[:5]
+    return per_token.detach().float(), _grads(model)
+
+
+@pytest.mark.gpu_timeout(210)  # first FlexAttention compiles (forward + backward, fp32 and bf16)
+def test_flex_attention_packed_rows_of_several_pairs_match_sdpa_and_unpacked_rows(world, monkeypatch):
+    """Packed rows holding 2-3 pairs each: the local spec with FlexAttention (block mask
+    from ``segments``, torch.compile'd kernel on CUDA) against the same weights with the
+    per-pair SDPA path and against unpacked causal rows, forward log-probs and gradients
+    of every parameter, in fp32 (tight) and bf16 (within 4x bf16's own error). On CUDA the
+    FlexAttention kernel must really run in the training forwards (counted: once per layer
+    per forward, one block mask per micro-batch). On a CPU (dry run) FlexAttention has no
+    backward, so those forwards take the SDPA path; a no-grad forward then checks the
+    FlexAttention forward itself."""
+    import dataclasses
+
+    from megatron_mpo.models.internvl import build_model
+    from megatron_mpo.models.layers import FlexAttention, SDPAttention
+    from megatron_mpo.models.presets import get_preset
+
+    # Plain fp32 on both sides (cuDNN would take TF32 for the vision patch convolution).
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    config = get_preset("tiny")
+    layers = config.language.num_layers
+    pairs = long_pairs(config, 8, seed=7)
+    packed = collate(config, pairs, layout="packed", pad_multiple=FLEX_PAD_MULTIPLE, row_length=FLEX_ROW_LENGTH,
+                     max_pairs_per_row=None)
+    unpacked = collate(config, pairs)
+    per_row = pairs_per_row(packed)
+    assert min(per_row) >= 2 and max(per_row) >= 3 and sum(per_row) == len(pairs), per_row
+    # Several 128-position blocks, every row ending in padding (its own segment; token ids are >= 1).
+    assert packed.input_ids.shape[1] > 3 * 128 and (packed.input_ids[:, -1] == 0).all(), packed.input_ids
+    as_one_sequence = dataclasses.replace(packed, segments=None)  # every pair sees the earlier ones
+
+    torch.manual_seed(0)
+    base = sharpen(build_model(config, spec="local", attention="sdpa", attention_mask="arbitrary"))
+    state = base.state_dict()
+    del base
+
+    def built(attention: str, dtype: torch.dtype) -> torch.nn.Module:
+        model = build_model(config, spec="local", attention=attention, attention_mask="arbitrary", params_dtype=dtype)
+        model.load_state_dict(state)
+        core = type(model.language_model.decoder.layers[0].self_attention.core_attention)
+        assert core is (FlexAttention if attention == "flex" else SDPAttention), core
+        return model.train()
+
+    spy = FlexSpy(monkeypatch)
+    flex_forwards = 0
+    results = {}
+    no_grad_logps = None
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        sdpa = built("sdpa", dtype)
+        results[f"sdpa_{name}"] = _logps_and_grads(sdpa, packed)
+        results[f"unpacked_{name}"] = _logps_and_grads(sdpa, unpacked)
+        if name == "fp32":
+            results["one_sequence_fp32"] = _logps_and_grads(sdpa, as_one_sequence)
+        del sdpa
+        flex = built("flex", dtype)
+        results[f"flex_{name}"] = _logps_and_grads(flex, packed)
+        flex_forwards += 1 if DEVICE == "cuda" else 0  # on a CPU backward needs the SDPA path
+        assert (spy.calls, spy.masks) == (layers * flex_forwards, flex_forwards), (spy.calls, spy.masks)
+        if name == "fp32" and DEVICE != "cuda":  # the dry run: FlexAttention's forward on the CPU
+            with torch.no_grad():
+                sums, counts = forward_logps(flex, packed)
+            flex_forwards += 1
+            assert (spy.calls, spy.masks) == (layers * flex_forwards, flex_forwards), (spy.calls, spy.masks)
+            no_grad_logps = (sums / counts).float()
+        del flex
+
+    def token_diff(a: str, b: str) -> float:
+        return float((results[a][0] - results[b][0]).abs().max())
+
+    def grad_diff(a: str, b: str) -> float:
+        return float((results[a][1] - results[b][1]).norm() / results[b][1].norm())
+
+    bf16_token = FLEX_BF16_SCALE * token_diff("sdpa_bf16", "sdpa_fp32") + 1e-3
+    bf16_grad = FLEX_BF16_SCALE * grad_diff("sdpa_bf16", "sdpa_fp32") + 1e-4
+    report = {
+        "device": DEVICE, "pairs_per_row": per_row, "row_positions": packed.input_ids.shape[1],
+        "flex_kernel_calls": spy.calls, "distinct_block_masks": spy.masks,
+        "token": {"flex_vs_sdpa_fp32": token_diff("flex_fp32", "sdpa_fp32"),
+                  "flex_vs_unpacked_fp32": token_diff("flex_fp32", "unpacked_fp32"),
+                  "flex_vs_sdpa_bf16": token_diff("flex_bf16", "sdpa_bf16"),
+                  "flex_bf16_vs_unpacked_fp32": token_diff("flex_bf16", "unpacked_fp32"),
+                  "bf16_bound": bf16_token, "one_sequence_vs_packed": token_diff("one_sequence_fp32", "sdpa_fp32")},
+        "grad_rel": {"flex_vs_sdpa_fp32": grad_diff("flex_fp32", "sdpa_fp32"),
+                     "flex_vs_unpacked_fp32": grad_diff("flex_fp32", "unpacked_fp32"),
+                     "flex_vs_sdpa_bf16": grad_diff("flex_bf16", "sdpa_bf16"),
+                     "bf16_bound": bf16_grad, "one_sequence_vs_packed": grad_diff("one_sequence_fp32", "sdpa_fp32")},
+    }
+    if no_grad_logps is not None:
+        report["token"]["flex_no_grad_vs_sdpa_fp32"] = float((no_grad_logps - results["sdpa_fp32"][0]).abs().max())
+    print("flex_attention:", json.dumps(report))  # in junit.xml (run_kit.sh: junit_logging=system-out)
+
+    for key, (logps, grads) in results.items():
+        assert torch.isfinite(logps).all() and torch.isfinite(grads).all(), key
+    token, grad = report["token"], report["grad_rel"]
+    # The bounds mean something: reading the row as one sequence moves far more than they allow.
+    assert token["one_sequence_vs_packed"] > FLEX_MEANINGFUL * bf16_token, report
+    assert grad["one_sequence_vs_packed"] > FLEX_MEANINGFUL * bf16_grad, report
+    # The two packed-row paths and the unpacked rows are the same model.
+    assert token["flex_vs_sdpa_fp32"] < FLEX_FP32_TOKEN_TOL, report
+    assert token["flex_vs_unpacked_fp32"] < FLEX_FP32_TOKEN_TOL, report
+    assert token.get("flex_no_grad_vs_sdpa_fp32", 0.0) < FLEX_FP32_TOKEN_TOL, report
+    assert grad["flex_vs_sdpa_fp32"] < FLEX_FP32_GRAD_RTOL, report
+    assert grad["flex_vs_unpacked_fp32"] < FLEX_FP32_GRAD_RTOL, report
+    assert token["flex_vs_sdpa_bf16"] <= bf16_token, report
+    assert token["flex_bf16_vs_unpacked_fp32"] <= bf16_token, report
+    assert grad["flex_vs_sdpa_bf16"] <= bf16_grad, report
+
+
 @pytest.mark.parametrize("freeze", [[], ["vision"], ["vision", "projector"], ["language"]], ids=str)
 def test_frozen_parts_stay_on_the_device_through_a_training_step(world, freeze):
     """megatron-core's DDP copies only trainable parameters into its device buffer: frozen
@@ -263,6 +481,59 @@ def test_transformer_engine_loads_a_local_checkpoint_and_agrees_with_local(world
     bound = 4 * scale + 1e-3
     assert float((te_unpacked - fp32).abs().max()) <= bound, (te_unpacked, fp32, scale)
     assert float((te_packed - fp32).abs().max()) <= bound, (te_packed, fp32, scale)
+
+
+@requires_te
+@pytest.mark.gpu_timeout(180)  # FlexAttention compiles (bf16 forward + backward)
+def test_transformer_engine_spec_with_flex_attention_trains_packed_rows(world, gpu_workspace, monkeypatch):
+    """``spec=transformer_engine, attention=flex``: TE's linears (fused norm + linear, FP8
+    capable) around FlexAttention as the LLM's core attention. Rows of 2-3 pairs run forward
+    and backward through the FlexAttention kernel, and the bf16 log-probs sit as close to
+    the fp32 local model's as the local bf16 model's do (same checkpoint, sharpened alike)."""
+    import dataclasses
+
+    from megatron_mpo.models.internvl import build_model
+    from megatron_mpo.models.layers import FlexAttention
+
+    config = init_model_config(gpu_workspace)
+    pairs = long_pairs(config, 8, seed=7)
+    packed = collate(config, pairs, layout="packed", pad_multiple=FLEX_PAD_MULTIPLE, row_length=FLEX_ROW_LENGTH,
+                     max_pairs_per_row=None)
+    assert min(pairs_per_row(packed)) >= 2, pairs_per_row(packed)
+
+    def per_token(model, batch=packed) -> torch.Tensor:
+        with torch.no_grad():
+            sums, counts = forward_logps(model, batch)
+        return (sums / counts).float()
+
+    def loaded(spec: str, dtype: torch.dtype, attention: Optional[str] = None) -> torch.nn.Module:
+        model = build_model(config, spec=spec, attention=attention, attention_mask="arbitrary", params_dtype=dtype)
+        return sharpen(_load(model, gpu_workspace))
+
+    local32 = loaded("local", torch.float32)
+    fp32 = per_token(local32)
+    one_sequence = per_token(local32, dataclasses.replace(packed, segments=None))
+    local_bf16 = per_token(loaded("local", torch.bfloat16))
+    model = loaded("transformer_engine", torch.bfloat16, "flex").train()
+    for layer in model.language_model.decoder.layers:
+        attention = layer.self_attention
+        assert type(attention.core_attention) is FlexAttention, type(attention.core_attention)
+        for linear in (attention.linear_qkv, attention.linear_proj, layer.mlp.linear_fc1, layer.mlp.linear_fc2):
+            te_bases = [c for c in type(linear).__mro__ if c.__module__.startswith("transformer_engine")]
+            assert te_bases, f"{type(linear)} is not a Transformer Engine module"
+
+    spy = FlexSpy(monkeypatch)
+    sums, counts = forward_logps(model, packed)
+    (-(sums / counts).sum()).backward()
+    runs = 1 if DEVICE == "cuda" else 0  # the kernel ran (once per layer), one mask per batch
+    assert (spy.calls, spy.masks) == (config.language.num_layers * runs, runs), (spy.calls, spy.masks)
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert sum(float(g.float().norm()) for g in grads) > 0
+    te_flex = (sums / counts).detach().float()
+    bound = FLEX_BF16_SCALE * float((local_bf16 - fp32).abs().max()) + 1e-3
+    assert float((one_sequence - fp32).abs().max()) > FLEX_MEANINGFUL * bound  # a wrong mask would show
+    assert float((te_flex - fp32).abs().max()) <= bound, (te_flex, fp32, bound)
 
 
 @requires_fp8_gpu

@@ -8,18 +8,27 @@
 #   install  the wheels of .whl/ (tools/gpu_kit/build_wheels.sh) into /tmp/site, offline
 #   env      nvidia-smi, torch / CUDA / megatron-core / Transformer Engine versions, TF32
 #            defaults, a bf16 matmul on the GPU checked against the CPU
-#   tests    python -m pytest -q -m gpu tests/gpu (per-test time limits, see tests/gpu/conftest.py)
-#   bench    benchmarks/gpu_bench.py: InternVL2-2B (random init, bf16) pairs/s, tokens/s, MFU,
-#            peak memory, packed and unpacked
+#   tests    python -m pytest -q -m gpu tests/gpu (per-test time limits, see tests/gpu/conftest.py;
+#            the numbers a test compared, e.g. FlexAttention against SDPA, are in junit.xml's
+#            system-out)
+#   bench    benchmarks/gpu_bench.py: InternVL2-2B (random init, bf16) step time, tokens/s, MFU,
+#            peak memory per attention (FlexAttention, per-pair SDPA, TE's own when installed)
+#            x layout (packed rows of several pairs, unpacked causal rows) x row length
+#            (4k, 8k, 12k); bench.json is rewritten after every configuration, and no new
+#            configuration starts once KIT_BENCH_BUDGET seconds have passed
 # Results (at most 8 files) go to $OUT (default /tmp/gpu_kit_out): summary.txt, env.txt,
 # install.log, tests.log, junit.xml, e2e_losses.json (GPU vs CPU loss curves), bench.log,
-# bench.json. Budget on an H200: about 30 s install, 3-4 min tests, 2 min bench; each part
-# has a hard limit (below) so the whole kit ends within 8 minutes.
+# bench.json. Budget on an H200 (estimated; the kit has not run on one yet): about 30 s
+# install, 20 s env, 3-4 min tests (FlexAttention compiles included), 2-2.5 min bench
+# (2 model builds, 9 configurations, one FlexAttention compile per row length); each part
+# has a hard limit (below): 45 + 75 + 250 + 170 s, so the whole kit ends within 9 minutes.
 #
 # Settings (environment): OUT, KIT_WHEELS (.whl), KIT_SITE (/tmp/site), KIT_PARTS
 # (install,env,tests,bench), KIT_BENCH_ARGS (extra gpu_bench.py arguments, e.g.
-# "--steps 3"), KIT_ALLOW_CPU=1 (dry run without a GPU: env does not fail), limits in
-# seconds KIT_T_INSTALL (45), KIT_T_ENV (75), KIT_T_TESTS (230), KIT_T_BENCH (140).
+# "--steps 2 --row-lengths 4096,8192"), KIT_ALLOW_CPU=1 (dry run without a GPU: env does
+# not fail), limits in seconds KIT_T_INSTALL (45), KIT_T_ENV (75), KIT_T_TESTS (250),
+# KIT_T_BENCH (170), KIT_BENCH_BUDGET (KIT_T_BENCH - 50: the longest configuration, a 12k
+# row with its FlexAttention compile, must still end inside the bench's limit).
 set -u -o pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/../.." || exit 2
@@ -30,6 +39,11 @@ PARTS="${KIT_PARTS:-install,env,tests,bench}"
 export OUT PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export PYTHONPATH="$KIT_SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export MPO_GPU_KIT_OUT="$OUT"  # tests/gpu writes e2e_losses.json there
+T_INSTALL="${KIT_T_INSTALL:-45}"
+T_ENV="${KIT_T_ENV:-75}"
+T_TESTS="${KIT_T_TESTS:-250}"
+T_BENCH="${KIT_T_BENCH:-170}"
+export KIT_BENCH_BUDGET="${KIT_BENCH_BUDGET:-$((T_BENCH > 100 ? T_BENCH - 50 : T_BENCH / 2))}"
 
 mkdir -p "$OUT" || exit 2
 for f in summary.txt env.txt install.log tests.log junit.xml e2e_losses.json bench.log bench.json; do
@@ -119,14 +133,15 @@ EOF
 
 part_tests() {
     # -v: one line per test as it ends, so a run cut by the time limit still shows what passed.
+    # junit_logging=system-out: what each test printed (the numbers it compared) goes into junit.xml.
     python3 -m pytest -v -m gpu tests/gpu -p no:cacheprovider --durations=10 \
-        --junitxml="$OUT/junit.xml" -o junit_family=xunit2
+        --junitxml="$OUT/junit.xml" -o junit_family=xunit2 -o junit_logging=system-out
 }
 
 part_bench() {
     local extra=()
     read -r -a extra <<< "${KIT_BENCH_ARGS:-}"
-    python3 benchmarks/gpu_bench.py --out "$OUT/bench.json" "${extra[@]}"
+    python3 benchmarks/gpu_bench.py --out "$OUT/bench.json" --budget-s "$KIT_BENCH_BUDGET" "${extra[@]}"
 }
 
 export -f part_install part_env part_tests part_bench
@@ -155,10 +170,10 @@ echo "GPU kit: repository $PWD, results in $OUT, parts $PARTS"
 IFS=',' read -r -a wanted <<< "$PARTS"
 for part in "${wanted[@]}"; do
     case "$part" in
-        install) run_part install "${KIT_T_INSTALL:-45}" "$OUT/install.log" ;;
-        env) run_part env "${KIT_T_ENV:-75}" "$OUT/env.txt" ;;
-        tests) run_part tests "${KIT_T_TESTS:-230}" "$OUT/tests.log" ;;
-        bench) run_part bench "${KIT_T_BENCH:-140}" "$OUT/bench.log" ;;
+        install) run_part install "$T_INSTALL" "$OUT/install.log" ;;
+        env) run_part env "$T_ENV" "$OUT/env.txt" ;;
+        tests) run_part tests "$T_TESTS" "$OUT/tests.log" ;;
+        bench) run_part bench "$T_BENCH" "$OUT/bench.log" ;;
         *) echo "error: unknown part '$part' in KIT_PARTS; use install, env, tests, bench"; exit 2 ;;
     esac
 done
@@ -175,8 +190,8 @@ if [ -f "$OUT/e2e_losses.json" ]; then
     python3 -c "import json, sys; d = json.load(open(sys.argv[1])); print(json.dumps(d['max_rel_diff_vs_cpu'])); print('ref_logratio_step0', d['ref_logratio_step0'])" "$OUT/e2e_losses.json"
 fi
 if [ -f "$OUT/bench.log" ]; then
-    echo "--- benchmark"
-    grep -E "^\||peak " "$OUT/bench.log" | tail -n 6
+    echo "--- benchmark (attention / layout / row length S)"
+    grep -E "^\||peak |skipped|out of memory|Error" "$OUT/bench.log" | tail -n 30
 fi
 echo "--- files in $OUT"
 ls -l "$OUT"
