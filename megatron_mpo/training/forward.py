@@ -113,9 +113,10 @@ def make_forward_step(
     def forward_step(data_iterator: Iterator[PairBatch], model: torch.nn.Module):
         # Causal rows carry no mask: the model builds one only where its attention needs it
         # (the local spec); Transformer Engine's causal kernels take none.
-        batch = next(data_iterator).to(platform.device())
+        batch = next(data_iterator)
         if on_batch is not None and _is_first_chunk(model):  # each chunk draws every micro-batch
-            on_batch(batch)
+            on_batch(batch)  # counted on the host copy: no device sync per micro-batch
+        batch = batch.to(platform.device())
         output = model(**model_inputs(model, batch))
 
         def loss_func(token_nll: torch.Tensor):
