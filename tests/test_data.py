@@ -446,6 +446,17 @@ def test_first_fit_packing_is_deterministic_and_bounded():
     assert pack_rows([3, 3, 3], row_length=100, max_pairs=1) == [[0], [1], [2]]
 
 
+def test_packed_rows_are_balanced_so_the_longest_row_is_short():
+    # First-fit decreasing alone fills a row to 14 and leaves 12 in the other; every row of
+    # the micro-batch is padded to the longest, so dealing the pairs evenly saves padding.
+    lengths = [7, 6, 7, 6]
+    rows = pack_rows(lengths, row_length=14)
+    assert len(rows) == 2  # no more rows than first fit needs
+    assert max(sum(lengths[i] for i in row) for row in rows) == 13
+    assert rows == [[0, 1], [2, 3]]
+    assert pack_rows([7, 7, 7], row_length=14, max_pairs=2) == [[0, 1], [2]]  # limit still holds
+
+
 # ----------------------------------------------------------------------------- streaming loader
 def test_epoch_covers_all_samples_and_orders_are_seeded(data_shards, data_tok):
     shards = data_shards["dir"]

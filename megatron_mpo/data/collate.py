@@ -127,14 +127,8 @@ def packed_length(pair: TokenizedPair) -> int:
     return len(pair.prompt) + len(pair.chosen) + 1 + len(pair.rejected)
 
 
-def pack_rows(lengths: Sequence[int], row_length: Optional[int], max_pairs: Optional[int] = None) -> List[List[int]]:
-    """First-fit decreasing: pair indices grouped into rows of at most ``row_length``
-    positions and ``max_pairs`` pairs (None: no limit).
-
-    Deterministic (ties keep input order); a pair longer than ``row_length`` gets a row
-    of its own. Rows come in order of their first pair, pairs within a row by length.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+def _first_fit(order: Sequence[int], lengths: Sequence[int], row_length: Optional[int],
+               max_pairs: Optional[int]) -> List[List[int]]:
     rows: List[List[int]] = []
     used: List[int] = []
     for i in order:
@@ -147,6 +141,45 @@ def pack_rows(lengths: Sequence[int], row_length: Optional[int], max_pairs: Opti
         else:
             rows.append([i])
             used.append(lengths[i])
+    return rows
+
+
+def _balanced(order: Sequence[int], lengths: Sequence[int], n_rows: int, row_length: Optional[int],
+              max_pairs: Optional[int]) -> Optional[List[List[int]]]:
+    """Longest-first into the least-filled of ``n_rows`` rows, or None if a pair does not fit."""
+    rows: List[List[int]] = [[] for _ in range(n_rows)]
+    used = [0] * n_rows
+    for i in order:
+        open_rows = [r for r in range(n_rows) if max_pairs is None or len(rows[r]) < max_pairs]
+        if not open_rows:
+            return None
+        r = min(open_rows, key=lambda r: (used[r], r))
+        if row_length is not None and used[r] + lengths[i] > row_length and rows[r]:
+            return None
+        rows[r].append(i)
+        used[r] += lengths[i]
+    return [row for row in rows if row]
+
+
+def pack_rows(lengths: Sequence[int], row_length: Optional[int], max_pairs: Optional[int] = None) -> List[List[int]]:
+    """Pair indices grouped into rows of at most ``row_length`` positions and ``max_pairs``
+    pairs (None: no limit), in as few rows as first-fit decreasing needs, balanced so the
+    longest row (which every row of the micro-batch is padded to) is as short as it can be.
+
+    First-fit decreasing fixes the number of rows; the pairs are then dealt longest-first to
+    the least-filled of that many rows, and that layout is kept when it fits and its longest
+    row is shorter. Deterministic (ties keep input order); a pair longer than ``row_length``
+    gets a row of its own. Rows come in order of their first pair, pairs within a row by length.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    rows = _first_fit(order, lengths, row_length, max_pairs)
+    balanced = _balanced(order, lengths, len(rows), row_length, max_pairs) if len(rows) > 1 else None
+
+    def longest(layout: List[List[int]]) -> int:
+        return max(sum(lengths[i] for i in row) for row in layout)
+
+    if balanced is not None and len(balanced) == len(rows) and longest(balanced) < longest(rows):
+        rows = balanced
     return sorted(rows, key=min)
 
 
