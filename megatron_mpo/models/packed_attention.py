@@ -115,9 +115,7 @@ def sdpa_packed_attention(q: Tensor, k: Tensor, v: Tensor, segments: Tensor, sdp
 
 def segment_block_mask(segments: Optional[Tensor], seq_len: int, batch: int, device: torch.device):
     """FlexAttention's ``BlockMask`` for ``segments`` (None: plain causal rows)."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    compile_mask = platform.current().is_cuda  # no [b, S, S] tensor on the GPU
+    create_block_mask = _block_mask_builder()
 
     if segments is None:
         key = (seq_len, str(device))
@@ -125,8 +123,7 @@ def segment_block_mask(segments: Optional[Tensor], seq_len: int, batch: int, dev
             def causal(b, h, q_idx, kv_idx):
                 return kv_idx <= q_idx
 
-            _CAUSAL[key] = create_block_mask(causal, None, None, seq_len, seq_len, device=device,
-                                             _compile=compile_mask)
+            _CAUSAL[key] = create_block_mask(causal, None, None, seq_len, seq_len, device=device)
         return _CAUSAL[key]
 
     def build():
@@ -138,13 +135,24 @@ def segment_block_mask(segments: Optional[Tensor], seq_len: int, batch: int, dev
             visible = (branch[b, kv_idx] == PROMPT) | (seg[b, q_idx] == seg[b, kv_idx])
             return (kv_idx <= q_idx) & same_pair & visible
 
-        return create_block_mask(packed, seg.shape[0], None, seq_len, seq_len, device=device,
-                                 _compile=compile_mask)
+        return create_block_mask(packed, seg.shape[0], None, seq_len, seq_len, device=device)
 
     return _cached(segments, "block_mask", build)
 
 
 _FLEX: Optional[Callable] = None
+_BLOCK_MASK: Optional[Callable] = None
+
+
+def _block_mask_builder() -> Callable:
+    """create_block_mask, compiled on CUDA so the [b, S, S] mask is never materialised
+    (torch.compile of the function: its ``_compile`` flag is deprecated since torch 2.10)."""
+    global _BLOCK_MASK
+    if _BLOCK_MASK is None:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        _BLOCK_MASK = torch.compile(create_block_mask) if platform.current().is_cuda else create_block_mask
+    return _BLOCK_MASK
 
 
 def flex_attention() -> Callable:
