@@ -108,6 +108,9 @@ class ParallelSection:
     tensor: int = setting(1, "tensor-parallel size (divides the attention heads; keep it inside a node)")
     pipeline: int = setting(1, "pipeline-parallel stages")
     sequence: bool = setting(False, "sequence parallelism (needs `tensor` >= 2; both specs)")
+    expert: int = setting(1, "expert-parallel size for mixture-of-experts LLMs: each of `expert` data-parallel "
+                          "ranks holds 1/`expert` of every MoE layer's experts (tokens travel by all-to-all); "
+                          "an MoE LLM with `tensor` >= 2 needs `sequence`")
     virtual_pipeline: Optional[int] = setting(None, "interleaved 1F1B: model chunks per stage (needs "
                                               "`pipeline` >= 2; micro-batches per step a multiple of it)")
     pipeline_layers: Optional[list[int]] = setting(None, "LLM layers per stage (and virtual stage) "
@@ -119,6 +122,10 @@ class ParallelSection:
         _positive("parallel.timeout_minutes", self.timeout_minutes)
         _positive("parallel.tensor", self.tensor)
         _positive("parallel.pipeline", self.pipeline)
+        _positive("parallel.expert", self.expert)
+        if self.expert > 1 and self.tensor > 1 and not self.sequence:
+            raise UserError("parallel.expert > 1 with parallel.tensor > 1 needs parallel.sequence: true "
+                            "(megatron-core's rule for expert + tensor parallelism)")
         if self.virtual_pipeline is not None:
             _positive("parallel.virtual_pipeline", self.virtual_pipeline)
             if self.pipeline < 2:
@@ -233,11 +240,17 @@ class MPOSection:
                                       "terms instead of sequence sums")
     delta_update: str = setting("step", "BCO reward shift: mean over previous optimizer `step`s (paper) "
                                 "or a running mean per `micro_batch` (TRL)", choices=_loss_names("DELTA_UPDATES"))
+    router_aux_loss_coef: Optional[float] = setting(
+        None, "mixture-of-experts LLMs: coefficient of megatron-core's load-balancing loss (per MoE layer, "
+        "added to the MPO loss through its gradient, logged as `aux_loss`); null: the model's own "
+        "(`router_aux_loss_coef` of its config), 0: off")
     generation_norm: str = setting("sequence", "SFT term: mean over pairs of per-`sequence` token means (paper) "
                                    "or mean over all chosen `token`s of the step (InternVL/TRL)",
                                    choices=_loss_names("GENERATION_NORMS"))
 
     def validate(self) -> None:
+        if self.router_aux_loss_coef is not None and self.router_aux_loss_coef < 0:
+            raise UserError(f"mpo.router_aux_loss_coef must be >= 0 (or null), got {self.router_aux_loss_coef}")
         try:
             self.loss_config()  # the losses module owns these checks
         except UserError as exc:

@@ -17,7 +17,8 @@ from megatron_mpo.errors import UserError
 
 @dataclass(frozen=True)
 class Layout:
-    """This rank's coordinates in the (DP, PP, TP) grid."""
+    """This rank's coordinates in the (DP, PP, TP) grid; ``expert``: expert-parallel ranks
+    (carved out of the data-parallel ones: each holds 1/expert of every MoE layer's experts)."""
 
     tensor: int
     pipeline: int
@@ -26,6 +27,7 @@ class Layout:
     pipeline_rank: int
     data_rank: int
     virtual_pipeline: Optional[int] = None
+    expert: int = 1
 
     @property
     def is_first_stage(self) -> bool:
@@ -42,12 +44,19 @@ class Layout:
         return parallel_state.get_data_parallel_group()
 
 
-def check_divisible(world_size: int, tensor: int, pipeline: int) -> None:
-    """The world must be a whole number of TP x PP model replicas."""
+def check_divisible(world_size: int, tensor: int, pipeline: int, expert: int = 1) -> None:
+    """The world must be a whole number of TP x PP model replicas, and the expert-parallel
+    groups (TP x EP ranks per pipeline stage) must tile it too."""
     if world_size % (tensor * pipeline) != 0:
         raise UserError(
             f"{world_size} processes cannot hold whole model replicas of tensor={tensor} x "
             f"pipeline={pipeline}; launch a multiple of {tensor * pipeline} processes"
+        )
+    if world_size % (tensor * pipeline * expert) != 0:
+        raise UserError(
+            f"{world_size} processes cannot hold whole expert-parallel groups of parallel.expert={expert} "
+            f"(tensor x pipeline x expert = {tensor * pipeline * expert}); launch a multiple of "
+            f"{tensor * pipeline * expert} processes or lower parallel.expert"
         )
 
 
@@ -56,6 +65,7 @@ def initialize(
     pipeline: int = 1,
     virtual_pipeline: Optional[int] = None,
     seed: int = 1234,
+    expert: int = 1,
     device: str = "auto",
     timeout_minutes: float = 10.0,
 ) -> Layout:
@@ -70,13 +80,14 @@ def initialize(
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     world = torch.distributed.get_world_size()
-    check_divisible(world, tensor, pipeline)
+    check_divisible(world, tensor, pipeline, expert)
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor,
         pipeline_model_parallel_size=pipeline,
         virtual_pipeline_model_parallel_size=virtual_pipeline,
+        expert_model_parallel_size=expert,
         distributed_timeout_minutes=timeout_minutes,
     )
     # Same seed on every rank for replicated weights; megatron-core offsets the
@@ -98,6 +109,7 @@ def current_layout() -> Layout:
         pipeline_rank=ps.get_pipeline_model_parallel_rank(),
         data_rank=ps.get_data_parallel_rank(),
         virtual_pipeline=ps.get_virtual_pipeline_model_parallel_world_size(),
+        expert=ps.get_expert_model_parallel_world_size(),
     )
 
 
@@ -109,6 +121,11 @@ def shutdown() -> None:
         parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def any_rank_true(flag: bool) -> bool:
+    """True on every rank when ``flag`` holds on some rank (one all-reduce)."""
+    return not all_ranks_true(not flag)
 
 
 def all_ranks_true(flag: bool) -> bool:

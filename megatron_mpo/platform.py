@@ -14,7 +14,12 @@ dist_checkpointing -- runs unchanged:
 * megatron-core's CUDA RNG helpers (``_get_cuda_rng_state`` / ``_set_cuda_rng_state``) swap
   the CPU generator, so the model-parallel RNG tracker keeps distinct streams per rank;
 * ``Tensor.type()`` reports ``torch.cuda.*Tensor`` names, which megatron-core's
-  distributed optimizer checks for.
+  distributed optimizer checks for;
+* for mixture-of-experts layers: the all-to-all dispatcher's side stream (made once, in its
+  ``__init__``, unless set), ``torch.cuda.current_stream`` and ``torch.cuda.stream`` become a
+  host stand-in (it copies its split sizes to the host on that stream), and ``moe_utils.te_general_gemm`` is defined as
+  None without Transformer Engine (megatron-core 0.16.1 reads the name it failed to import),
+  and the dispatcher's split sizes become numpy arrays as they do on a GPU.
 
 Nothing else in the project names a device: ask :func:`device` instead.
 """
@@ -226,7 +231,54 @@ _MODULES_WITH_CUDA_BACKWARD = (
     "megatron.core.tensor_parallel.layers",
     "megatron.core.tensor_parallel.random",
     "megatron.core.tensor_parallel.cross_entropy",
+    "megatron.core.transformer.moe.moe_utils",
 )
+
+
+class _HostStream:
+    """What megatron-core's MoE dispatcher asks of a CUDA stream, on the host: there is one
+    stream and everything on it has already happened."""
+
+    def wait_stream(self, other: Any) -> None:
+        pass
+
+    def record_event(self, event: Any = None) -> "_HostStream":
+        return self
+
+    def synchronize(self) -> None:
+        pass
+
+    def __enter__(self) -> "_HostStream":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+_HOST_STREAM = _HostStream()
+
+
+def _redirect_moe() -> None:
+    # Functions only: torch.cuda.Stream itself stays (other libraries annotate with it).
+    torch.cuda.current_stream = lambda *a, **k: _HOST_STREAM  # type: ignore[assignment]
+    torch.cuda.stream = lambda *a, **k: _HOST_STREAM  # type: ignore[assignment]
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    # The dispatcher makes its side stream once, in __init__, unless the class has one.
+    token_dispatcher.MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = _HOST_STREAM
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+    # The dispatcher's all-to-all split sizes: on a GPU they reach the host as numpy arrays;
+    # already on the host they would stay tensors, which all_to_all_single refuses.
+    to_host = moe_utils.maybe_move_tensor_to_cpu
+
+    def host_copy(tensor: Any, as_numpy: bool = False, record_stream: bool = False) -> Any:
+        if as_numpy and torch.is_tensor(tensor):
+            return tensor.numpy()
+        return to_host(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    token_dispatcher.maybe_move_tensor_to_cpu = host_copy
 
 
 def _redirect_autograd_backwards(module: Any) -> int:
@@ -281,6 +333,7 @@ def _install_cpu_redirects() -> None:
 
     for module in _MODULES_WITH_CUDA_BACKWARD:
         _redirect_autograd_backwards(importlib.import_module(module))
+    _redirect_moe()
 
     _CPU_MODE = _CudaToCpu()
     _CPU_MODE.__enter__()  # process-wide; torch keeps the mode on its stack until exit

@@ -73,7 +73,7 @@ def precompute(cfg: RunConfig, log=print) -> dict:
     # Shards, template, model dir, tokenizer, precision, sidecars: before any group or model.
     model_config = preflight.check_reference(cfg)
     layout = parallel.initialize(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.virtual_pipeline,
-                                 seed=cfg.train.seed, device=cfg.train.device,
+                                 seed=cfg.train.seed, device=cfg.train.device, expert=cfg.parallel.expert,
                                  timeout_minutes=cfg.parallel.timeout_minutes)
     is_writer = layout.is_last_stage and layout.tensor_rank == 0
     chunks = model_setup.build_model_chunks(cfg, model_config, layout, precision.reference_precision(cfg))
@@ -99,37 +99,76 @@ def precompute(cfg: RunConfig, log=print) -> dict:
 
     forward_step = make_forward_step(None)
     forward_backward = schedule.forward_backward_func()
+    # Expert parallelism exchanges tokens between data-parallel ranks inside every forward:
+    # those ranks must then run the same number of schedule calls of the same number of
+    # micro-batches, whatever their shards hold (fillers, whose results are dropped).
+    lockstep = model_config.language.is_moe and cfg.parallel.expert > 1
+
+    def loader_for(url: str):
+        import dataclasses
+
+        return build_loader(dataclasses.replace(data, shards=[url]), tok, dp_rank=0, dp_size=1)
+
+    def work():
+        """(url, loader, micro-batch group) for this rank's shards, then (url, loader, None)
+        once a shard is through."""
+        for url in todo:
+            loader = loader_for(url)
+            for group in _chunks(iter(loader), MICRO_BATCHES_PER_CALL):
+                yield url, loader, group
+            yield url, loader, None
+
+    filler = None
+    if lockstep:
+        filler = next(_chunks(iter(loader_for(urls[0])), 1))  # any real micro-batch will do
+
+    def forward(group: list) -> list:
+        real = len(group)
+        if lockstep:
+            group = group + [filler[0]] * (MICRO_BATCHES_PER_CALL - real)
+        with torch.no_grad():
+            results = schedule.run_schedule(forward_backward, forward_step, chunks, group,
+                                            tok.pad_id, forward_only=True)
+        return results[:real] if results else results
+
     started = time.perf_counter()
     done_pairs = 0
     computed = []
-    for url in todo:
-        import dataclasses
-
-        loader = build_loader(dataclasses.replace(data, shards=[url]), tok, dp_rank=0, dp_size=1)
-        values: dict[str, tuple] = {}
-        for group in _chunks(iter(loader), MICRO_BATCHES_PER_CALL):
-            with torch.no_grad():
-                results = schedule.run_schedule(forward_backward, forward_step, chunks, group,
-                                               tok.pad_id, forward_only=True)
+    values: dict[str, tuple] = {}
+    items = work()
+    while True:
+        item = next(items, None)
+        if lockstep and not parallel.any_rank_true(item is not None):
+            break
+        if item is None:
+            if not lockstep:
+                break
+            forward([])  # this rank is through; its peers are not
+            continue
+        url, loader, group = item
+        if group is None:
             if is_writer:
-                for r in results:
-                    for i, sample_id in enumerate(r["keys"]):
-                        key = sample_id.rpartition("/")[2]
-                        values[key] = (
-                            float(r["policy_chosen_logps"][i]), float(r["policy_rejected_logps"][i]),
-                            int(r["chosen_tokens"][i]), int(r["rejected_tokens"][i]),
-                        )
-            done_pairs += sum(b.num_pairs for b in group)
-            if torch.distributed.get_rank() == 0:
-                rate = done_pairs / max(time.perf_counter() - started, 1e-9)
-                eta = (planned - done_pairs) / rate if planned > done_pairs and rate > 0 else 0.0
-                log(f"  {shard_name(url)}: {done_pairs} pairs done, {rate:.1f} pairs/s, ETA {eta:.0f}s")
+                write_ref_logps(
+                    out_dir, shard_name(url), values, fingerprint=expected, content=contents[url],
+                    extra={"complete": True, "skipped": loader.skip_counts},
+                )
+            computed.append(shard_name(url))
+            values = {}
+            continue
+        results = forward(group)
         if is_writer:
-            write_ref_logps(
-                out_dir, shard_name(url), values, fingerprint=expected, content=contents[url],
-                extra={"complete": True, "skipped": loader.skip_counts},
-            )
-        computed.append(shard_name(url))
+            for r in results:
+                for i, sample_id in enumerate(r["keys"]):
+                    key = sample_id.rpartition("/")[2]
+                    values[key] = (
+                        float(r["policy_chosen_logps"][i]), float(r["policy_rejected_logps"][i]),
+                        int(r["chosen_tokens"][i]), int(r["rejected_tokens"][i]),
+                    )
+        done_pairs += sum(b.num_pairs for b in group)
+        if torch.distributed.get_rank() == 0:
+            rate = done_pairs / max(time.perf_counter() - started, 1e-9)
+            eta = (planned - done_pairs) / rate if planned > done_pairs and rate > 0 else 0.0
+            log(f"  {shard_name(url)}: {done_pairs} pairs done, {rate:.1f} pairs/s, ETA {eta:.0f}s")
     torch.distributed.barrier()
     elapsed = time.perf_counter() - started
     if torch.distributed.get_rank() == 0:

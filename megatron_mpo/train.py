@@ -34,7 +34,7 @@ from megatron_mpo.training import run_report
 from megatron_mpo.training import data_setup, disk_space, model_setup, precision, preflight, schedule
 from megatron_mpo.training.flops import FlopCounter
 from megatron_mpo.training.forward import StepContext, make_forward_step
-from megatron_mpo.training.metrics import MetricsLogger, StepCounter, global_sum, reduce_loss_metrics
+from megatron_mpo.training.metrics import MetricsLogger, StepCounter, global_sum, reduce_loss_metrics, router_aux_loss
 from megatron_mpo.training.preemption import PreemptionFlag
 from megatron_mpo.training.rng_state import capture_rng_state, restore_rng_state
 from megatron_mpo.training.optim import build_optimizer, build_scheduler, grads_are_finite, wrap_data_parallel
@@ -74,7 +74,7 @@ def train(cfg: RunConfig) -> dict:
     model_config, total_steps = preflight.check_training(cfg)
     layout = parallel.initialize(
         cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.virtual_pipeline,
-        seed=cfg.train.seed, device=cfg.train.device,
+        seed=cfg.train.seed, device=cfg.train.device, expert=cfg.parallel.expert,
         timeout_minutes=cfg.parallel.timeout_minutes,
     )
     rank = torch.distributed.get_rank()
@@ -197,6 +197,7 @@ def train(cfg: RunConfig) -> dict:
             results = schedule.run_schedule(forward_backward, forward_step, model, micro_batches,
                                            tokenizer.pad_id, forward_only=False)
             losses = reduce_loss_metrics(results, layout.is_last_stage, layout.tensor_rank)
+            aux_loss = router_aux_loss(model, micro_per_step, layout.pipeline_rank)
             finite = math.isfinite(losses["loss"]) and all_ranks_true(grads_are_finite(model))
             grad_norm = float("nan")
             lr = optimizer.param_groups[0]["lr"]  # this step's rate (the scheduler moves on below)
@@ -220,6 +221,7 @@ def train(cfg: RunConfig) -> dict:
                 skipped = global_sum(loader.skip_counts if first else {})
                 record = {
                     **{k: v for k, v in losses.items() if k != "abs_logratio"},
+                    **({"aux_loss": aux_loss} if aux_loss is not None else {}),
                     "lr": lr,
                     "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                     "samples_per_s": cfg.train.global_batch / elapsed,

@@ -41,7 +41,8 @@ def _global_name(model, name: str) -> str:
 
 
 def _is_gated_fc1(name: str) -> bool:
-    return name.startswith("language_model.") and name.endswith("mlp.linear_fc1.weight")
+    """The LLM's SwiGLU fc1 [gate; up] (dense MLPs and MoE experts)."""
+    return name.startswith("language_model.") and name.endswith("linear_fc1.weight")
 
 
 def shard_state_dict(model, full: dict, tp_rank: int, tp_size: int) -> dict:
@@ -241,11 +242,7 @@ def _run(artifacts: Path, checked: list) -> list[str]:
                                         emb_group)
                 checked.append(f"TP{tp}PP{pp}VP{vp} {kind}")
                 if (tp, pp, vp) == (2, 2, 1):
-                    target = ckpt_dir / kind
-                    if dist.get_rank() == 0:
-                        target.mkdir(parents=True, exist_ok=True)
-                    dist.barrier()
-                    dist_checkpointing.save(model.sharded_state_dict(), str(target))
+                    save_dist_checkpoint(model, ckpt_dir / kind)
             except Exception:
                 failures.append(f"{where}: {traceback.format_exc()}")
         parallel_state.destroy_model_parallel()
@@ -270,6 +267,22 @@ def main() -> int:
     artifacts = Path(sys.argv[1])
     checked: list = []
     failures = _run(artifacts, checked)
+    return write_report(artifacts, failures, checked)
+
+
+def save_dist_checkpoint(model, target: Path) -> None:
+    """megatron-core's distributed checkpoint of ``model`` (this layout) into ``target``."""
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    if dist.get_rank() == 0:
+        target.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    dist_checkpointing.save(model.sharded_state_dict(), str(target))
+
+
+def write_report(artifacts: Path, failures: list, checked: list) -> int:
+    """Every rank's failures and checked groupings -> ARTIFACTS/failures.json (rank 0)."""
     import torch.distributed as dist
 
     gathered = [None] * dist.get_world_size()

@@ -4,6 +4,7 @@ reference values) built once per test session, and helpers to write run configs.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -117,3 +118,32 @@ def resumed_loader(cfg, tok, k: int):
     resumed = build_loader(cfg, tok)
     resumed.load_state_dict(state)
     return resumed
+
+
+@pytest.fixture(scope="module")
+def megatron_tp1():
+    """megatron-core parallel state for TP=1/PP=1 in this process (torn down after)."""
+    import torch
+
+    from megatron_mpo import platform
+
+    saved_env = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    platform.setup("cpu")
+    own_group = not torch.distributed.is_initialized()
+    platform.init_distributed()
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(1, 1)
+    model_parallel_cuda_manual_seed(1234)
+    yield
+    parallel_state.destroy_model_parallel()
+    if own_group:
+        torch.distributed.destroy_process_group()
+    for key, value in saved_env.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

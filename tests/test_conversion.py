@@ -113,6 +113,14 @@ def _tiny_internvl(out: Path, kind: str, seed: int, dtype=torch.float32):
         text = dict(model_type="qwen3", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2, head_dim=24, intermediate_size=128, rope_theta=1000000.0)
         tie = False
+    elif kind == "qwen3_moe":  # InternVL3.5-30B-A3B style: Qwen3-MoE (4 experts, top 2, layer 1 dense)
+        vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                      attention_bias=True, norm_type="layer_norm", use_qk_norm=False)
+        text = dict(model_type="qwen3_moe", hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=24, intermediate_size=96, moe_intermediate_size=32,
+                    num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, mlp_only_layers=[1],
+                    rope_theta=1000000.0)
+        tie = False
     elif kind == "internlm3":  # InternVL3-9B: InternViT-300M style + InternLM3 (Llama layers, head_dim)
         vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                       attention_bias=True, norm_type="layer_norm", use_qk_norm=False)
@@ -487,9 +495,9 @@ def test_failed_write_leaves_nothing(source, monkeypatch, tmp_path):
     assert out.is_dir() and not list(out.iterdir())
 
 
-@pytest.mark.parametrize("family", ["qwen3", "internlm3"])
+@pytest.mark.parametrize("family", ["qwen3", "internlm3", "qwen3_moe"])
 def test_new_families_convert_from_both_layouts_at_tp2_pp2(tmp_path, family):
-    """Qwen3 (InternVL3.5) and InternLM3 (InternVL3-9B): a native ``-hf`` directory and its
+    """Qwen3 (InternVL3.5), Qwen3-MoE (InternVL3.5-30B-A3B) and InternLM3 (InternVL3-9B): a native ``-hf`` directory and its
     original-layout twin each convert at TP2/PP2; every export is bit-exact to the source of
     that layout, and transformers reproduces the source logits from the native export."""
     from safetensors.torch import save_file
@@ -515,7 +523,8 @@ def test_new_families_convert_from_both_layouts_at_tp2_pp2(tmp_path, family):
     config_b, state_b = read_model_dir(tmp_path / "m_orig")
     lang = config_a.language
     assert (lang.family, lang.qk_norm, lang.head_dim, lang.tie_embeddings) == (
-        family, family == "qwen3", 24 if family == "qwen3" else 20, False)
+        family, family != "internlm3", 20 if family == "internlm3" else 24, False)
+    assert lang.num_experts == (4 if family == "qwen3_moe" else 0)
     assert config_b.language == lang
     _assert_bits_equal(state_a, state_b, f"{family}: megatron from the two layouts")
 
@@ -524,7 +533,7 @@ def test_new_families_convert_from_both_layouts_at_tp2_pp2(tmp_path, family):
     megatron_dir_to_hf(tmp_path / "m_native", tmp_path / "chat", "internvl-chat", **quiet)
     _assert_bits_equal(_safetensors_dir(tmp_path / "chat"), orig_sd, f"{family} internvl-chat export")
     chat_cfg = json.loads((tmp_path / "chat" / "config.json").read_text())
-    assert chat_cfg["llm_config"]["architectures"] == [{"qwen3": "Qwen3ForCausalLM",
+    assert chat_cfg["llm_config"]["architectures"] == [{"qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
                                                         "internlm3": "InternLM3ForCausalLM"}[family]]
 
     exported = InternVLForConditionalGeneration.from_pretrained(tmp_path / "native_out").eval()

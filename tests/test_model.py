@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 
 import pytest
 import torch
@@ -289,33 +288,6 @@ def reference(tmp_path_factory):
     (root / "kinds.json").write_text(json.dumps(list(out)))
     out["root"] = root
     return out
-
-
-@pytest.fixture(scope="module")
-def megatron_tp1():
-    """megatron-core parallel state for TP=1/PP=1 in this process (torn down after)."""
-    from megatron_mpo import platform
-
-    saved_env = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    platform.setup("cpu")
-    own_group = not torch.distributed.is_initialized()
-    platform.init_distributed()
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(1, 1)
-    model_parallel_cuda_manual_seed(1234)
-    yield
-    parallel_state.destroy_model_parallel()
-    if own_group:
-        torch.distributed.destroy_process_group()
-    for key, value in saved_env.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
 
 
 def _tp1_model(ref: dict):

@@ -121,6 +121,22 @@ def test_layout_faults_stop_before_process_groups(workspace, tripwires, monkeypa
              "global_batch 3", "data-parallel size 2")
 
 
+def test_expert_parallel_faults_stop_before_process_groups(workspace, tripwires, monkeypatch):
+    """parallel.expert needs an MoE LLM whose experts it divides and a world of whole
+    TP x PP x EP groups; an MoE LLM under TP needs sequence parallelism (megatron-core)."""
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    _refused(_train, _cfg(workspace, parallel={"expert": 2}), "parallel.expert=2", "has no experts")
+    moe = {"init": None, "preset": "tiny-moe", "tokenizer": str(workspace / "tok")}
+    _refused(_train, _cfg(workspace, model=moe, parallel={"expert": 3}), "parallel.expert=3", "4 experts")
+    _refused(_reference, _cfg(workspace, model=moe, parallel={"tensor": 2}), "parallel.sequence: true")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    _refused(_train, _cfg(workspace, model=moe, parallel={"expert": 4}), "expert=4", "launch a multiple of 4")
+    with pytest.raises(UserError, match="parallel.sequence"):
+        _cfg(workspace, model=moe, parallel={"expert": 2, "tensor": 2})
+    with pytest.raises(UserError, match="router_aux_loss_coef"):
+        _cfg(workspace, mpo={"router_aux_loss_coef": -1.0})
+
+
 def test_flex_attention_training_on_a_cpu_is_refused(workspace, tripwires):
     """torch has no FlexAttention backward on a CPU: one line before any model, naming the
     setting that trains (sdpa). The reference tool (forward only) may use flex there; a

@@ -42,6 +42,8 @@ EXPECTED_RECIPES = {
     "internvl3_78b": "InternVL3-78B",
     "internvl3_5_8b": "InternVL3_5-8B",
     "internvl3_5_38b": "InternVL3_5-38B",
+    "internvl3_5_30b_a3b": "InternVL3_5-30B-A3B",
+    "internvl3_5_241b_a28b": "InternVL3_5-241B-A28B",
 }
 # What InternVL's released MPO scripts set (learning rate, pairs per step, max_seq_length,
 # max_dynamic_patch): internvl_chat/shell/internvl3.0/mpo/internvl3_*_mpo.sh and
@@ -52,6 +54,8 @@ RELEASED = {
     "internvl3_78b": dict(lr=2e-7, global_batch=512, max_length=8192, max_tiles=12),
     "internvl3_5_8b": dict(lr=2e-7, global_batch=256, max_length=16384, max_tiles=12),
     "internvl3_5_38b": dict(lr=2e-7, global_batch=256, max_length=16384, max_tiles=12),
+    "internvl3_5_30b_a3b": dict(lr=2e-7, global_batch=256, max_length=16384, max_tiles=12),
+    "internvl3_5_241b_a28b": dict(lr=2e-7, global_batch=256, max_length=16384, max_tiles=12),
 }
 LAUNCHERS = ["torchrun_multinode.sh", "torchrun_single_node.sh", "slurm_mpo.sbatch"]
 SHELL_SCRIPTS = sorted([*LAUNCH_DIR.glob("*.sh"), *LAUNCH_DIR.glob("*.sbatch")])
@@ -128,7 +132,12 @@ def test_recipe_loads_with_the_paper_hyperparameters(path):
     if path.stem == "internvl2_8b":
         assert t.lr == pytest.approx(5e-6)
 
-    assert cfg.precision.dtype == "bf16" and cfg.precision.fp8 == "hybrid"
+    assert cfg.precision.dtype == "bf16"
+    # FP8 for the dense LLMs; the mixture-of-experts recipes leave it off (small per-expert GEMMs,
+    # and TE's cached FP8 weight copies cost memory their budget lacks: see their headers).
+    assert cfg.precision.fp8 == (None if preset.language.is_moe else "hybrid")
+    if preset.language.is_moe:  # the load-balancing loss with the model's own coefficient
+        assert cfg.mpo.router_aux_loss_coef is None
     assert cfg.model.spec == "transformer_engine"
     assert cfg.data.shards and cfg.data.ref_logps
     assert cfg.checkpoint.save and cfg.checkpoint.load == "auto"
@@ -143,11 +152,18 @@ def test_recipe_loads_with_the_paper_hyperparameters(path):
 def test_recipe_layout_fits_its_model(path):
     cfg = load_config(path)
     preset = get_preset(_preset_of(path))
-    tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
+    tp, pp, ep = cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.expert
     check_layout(preset, tp, pp)  # LLM query heads and KV heads, layers >= stages
     assert preset.vision.heads % tp == 0, "TP must divide the (padded) vision heads"
     assert GPUS_PER_NODE % tp == 0, "keep tensor parallelism inside one 8-GPU node"
     assert cfg.parallel.sequence == (tp > 1), "sequence parallelism pays off whenever TP > 1"
+    lang = preset.language
+    if lang.is_moe:
+        assert lang.num_experts % ep == 0, f"EP {ep} does not divide the {lang.num_experts} experts"
+        assert lang.moe_intermediate_size % tp == 0, "TP also splits each expert's FFN"
+        assert GPUS_PER_NODE % (tp * ep) == 0, "keep the experts' all-to-all inside one 8-GPU node"
+    else:
+        assert ep == 1, "expert parallelism needs a mixture-of-experts LLM"
 
     layers = preset.language.num_layers
     if cfg.parallel.pipeline_layers is None:
@@ -156,11 +172,13 @@ def test_recipe_layout_fits_its_model(path):
         split = cfg.parallel.pipeline_layers  # what models.internvl.pipeline_layout accepts, non-empty
         assert len(split) == pp and sum(split) == layers and min(split) > 0
 
-    # Some power-of-two node count gives a data-parallel size that divides the global batch.
-    replica = tp * pp
-    fits = [n for n in (1, 2, 4, 8, 16, 32, 64) if (n * GPUS_PER_NODE) % replica == 0
-            and cfg.train.global_batch % ((n * GPUS_PER_NODE // replica) * cfg.train.micro_batch) == 0]
-    assert fits, f"no node count gives a data-parallel size dividing global_batch {cfg.train.global_batch}"
+    # Some power-of-two node count holds whole TP x PP x EP groups (expert parallelism is carved
+    # out of the data-parallel ranks) and gives a data-parallel size (GPUs / (TP x PP)) whose
+    # micro-batches divide the global batch.
+    fits = [n for n in (1, 2, 4, 8, 16, 32, 64) if (n * GPUS_PER_NODE) % (tp * pp * ep) == 0
+            and cfg.train.global_batch % ((n * GPUS_PER_NODE // (tp * pp)) * cfg.train.micro_batch) == 0]
+    assert fits, (f"no node count holds whole TP x PP x EP = {tp * pp * ep} groups with a data-parallel size "
+                  f"dividing global_batch {cfg.train.global_batch}")
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
@@ -192,15 +210,25 @@ def _tiny_split(split: list[int]) -> list[int]:
     return [max(1, round(2 * n / longest)) for n in split]
 
 
-def _tiny_like(preset, pipeline: int, pipeline_layers, vocab_size: int, img_context_id: int):
+def _tiny_experts(expert: int) -> int:
+    """Experts of a tiny mixture-of-experts LLM: 8, or the smallest multiple of the recipe's
+    expert-parallel size above that, so the recipe's EP still divides them."""
+    return expert * -(-8 // expert)
+
+
+def _tiny_like(preset, pipeline: int, pipeline_layers, vocab_size: int, img_context_id: int, expert: int = 1):
     """``preset`` with every width shrunk and every count that decides a layout kept.
 
     Kept: LLM family, query / KV heads (so the GQA ratio and every TP divisor), whether
     head_dim is explicit (the attention width stays != hidden), qkv bias, qk-norm, tied
     embeddings, RoPE theta and scaling, norms; vision norm, bias, qk-norm, heads and their zero
-    padding; chat template. Shrunk: head dims (to 4) and with them the hidden / FFN
-    widths in proportion, the vocabulary (the tiny tokenizer's), image size 56 (4 tokens per tile),
-    vision depth 2, LLM depth per ``_tiny_split`` (2 layers per stage for an even split).
+    padding; chat template; for a mixture-of-experts LLM its layer pattern (sparse step, dense
+    layers), top-k renormalisation and load-balancing coefficient. Shrunk: head dims (to 4) and
+    with them the hidden / FFN / expert FFN widths in proportion, the vocabulary (the tiny
+    tokenizer's), image size 56 (4 tokens per tile), vision depth 2, LLM depth per
+    ``_tiny_split`` (2 layers per stage for an even split), the experts to ``_tiny_experts(expert)``
+    (divisible by the recipe's EP) with half of them, at least 2 and at most the real top-k, per
+    token (so routing still chooses).
     """
     import dataclasses
 
@@ -208,9 +236,14 @@ def _tiny_like(preset, pipeline: int, pipeline_layers, vocab_size: int, img_cont
     scale = lang.kv_channels // TINY_LLM_HEAD_DIM
     assert lang.kv_channels % TINY_LLM_HEAD_DIM == 0 and lang.hidden_size % scale == 0
     split = _tiny_split(pipeline_layers) if pipeline_layers else [2] * pipeline
+    moe = {}
+    if lang.is_moe:
+        experts = _tiny_experts(expert)
+        moe = dict(num_experts=experts, num_experts_per_tok=max(2, min(lang.num_experts_per_tok, experts // 2)),
+                   moe_intermediate_size=-(-lang.moe_intermediate_size // scale // 8) * 8)
     language = dataclasses.replace(
         lang, hidden_size=lang.hidden_size // scale, ffn_hidden_size=-(-lang.ffn_hidden_size // scale // 8) * 8,
-        head_dim=TINY_LLM_HEAD_DIM if lang.head_dim else None, vocab_size=vocab_size, num_layers=sum(split),
+        head_dim=TINY_LLM_HEAD_DIM if lang.head_dim else None, vocab_size=vocab_size, num_layers=sum(split), **moe,
     )
     vision = dataclasses.replace(
         vis, hidden_size=vis.num_heads * TINY_VISION_HEAD_DIM, ffn_hidden_size=2 * vis.num_heads * TINY_VISION_HEAD_DIM,
@@ -247,10 +280,12 @@ def _family_conventions_hold(preset) -> None:
     """The per-family architecture facts a preset must not lose (they change the weights)."""
     lang = preset.language
     assert lang.qkv_bias == (lang.family == "qwen2"), "only Qwen2 / Qwen2.5 LLMs have q/k/v biases"
-    assert lang.qk_norm == (lang.family == "qwen3"), "Qwen3 LLMs (and only they) norm queries and keys per head"
+    qwen3 = lang.family in ("qwen3", "qwen3_moe")
+    assert lang.qk_norm == qwen3, "Qwen3 LLMs (and only they) norm queries and keys per head"
     assert not lang.tie_embeddings, "InternVL releases untie the LLM's embeddings at every size"
-    if lang.family == "qwen3":
+    if qwen3:
         assert lang.kv_channels == 128
+    assert lang.is_moe == (lang.family == "qwen3_moe")
     if not preset.name.startswith("InternVL2-"):
         assert preset.template == "internvl2_5", "InternVL2.5, InternVL3 and InternVL3.5 use the internvl2_5 template"
     big_vision = preset.vision.num_layers == 45
@@ -265,7 +300,9 @@ def test_recipe_model_at_tiny_width_trains_one_step(path, world, tiny_tokenizer)
     (check_layout and the pipeline layout builder), then one MPO optimizer step runs in this
     process at TP1 / PP1 with the recipe's template, tile budget, losses, optimizer settings and
     activation recomputation, on the local spec in fp32 (no GPU): the loss is finite and the
-    vision tower, projector and LLM all move.
+    vision tower, projector and LLM all move. A mixture-of-experts recipe's tiny model keeps its
+    layer pattern with fewer experts (still divisible by the recipe's EP) and runs at EP1 here
+    (one process), adding the load-balancing loss with the model's coefficient.
     """
     import math
 
@@ -278,7 +315,7 @@ def test_recipe_model_at_tiny_width_trains_one_step(path, world, tiny_tokenizer)
     from megatron_mpo.models.internvl import pipeline_layout
     from megatron_mpo.training import data_setup, model_setup, schedule
     from megatron_mpo.training.forward import StepContext, make_forward_step
-    from megatron_mpo.training.metrics import reduce_loss_metrics
+    from megatron_mpo.training.metrics import reduce_loss_metrics, router_aux_loss
     from megatron_mpo.training.optim import build_optimizer, grads_are_finite, wrap_data_parallel
 
     recipe = load_config(path)
@@ -286,7 +323,8 @@ def test_recipe_model_at_tiny_width_trains_one_step(path, world, tiny_tokenizer)
     _family_conventions_hold(preset)
     tok = tiny_tokenizer
     tp, pp, split = recipe.parallel.tensor, recipe.parallel.pipeline, recipe.parallel.pipeline_layers
-    tiny, tiny_split = _tiny_like(preset, pp, split, tok.vocab_size, tok.img_context_id)
+    ep = recipe.parallel.expert
+    tiny, tiny_split = _tiny_like(preset, pp, split, tok.vocab_size, tok.img_context_id, ep)
     explicit = preset.language.kv_channels * preset.language.num_heads != preset.language.hidden_size
     assert (tiny.language.kv_channels * tiny.language.num_heads != tiny.language.hidden_size) == explicit
 
@@ -294,17 +332,27 @@ def test_recipe_model_at_tiny_width_trains_one_step(path, world, tiny_tokenizer)
     for model_config, stages in ((preset, split), (tiny, tiny_split)):
         check_layout(model_config, tp, pp)
         assert model_config.vision.heads % tp == 0
+        lang = model_config.language
+        if lang.is_moe:
+            assert lang.num_experts % ep == 0 and lang.moe_intermediate_size % tp == 0
+            assert 2 <= lang.num_experts_per_tok <= lang.num_experts
         if stages is None:
             assert model_config.language.num_layers % pp == 0
         else:
             assert len(pipeline_layout(stages, pp, model_config.language.num_layers)) == pp
 
-    # One step of the recipe at TP1 / PP1 on this process's CPU world, with the recipe's row
+    if tiny.language.is_moe:  # same layer pattern as the real model's first layers
+        real = preset.language
+        assert [tiny.language.is_moe_layer(i) for i in range(tiny.language.num_layers)] == \
+            [real.is_moe_layer(i) for i in range(tiny.language.num_layers)]
+
+    # One step of the recipe at TP1 / PP1 / EP1 on this process's CPU world, with the recipe's row
     # layout (TE: unpacked causal rows). lr is raised so that every parameter visibly moves.
     packing = data_setup.packing_layout(recipe) == "packed"
     cfg = load_config(path, ["model.spec=local", "precision.dtype=fp32", "precision.fp8=null",
                              "parallel.tensor=1", "parallel.pipeline=1", "parallel.sequence=false",
-                             "parallel.pipeline_layers=null", "train.device=cpu", "train.lr=1.0e-3",
+                             "parallel.pipeline_layers=null", "parallel.expert=1", "train.device=cpu",
+                             "train.lr=1.0e-3",
                              f"data.packing={str(packing).lower()}"])
     layout = parallel.current_layout()
     assert (layout.tensor, layout.pipeline) == (1, 1)
@@ -313,6 +361,11 @@ def test_recipe_model_at_tiny_width_trains_one_step(path, world, tiny_tokenizer)
     names = [n for n, _ in chunks[0].language_model.named_parameters()]
     assert any(".q_layernorm." in n for n in names) == tiny.language.qk_norm, "per-head q/k norm missing or extra"
     assert any(n.endswith("linear_qkv.bias") for n in names) == tiny.language.qkv_bias
+    experts = {n for n in names if ".mlp.experts." in n}
+    assert bool(experts) == tiny.language.is_moe
+    if tiny.language.is_moe:
+        assert sum(".mlp.router." in n for n in names) == sum(map(tiny.language.is_moe_layer,
+                                                                  range(tiny.language.num_layers)))
     model = wrap_data_parallel(chunks, cfg.precision)
     optimizer = build_optimizer(model, cfg.train, cfg.precision)
     before = {n: p.detach().clone() for n, p in chunks[0].named_parameters()}
@@ -339,6 +392,12 @@ def test_recipe_model_at_tiny_width_trains_one_step(path, world, tiny_tokenizer)
                                     batches, tok.pad_id, forward_only=False)
     losses = reduce_loss_metrics(results, layout.is_last_stage, layout.tensor_rank)
     assert math.isfinite(losses["loss"]) and losses["loss"] > 0, losses
+    aux = router_aux_loss(model, len(batches), layout.pipeline_rank)
+    if tiny.language.is_moe:  # mpo.router_aux_loss_coef null: the model's own coefficient
+        assert chunks[0].language_model.config.moe_aux_loss_coeff == pytest.approx(preset.language.router_aux_loss_coef)
+        assert aux is not None and math.isfinite(aux) and aux > 0
+    else:
+        assert aux is None
     assert grads_are_finite(model)
     ok, grad_norm, _ = optimizer.step()
     assert ok and math.isfinite(grad_norm) and grad_norm > 0

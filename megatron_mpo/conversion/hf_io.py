@@ -41,7 +41,7 @@ from torch import Tensor
 
 from megatron_mpo.errors import UserError
 from megatron_mpo.fileio import fsync_path, fsync_tree
-from megatron_mpo.models.config import NATIVE_TEXT_TYPE
+from megatron_mpo.models.config import MOE_FIELDS, NATIVE_TEXT_TYPE
 
 __all__ = [
     "NATIVE",
@@ -233,7 +233,7 @@ def dominant_dtype(state: Mapping[str, Tensor]) -> Optional[torch.dtype]:
 
 _NORM_TYPES = {"LayerNorm": "layer_norm", "RMSNorm": "rms_norm"}
 # Text configs whose classes default head_dim (and biases) to values of their own: stated.
-_EXPLICIT_FIELD_TYPES = ("llama", "qwen3", "internlm3")
+_EXPLICIT_FIELD_TYPES = ("llama", "qwen3", "qwen3_moe", "internlm3")
 # base text_config keys replaced by ``rope_parameters`` (transformers 5 naming)
 _ROPE_KEYS = ("rope_theta", "rope_scaling", "rope_parameters")
 
@@ -308,6 +308,10 @@ def to_native_hf_config(config, base: Optional[Mapping[str, Any]] = None, dtype:
     if text_type in _EXPLICIT_FIELD_TYPES:
         text["attention_bias"] = False
         text["mlp_bias"] = False
+    if lang.is_moe:
+        text.update({key: copy.deepcopy(getattr(lang, key)) for key in MOE_FIELDS})
+        text["num_local_experts"] = lang.num_experts  # transformers 5's own name for it
+        text.pop("mlp_bias")
     base_text = dict(base.get("text_config") or {})
     if base_text.get("model_type", text_type) != text_type:
         base_text = {}  # a base for another text model says nothing about this one

@@ -46,6 +46,7 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
+from megatron_mpo.conversion.experts import mlp_to_hf, mlp_to_megatron
 from megatron_mpo.errors import UserError
 from megatron_mpo.models.config import InternVLConfig, check_not_flash
 
@@ -260,12 +261,7 @@ def _language_to_megatron(src: _Source, out: dict, config: InternVLConfig) -> No
             for x in "qk":
                 out[m + f"self_attention.{x}_layernorm.weight"] = src.pop(h + f"self_attn.{x}_norm.weight")
         out[m + "self_attention.linear_proj.weight"] = src.pop(h + "self_attn.o_proj.weight")
-        if fused_hf:
-            out[m + "mlp.linear_fc1.weight"] = src.pop(h + "mlp.gate_up_proj.weight")
-        else:
-            gate, up = src.pop(h + "mlp.gate_proj.weight"), src.pop(h + "mlp.up_proj.weight")
-            out[m + "mlp.linear_fc1.weight"] = torch.cat([gate, up])
-        out[m + "mlp.linear_fc2.weight"] = src.pop(h + "mlp.down_proj.weight")
+        mlp_to_megatron(src, out, h, m, lang, i)
     src.maybe(_HF_L + "rotary_emb.inv_freq")
 
 
@@ -298,13 +294,7 @@ def _language_to_hf(src: _Source, out: dict, config: InternVLConfig, layout: str
             for x in "qk":
                 out[h + f"self_attn.{x}_norm.weight"] = src.pop(m + f"self_attention.{x}_layernorm.weight")
         out[h + "self_attn.o_proj.weight"] = src.pop(m + "self_attention.linear_proj.weight")
-        fc1 = src.pop(m + "mlp.linear_fc1.weight")
-        if fused_hf:
-            out[h + "mlp.gate_up_proj.weight"] = fc1
-        else:
-            gate, up = torch.chunk(fc1, 2, dim=0)
-            out[h + "mlp.gate_proj.weight"], out[h + "mlp.up_proj.weight"] = gate.clone(), up.clone()
-        out[h + "mlp.down_proj.weight"] = src.pop(m + "mlp.linear_fc2.weight")
+        mlp_to_hf(src, out, h, m, lang, i, layout)
 
 
 # ---- public API -----------------------------------------------------------------------
@@ -350,13 +340,16 @@ _LOCAL_TO_TE = {
     "pre_mlp_layernorm.bias": "mlp.linear_fc1.layer_norm_bias",
 }
 _TE_TO_LOCAL = {v: k for k, v in _LOCAL_TO_TE.items()}
+_MLP_NORMS = {k for k in _LOCAL_TO_TE if k.startswith("pre_mlp")} | {v for v in _TE_TO_LOCAL if v.startswith("mlp.")}
 
 
 def _rename_layers(sd: Mapping[str, Tensor], table: dict) -> dict[str, Tensor]:
+    # An MoE layer's pre-MLP norm is its own module under both specs (no fc1 to fuse into).
+    moe = {m.group(1) for m in map(_LAYER.match, sd) if m and m.group(2) == "mlp.router.weight"}
     out = {}
     for key, value in sd.items():
         match = _LAYER.match(key)
-        if match and match.group(2) in table:
+        if match and match.group(2) in table and not (match.group(1) in moe and match.group(2) in _MLP_NORMS):
             key = match.group(1) + table[match.group(2)]
         out[key] = value
     return out

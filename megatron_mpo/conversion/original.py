@@ -82,7 +82,16 @@ from torch import Tensor
 
 from megatron_mpo.conversion.native import normalize_hf_names
 from megatron_mpo.errors import UserError
-from megatron_mpo.models.config import NATIVE_TEXT_TYPE, ORIGINAL_ARCHITECTURES, check_llm_supported, check_not_flash
+from megatron_mpo.conversion.experts import split_fused_experts
+from megatron_mpo.models.config import (
+    NATIVE_TEXT_TYPE,
+    ORIGINAL_ARCHITECTURES,
+    QK_NORM_FAMILIES,
+    check_llm_supported,
+    check_not_flash,
+    moe_fields,
+    moe_layer_flags,
+)
 
 __all__ = [
     "LLM_FAMILIES",
@@ -93,13 +102,13 @@ __all__ = [
     "original_config_from_native",
 ]
 
-LLM_FAMILIES = ("internlm2", "internlm3", "qwen2", "qwen3", "llama", "phi3")
+LLM_FAMILIES = ("internlm2", "internlm3", "qwen2", "qwen3", "qwen3_moe", "llama", "phi3")
 
 _FAMILY_TO_ARCH = {v: k for k, v in ORIGINAL_ARCHITECTURES.items()}
 
 # <IMG_CONTEXT> id by LLM family when a config does not say (InternLM2 tokenizer; Qwen3's,
 # whose <think> / </think> come before InternVL's tokens; else Qwen2 / Qwen2.5's).
-_GUESSED_IMAGE_TOKEN = {"internlm2": 92546, "qwen3": 151671}
+_GUESSED_IMAGE_TOKEN = {"internlm2": 92546, "qwen3": 151671, "qwen3_moe": 151671}
 
 # Defaults of the remote-code InternVisionConfig (used only for keys a config.json lacks).
 _INTERN_VISION_DEFAULTS = {
@@ -190,6 +199,10 @@ class _Arch:
     o_bias: bool
     mlp_bias: bool
     tie: bool
+    # Qwen3-MoE: experts per MoE layer, their FFN width, and which layers have them.
+    experts: int = 0
+    expert_ffn: int = 0
+    moe_layers: tuple = ()
 
     @property
     def num_positions(self) -> int:
@@ -273,10 +286,11 @@ def _arch_from_original(cfg: Mapping[str, Any]) -> _Arch:
         head_dim=head_dim,
         ffn=int(llm["intermediate_size"]),
         attn_bias=attn_bias,
-        qk_norm=family == "qwen3",
+        qk_norm=family in QK_NORM_FAMILIES,
         o_bias=family == "llama" and bool(llm.get("attention_bias", False)),
         mlp_bias=family == "llama" and bool(llm.get("mlp_bias", False)),
         tie=bool(llm.get("tie_word_embeddings", False)),
+        **_moe_arch(llm),
     )
 
 
@@ -307,11 +321,21 @@ def _arch_from_native(cfg: Mapping[str, Any], family: str) -> _Arch:
         head_dim=int(text.get("head_dim") or hidden // heads),
         ffn=int(text.get("intermediate_size", 11008)),
         attn_bias=family == "qwen2" or (llama and bool(text.get("attention_bias", False))),
-        qk_norm=text.get("model_type") == "qwen3",
+        qk_norm=text.get("model_type") in QK_NORM_FAMILIES,
         o_bias=llama and bool(text.get("attention_bias", False)),
         mlp_bias=llama and bool(text.get("mlp_bias", False)),
         tie=bool(cfg.get("tie_word_embeddings", True)),
+        **_moe_arch(text),
     )
+
+
+def _moe_arch(text: Mapping[str, Any]) -> dict:
+    """The _Arch fields of a Qwen3-MoE llm / text config ({} when dense)."""
+    flags = moe_layer_flags(text, int(text.get("num_hidden_layers", 32)))
+    if not any(flags):
+        return {}
+    fields = moe_fields(text)
+    return dict(experts=int(fields["num_experts"]), expert_ffn=int(fields["moe_intermediate_size"]), moe_layers=flags)
 
 
 def _vision_norm(name: Any) -> str:
@@ -424,10 +448,17 @@ def _table(a: _Arch) -> list[_Entry]:
                 if a.qk_norm:
                     keep("self_attn.q_norm.weight", D)
                     keep("self_attn.k_norm.weight", D)
-                for x, shape in (("gate", (F, H)), ("up", (F, H)), ("down", (H, F))):
-                    keep(f"mlp.{x}_proj.weight", *shape)
-                    if a.mlp_bias:
-                        keep(f"mlp.{x}_proj.bias", shape[0])
+                if a.moe_layers and a.moe_layers[i]:  # router + per-expert SwiGLU, names kept
+                    E, Fe = a.experts, a.expert_ffn
+                    keep("mlp.gate.weight", E, H)
+                    for e in range(E):
+                        for x, shape in (("gate", (Fe, H)), ("up", (Fe, H)), ("down", (H, Fe))):
+                            keep(f"mlp.experts.{e}.{x}_proj.weight", *shape)
+                else:
+                    for x, shape in (("gate", (F, H)), ("up", (F, H)), ("down", (H, F))):
+                        keep(f"mlp.{x}_proj.weight", *shape)
+                        if a.mlp_bias:
+                            keep(f"mlp.{x}_proj.bias", shape[0])
             keep("self_attn.o_proj.weight", H, q_rows)
             if a.o_bias:
                 keep("self_attn.o_proj.bias", H)
@@ -568,7 +599,7 @@ def native_to_original(
     original_config = original_config_from_native(cfg, llm_family, **config_overrides)
     family = detect_llm_family(original_config)
     a = _arch_from_native(cfg, family)
-    src = _Source(normalize_hf_names(sd), "native")
+    src = _Source(split_fused_experts(normalize_hf_names(sd)), "native")
     out: dict[str, Tensor] = {}
     for e in _table(a):
         parts = [src.pop(name, shape) for name, shape in zip(e.native, _native_shapes(e, a))]

@@ -19,27 +19,29 @@ from megatron_mpo.errors import UserError
 
 __all__ = ["VisionConfig", "LanguageConfig", "InternVLConfig"]
 
-LANGUAGE_FAMILIES = ("qwen2", "qwen3", "llama", "internlm2", "internlm3", "phi3")
-# LLMs of InternVL releases that are recognised but not supported yet (one line each).
-_QWEN3_MOE = "Qwen3-MoE LLMs (InternVL3.5-30B-A3B / 241B-A28B) are not supported yet (mixture of experts)"
-_GPT_OSS = ("GPT-OSS LLMs (InternVL3.5-20B-A4B) are not supported (mixture of experts, attention sinks, "
-            "alternating sliding windows)")
+LANGUAGE_FAMILIES = ("qwen2", "qwen3", "qwen3_moe", "llama", "internlm2", "internlm3", "phi3")
+# Families with Qwen3's per-head q/k RMSNorm (and no q/k/v bias).
+QK_NORM_FAMILIES = ("qwen3", "qwen3_moe")
+# LLMs of InternVL releases that are recognised but refused (one line each).
+_GPT_OSS = ("GPT-OSS LLMs (InternVL3.5-20B-A4B) are not supported: attention sinks, alternating "
+            "sliding-window layers and MXFP4-quantised experts have no megatron-core path here; "
+            "use InternVL3.5-30B-A3B (Qwen3-MoE) for a mixture-of-experts run")
 # By model_type and by architecture name.
-UNSUPPORTED_LLMS = {"qwen3_moe": _QWEN3_MOE, "Qwen3MoeForCausalLM": _QWEN3_MOE,
-                    "gpt_oss": _GPT_OSS, "GptOssForCausalLM": _GPT_OSS}
+UNSUPPORTED_LLMS = {"gpt_oss": _GPT_OSS, "GptOssForCausalLM": _GPT_OSS}
 # The original layout's llm_config architecture of each family.
 ORIGINAL_ARCHITECTURES = {
     "InternLM2ForCausalLM": "internlm2",
     "InternLM3ForCausalLM": "internlm3",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
     "LlamaForCausalLM": "llama",
     "Phi3ForCausalLM": "phi3",
 }
 # The transformers-native text model type each family is stored as (InternLM2 as llama;
 # InternLM3's remote code and transformers' internlm3 both use Llama tensor names).
 NATIVE_TEXT_TYPE = {"internlm2": "llama", "internlm3": "internlm3", "qwen2": "qwen2", "qwen3": "qwen3",
-                    "llama": "llama", "phi3": "phi3"}
+                    "qwen3_moe": "qwen3_moe", "llama": "llama", "phi3": "phi3"}
 
 
 @dataclass
@@ -124,6 +126,29 @@ class LanguageConfig:
     # The embedding / output rows are padded to a multiple of this (zero rows, masked out
     # of the softmax) so any power-of-two tensor-parallel size divides the vocabulary.
     vocab_size_divisible_by: int = 128
+    # Mixture of experts (Qwen3-MoE; Hugging Face names). ``num_experts`` 0: a dense LLM.
+    # Layer i (from 0) has experts unless i is in ``mlp_only_layers`` or (i + 1) is not a
+    # multiple of ``decoder_sparse_step``; its experts are SwiGLU MLPs of width
+    # ``moe_intermediate_size``, ``num_experts_per_tok`` of them per token, weighted by the
+    # router's softmax over all experts (renormalised over the chosen ones when
+    # ``norm_topk_prob``). ``router_aux_loss_coef``: the load-balancing loss coefficient the
+    # model was trained with (the trainer's default, see ``mpo.router_aux_loss_coef``).
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: list = field(default_factory=list)
+    router_aux_loss_coef: float = 0.001
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether LLM layer ``layer`` (0-based, global) has experts (Qwen3-MoE's rule)."""
+        return (self.is_moe and layer not in self.mlp_only_layers
+                and (layer + 1) % self.decoder_sparse_step == 0)
 
     @property
     def kv_channels(self) -> int:
@@ -141,6 +166,13 @@ class LanguageConfig:
         )
         _check(self.num_heads % self.num_kv_heads == 0, "language.num_heads must be a multiple of num_kv_heads")
         _check(self.vocab_size_divisible_by > 0, "language.vocab_size_divisible_by must be positive")
+        if self.is_moe:
+            _check(self.family == "qwen3_moe", f"language.num_experts is set, but family {self.family!r} has no experts")
+            _check(0 < self.num_experts_per_tok <= self.num_experts,
+                   "language.num_experts_per_tok must be between 1 and num_experts")
+            _check(self.moe_intermediate_size > 0, "language.moe_intermediate_size must be positive")
+            _check(self.decoder_sparse_step >= 1, "language.decoder_sparse_step must be >= 1")
+            _check(self.router_aux_loss_coef >= 0, "language.router_aux_loss_coef must be >= 0")
 
 
 @dataclass
@@ -292,7 +324,7 @@ def _from_native_config(data: Mapping[str, Any]) -> InternVLConfig:
            f"text model type {family!r} is not supported ({', '.join(_NATIVE_FAMILIES)})")
     _check(not text.get("mlp_bias", False), "text_config.mlp_bias=True is not supported")
     attention_bias = bool(text.get("attention_bias", False))
-    _check(not (family in ("llama", "internlm3", "qwen3") and attention_bias),
+    _check(not (family in ("llama", "internlm3") + QK_NORM_FAMILIES and attention_bias),
            f"{family} attention_bias=True is not supported")
     _check_no_sliding_window(text, "text_config")
     theta, scaling = _rope(text)
@@ -310,18 +342,19 @@ def _from_native_config(data: Mapping[str, Any]) -> InternVLConfig:
         rope_theta=theta,
         rms_norm_eps=text.get("rms_norm_eps", 1e-6),
         qkv_bias=family == "qwen2",
-        qk_norm=family == "qwen3",
+        qk_norm=family in QK_NORM_FAMILIES,
         tie_embeddings=bool(data.get("tie_word_embeddings", True)),
         max_position_embeddings=text.get("max_position_embeddings", 32768),
         head_dim=None if head_dim in (None, hidden // heads) else head_dim,
         rope_scaling=scaling,
+        **moe_fields(text),
     )
     return InternVLConfig(
         vision=vision,
         language=language,
         downsample_ratio=data.get("downsample_ratio", 0.5),
         # Not stated: <IMG_CONTEXT> of the Qwen2 / Qwen2.5 tokenizer, or Qwen3's (after <think>).
-        img_context_token_id=data.get("image_token_id", 151671 if family == "qwen3" else 151667),
+        img_context_token_id=data.get("image_token_id", 151671 if family in QK_NORM_FAMILIES else 151667),
         projector_act=data.get("projector_hidden_act", "gelu"),
         name=data.get("_name_or_path", "") or "",
     ).validate()
@@ -329,6 +362,35 @@ def _from_native_config(data: Mapping[str, Any]) -> InternVLConfig:
 
 # transformers-native text model types (InternLM2 becomes llama in the native layout).
 _NATIVE_FAMILIES = tuple(sorted(set(NATIVE_TEXT_TYPE.values()), key=LANGUAGE_FAMILIES.index))
+
+
+# Hugging Face Qwen3-MoE config keys that are LanguageConfig fields of the same name, with
+# transformers' Qwen3MoeConfig defaults (for a config.json that leaves one out).
+MOE_FIELDS = {"num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768, "norm_topk_prob": False,
+              "decoder_sparse_step": 1, "mlp_only_layers": [], "router_aux_loss_coef": 0.001}
+
+
+def moe_fields(text: Mapping[str, Any]) -> dict:
+    """The mixture-of-experts fields of a Qwen3-MoE text / llm config ({} for a dense one)."""
+    if text.get("model_type") != "qwen3_moe" and "Qwen3MoeForCausalLM" not in (text.get("architectures") or []):
+        return {}
+    _check(not text.get("shared_expert_intermediate_size"),
+           "Qwen3-MoE with a shared expert (shared_expert_intermediate_size) is not supported")
+    text = dict(text)
+    if text.get("num_experts") is None:  # transformers >= 5 writes Qwen3MoeConfig.num_experts under this name
+        text["num_experts"] = text.get("num_local_experts")
+    out = {k: default if text.get(k) is None else text[k] for k, default in MOE_FIELDS.items()}
+    out["mlp_only_layers"] = [int(i) for i in out["mlp_only_layers"]]
+    return out
+
+
+def moe_layer_flags(text: Mapping[str, Any], num_layers: int) -> tuple:
+    """For each layer of a text / llm config, whether it has experts (all False when dense)."""
+    fields = moe_fields(text)
+    if not fields:
+        return (False,) * num_layers
+    lang = LanguageConfig(family="qwen3_moe", num_layers=num_layers, **fields)
+    return tuple(lang.is_moe_layer(i) for i in range(num_layers))
 
 
 def check_llm_supported(name: str) -> None:
@@ -414,11 +476,12 @@ def _from_original_config(data: Mapping[str, Any]) -> InternVLConfig:
             rope_theta=theta,
             rms_norm_eps=llm.get("rms_norm_eps", 1e-6),
             qkv_bias=family == "qwen2",
-            qk_norm=family == "qwen3",
+            qk_norm=family in QK_NORM_FAMILIES,
             tie_embeddings=bool(llm.get("tie_word_embeddings", False)),
             max_position_embeddings=llm.get("max_position_embeddings", 32768),
             head_dim=_explicit_head_dim(llm, family),
             rope_scaling=scaling,
+            **moe_fields(llm),
         ),
         downsample_ratio=data.get("downsample_ratio", 0.5),
         ps_version=data.get("ps_version", "v2"),

@@ -26,6 +26,7 @@ from megatron.core.transformer.enums import AttnMaskType, ModelType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from megatron_mpo import platform
 from megatron_mpo.batch import causal_mask, is_segments, segment_mask
@@ -90,11 +91,41 @@ _EXACT_GELU_MLP = dict(
 _FULL_RECOMPUTE = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
 
 
+def moe_kwargs(config: InternVLConfig, ep: int = 1, spec: str = "local") -> dict:
+    """The TransformerConfig fields of a mixture-of-experts LLM ({} for a dense one).
+
+    Qwen3-MoE's router: softmax over all experts, top-k, renormalised over the k when
+    ``norm_topk_prob`` -- megatron-core's top-k-then-softmax (``moe_router_pre_softmax``
+    False); without renormalisation, softmax-then-top-k. The router runs in fp32 (Qwen3-MoE
+    takes its softmax in fp32). Dropless (no capacity factor): a token's experts do not
+    depend on what else is in the batch, so packed and unpacked rows route alike. Experts
+    are dispatched with all-to-all over the ``ep`` expert-parallel ranks.
+    """
+    lang = config.language
+    if not lang.is_moe:
+        return {}
+    return dict(
+        num_moe_experts=lang.num_experts,
+        moe_ffn_hidden_size=lang.moe_intermediate_size,
+        moe_router_topk=lang.num_experts_per_tok,
+        moe_router_pre_softmax=not lang.norm_topk_prob,
+        moe_router_load_balancing_type="aux_loss" if lang.router_aux_loss_coef > 0 else "none",
+        moe_aux_loss_coeff=lang.router_aux_loss_coef,
+        moe_router_dtype="fp32",
+        moe_token_dispatcher_type="alltoall",
+        moe_layer_freq=[int(lang.is_moe_layer(i)) for i in range(lang.num_layers)],
+        moe_grouped_gemm=spec == "transformer_engine",
+        expert_model_parallel_size=ep,
+    )
+
+
 def language_transformer_config(
     config: InternVLConfig,
     *,
     tp: int = 1,
     pp: int = 1,
+    ep: int = 1,
+    spec: str = "local",
     params_dtype: torch.dtype = torch.float32,
     fp8: Optional[str] = None,
     fp8_recipe: str = "delayed",
@@ -130,6 +161,7 @@ def language_transformer_config(
         pipeline_model_parallel_size=pp,
         sequence_parallel=sequence_parallel,
         **_runtime_kwargs(tp, params_dtype),
+        **moe_kwargs(config, ep, spec),
     )
     if pipeline_layers is not None:
         kwargs["pipeline_model_parallel_layout"] = pipeline_layout(pipeline_layers, pp, lang.num_layers)
@@ -398,11 +430,14 @@ class InternVLModel(MegatronModule):
             )
         lang = config.language
         rope_kwargs = _rope_kwargs(lang.rope_scaling)
+        num_layers = get_num_layers_to_build(language_config, vp_stage, pg_collection.pp.rank())
+        first = get_transformer_layer_offset(language_config, vp_stage, pg_collection.pp.rank())
         self.language_model = InternVLLanguageModel(
             config=language_config,
             transformer_layer_spec=language_block_spec(
-                spec, attn_mask_type, get_num_layers_to_build(language_config, vp_stage, pg_collection.pp.rank()),
-                qk_norm=lang.qk_norm, tp_group=pg_collection.tp, attention=attention,
+                spec, attn_mask_type, num_layers, qk_norm=lang.qk_norm, tp_group=pg_collection.tp,
+                attention=attention, moe_layers=[lang.is_moe_layer(first + i) for i in range(num_layers)],
+                num_experts=lang.num_experts or None,
             ),
             vocab_size=lang.padded_vocab_size,
             max_sequence_length=lang.max_position_embeddings,
@@ -574,7 +609,7 @@ def build_model(
         raise UserError(f"attention_mask must be causal or arbitrary, not {attention_mask!r}")
     pg_collection = pg_collection or ProcessGroupCollection.use_mpu_process_groups()
     tp, pp, pp_rank = pg_collection.tp.size(), pg_collection.pp.size(), pg_collection.pp.rank()
-    _check_divisible(config, tp)
+    _check_divisible(config, tp, pg_collection.ep.size() if config.language.is_moe else 1)
     if sequence_parallel and tp < 2:
         raise UserError("sequence_parallel splits the sequence over tensor-parallel ranks: it needs tensor parallel size >= 2")
     vp = _virtual_stages(config, pp, pipeline_layers)
@@ -586,7 +621,7 @@ def build_model(
     if vp > 1:
         overrides.setdefault("virtual_pipeline_model_parallel_size", vp)
     language_config = language_transformer_config(
-        config, tp=tp, pp=pp, params_dtype=params_dtype, fp8=fp8, fp8_recipe=fp8_recipe,
+        config, tp=tp, pp=pp, ep=pg_collection.ep.size() if config.language.is_moe else 1, spec=spec, params_dtype=params_dtype, fp8=fp8, fp8_recipe=fp8_recipe,
         sequence_parallel=sequence_parallel, pipeline_layers=pipeline_layers,
         recompute=recompute, dropout=dropout, overrides=overrides,
     )
@@ -623,9 +658,13 @@ def _virtual_stages(config: InternVLConfig, pp: int, pipeline_layers: Optional[S
     return vp
 
 
-def _check_divisible(config: InternVLConfig, tp: int) -> None:
+def _check_divisible(config: InternVLConfig, tp: int, ep: int = 1) -> None:
     lang, vis = config.language, config.vision
     problems = []
+    if lang.is_moe and lang.num_experts % ep:
+        raise UserError(f"expert parallel size {ep} does not divide the {lang.num_experts} experts")
+    if lang.is_moe and lang.moe_intermediate_size % tp:
+        problems.append(f"expert FFN size ({lang.moe_intermediate_size})")
     if lang.num_heads % tp:
         problems.append(f"LLM heads ({lang.num_heads})")
     if lang.num_kv_heads % tp and tp % lang.num_kv_heads:

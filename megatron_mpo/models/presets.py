@@ -1,5 +1,5 @@
-"""Architecture presets: the InternVL2, InternVL2.5, InternVL3 and InternVL3.5 (dense)
-families and a tiny model for CPU tests.
+"""Architecture presets: the InternVL2, InternVL2.5, InternVL3 and InternVL3.5 (dense and
+Qwen3-MoE) families and tiny models for CPU tests.
 
 Hyperparameters are those of the published configs (architecture only, best effort,
 written from the released model cards and LLM configs, not read from a checkpoint):
@@ -13,8 +13,8 @@ Every InternVL release unties the LLM's input and output embeddings
 (Qwen2.5-0.5B/1.5B/3B, Qwen3-0.6B/1.7B/4B). InternVL2.5, InternVL3 and InternVL3.5 were
 all tuned with the ``internvl2_5`` chat template. Names are the Hugging Face repository
 names (``OpenGVLab/InternVL2_5-8B``, ``OpenGVLab/InternVL3-8B``, ``OpenGVLab/InternVL3_5-8B``).
-The InternVL3.5 mixture-of-experts and GPT-OSS sizes (20B-A4B, 30B-A3B, 241B-A28B) and
-the -Flash variants are not supported, so they have no preset.
+The InternVL3.5 mixture-of-experts sizes on Qwen3-MoE (30B-A3B, 241B-A28B) have presets;
+GPT-OSS (20B-A4B) and the -Flash variants are not supported, so they have none.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import dataclasses
 from typing import Callable
 
 from megatron_mpo.errors import UserError
-from megatron_mpo.models.config import InternVLConfig, LanguageConfig, VisionConfig
+from megatron_mpo.models.config import QK_NORM_FAMILIES, InternVLConfig, LanguageConfig, VisionConfig
 
 __all__ = ["PRESETS", "get_preset", "preset_names"]
 
@@ -50,7 +50,7 @@ def _vit_6b() -> VisionConfig:
 
 
 def _llm(family: str, **sizes) -> LanguageConfig:
-    return LanguageConfig(family=family, qkv_bias=family == "qwen2", qk_norm=family == "qwen3", **sizes)
+    return LanguageConfig(family=family, qkv_bias=family == "qwen2", qk_norm=family in QK_NORM_FAMILIES, **sizes)
 
 
 def _qwen2_5(hidden: int, layers: int, heads: int, kv: int, ffn: int) -> LanguageConfig:
@@ -75,6 +75,16 @@ def _qwen3(hidden: int, layers: int, heads: int, kv: int, ffn: int) -> LanguageC
                 max_position_embeddings=40960, tie_embeddings=False,
                 # None where it equals hidden / heads, as the converters write it.
                 head_dim=None if head_dim * heads == hidden else head_dim)
+
+
+def _qwen3_moe(hidden: int, layers: int, heads: int, kv: int, ffn: int, expert_ffn: int) -> LanguageConfig:
+    """A Qwen3-MoE LLM: Qwen3 attention, every layer an MoE layer of 128 experts, 8 per token
+    (renormalised), no shared expert; ``ffn`` is the unused dense width its config states."""
+    return _llm("qwen3_moe", vocab_size=151936, hidden_size=hidden, num_layers=layers, num_heads=heads,
+                num_kv_heads=kv, ffn_hidden_size=ffn, rope_theta=1e6, rms_norm_eps=1e-6,
+                max_position_embeddings=40960, tie_embeddings=False, head_dim=128,
+                num_experts=128, num_experts_per_tok=8, moe_intermediate_size=expert_ffn,
+                norm_topk_prob=True, router_aux_loss_coef=0.001)
 
 
 def _internvl(name: str, vision: VisionConfig, language: LanguageConfig, img_context: int) -> InternVLConfig:
@@ -254,6 +264,28 @@ def _internvl3_5_38b() -> InternVLConfig:  # Qwen3-32B
     return _internvl("InternVL3_5-38B", _vit_6b(), _qwen3(5120, 64, 64, 8, 25600), _QWEN3_IMG)
 
 
+# ---- InternVL3.5 mixture of experts: InternViT-300M / 6B + Qwen3-MoE ------------------------
+
+
+def _internvl3_5_30b_a3b() -> InternVLConfig:  # Qwen3-30B-A3B
+    return _internvl("InternVL3_5-30B-A3B", _vit_300m(), _qwen3_moe(2048, 48, 32, 4, 6144, 768), _QWEN3_IMG)
+
+
+def _internvl3_5_241b_a28b() -> InternVLConfig:  # Qwen3-235B-A22B
+    return _internvl("InternVL3_5-241B-A28B", _vit_6b(), _qwen3_moe(4096, 94, 64, 4, 12288, 1536), _QWEN3_IMG)
+
+
+def _tiny_moe() -> InternVLConfig:
+    """The tiny model with a Qwen3-MoE LLM: 4 experts, 2 per token, layer 1 dense."""
+    config = _tiny()
+    config.name = "tiny-moe"
+    config.language = _llm("qwen3_moe", vocab_size=320, hidden_size=64, num_layers=4, num_heads=4,
+                           num_kv_heads=2, ffn_hidden_size=128, rope_theta=10000.0, rms_norm_eps=1e-6,
+                           max_position_embeddings=1024, num_experts=4, num_experts_per_tok=2,
+                           moe_intermediate_size=32, norm_topk_prob=True, mlp_only_layers=[1])
+    return config
+
+
 def _tiny() -> InternVLConfig:
     """Runs in about a second on a CPU: 56px tiles -> 4 tokens per tile."""
     return InternVLConfig(
@@ -295,7 +327,10 @@ PRESETS: dict[str, Callable[[], InternVLConfig]] = {
     "InternVL3_5-8B": _internvl3_5_8b,
     "InternVL3_5-14B": _internvl3_5_14b,
     "InternVL3_5-38B": _internvl3_5_38b,
+    "InternVL3_5-30B-A3B": _internvl3_5_30b_a3b,
+    "InternVL3_5-241B-A28B": _internvl3_5_241b_a28b,
     "tiny": _tiny,
+    "tiny-moe": _tiny_moe,
 }
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
@@ -174,8 +174,10 @@ def language_layer_spec(
     qk_norm: bool = False,
     tp_group=None,
     attention: Optional[str] = None,
+    num_experts: Optional[int] = None,
 ) -> ModuleSpec:
-    """The LLM layer: megatron-core's own GPT spec (RMSNorm, GQA attention, SwiGLU MLP).
+    """The LLM layer: megatron-core's own GPT spec (RMSNorm, GQA attention, SwiGLU MLP, or
+    with ``num_experts`` megatron-core's MoE layer: router, token dispatcher, SwiGLU experts).
 
     ``attn_mask_type`` is ``causal`` for plain rows; ``arbitrary`` makes Transformer Engine
     honour a custom ``attention_mask`` (packed pair rows). The local spec always applies
@@ -183,7 +185,11 @@ def language_layer_spec(
     before RoPE, the same module under both specs (:class:`HeadRMSNorm`, which reduces
     its gradient over ``tp_group``). ``attention`` picks the core attention (one of
     ``ATTENTIONS``; None: :func:`default_attention`); the linears stay the spec's own, so
-    FlexAttention under the TE spec keeps TE's fused, FP8-capable linears.
+    FlexAttention under the TE spec keeps TE's fused, FP8-capable linears. Experts are
+    megatron-core's ``SequentialMLP`` under the local spec and ``TEGroupedMLP`` (grouped
+    GEMM) under TE; both save experts under the same distributed-checkpoint keys, and the
+    pre-MLP norm of an MoE layer stays its own module (``pre_mlp_layernorm``: no linear to
+    fuse it into), under either spec.
     """
     attention_kind = attention or default_attention(spec)
     if attention_kind not in ATTENTIONS:
@@ -193,15 +199,20 @@ def language_layer_spec(
     if spec == "local":
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-        layer = get_gpt_layer_local_spec(normalization="RMSNorm")
+        layer = get_gpt_layer_local_spec(normalization="RMSNorm", num_experts=num_experts, moe_grouped_gemm=False)
         # Same maths, fewer tensors kept for backward (what TE's fused modules do on GPU).
         layer.submodules.input_layernorm = layer.submodules.pre_mlp_layernorm = RMSNorm
-        layer.submodules.mlp.module = SwiGLUMLP
+        if num_experts:
+            keys = dict(layer.submodules.sharded_state_dict_keys_map)
+            keys.pop("pre_mlp_layernorm.", None)
+            layer.submodules.sharded_state_dict_keys_map = keys
+        else:
+            layer.submodules.mlp.module = SwiGLUMLP
     elif spec == "transformer_engine":
         _te()
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-        layer = get_gpt_layer_with_transformer_engine_spec()
+        layer = get_gpt_layer_with_transformer_engine_spec(num_experts=num_experts, moe_grouped_gemm=bool(num_experts))
     else:
         raise UserError(f"unknown layer spec {spec!r}; use one of: {', '.join(SPECS)}")
     attention = layer.submodules.self_attention
@@ -216,9 +227,12 @@ def language_layer_spec(
 
 def language_block_spec(
     spec: str, attn_mask_type: AttnMaskType, num_layers: int, qk_norm: bool = False, tp_group=None,
-    attention: Optional[str] = None,
+    attention: Optional[str] = None, moe_layers: Sequence[bool] = (), num_experts: Optional[int] = None,
 ) -> TransformerBlockSubmodules:
     """The LLM block of one pipeline chunk: ``num_layers`` layers and a final RMSNorm.
+
+    ``moe_layers``: for each of the chunk's layers, whether it has ``num_experts`` experts
+    (empty: none has).
 
     The final norm is named here rather than left to megatron-core's import-time default
     (TENorm whenever Transformer Engine is importable, else a torch norm that refuses
@@ -226,8 +240,13 @@ def language_block_spec(
     without TE, and runs sequence parallel too.
     """
     final_norm = RMSNorm if spec == "local" else _te().TENorm
-    layer = language_layer_spec(spec, attn_mask_type, qk_norm=qk_norm, tp_group=tp_group, attention=attention)
-    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=final_norm)
+    moe_layers = list(moe_layers) or [False] * num_layers
+    if len(moe_layers) != num_layers:
+        raise ValueError(f"moe_layers has {len(moe_layers)} entries for {num_layers} layers")
+    kinds = {moe: language_layer_spec(spec, attn_mask_type, qk_norm=qk_norm, tp_group=tp_group,
+                                      attention=attention, num_experts=num_experts if moe else None)
+             for moe in set(moe_layers)}
+    return TransformerBlockSubmodules(layer_specs=[kinds[moe] for moe in moe_layers], layer_norm=final_norm)
 
 
 @dataclass

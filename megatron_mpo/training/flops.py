@@ -106,7 +106,8 @@ class FlopCounter:
     half the scores; packed rows: within each pair), the output layer
     per scored (response) token, the only positions it runs on; the vision tower
     (patch embedding, InternViT layers with bidirectional attention over patches + class
-    token) and the mlp1 projector per image tile. Frozen parts count what they still run:
+    token) and the mlp1 projector per image tile. A mixture-of-experts LLM counts the
+    parameters a token is routed through (router + top-k experts), as MoE MFU is reported. Frozen parts count what they still run:
     a frozen vision tower only its forward, a frozen projector / LLM forward plus the
     input gradients (2x) when something before them trains.
     """
@@ -134,8 +135,18 @@ class FlopCounter:
         head_dim = lang.kv_channels
         q_width = lang.num_heads * head_dim
         attn = lang.hidden_size * (q_width + 2 * lang.num_kv_heads * head_dim) + q_width * lang.hidden_size
-        mlp = 3 * lang.hidden_size * lang.ffn_hidden_size
-        return self._passes("language") * lang.num_layers * 2 * (attn + mlp)
+        mlp = sum(self._mlp_weights_per_token(i) for i in range(lang.num_layers))
+        return self._passes("language") * 2 * (lang.num_layers * attn + mlp)
+
+    def _mlp_weights_per_token(self, layer: int) -> int:
+        """Multiply-adds of layer ``layer``'s MLP per token: the dense SwiGLU, or for an MoE
+        layer the router plus the ``num_experts_per_tok`` experts a token is sent to (the
+        active parameters, not all experts)."""
+        lang = self.cfg.language
+        if not lang.is_moe_layer(layer):
+            return 3 * lang.hidden_size * lang.ffn_hidden_size
+        experts = lang.num_experts_per_tok * 3 * lang.hidden_size * lang.moe_intermediate_size
+        return lang.hidden_size * lang.num_experts + experts
 
     def llm_score_flops_per_key(self) -> float:
         """Q K^T and A V of one query-key pair over all layers."""

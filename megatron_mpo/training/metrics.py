@@ -44,6 +44,30 @@ def reduce_loss_metrics(per_microbatch: list[dict], is_last_stage: bool, tensor_
     return {key: float(values[i]) / weight for i, key in enumerate(LOSS_KEYS)}
 
 
+def router_aux_loss(chunks: list, micro_batches: int, pipeline_rank: int) -> Optional[float]:
+    """The load-balancing term a mixture-of-experts step added to the loss (None for a dense
+    LLM): the coefficient times the sum over MoE layers of each layer's loss, averaged over
+    the step's micro-batches and over the ranks that hold the same layers. Read from
+    megatron-core's aux-loss tracker, which it then clears; every rank must call this every
+    step (one all-reduce), pipeline stages without MoE layers included."""
+    config = chunks[0].config
+    if not getattr(config, "num_moe_experts", None):
+        return None
+    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
+
+    entry = get_moe_layer_wise_logging_tracker().get("load_balancing_loss")
+    total = torch.zeros(2, dtype=torch.float64, device=platform.device())
+    if entry is not None:
+        total[0] = float(entry["values"].sum())
+    total[1] = 1.0 if pipeline_rank == 0 else 0.0
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(total)
+    clear_aux_losses_tracker()
+    coeff = config.moe_aux_loss_coeff if config.moe_router_load_balancing_type != "none" else 0.0
+    # total[1] counts the ranks of the first pipeline stage: the replicas every layer has once.
+    return float(coeff) * float(total[0]) / max(float(total[1]), 1.0) / max(micro_batches, 1)
+
+
 def global_sum(numbers: dict[str, float]) -> dict[str, float]:
     """Sum named numbers over all ranks (counts such as skipped samples).
 

@@ -12,7 +12,7 @@ from megatron_mpo.parallel import Layout
 from megatron_mpo.training.data_setup import attention_kind, packing_layout
 from megatron_mpo.training.precision import PrecisionPlan, training_precision
 
-__all__ = ["model_config", "build_model_chunks"]
+__all__ = ["model_config", "build_model_chunks", "moe_overrides"]
 
 
 def model_config(cfg: RunConfig):
@@ -29,6 +29,15 @@ def model_config(cfg: RunConfig):
             )
         return InternVLConfig.from_json(path.read_text())
     return get_preset(cfg.model.preset)
+
+
+def moe_overrides(cfg: RunConfig, model_config) -> dict:
+    """TransformerConfig fields the run sets for a mixture-of-experts LLM: the load-balancing
+    loss coefficient (``mpo.router_aux_loss_coef``; null keeps the model's own)."""
+    coef = cfg.mpo.router_aux_loss_coef
+    if not model_config.language.is_moe or coef is None:
+        return {}
+    return {"moe_aux_loss_coeff": float(coef), "moe_router_load_balancing_type": "aux_loss" if coef > 0 else "none"}
 
 
 def build_model_chunks(cfg: RunConfig, model_config, layout: Layout, plan: Optional[PrecisionPlan] = None) -> list:
@@ -63,6 +72,7 @@ def build_model_chunks(cfg: RunConfig, model_config, layout: Layout, plan: Optio
             attention_mask="arbitrary" if packing_layout(cfg) == "packed" else "causal",
             attention=attention_kind(cfg),
             vp_stage=vp_stage if cfg.parallel.virtual_pipeline else None,
+            language_overrides=moe_overrides(cfg, model_config),
         )
         # Micro-batches differ in length: pipeline stages exchange shapes first.
         chunk.config.variable_seq_lengths = True

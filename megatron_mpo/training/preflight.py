@@ -66,10 +66,24 @@ def launch_layout(cfg: RunConfig) -> Layout:
     """The layout rank 0 of this launch will get (process groups need not exist yet):
     tensor x pipeline must divide the world; the rest is data parallelism."""
     world = _world_size()
-    parallel.check_divisible(world, cfg.parallel.tensor, cfg.parallel.pipeline)
+    parallel.check_divisible(world, cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.expert)
     data = world // (cfg.parallel.tensor * cfg.parallel.pipeline)
     return Layout(tensor=cfg.parallel.tensor, pipeline=cfg.parallel.pipeline, data=data, tensor_rank=0,
-                  pipeline_rank=0, data_rank=0, virtual_pipeline=cfg.parallel.virtual_pipeline)
+                  pipeline_rank=0, data_rank=0, virtual_pipeline=cfg.parallel.virtual_pipeline,
+                  expert=cfg.parallel.expert)
+
+
+def _check_experts(cfg: RunConfig, model_config) -> None:
+    """parallel.expert only for a mixture-of-experts LLM, dividing its experts; MoE under TP
+    needs sequence parallelism."""
+    lang, ep = model_config.language, cfg.parallel.expert
+    if ep > 1 and not lang.is_moe:
+        raise UserError(f"parallel.expert={ep} but the model's LLM ({lang.family}) has no experts; set parallel.expert: 1")
+    if lang.is_moe and lang.num_experts % ep:
+        raise UserError(f"parallel.expert={ep} does not divide the model's {lang.num_experts} experts")
+    if lang.is_moe and cfg.parallel.tensor > 1 and not cfg.parallel.sequence:
+        raise UserError("a mixture-of-experts LLM with parallel.tensor > 1 needs parallel.sequence: true "
+                        "(megatron-core trains MoE layers under tensor parallelism only with it)")
 
 
 def _check_common(cfg: RunConfig):
@@ -80,6 +94,7 @@ def _check_common(cfg: RunConfig):
         raise UserError(f"model.init {cfg.model.init} does not exist: point it at a model directory written by "
                         "tools/convert_hf_to_megatron.py or tools/init_checkpoint.py")
     model_config = model_setup.model_config(cfg)
+    _check_experts(cfg, model_config)
     data_setup.tokenizer(cfg)
     _check_shards(cfg)
     from megatron_mpo.data.templates import get_template
