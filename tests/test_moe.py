@@ -5,8 +5,8 @@ renormalised; layer 1 dense through ``mlp_only_layers``).
 In this process: configs, refusals, conversion both ways (bit-exact, both Hugging Face
 namings, the original InternVL layout), logits / losses / every gradient at TP1/EP1, the
 active-parameter FLOP count. In one 4-process gloo launch (tests/workers/moe_worker.py):
-the converted model directory loaded at EP2, TP2, EP2 x PP2 and EP1, logits (and, except at
-TP2, gradients) against transformers, and a distributed checkpoint saved at EP2 x PP2 read back at EP1.
+the converted model directory loaded at EP2, TP2 and EP2 x PP2, logits (and, except at TP2,
+gradients) against transformers, and a distributed checkpoint saved at EP2 x PP2 read back at EP1.
 """
 
 from __future__ import annotations
@@ -214,8 +214,7 @@ def test_ep2_tp2_and_ep2_pp2_load_the_converted_dir_and_match_transformers(moe_r
     launch(REPO / "tests" / "workers" / "moe_worker.py", 4, root, timeout=900)
     result = json.loads((root / "failures.json").read_text())
     assert not result["failures"], "\n".join(result["failures"][:10])
-    assert result["checked"] == sorted(["TP1PP1EP2", "TP2PP1EP1 forward", "TP1PP2EP2", "TP1PP1EP1",
-                                        "EP2PP2->EP1 checkpoint"])
+    assert result["checked"] == sorted(["TP1PP1EP2", "TP2PP1EP1 forward", "TP1PP2EP2", "EP2PP2->EP1 checkpoint"])
 
 
 # ---- the trainer at EP2: same steps as EP1, exact resume --------------------------------------
@@ -246,9 +245,9 @@ def _moe_train(workspace, moe_ws, run, nproc: int, expert: int, pipeline: int = 
 
 
 def test_ep2_trains_like_ep1_and_resumes_exactly(workspace, moe_workspace, tmp_path):
-    """4 steps at EP1 and at EP2 (2 processes, data-parallel 2 either way) and at EP2 x PP2
-    (4 processes): the same losses, load-balancing term and gradient norms; then EP2
-    resumed from its step-2 checkpoint repeats steps 3 and 4 exactly."""
+    """4 steps at EP1 and EP2 (2 processes) and EP2 x PP2 (4 processes), data-parallel 2 in
+    each (so the same pairs per rank): the same losses, load-balancing term and gradient
+    norms; then EP2 resumed from its step-2 checkpoint repeats steps 3 and 4 exactly."""
     from tests.conftest import read_jsonl
 
     ep1, ep2, ep2pp2, resumed = tmp_path / "ep1", tmp_path / "ep2", tmp_path / "ep2pp2", tmp_path / "resumed"
