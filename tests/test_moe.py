@@ -224,11 +224,11 @@ def test_ep2_tp2_and_ep2_pp2_load_the_converted_dir_and_match_transformers(moe_r
 def moe_workspace(workspace, tmp_path_factory):
     """The session workspace's tokenizer and shards with the tiny-moe preset and its own
     reference values (computed at EP2 over 2 processes)."""
-    from tests.conftest import base_config, run_tool, write_config
+    from megatron_mpo.conversion.megatron_dir import init_model_dir
+    from tests.conftest import base_config, write_config
 
     ws = tmp_path_factory.mktemp("moe_ws")
-    run_tool("tools/init_checkpoint.py", "--preset", "tiny-moe", "--tokenizer", str(workspace / "tok"), "--out",
-             str(ws / "init"), "--seed", "1")
+    init_model_dir("tiny-moe", workspace / "tok", ws / "init", seed=1)  # what tools/init_checkpoint.py does
     cfg = base_config(workspace, model={"init": str(ws / "init")}, data={"ref_logps": str(ws / "refs")},
                       parallel={"expert": 2})
     launch("tools/precompute_ref_logps.py", 2, "--config", str(write_config(ws / "ref.yaml", cfg)))
@@ -245,26 +245,23 @@ def _moe_train(workspace, moe_ws, run, nproc: int, expert: int, pipeline: int = 
 
 
 def test_ep2_trains_like_ep1_and_resumes_exactly(workspace, moe_workspace, tmp_path):
-    """4 steps at EP1 and EP2 (2 processes) and EP2 x PP2 (4 processes), data-parallel 2 in
-    each (so the same pairs per rank): the same losses, load-balancing term and gradient
-    norms; then EP2 resumed from its step-2 checkpoint repeats steps 3 and 4 exactly."""
+    """4 steps at EP1 (2 processes) and at EP2 x PP2 (4 processes), data-parallel 2 in both
+    (so the same pairs per rank): the same losses, load-balancing term and gradient norms;
+    then EP2 x PP2 resumed from its step-2 checkpoint repeats steps 3 and 4 exactly."""
     from tests.conftest import read_jsonl
 
-    ep1, ep2, ep2pp2, resumed = tmp_path / "ep1", tmp_path / "ep2", tmp_path / "ep2pp2", tmp_path / "resumed"
+    ep1, ep2, resumed = tmp_path / "ep1", tmp_path / "ep2pp2", tmp_path / "resumed"
     _moe_train(workspace, moe_workspace, ep1, 2, 1)
-    _moe_train(workspace, moe_workspace, ep2, 2, 2, checkpoint={"save": str(ep2 / "ckpt"), "interval": 2})
-    _moe_train(workspace, moe_workspace, ep2pp2, 4, 2, pipeline=2)
-    a = read_jsonl(ep1 / "metrics.jsonl")
-    b = read_jsonl(ep2 / "metrics.jsonl")
+    _moe_train(workspace, moe_workspace, ep2, 4, 2, pipeline=2, checkpoint={"save": str(ep2 / "ckpt"), "interval": 2})
+    a, b = read_jsonl(ep1 / "metrics.jsonl"), read_jsonl(ep2 / "metrics.jsonl")
     assert [r["step"] for r in b] == [1, 2, 3, 4]
-    assert b[0]["ref_logratio_step0"] < 1e-4  # EP2 reference values == EP2 policy at step 0
+    assert b[0]["ref_logratio_step0"] < 1e-4  # EP2 reference values == EP2 x PP2 policy at step 0
     assert abs(b[-1]["loss"] - b[0]["loss"]) > 1e-4  # it trains
-    for other in (b, read_jsonl(ep2pp2 / "metrics.jsonl")):
-        for key in ("loss", "loss_preference", "loss_generation", "reward_margin", "aux_loss", "grad_norm"):
-            torch.testing.assert_close(torch.tensor([r[key] for r in other]), torch.tensor([r[key] for r in a]),
-                                       rtol=1e-4, atol=1e-6, msg=key)
+    for key in ("loss", "loss_preference", "loss_generation", "reward_margin", "aux_loss", "grad_norm"):
+        torch.testing.assert_close(torch.tensor([r[key] for r in b]), torch.tensor([r[key] for r in a]),
+                                   rtol=1e-4, atol=1e-6, msg=key)
     assert all(r["aux_loss"] > 0 for r in b)
-    _moe_train(workspace, moe_workspace, resumed, 2, 2,
+    _moe_train(workspace, moe_workspace, resumed, 4, 2, pipeline=2,
                checkpoint={"load": str(ep2 / "ckpt" / "step_000000002"), "save": str(resumed / "ckpt"),
                            "interval": 2})
     c = read_jsonl(resumed / "metrics.jsonl")
