@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests import _model_worker as common  # noqa: E402
 
-GROUPINGS = ((1, 1, 2), (2, 1, 1), (1, 2, 2))  # (TP, PP, EP); EP1 at TP1: tests/test_moe.py in-process
+GROUPINGS = ((2, 1, 1), (1, 2, 2))  # (TP, PP, EP); EP1 at TP1: tests/test_moe.py in-process
 _EXPERT = re.compile(r"local_experts\.(\d+)\.")
 
 
