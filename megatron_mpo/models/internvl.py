@@ -609,7 +609,8 @@ def build_model(
         raise UserError(f"attention_mask must be causal or arbitrary, not {attention_mask!r}")
     pg_collection = pg_collection or ProcessGroupCollection.use_mpu_process_groups()
     tp, pp, pp_rank = pg_collection.tp.size(), pg_collection.pp.size(), pg_collection.pp.rank()
-    _check_divisible(config, tp, pg_collection.ep.size() if config.language.is_moe else 1)
+    ep = pg_collection.ep.size() if config.language.is_moe else 1
+    _check_divisible(config, tp, ep)
     if sequence_parallel and tp < 2:
         raise UserError("sequence_parallel splits the sequence over tensor-parallel ranks: it needs tensor parallel size >= 2")
     vp = _virtual_stages(config, pp, pipeline_layers)
@@ -621,7 +622,7 @@ def build_model(
     if vp > 1:
         overrides.setdefault("virtual_pipeline_model_parallel_size", vp)
     language_config = language_transformer_config(
-        config, tp=tp, pp=pp, ep=pg_collection.ep.size() if config.language.is_moe else 1, spec=spec, params_dtype=params_dtype, fp8=fp8, fp8_recipe=fp8_recipe,
+        config, tp=tp, pp=pp, ep=ep, spec=spec, params_dtype=params_dtype, fp8=fp8, fp8_recipe=fp8_recipe,
         sequence_parallel=sequence_parallel, pipeline_layers=pipeline_layers,
         recompute=recompute, dropout=dropout, overrides=overrides,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Optional
 
@@ -12,7 +13,7 @@ from megatron_mpo.parallel import Layout
 from megatron_mpo.training.data_setup import attention_kind, packing_layout
 from megatron_mpo.training.precision import PrecisionPlan, training_precision
 
-__all__ = ["model_config", "build_model_chunks", "moe_overrides"]
+__all__ = ["model_config", "build_model_chunks", "with_run_aux_loss_coef"]
 
 
 def model_config(cfg: RunConfig):
@@ -31,13 +32,14 @@ def model_config(cfg: RunConfig):
     return get_preset(cfg.model.preset)
 
 
-def moe_overrides(cfg: RunConfig, model_config) -> dict:
-    """TransformerConfig fields the run sets for a mixture-of-experts LLM: the load-balancing
-    loss coefficient (``mpo.router_aux_loss_coef``; null keeps the model's own)."""
+def with_run_aux_loss_coef(cfg: RunConfig, model_config):
+    """The architecture with the run's load-balancing coefficient (``mpo.router_aux_loss_coef``;
+    null keeps the model's own), so the model builder applies its one rule to it."""
     coef = cfg.mpo.router_aux_loss_coef
     if not model_config.language.is_moe or coef is None:
-        return {}
-    return {"moe_aux_loss_coeff": float(coef), "moe_router_load_balancing_type": "aux_loss" if coef > 0 else "none"}
+        return model_config
+    language = dataclasses.replace(model_config.language, router_aux_loss_coef=float(coef))
+    return dataclasses.replace(model_config, language=language)
 
 
 def build_model_chunks(cfg: RunConfig, model_config, layout: Layout, plan: Optional[PrecisionPlan] = None) -> list:
@@ -56,11 +58,12 @@ def build_model_chunks(cfg: RunConfig, model_config, layout: Layout, plan: Optio
     total, parts = model_config.language.num_layers, cfg.parallel.pipeline * vp
     if layers is None and vp > 1 and total % parts == 0:
         layers = [total // parts] * parts  # interleaved: an explicit even split (build_model refuses uneven ones)
+    arch = with_run_aux_loss_coef(cfg, model_config)
     for vp_stage in range(vp):
         if cfg.parallel.virtual_pipeline:
             parallel_state.set_virtual_pipeline_model_parallel_rank(vp_stage)
         chunk = build_model(
-            model_config,
+            arch,
             spec=cfg.model.spec,
             fp8=plan.fp8,
             fp8_recipe=plan.fp8_recipe,
@@ -72,7 +75,6 @@ def build_model_chunks(cfg: RunConfig, model_config, layout: Layout, plan: Optio
             attention_mask="arbitrary" if packing_layout(cfg) == "packed" else "causal",
             attention=attention_kind(cfg),
             vp_stage=vp_stage if cfg.parallel.virtual_pipeline else None,
-            language_overrides=moe_overrides(cfg, model_config),
         )
         # Micro-batches differ in length: pipeline stages exchange shapes first.
         chunk.config.variable_seq_lengths = True
