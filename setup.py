@@ -22,6 +22,8 @@ INSTALL_REQUIRES = [
     "pyyaml",
     "psutil",  # dist_checkpointing's filesystem writer needs it
     "matplotlib",  # training-curve plots of the demo and tools/plot_metrics.py
+    "math-verify>=0.7",  # math-answer checking of the pair pipeline (megatron_mpo/generation/scoring.py)
+    "transformers>=4.52",  # the generation engine of the pair pipeline and evaluation (generate, KV cache)
 ]
 
 EXTRAS = {

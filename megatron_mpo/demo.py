@@ -64,7 +64,8 @@ def write_color_set(out: Path, count: int, seed: int, image_size: int) -> Path:
         wrong = rng.choice([c for c in COLORS if c != color])
         rows.append({
             "id": f"{seed}-{i}", "image": name, "question": QUESTION,
-            "chosen": f"The {shape} is {color}.", "rejected": f"The {shape} is {wrong}.",
+            "chosen": f"The {shape} is {color}. Final answer: {color}",
+            "rejected": f"The {shape} is {wrong}. Final answer: {wrong}",
             "answer": color, "choices": list(COLORS),
         })
     annotation = out / "colors.jsonl"
@@ -72,6 +73,9 @@ def write_color_set(out: Path, count: int, seed: int, image_size: int) -> Path:
     meta = out / "meta.json"
     meta.write_text(json.dumps({"colors": {"root": "images", "annotation": "colors.jsonl",
                                            "repeat_time": 1, "length": count}}))
+    # The same records as a question set (answer: the colour), scored by normalised exact match.
+    (out / "questions.json").write_text(json.dumps({"colors": {"root": "images", "annotation": "colors.jsonl",
+                                                               "scoring": "vqa"}}))
     return meta
 
 
@@ -92,7 +96,56 @@ def _torchrun(nproc: int, *target: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *target]
 
 
-def run_demo(out: Path, steps: int, train_pairs: int, heldout: int, nproc: int = 2, seed: int = 0) -> dict:
+def _train_config(out: Path, name: str, init: Path, shards: Path, refs: Path, steps: int, nproc: int, seed: int,
+                  lr: float, tokenizer: Path) -> Path:
+    """A CPU training config (TP = nproc) written to ``out/{name}.yaml``."""
+    config = {
+        "model": {"init": str(init), "tokenizer": str(tokenizer)},
+        "parallel": {"tensor": nproc},
+        "data": {"shards": str(shards), "ref_logps": str(refs), "max_length": 256, "max_tiles": 1,
+                 "num_workers": 1, "shuffle_buffer": 256, "seed": seed},
+        "mpo": {"beta": 0.1},
+        "train": {"global_batch": 16, "micro_batch": 8, "steps": steps, "lr": lr, "min_lr": lr / 10,
+                  "warmup": 0.05, "weight_decay": 0.0, "clip_grad": 1.0, "seed": seed, "device": "cpu"},
+        "checkpoint": {"save": str(out / f"checkpoints_{name}"), "interval": max(steps, 1), "keep_last": 1},
+        "logging": {"metrics": str(out / f"metrics_{name}.jsonl"), "interval": 5},
+    }
+    path = out / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _train(out: Path, config_path: Path, name: str, steps: int, nproc: int, logs: Path, what: str) -> Path:
+    """Reference values, then MPO training from scratch of the run dir; the final checkpoint."""
+    import shutil
+
+    cfg = yaml.safe_load(config_path.read_text())
+    _run(_torchrun(nproc, str(REPO / "tools/precompute_ref_logps.py"), "--config", str(config_path)),
+         logs / f"reference_{name}.log", f"reference log-probs for {what} (TP={nproc})")
+    Path(cfg["logging"]["metrics"]).unlink(missing_ok=True)
+    shutil.rmtree(cfg["checkpoint"]["save"], ignore_errors=True)
+    _run(_torchrun(nproc, "-m", "megatron_mpo.train", "--config", str(config_path)), logs / f"train_{name}.log",
+         f"{what}, {steps} steps (TP={nproc})")
+    return Path(cfg["checkpoint"]["save"]) / f"step_{steps:09d}"
+
+
+def _evaluate(out: Path, ckpt: Path, name: str, heldout: Path, nproc: int, logs: Path, what: str) -> dict:
+    """Held-out answer accuracy (engine + scorer) and preference accuracy (at TP = nproc)."""
+    result_dir = out / f"eval_{name}"
+    import shutil
+
+    shutil.rmtree(result_dir, ignore_errors=True)
+    _run(_torchrun(nproc, "-m", "megatron_mpo.evaluate", "--ckpt", str(ckpt), "--out", str(result_dir),
+                   "--questions", str(heldout / "questions.json"), "--prompt", "plain", "--max-new-tokens", "40",
+                   "--shards", str(out / "heldout_shards"), "--ref-logps", str(out / "heldout_refs"),
+                   "--tensor-parallel", str(nproc), "--micro-batch", "8", "--max-length", "256", "--max-tiles", "1",
+                   "--device", "cpu"),
+         logs / f"eval_{name}.log", f"held-out evaluation {what}")
+    return json.loads((result_dir / "eval.json").read_text())
+
+
+def run_demo(out: Path, steps: int, train_pairs: int, heldout: int, nproc: int = 2, seed: int = 0,
+             self_steps: int = 0, self_questions: int = 128, samples: int = 8) -> dict:
     from megatron_mpo.data.tiny_tokenizer import build_tiny_tokenizer
 
     out.mkdir(parents=True, exist_ok=True)
@@ -101,64 +154,65 @@ def run_demo(out: Path, steps: int, train_pairs: int, heldout: int, nproc: int =
     image_size = 56  # the tiny preset's tile size: one tile per image
     print(f"demo: writing data, tokenizer and a tiny InternVL into {out}", flush=True)
     meta = write_color_set(out / "data" / "train", train_pairs, seed + 1, image_size)
-    write_color_set(out / "data" / "heldout", heldout, seed + 2, image_size)
+    heldout_meta = write_color_set(out / "data" / "heldout", heldout, seed + 2, image_size)
     tok = out / "tokenizer"
     if not (tok / "tokenizer.json").is_file():
         build_tiny_tokenizer(str(tok))
-    shards = out / "shards"
-    if not (shards / "index.json").is_file():
-        _run([sys.executable, str(REPO / "tools/make_shards.py"), "--meta", str(meta), "--out", str(shards),
-              "--samples-per-shard", "64", "--seed", str(seed)], logs / "make_shards.log", "make shards")
+    for source, shards in ((meta, out / "shards"), (heldout_meta, out / "heldout_shards")):
+        if not (shards / "index.json").is_file():
+            _run([sys.executable, str(REPO / "tools/make_shards.py"), "--meta", str(source), "--out", str(shards),
+                  "--samples-per-shard", "64", "--seed", str(seed)], logs / f"make_{shards.name}.log", "make shards")
     init = out / "init"
     if not (init / "model_config.json").is_file():
         _run([sys.executable, str(REPO / "tools/init_checkpoint.py"), "--preset", "tiny", "--tokenizer", str(tok),
               "--out", str(init), "--seed", str(seed)], logs / "init.log", "initial checkpoint")
+    # The held-out pairs' reference values: the initial model's (preference accuracy is a margin over them).
+    heldout_cfg = _train_config(out, "heldout", init, out / "heldout_shards", out / "heldout_refs", 1, nproc, seed,
+                                1e-3, tok)
+    _run(_torchrun(nproc, str(REPO / "tools/precompute_ref_logps.py"), "--config", str(heldout_cfg)),
+         logs / "reference_heldout.log", f"held-out reference log-probs (TP={nproc})")
 
-    config = {
-        "model": {"init": str(init)},
-        "parallel": {"tensor": nproc},
-        "data": {"shards": str(shards), "ref_logps": str(out / "refs"), "max_length": 256, "max_tiles": 1,
-                 "num_workers": 1, "shuffle_buffer": 256, "seed": seed},
-        "mpo": {"beta": 0.1},
-        "train": {"global_batch": 16, "micro_batch": 8, "steps": steps, "lr": 3.0e-3, "min_lr": 3.0e-4,
-                  "warmup": 0.05, "weight_decay": 0.0, "clip_grad": 1.0, "seed": seed, "device": "cpu"},
-        "checkpoint": {"save": str(out / "checkpoints"), "interval": max(steps, 1), "keep_last": 1},
-        "logging": {"metrics": str(out / "metrics.jsonl"), "interval": 5},
-    }
-    config_path = out / "config.yaml"
-    config_path.write_text(yaml.safe_dump(config))
-    _run(_torchrun(nproc, str(REPO / "tools/precompute_ref_logps.py"), "--config", str(config_path)),
-         logs / "reference.log", f"reference log-probs (TP={nproc})")
-    if (out / "metrics.jsonl").exists():
-        (out / "metrics.jsonl").unlink()
-    for old in (out / "checkpoints").glob("*") if (out / "checkpoints").is_dir() else []:
-        import shutil
+    config_path = _train_config(out, "mpo", init, out / "shards", out / "refs", steps, nproc, seed, 3.0e-3, tok)
+    (out / "config.yaml").write_text(config_path.read_text())
+    final = _train(out, config_path, "mpo", steps, nproc, logs, "MPO training on the given pairs")
+    results = {"before": _evaluate(out, init, "before", out / "data" / "heldout", nproc, logs, "before training"),
+               "after": _evaluate(out, final, "after", out / "data" / "heldout", nproc, logs, "after MPO")}
 
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
-    _run(_torchrun(nproc, "-m", "megatron_mpo.train", "--config", str(config_path)), logs / "train.log",
-         f"MPO training, {steps} steps (TP={nproc})")
-    final = out / "checkpoints" / f"step_{steps:09d}"
-
-    records = out / "data" / "heldout" / "colors.jsonl"
-    results = {}
-    for name, ckpt in (("before", init), ("after", final)):
-        result_path = out / f"eval_{name}.json"
-        _run([sys.executable, "-m", "megatron_mpo.evaluate", "--ckpt", str(ckpt), "--records", str(records),
-              "--image-root", str(records.parent / "images"), "--max-tiles", "1", "--max-new-tokens", "8", "--out", str(result_path)],
-             logs / f"eval_{name}.log", f"held-out evaluation {name} training")
-        results[name] = json.loads(result_path.read_text())
+    if self_steps > 0:  # the paper's loop: pairs from the model's own samples, one more MPO round
+        questions = write_color_set(out / "data" / "own", self_questions, seed + 3, image_size).parent
+        own = out / "own"
+        _run([sys.executable, str(REPO / "tools/sample_responses.py"), "--questions", str(questions / "questions.json"),
+              "--model", str(final), "--out", str(own / "samples"), "-n", str(samples), "--prompt", "plain",
+              "--max-new-tokens", "40", "--max-length", "256", "--max-tiles", "1", "--seed", str(seed),
+              "--device", "cpu", "--part-size", "32"],
+             logs / "sample.log", f"sampling {samples} answers per question from the trained model")
+        _run([sys.executable, str(REPO / "tools/build_pairs.py"), "--samples", str(own / "samples"), "--out",
+              str(own / "pairs"), "--overwrite"], logs / "pairs.log", "correctness pairs from its own answers")
+        _run([sys.executable, str(REPO / "tools/make_shards.py"), "--meta", str(own / "pairs" / "meta.json"), "--out",
+              str(own / "shards"), "--samples-per-shard", "64", "--seed", str(seed), "--overwrite"],
+             logs / "make_own_shards.log", "make shards of its own pairs")
+        own_cfg = _train_config(own, "round", final, own / "shards", own / "refs", self_steps, nproc, seed, 1.0e-3, tok)
+        improved = _train(own, own_cfg, "round", self_steps, nproc, logs, "MPO round on its own pairs")
+        results["own_round"] = _evaluate(out, improved, "own_round", out / "data" / "heldout", nproc, logs,
+                                         "after the round on its own pairs")
+        results["own_pairs"] = json.loads((own / "pairs" / "summary.json").read_text())
 
     from megatron_mpo.plotting import plot_runs
 
-    plot = plot_runs([out / "metrics.jsonl"], out / "training_curves.png", ["demo"])
+    plot = plot_runs([out / "metrics_mpo.jsonl"], out / "training_curves.png", ["demo"])
+
+    def acc(name: str) -> dict:
+        r = results[name]
+        return {"answer": r["answers"]["overall"]["greedy_accuracy"],
+                "preference": r["preference"]["reward_accuracy"],
+                "per_token": r["preference"]["per_token_logp_accuracy"]}
+
     summary = {
-        "greedy_accuracy_before": results["before"]["greedy_accuracy"],
-        "greedy_accuracy_after": results["after"]["greedy_accuracy"],
-        "preference_accuracy_before": results["before"]["preference_accuracy"],
-        "preference_accuracy_after": results["after"]["preference_accuracy"],
-        "heldout_samples": results["after"]["samples"],
+        **{f"{stage}": acc(stage) for stage in ("before", "after", "own_round") if stage in results},
+        "heldout_samples": results["after"]["preference"]["pairs"],
+        "own_pairs": results.get("own_pairs"),
         "plot": str(plot),
-        "examples_after": results["after"]["examples"][:2],
+        "examples_after": results["after"]["answers"]["datasets"]["colors"]["examples"][:2],
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
@@ -168,23 +222,34 @@ def run_demo(out: Path, steps: int, train_pairs: int, heldout: int, nproc: int =
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="CPU demo: MPO on a tiny InternVL, nothing to download.")
     parser.add_argument("--out", default="runs/demo", help="work directory (default runs/demo)")
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=200, help="MPO steps on the given pairs")
     parser.add_argument("--train-pairs", type=int, default=1024)
     parser.add_argument("--heldout", type=int, default=64)
+    parser.add_argument("--self-steps", type=int, default=0,
+                        help="then one MPO round of this many steps on pairs built from the model's own samples "
+                             "(0: skip)")
+    parser.add_argument("--self-questions", type=int, default=128, help="questions the model answers for that round")
+    parser.add_argument("--samples", type=int, default=8, help="answers sampled per question")
     parser.add_argument("--nproc", type=int, default=2, help="processes = tensor-parallel size")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    s = run_demo(Path(args.out), args.steps, args.train_pairs, args.heldout, args.nproc, args.seed)
-    print(
-        f"\nheld-out ({s['heldout_samples']} images)   before    after\n"
-        f"  greedy-answer accuracy   {s['greedy_accuracy_before']:6.1%}   {s['greedy_accuracy_after']:6.1%}\n"
-        f"  preference accuracy      {s['preference_accuracy_before']:6.1%}   {s['preference_accuracy_after']:6.1%}\n"
-        f"training curves: {s['plot']}\nexamples after training: "
-        + "; ".join(f"{e['answer']} -> {e['generated']!r}" for e in s["examples_after"])
-        + f"\ndemo finished in {time.perf_counter() - started:.0f}s",
-        flush=True,
-    )
+    s = run_demo(Path(args.out), args.steps, args.train_pairs, args.heldout, args.nproc, args.seed,
+                 args.self_steps, args.self_questions, args.samples)
+    stages = [k for k in ("before", "after", "own_round") if k in s]
+    titles = {"before": "before", "after": "after MPO", "own_round": "+own pairs"}
+    rows = [("greedy-answer accuracy", "answer"), ("reward-margin accuracy", "preference"),
+            ("per-token log-prob acc.", "per_token")]
+    table = f"held-out ({s['heldout_samples']} images)".ljust(28) + "".join(titles[k].rjust(12) for k in stages)
+    for title, key in rows:
+        table += "\n  " + title.ljust(26) + "".join(f"{s[k][key]:12.1%}" for k in stages)
+    own = s.get("own_pairs")
+    if own:
+        table += (f"\nown pairs: {own['pairs']} from {own['questions']} questions ({own['all_correct']} all right, "
+                  f"{own['all_wrong']} all wrong, {own['no_final_answer']} samples without a final answer)")
+    print(f"\n{table}\ntraining curves: {s['plot']}\nexamples after training: "
+          + "; ".join(f"{e['answer']} -> {e['generated']!r}" for e in s["examples_after"])
+          + f"\ndemo finished in {time.perf_counter() - started:.0f}s", flush=True)
 
 
 if __name__ == "__main__":

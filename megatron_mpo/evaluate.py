@@ -1,157 +1,120 @@
-"""Held-out evaluation of a checkpoint: greedy answers and preference accuracy.
+"""Held-out evaluation of a checkpoint: answer accuracy and preference accuracy.
 
-Runs one process at TP=1 (dist_checkpointing loads any saved layout), through the same
-tokenizer, template and tiling as training. Greedy decoding recomputes the full prefix
-each token (no KV cache): meant for small models and short answers (demo, tests).
+    [torchrun --nproc-per-node N] python -m megatron_mpo.evaluate --ckpt DIR --out DIR
+        [--questions meta.json [-k 8]] [--shards DIR --ref-logps DIR [--tensor-parallel T]]
+        [--max-length 8192] [--max-tiles 6]
 
-    python -m megatron_mpo.evaluate --ckpt DIR --records FILE.jsonl [--image-root DIR]
+- ``--questions``: a question set (MMPR-style meta.json whose records carry ``answer``;
+  images under each dataset's ``root``). The generation engine answers (greedy, and
+  pass@k with ``-k``), each dataset's scorer checks; questions are split over the ranks.
+- ``--shards`` + ``--ref-logps``: held-out preference pairs and the initial model's
+  reference values of them (tools/precompute_ref_logps.py). The checkpoint's log-probs
+  come from the same forward at ``--tensor-parallel`` / ``--pipeline-parallel`` (ranks
+  beyond them are data-parallel); reported: reward-margin accuracy, per-token log-prob
+  accuracy, mean margin.
+
+The result (``--out``/eval.json) holds both, per dataset where it applies; see
+:mod:`megatron_mpo.generation.evaluation`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
-from typing import Optional, Sequence
 
-import torch
-
-from megatron_mpo import parallel, platform
-from megatron_mpo.batch import causal_mask
 from megatron_mpo.console import setup_console
 from megatron_mpo.errors import UserError, exit_on_user_error
 
-
-class Evaluator:
-    """A loaded checkpoint plus the data pieces to score and answer samples."""
-
-    def __init__(self, ckpt: str, tokenizer_dir: Optional[str] = None, template: Optional[str] = None,
-                 max_length: int = 1024, max_tiles: int = 6) -> None:
-        from megatron_mpo.conversion.megatron_dir import read_model_config, tokenizer_source
-        from megatron_mpo.data import DataConfig, load_tokenizer
-        from megatron_mpo.data.samples import build_pair_builder
-        from megatron_mpo.models.internvl import build_model
-        from megatron_mpo.training.checkpoint import load_model_weights
-        from megatron_mpo.training.data_setup import default_template
-
-        parallel.initialize(1, 1, seed=0, device="auto")
-        self.config = read_model_config(ckpt)
-        self.model = build_model(self.config, spec="local", attention_mask="arbitrary")
-        load_model_weights(ckpt, [self.model])
-        self.model.eval()
-        self.tok = load_tokenizer(str(tokenizer_dir or tokenizer_source(ckpt)))
-        data = DataConfig(
-            shards="unused", max_length=max_length, max_tiles=max_tiles,
-            template=template or default_template(self.config), image_size=self.config.vision.image_size,
-            tokens_per_tile=self.config.tokens_per_tile,
-        )
-        self.builder = build_pair_builder(data, self.tok)
-
-    def pair(self, record: dict, image_root: Path):
-        images = record.get("image") or []
-        images = [images] if isinstance(images, str) else images
-        data = [(image_root / name).read_bytes() for name in images]
-        return self.builder.build(record.get("id", "sample"), record, data)
-
-    @torch.no_grad()
-    def _logits(self, ids: list[int], pixel_values: torch.Tensor) -> torch.Tensor:
-        dev = platform.device()
-        input_ids = torch.tensor([ids], device=dev)
-        is_image = input_ids == self.tok.img_context_id
-        index = torch.full_like(input_ids, -1)
-        index[is_image] = torch.arange(int(is_image.sum()), device=dev)
-        return self.model(
-            input_ids=input_ids,
-            position_ids=torch.arange(len(ids), device=dev).unsqueeze(0),
-            attention_mask=causal_mask(len(ids)).to(dev),
-            labels=None,
-            pixel_values=pixel_values.to(dev),
-            image_token_index=index,
-        )
-
-    def sequence_logp(self, prompt: list[int], response: list[int], pixel_values: torch.Tensor) -> float:
-        logits = self._logits(prompt + response, pixel_values)[0].float()
-        logp = torch.log_softmax(logits[len(prompt) - 1 : -1], dim=-1)
-        return float(logp.gather(1, torch.tensor(response, device=logp.device).unsqueeze(1)).sum())
-
-    def greedy(self, prompt: list[int], pixel_values: torch.Tensor, max_new_tokens: int = 16) -> str:
-        ids = list(prompt)
-        for _ in range(max_new_tokens):
-            logits = self._logits(ids, pixel_values)[0, -1, : self.tok.vocab_size]
-            nxt = int(logits.argmax())
-            if nxt in (self.tok.im_end_id, self.tok.eos_id):
-                break
-            ids.append(nxt)
-        return self.tok.decode(ids[len(prompt):])
+setup_console()  # at module level: dist_checkpointing's helper processes re-import this file
 
 
-def greedy_is_right(text: str, answer: str, choices: Sequence[str]) -> bool:
-    """The generated text names ``answer`` and no other of ``choices`` (word match)."""
-    words = set(text.lower().replace(".", " ").replace(",", " ").split())
-    return answer in words and not (words & (set(choices) - {answer}))
+def _preference(args, rank: int) -> dict:
+    """The checkpoint's log-probs of the held-out shards (reference tool's forward), compared."""
+    from megatron_mpo.config import load_config
+    from megatron_mpo.conversion.megatron_dir import follow_latest, tokenizer_source
+    from megatron_mpo.generation.evaluation import preference_accuracy
+    from megatron_mpo.reference import precompute
 
-
-def evaluate_records(evaluator: Evaluator, records: Sequence[dict], image_root: Path,
-                     max_new_tokens: int = 16) -> dict:
-    """``preference_accuracy``: log pi(chosen) > log pi(rejected), over the records that
-    build (the others are counted in ``skipped`` by reason, as training counts them);
-    ``greedy_accuracy``: over those with an ``answer`` (and ``choices``), None when none has
-    one (MMPR records carry only chosen / rejected), with a ``note`` saying so."""
-    from megatron_mpo.data.samples import SampleError
-
-    greedy_ok = prefer_ok = answered = scored = 0
-    examples: list = []
-    skipped: dict = {}
-    for record in records:
-        try:
-            pair = evaluator.pair(record, image_root)
-        except SampleError as exc:  # as the loader does: count it, go on
-            skipped[exc.reason] = skipped.get(exc.reason, 0) + 1
-            continue
-        scored += 1
-        prefer_ok += evaluator.sequence_logp(pair.prompt, pair.chosen, pair.pixel_values) > evaluator.sequence_logp(
-            pair.prompt, pair.rejected, pair.pixel_values)
-        if "answer" not in record:
-            continue
-        answered += 1
-        text = evaluator.greedy(pair.prompt, pair.pixel_values, max_new_tokens)
-        greedy_ok += greedy_is_right(text, str(record["answer"]), record.get("choices") or [])
-        if len(examples) < 4:
-            examples.append({"question": record.get("question"), "answer": record["answer"], "generated": text})
-    result = {"greedy_accuracy": greedy_ok / answered if answered else None,
-              "preference_accuracy": prefer_ok / scored if scored else None, "samples": scored,
-              "greedy_samples": answered, "skipped": skipped, "examples": examples}
-    if answered < scored:
-        result["note"] = (f"{scored - answered} of {scored} records have no 'answer' (and 'choices'): "
-                          "greedy accuracy counts only records that have one" if answered else
-                          "the records have no 'answer' (and 'choices'): preference accuracy only")
-    return result
+    ckpt = follow_latest(args.ckpt, print if rank == 0 else (lambda _m: None))
+    policy_dir = os.path.join(args.out, "policy_logps")
+    overrides = [f"model.init={ckpt}", f"model.tokenizer={tokenizer_source(ckpt)}", f"data.shards={args.shards}",
+                 f"data.ref_logps={policy_dir}", f"data.max_length={args.max_length}",
+                 f"data.max_tiles={args.max_tiles}", f"parallel.tensor={args.tensor_parallel}",
+                 f"parallel.pipeline={args.pipeline_parallel}", f"train.device={args.device}",
+                 f"train.micro_batch={args.micro_batch}", "train.global_batch=1", "train.steps=1"]
+    if args.template:
+        overrides.append(f"data.template={args.template}")
+    precompute(load_config(None, overrides), log=print if rank == 0 else (lambda _m: None))
+    return preference_accuracy(policy_dir, args.ref_logps) if rank == 0 else {}
 
 
 @exit_on_user_error
-def main(argv=None) -> None:
-    setup_console()
-    parser = argparse.ArgumentParser(description="Greedy-answer and preference accuracy of a checkpoint.")
-    parser.add_argument("--ckpt", required=True, help="model dir or training checkpoint step dir")
-    parser.add_argument("--records", required=True, help="JSONL with image, question, chosen, rejected (MMPR "
-                        "records); answer and choices add greedy-answer accuracy")
-    parser.add_argument("--image-root", help="directory the image paths are relative to (default: records' dir)")
-    parser.add_argument("--template")
-    parser.add_argument("--max-tiles", type=int, default=6)
-    parser.add_argument("--max-new-tokens", type=int, default=16)
-    parser.add_argument("--out", help="write the result JSON here too")
+def main(argv=None) -> dict:
+    from megatron_mpo.generation.cli import add_model_args, add_sampling_args, dist_rank
+
+    parser = argparse.ArgumentParser(description="Answer accuracy and preference accuracy of a checkpoint.")
+    parser.add_argument("--ckpt", required=True, help="Megatron model dir, training checkpoint or run save dir "
+                        "(or, for answers only, an HF InternVL directory)")
+    parser.add_argument("--out", required=True, help="result directory (eval.json; the engine's export)")
+    parser.add_argument("--questions", help="held-out question set with answers (meta.json)")
+    parser.add_argument("-k", type=int, default=0, help="pass@k over k samples per question (0: greedy only)")
+    parser.add_argument("--prompt", default="reasoning", choices=["reasoning", "plain"],
+                        help="reasoning: 'Final answer:' instruction; plain: the question as is (short answers)")
+    parser.add_argument("--shards", help="held-out preference shards (make_shards) for preference accuracy")
+    parser.add_argument("--ref-logps", help="the initial model's reference sidecars of --shards")
+    parser.add_argument("--pipeline-parallel", type=int, default=1)
+    parser.add_argument("--micro-batch", type=int, default=1)
+    add_model_args(parser, model=False)
+    add_sampling_args(parser, {"n": 1, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "max_new_tokens": 1024})
     args = parser.parse_args(argv)
-    records_path = Path(args.records)
-    if not records_path.is_file():
-        raise UserError(f"records file {records_path} does not exist")
-    records = [json.loads(line) for line in records_path.read_text().splitlines() if line.strip()]
-    evaluator = Evaluator(args.ckpt, template=args.template, max_tiles=args.max_tiles)
-    result = evaluate_records(evaluator, records, Path(args.image_root or records_path.parent), args.max_new_tokens)
-    text = json.dumps(result, indent=1)
-    if args.out:
-        Path(args.out).write_text(text)
-    print(text)
-    parallel.shutdown()
+    args.model = args.ckpt
+    if not args.questions and not args.shards:
+        raise UserError("nothing to evaluate: give --questions (answer accuracy) and/or --shards with --ref-logps")
+    if bool(args.shards) != bool(args.ref_logps):
+        raise UserError("preference accuracy needs both --shards and --ref-logps (the initial model's values)")
+    if args.max_length < 2:
+        raise UserError("--max-length must be >= 2")
+    rank, world = dist_rank()
+    log = print if rank == 0 else (lambda _m: None)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    result: dict = {"checkpoint": str(args.ckpt), "max_length": args.max_length}
+    if args.questions:
+        from megatron_mpo.generation.cli import open_engine
+        from megatron_mpo.generation.engines import SamplingSettings
+        from megatron_mpo.generation.evaluation import answer_accuracy, write_json
+        from megatron_mpo.generation.questions import load_questions
+
+        qset = load_questions(args.questions, allow_outside_root=args.allow_outside_root)
+        if not any(q.answer is not None for q in qset.questions):
+            raise UserError(f"{args.questions} has no question with an 'answer': nothing to score")
+        _model, _tok, builder, engine = open_engine(args, args.out, log)
+        mine = [q for i, q in enumerate(qset.questions) if i % world == rank]
+        settings = SamplingSettings(n=max(args.k, 1), temperature=args.temperature, top_k=args.top_k,
+                                    top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed)
+        counts = answer_accuracy(engine, builder, mine, prompt_style=args.prompt, k=args.k, settings=settings)
+        write_json(os.path.join(args.out, f"answers_rank{rank:05d}.json"), counts)
+        result["refused_questions"] = dict(qset.refused)
+    if args.shards:
+        result["preference"] = _preference(args, rank)  # its barrier: every rank's answers are written
+    elif world > 1 and args.questions:
+        from megatron_mpo.generation.model_source import wait_for_file
+
+        for r in range(world):
+            wait_for_file(Path(args.out) / f"answers_rank{r:05d}.json", "answers of every rank")
+    if rank != 0:
+        return {}
+    if args.questions:
+        from megatron_mpo.generation.evaluation import summarize_answers
+
+        parts = [json.loads((Path(args.out) / f"answers_rank{r:05d}.json").read_text()) for r in range(world)]
+        result["answers"] = summarize_answers(parts, args.k)
+    from megatron_mpo.generation.evaluation import write_json
+
+    write_json(os.path.join(args.out, "eval.json"), result)
+    print(json.dumps(result, indent=1, ensure_ascii=False))
+    return result
 
 
 if __name__ == "__main__":

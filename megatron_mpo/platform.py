@@ -84,6 +84,37 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
+def engine_device(prefer: str = "auto") -> torch.device:
+    """The device a generation engine of this process uses, without megatron's set-up.
+
+    Engines (transformers, vLLM) run outside megatron-core, so no CPU redirects are
+    installed; under torchrun each process takes the GPU of its local rank.
+    """
+    if prefer not in ("auto", "cuda", "cpu"):
+        raise UserError(f"unknown device choice {prefer!r}: use auto, cuda or cpu")
+    if prefer == "cuda" and not cuda_available():
+        raise UserError("device 'cuda' requested but no CUDA GPU is visible on this machine")
+    if prefer != "cpu" and cuda_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def restrict_gpus(devices: str) -> None:
+    """Make only ``devices`` (a ``CUDA_VISIBLE_DEVICES`` value) visible to the processes this
+    one starts from now on: an engine that runs its own workers (vLLM) picks its GPUs so.
+
+    This process's own view cannot change once CUDA is initialised in it; asking for other
+    GPUs then is refused. Nothing happens unless called.
+    """
+    current = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if current == devices:
+        return
+    if torch.cuda.is_initialized():
+        raise UserError(f"cannot switch to GPUs {devices}: CUDA is already in use in this process "
+                        f"(CUDA_VISIBLE_DEVICES={current}); start the engine before anything uses the GPU")
+    os.environ["CUDA_VISIBLE_DEVICES"] = devices
+
+
 def to_device(module: torch.nn.Module) -> torch.nn.Module:
     """Move a built model chunk -- every parameter and buffer -- onto this process's device.
 

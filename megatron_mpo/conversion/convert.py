@@ -228,18 +228,14 @@ def hf_to_megatron_dir(
 
 
 def model_home(ckpt: str | Path) -> Path:
-    """The model directory behind ``ckpt``: itself, or a training checkpoint's ``model.init``."""
-    from megatron_mpo.conversion.megatron_dir import MODEL_CONFIG_FILE
+    """The model directory behind ``ckpt``: itself, or a training checkpoint's ``model.init``
+    (followed through chained MPO rounds)."""
+    from megatron_mpo.conversion.megatron_dir import model_dir_of
 
-    ckpt = Path(ckpt)
-    if (ckpt / MODEL_CONFIG_FILE).is_file():
-        return ckpt
-    common = ckpt / "common.json"
-    if common.is_file():
-        init = json.loads(common.read_text()).get("common", {}).get("config", {}).get("model", {}).get("init")
-        if init and (Path(init) / MODEL_CONFIG_FILE).is_file():
-            return Path(init)
-    return ckpt
+    try:
+        return model_dir_of(ckpt)
+    except UserError:
+        return Path(ckpt)
 
 
 def _read_record(home: Path) -> dict:

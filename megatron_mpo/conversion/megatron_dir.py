@@ -97,22 +97,34 @@ def write_model_dir(
     return out
 
 
+def run_init(ckpt: str | Path) -> Optional[Path]:
+    """The ``model.init`` a training checkpoint's run started from (None for a model dir)."""
+    common = Path(ckpt) / "common.json"
+    if not common.is_file():
+        return None
+    init = json.loads(common.read_text()).get("common", {}).get("config", {}).get("model", {}).get("init")
+    return Path(init) if init else None
+
+
+def model_dir_of(ckpt: str | Path) -> Path:
+    """The model directory behind a checkpoint: itself, or the one its run (or the run of
+    the checkpoint that run started from: MPO rounds chain) was initialised from."""
+    path = Path(ckpt)
+    for _ in range(32):  # rounds chain through model.init; a cycle is a damaged checkpoint
+        if (path / MODEL_CONFIG_FILE).is_file():
+            return path
+        init = run_init(path)
+        if init is None:
+            break
+        path = init
+    raise UserError(f"{ckpt} has no {MODEL_CONFIG_FILE}: not a megatron_mpo model or training checkpoint")
+
+
 def read_model_config(ckpt: str | Path):
     """The InternVLConfig of a model dir, or of a training checkpoint (via its model.init)."""
     from megatron_mpo.models.config import InternVLConfig
 
-    ckpt = Path(ckpt)
-    config_path = ckpt / MODEL_CONFIG_FILE
-    if not config_path.is_file():
-        # A training checkpoint keeps the run config; its model.init holds model_config.json.
-        common = ckpt / "common.json"
-        init = None
-        if common.is_file():
-            init = json.loads(common.read_text()).get("common", {}).get("config", {}).get("model", {}).get("init")
-        if not init or not (Path(init) / MODEL_CONFIG_FILE).is_file():
-            raise UserError(f"{ckpt} has no {MODEL_CONFIG_FILE}: not a megatron_mpo model or training checkpoint")
-        config_path = Path(init) / MODEL_CONFIG_FILE
-    return InternVLConfig.from_json(config_path.read_text())
+    return InternVLConfig.from_json((model_dir_of(ckpt) / MODEL_CONFIG_FILE).read_text())
 
 
 def follow_latest(ckpt: str | Path, log: Callable[[str], None] = print) -> Path:
@@ -150,15 +162,15 @@ def copy_tokenizer(src: str | Path, dst: str | Path) -> None:
 
 
 def tokenizer_source(ckpt: str | Path) -> Path:
-    """Where a checkpoint's tokenizer lives (model dir itself, or its run's model.init)."""
-    ckpt = Path(ckpt)
-    if any((ckpt / n).is_file() for n in ("tokenizer.json", "tokenizer.model")):
-        return ckpt
-    common = ckpt / "common.json"
-    if common.is_file():
-        init = json.loads(common.read_text()).get("common", {}).get("config", {}).get("model", {}).get("init")
-        if init:
-            return Path(init)
+    """Where a checkpoint's tokenizer lives (model dir itself, or its run's model.init, chained)."""
+    path = Path(ckpt)
+    for _ in range(32):
+        if any((path / n).is_file() for n in ("tokenizer.json", "tokenizer.model")):
+            return path
+        init = run_init(path)
+        if init is None:
+            break
+        path = init
     raise UserError(f"cannot find the tokenizer of {ckpt}")
 
 

@@ -44,6 +44,7 @@ class SourceSpec:
     annotation: str
     repeat_time: float = 1.0
     max_dynamic_patch: Optional[int] = None
+    scoring: Optional[str] = None  # answer-scoring mode of question sets (megatron_mpo.generation.scoring)
 
 
 def _resolve(base: str, path: str) -> str:
@@ -85,9 +86,12 @@ def load_meta(path: str) -> List[SourceSpec]:
         patch = entry.get("max_dynamic_patch")
         if patch is not None and (not isinstance(patch, int) or patch < 1):
             raise UserError(f"meta file {path}: dataset {name!r} has max_dynamic_patch {patch!r}; use an integer >= 1")
+        scoring = entry.get("scoring")
+        if scoring is not None and not isinstance(scoring, str):
+            raise UserError(f"meta file {path}: dataset {name!r} has scoring {scoring!r}; use a mode name")
         annotation = _resolve(base, str(entry["annotation"]))
         root = _resolve(base, str(entry.get("root", "")))
-        specs.append(SourceSpec(str(name), root, annotation, repeat, patch))
+        specs.append(SourceSpec(str(name), root, annotation, repeat, patch, scoring))
     return specs
 
 
@@ -123,7 +127,8 @@ def safe_key_part(text: str, limit: int = 48) -> str:
     return cleaned[:limit]
 
 
-def _as_image_list(value) -> Optional[List[str]]:
+def as_image_list(value) -> Optional[List[str]]:
+    """A record's ``image`` field as a list of paths (absent: []); None when it is malformed."""
     if value is None or value == "" or value == []:
         return []
     if isinstance(value, str):
@@ -182,7 +187,7 @@ def check_record(task: dict) -> dict:
         value = rec.get(field)
         if not isinstance(value, str) or not value.strip():
             return refuse("missing_response", f"empty or missing {field!r}", rec_id)
-    paths = _as_image_list(rec.get("image"))
+    paths = as_image_list(rec.get("image"))
     if paths is None:
         return refuse("bad_image_field", f"image must be a string or a list of strings, got {rec.get('image')!r}"[:200], rec_id)
     images = []

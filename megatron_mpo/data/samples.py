@@ -134,7 +134,11 @@ class PairBuilder:
 
     def response_ids(self, response: str) -> List[int]:
         """Ids of a response including its end-of-turn token."""
-        return self.tokenizer.encode_continuation(self._response_prefix, self.template.render_response(response))
+        return self.answer_ids(self.template.render_response(response))
+
+    def answer_ids(self, text: str) -> List[int]:
+        """Ids of assistant text as tokenized right after the prompt (no end-of-turn added)."""
+        return self.tokenizer.encode_continuation(self._response_prefix, text)
 
     def fit(self, prompt: List[int], chosen: List[int], rejected: List[int]) -> Tuple[List[int], List[int], bool]:
         """Cut responses so prompt + response <= max_length; SampleError if none fits."""
@@ -155,6 +159,35 @@ class PairBuilder:
             raise SampleError("image_token_in_text", "the text contains <img>, </img> or <IMG_CONTEXT>")
 
     # -- whole sample ---------------------------------------------------------------------
+    def prompt(self, question: str, image_bytes: Sequence[bytes], max_dynamic_patch: object = None,
+               ) -> Tuple[List[int], torch.Tensor]:
+        """(prompt ids, pixel values) of a question and its images: the one prompt rule that
+        training, the reference tool and generation share. SampleError on bad data or a
+        prompt that leaves no room for a response within ``max_length``."""
+        question = normalize_placeholders(question, len(image_bytes))
+        if question is None:
+            raise SampleError("placeholder_mismatch", f"{len(image_bytes)} images")
+        budget = tiles_per_image(tile_limit(max_dynamic_patch, self.max_tiles), len(image_bytes))
+        images = [open_image(data) for data in image_bytes]
+        tiles = [count_tiles(img.width, img.height, self.image_size, budget, self.min_tiles, self.use_thumbnail)
+                 for img in images]
+        prompt = self.prompt_ids(question, tiles)
+        self._check_image_tokens(prompt, [], [], tiles)
+        if len(prompt) >= self.max_length:
+            raise SampleError("prompt_too_long", f"prompt {len(prompt)} tokens, max_length {self.max_length}")
+        pixel = []
+        for img, n in zip(images, tiles):
+            try:
+                with strict_decoding():
+                    img.load()
+                t = image_to_tiles(img, self.image_size, budget, self.min_tiles, self.use_thumbnail)
+            except Exception as exc:
+                raise SampleError("bad_image", str(exc)) from None
+            assert t.shape[0] == n, (t.shape, n)
+            pixel.append(t)
+        pixel_values = torch.cat(pixel) if pixel else torch.zeros(0, 3, self.image_size, self.image_size)
+        return prompt, pixel_values
+
     def build(
         self,
         key: str,
@@ -167,28 +200,13 @@ class PairBuilder:
         for name, value in (("question", question), ("chosen", chosen), ("rejected", rejected)):
             if not isinstance(value, str) or not value:
                 raise SampleError("missing_field", name)
-        question = normalize_placeholders(question, len(image_bytes))
-        if question is None:
-            raise SampleError("placeholder_mismatch", f"{len(image_bytes)} images")
-        budget = tiles_per_image(tile_limit(meta.get("max_dynamic_patch"), self.max_tiles), len(image_bytes))
-        images = [open_image(data) for data in image_bytes]
-        tiles = [count_tiles(img.width, img.height, self.image_size, budget, self.min_tiles, self.use_thumbnail)
-                 for img in images]
-        prompt = self.prompt_ids(question, tiles)
+        prompt, pixel_values = self.prompt(question, image_bytes, meta.get("max_dynamic_patch"))
         chosen_ids, rejected_ids = self.response_ids(chosen), self.response_ids(rejected)
-        self._check_image_tokens(prompt, chosen_ids, rejected_ids, tiles)
+        tok = self.tokenizer
+        image_ids = (tok.img_start_id, tok.img_end_id, tok.img_context_id)
+        if any(i in image_ids for ids in (chosen_ids, rejected_ids) for i in ids):
+            raise SampleError("image_token_in_text", "the text contains <img>, </img> or <IMG_CONTEXT>")
         chosen_ids, rejected_ids, truncated = self.fit(prompt, chosen_ids, rejected_ids)
-        pixel = []
-        for img, n in zip(images, tiles):
-            try:
-                with strict_decoding():
-                    img.load()
-                t = image_to_tiles(img, self.image_size, budget, self.min_tiles, self.use_thumbnail)
-            except Exception as exc:
-                raise SampleError("bad_image", str(exc)) from None
-            assert t.shape[0] == n, (t.shape, n)
-            pixel.append(t)
-        pixel_values = torch.cat(pixel) if pixel else torch.zeros(0, 3, self.image_size, self.image_size)
         pair = TokenizedPair(key, prompt, chosen_ids, rejected_ids, pixel_values)
         if ref is not None:
             pair.ref_chosen, pair.ref_rejected = float(ref[0]), float(ref[1])

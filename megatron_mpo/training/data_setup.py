@@ -36,6 +36,13 @@ def tokenizer(cfg: RunConfig):
     source = cfg.model.tokenizer or cfg.model.init
     if not source:
         raise UserError("set model.tokenizer (a directory with tokenizer.json or tokenizer.model)")
+    if not cfg.model.tokenizer:
+        from megatron_mpo.conversion.megatron_dir import tokenizer_source
+
+        try:  # a training checkpoint as model.init: the tokenizer of its run's model dir
+            source = str(tokenizer_source(source))
+        except UserError:
+            pass
     return load_tokenizer(source)
 
 

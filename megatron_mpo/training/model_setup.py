@@ -22,13 +22,16 @@ def model_config(cfg: RunConfig):
     from megatron_mpo.models.presets import get_preset
 
     if cfg.model.init:
-        path = Path(cfg.model.init) / MODEL_CONFIG_FILE
-        if not path.is_file():
-            raise UserError(
-                f"model.init {cfg.model.init} has no {MODEL_CONFIG_FILE}: point it at a directory "
-                "written by tools/convert_hf_to_megatron.py or tools/init_checkpoint.py"
-            )
-        return InternVLConfig.from_json(path.read_text())
+        # A model dir, or a training checkpoint (its run's model.init names the architecture):
+        # the next MPO round of the pair pipeline starts from the last round's checkpoint.
+        from megatron_mpo.conversion.megatron_dir import read_model_config
+
+        try:
+            return read_model_config(cfg.model.init)
+        except UserError:
+            raise UserError(f"model.init {cfg.model.init} has no {MODEL_CONFIG_FILE}: point it at a directory written "
+                            "by tools/convert_hf_to_megatron.py or tools/init_checkpoint.py, or at a training "
+                            "checkpoint") from None
     return get_preset(cfg.model.preset)
 
 

@@ -1,0 +1,1 @@
+"""Generation: sampling responses and scoring them against ground-truth answers."""
