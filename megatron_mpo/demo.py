@@ -1,16 +1,23 @@
-"""The embedded-default demo: MPO visibly teaching a tiny InternVL to read colours.
+"""The embedded-default demo: MPO visibly teaching a tiny InternVL to read colours, first
+from given pairs, then from pairs built out of its own sampled answers (the paper's loop).
 
-    python -m megatron_mpo.demo [--out runs/demo] [--steps N] [--quick]
+    python -m megatron_mpo.demo [--out runs/demo] [--steps N] [--self-steps N]
 
 Nothing is downloaded. The demo
 1. draws a synthetic visual question set ("What color is the shape?"; chosen = the
-   correct colour, rejected = a wrong one) in MMPR format, plus held-out images;
+   correct colour, rejected = a wrong one, each ending in "Final answer: <colour>") in MMPR
+   format, plus held-out images; the same records, with their ``answer``, are a question set;
 2. trains a tiny tokenizer, writes shards (tools/make_shards.py) and a randomly
    initialised tiny InternVL (tools/init_checkpoint.py);
 3. precomputes reference log-probs and trains with MPO, both on 2 processes (TP=2,
    gloo on CPU), exactly as on a cluster;
-4. reports greedy-answer and preference accuracy on held-out images before and after
-   training, and plots the training curves to a PNG.
+4. samples 8 answers per question of a fresh question set from the trained model
+   (tools/sample_responses.py), scores them and builds correctness pairs
+   (tools/build_pairs.py), shards them and runs one more MPO round from the trained
+   checkpoint on them;
+5. reports held-out answer accuracy (engine + scorer), reward-margin accuracy and per-token
+   log-prob accuracy before training, after it and after the round on its own pairs
+   (``python -m megatron_mpo.evaluate`` at TP=2), and plots the training curves to a PNG.
 """
 
 from __future__ import annotations
@@ -51,8 +58,11 @@ def draw_shape(size: int, rng: random.Random):
     return img, color, shape
 
 
-def write_color_set(out: Path, count: int, seed: int, image_size: int) -> Path:
-    """Images with one coloured shape and MMPR records (chosen: right colour, rejected: wrong)."""
+def write_color_set(out: Path, count: int, seed: int, image_size: int, unanswered_every: int = 0) -> Path:
+    """Images with one coloured shape and MMPR records (chosen: right colour, rejected: wrong).
+
+    ``unanswered_every``: every so many records carry no ``answer`` (as a question set, they
+    go to Dropout NTP)."""
     rng = random.Random(seed)
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)
@@ -68,6 +78,8 @@ def write_color_set(out: Path, count: int, seed: int, image_size: int) -> Path:
             "rejected": f"The {shape} is {wrong}. Final answer: {wrong}",
             "answer": color, "choices": list(COLORS),
         })
+        if unanswered_every and i % unanswered_every == unanswered_every - 1:
+            del rows[-1]["answer"]
     annotation = out / "colors.jsonl"
     annotation.write_text("".join(json.dumps(r) + "\n" for r in rows))
     meta = out / "meta.json"
@@ -137,6 +149,7 @@ def _evaluate(out: Path, ckpt: Path, name: str, heldout: Path, nproc: int, logs:
     shutil.rmtree(result_dir, ignore_errors=True)
     _run(_torchrun(nproc, "-m", "megatron_mpo.evaluate", "--ckpt", str(ckpt), "--out", str(result_dir),
                    "--questions", str(heldout / "questions.json"), "--prompt", "plain", "--max-new-tokens", "40",
+                   "-k", "8",
                    "--shards", str(out / "heldout_shards"), "--ref-logps", str(out / "heldout_refs"),
                    "--tensor-parallel", str(nproc), "--micro-batch", "8", "--max-length", "256", "--max-tiles", "1",
                    "--device", "cpu"),
@@ -145,7 +158,7 @@ def _evaluate(out: Path, ckpt: Path, name: str, heldout: Path, nproc: int, logs:
 
 
 def run_demo(out: Path, steps: int, train_pairs: int, heldout: int, nproc: int = 2, seed: int = 0,
-             self_steps: int = 0, self_questions: int = 128, samples: int = 8) -> dict:
+             self_steps: int = 80, self_questions: int = 256, samples: int = 8) -> dict:
     from megatron_mpo.data.tiny_tokenizer import build_tiny_tokenizer
 
     out.mkdir(parents=True, exist_ok=True)
@@ -179,7 +192,7 @@ def run_demo(out: Path, steps: int, train_pairs: int, heldout: int, nproc: int =
                "after": _evaluate(out, final, "after", out / "data" / "heldout", nproc, logs, "after MPO")}
 
     if self_steps > 0:  # the paper's loop: pairs from the model's own samples, one more MPO round
-        questions = write_color_set(out / "data" / "own", self_questions, seed + 3, image_size).parent
+        questions = write_color_set(out / "data" / "own", self_questions, seed + 3, image_size, 8).parent
         own = out / "own"
         _run([sys.executable, str(REPO / "tools/sample_responses.py"), "--questions", str(questions / "questions.json"),
               "--model", str(final), "--out", str(own / "samples"), "-n", str(samples), "--prompt", "plain",
@@ -191,7 +204,7 @@ def run_demo(out: Path, steps: int, train_pairs: int, heldout: int, nproc: int =
         _run([sys.executable, str(REPO / "tools/make_shards.py"), "--meta", str(own / "pairs" / "meta.json"), "--out",
               str(own / "shards"), "--samples-per-shard", "64", "--seed", str(seed), "--overwrite"],
              logs / "make_own_shards.log", "make shards of its own pairs")
-        own_cfg = _train_config(own, "round", final, own / "shards", own / "refs", self_steps, nproc, seed, 1.0e-3, tok)
+        own_cfg = _train_config(own, "round", final, own / "shards", own / "refs", self_steps, nproc, seed, 3.0e-3, tok)
         improved = _train(own, own_cfg, "round", self_steps, nproc, logs, "MPO round on its own pairs")
         results["own_round"] = _evaluate(out, improved, "own_round", out / "data" / "heldout", nproc, logs,
                                          "after the round on its own pairs")
@@ -204,6 +217,7 @@ def run_demo(out: Path, steps: int, train_pairs: int, heldout: int, nproc: int =
     def acc(name: str) -> dict:
         r = results[name]
         return {"answer": r["answers"]["overall"]["greedy_accuracy"],
+                "sampled": r["answers"]["overall"]["sampled_accuracy"],
                 "preference": r["preference"]["reward_accuracy"],
                 "per_token": r["preference"]["per_token_logp_accuracy"]}
 
@@ -212,7 +226,8 @@ def run_demo(out: Path, steps: int, train_pairs: int, heldout: int, nproc: int =
         "heldout_samples": results["after"]["preference"]["pairs"],
         "own_pairs": results.get("own_pairs"),
         "plot": str(plot),
-        "examples_after": results["after"]["answers"]["datasets"]["colors"]["examples"][:2],
+        "examples_after": results["own_round" if "own_round" in results else "after"]["answers"]["datasets"]["colors"]
+        ["examples"][:2],
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
@@ -222,13 +237,13 @@ def run_demo(out: Path, steps: int, train_pairs: int, heldout: int, nproc: int =
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="CPU demo: MPO on a tiny InternVL, nothing to download.")
     parser.add_argument("--out", default="runs/demo", help="work directory (default runs/demo)")
-    parser.add_argument("--steps", type=int, default=200, help="MPO steps on the given pairs")
-    parser.add_argument("--train-pairs", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=60, help="MPO steps on the given pairs")
+    parser.add_argument("--train-pairs", type=int, default=512)
     parser.add_argument("--heldout", type=int, default=64)
-    parser.add_argument("--self-steps", type=int, default=0,
+    parser.add_argument("--self-steps", type=int, default=80,
                         help="then one MPO round of this many steps on pairs built from the model's own samples "
                              "(0: skip)")
-    parser.add_argument("--self-questions", type=int, default=128, help="questions the model answers for that round")
+    parser.add_argument("--self-questions", type=int, default=256, help="questions the model answers for that round")
     parser.add_argument("--samples", type=int, default=8, help="answers sampled per question")
     parser.add_argument("--nproc", type=int, default=2, help="processes = tensor-parallel size")
     parser.add_argument("--seed", type=int, default=0)
@@ -238,14 +253,16 @@ def main(argv=None) -> None:
                  args.self_steps, args.self_questions, args.samples)
     stages = [k for k in ("before", "after", "own_round") if k in s]
     titles = {"before": "before", "after": "after MPO", "own_round": "+own pairs"}
-    rows = [("greedy-answer accuracy", "answer"), ("reward-margin accuracy", "preference"),
+    rows = [("greedy-answer accuracy", "answer"), ("sampled-answer accuracy", "sampled"),
+            ("reward-margin accuracy", "preference"),
             ("per-token log-prob acc.", "per_token")]
     table = f"held-out ({s['heldout_samples']} images)".ljust(28) + "".join(titles[k].rjust(12) for k in stages)
     for title, key in rows:
         table += "\n  " + title.ljust(26) + "".join(f"{s[k][key]:12.1%}" for k in stages)
     own = s.get("own_pairs")
     if own:
-        table += (f"\nown pairs: {own['pairs']} from {own['questions']} questions ({own['all_correct']} all right, "
+        table += (f"\nown pairs: {own['pairs']} correctness + {own['dropout_ntp_pairs']} Dropout NTP from "
+                  f"{own['questions']} questions ({own['all_correct']} all right, "
                   f"{own['all_wrong']} all wrong, {own['no_final_answer']} samples without a final answer)")
     print(f"\n{table}\ntraining curves: {s['plot']}\nexamples after training: "
           + "; ".join(f"{e['answer']} -> {e['generated']!r}" for e in s["examples_after"])

@@ -5,10 +5,10 @@ reports preference accuracy only, and every command line tool describes itself."
 from __future__ import annotations
 
 import importlib
+import json
 import importlib.util
 import math
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -54,40 +54,23 @@ def test_a_one_step_run_trains_at_the_full_rate(warmup):
 # ---- evaluation on MMPR records ---------------------------------------------------------
 
 
-class _Evaluator:
-    """Scores by response length; answers "red"."""
+def test_evaluate_says_what_is_missing(tmp_path, capsys):
+    """MMPR records carry no answer: answer accuracy refuses them in one line; preference
+    accuracy needs the reference values beside the held-out shards."""
+    from megatron_mpo.evaluate import main
 
-    def pair(self, record, image_root):
-        from megatron_mpo.data.samples import SampleError
+    def error(*args: str) -> str:
+        with pytest.raises(SystemExit) as exc:
+            main(["--ckpt", str(tmp_path), "--out", str(tmp_path / "out"), *args])
+        assert exc.value.code == 2
+        return capsys.readouterr().err.strip().splitlines()[-1]
 
-        if "question" not in record:
-            raise SampleError("missing_field", "question")
-        return SimpleNamespace(prompt=[1], chosen=list(record["chosen"]), rejected=list(record["rejected"]),
-                               pixel_values=None)
-
-    def sequence_logp(self, prompt, response, pixel_values):
-        return float(len(response))
-
-    def greedy(self, prompt, pixel_values, max_new_tokens=16):
-        return "The circle is red."
-
-
-def test_mmpr_records_get_preference_accuracy_only(tmp_path):
-    from megatron_mpo.evaluate import evaluate_records
-
-    mmpr = [{"question": "q", "chosen": "long answer", "rejected": "short"},
-            {"question": "q", "chosen": "no", "rejected": "longer one"},
-            {"chosen": "x", "rejected": "y"}]  # refused by the pair builder: counted, not fatal
-    result = evaluate_records(_Evaluator(), mmpr, tmp_path)
-    assert result["preference_accuracy"] == 0.5 and result["samples"] == 2
-    assert result["greedy_accuracy"] is None and "preference accuracy only" in result["note"]
-    assert result["skipped"] == {"missing_field": 1}
-    answered = [{"question": "q", "chosen": "long answer", "rejected": "short", "answer": "red",
-                 "choices": ["red", "blue"]},
-                {"question": "q", "chosen": "no", "rejected": "longer one", "answer": "blue",
-                 "choices": ["red", "blue"]}]
-    both = evaluate_records(_Evaluator(), answered + mmpr[:1], tmp_path)
-    assert both["greedy_accuracy"] == 0.5 and both["greedy_samples"] == 2 and "1 of 3" in both["note"]
+    assert "nothing to evaluate" in error()
+    assert "needs both --shards and --ref-logps" in error("--shards", str(tmp_path))
+    (tmp_path / "images").mkdir()
+    (tmp_path / "mmpr.jsonl").write_text(json.dumps({"question": "q", "chosen": "a", "rejected": "b"}) + "\n")
+    (tmp_path / "meta.json").write_text(json.dumps({"mmpr": {"root": "images", "annotation": "mmpr.jsonl"}}))
+    assert "has no question with an 'answer'" in error("--questions", str(tmp_path / "meta.json"))
 
 
 # ---- --help -----------------------------------------------------------------------------

@@ -56,8 +56,10 @@ def open_engine(args, out_dir: str, log):
     tok = load_tokenizer(model.tokenizer_dir)
     builder = prompt_builder(model, tok, max_length=args.max_length, max_tiles=args.max_tiles,
                              system_message=args.system_message)
-    options = ({"device": args.device, "dtype": args.dtype} if args.engine == "transformers"
-               else {"tensor_parallel_size": args.tensor_parallel, "max_model_len": args.max_length + args.max_new_tokens})
+    if args.engine == "transformers":
+        options = {"device": args.device, "dtype": args.dtype}
+    else:  # the engine's context holds the prompt and the answer
+        options = {"tensor_parallel_size": args.tensor_parallel, "max_model_len": args.max_length + args.max_new_tokens}
     engine = make_engine(args.engine, model.hf_dir, tok, **options)
     return model, tok, builder, engine
 

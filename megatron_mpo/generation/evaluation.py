@@ -1,8 +1,9 @@
 """Held-out evaluation from the pair pipeline's machinery.
 
 - **Answer accuracy** (per dataset): the engine answers held-out questions with a ground
-  truth, the dataset's scorer checks them: greedy accuracy, and pass@k over ``k`` samples
-  (a question counts when any of its samples is right).
+  truth, the dataset's scorer checks them: greedy accuracy, and over ``k`` samples pass@k
+  (a question counts when any of its samples is right) and the sampled accuracy (the share
+  of right samples: pass@1 at the sampling temperature).
 - **Preference accuracy**: the reward-margin sign against the reference values,
   ``(log pi(c) - log pi_0(c)) - (log pi(r) - log pi_0(r)) > 0`` -- what MPO optimises --
   and the per-token log-prob average ``log pi(c)/|c| > log pi(r)/|r|``. Raw log-prob sums
@@ -70,7 +71,9 @@ def answer_accuracy(engine: Engine, builder: PairBuilder, questions: Sequence[Qu
         from dataclasses import replace
 
         for q, samples in zip(asked, engine.generate(prompts, replace(settings, n=k)) if prompts else []):
-            per[q.dataset][f"pass@{k}_correct"] += any(_correct(c.text, q, prompt_style) for c in samples)
+            right = [_correct(c.text, q, prompt_style) for c in samples]
+            per[q.dataset][f"pass@{k}_correct"] += any(right)
+            per[q.dataset]["sampled_correct"] += sum(right)
     return {name: {**dict(c), "examples": shown[name]} for name, c in per.items()}
 
 
@@ -93,8 +96,9 @@ def summarize_answers(per_rank: Sequence[dict], k: int = 0) -> dict:
 def _rates(c: Counter, k: int) -> dict:
     n = c.get("questions", 0)
     out = {"questions": n, "greedy_accuracy": c.get("greedy_correct", 0) / n if n else None}
-    if k > 0:
+    if k > 0:  # pass@k, and the mean accuracy of single samples (pass@1 estimated from k)
         out[f"pass@{k}"] = c.get(f"pass@{k}_correct", 0) / n if n else None
+        out["sampled_accuracy"] = c.get("sampled_correct", 0) / (n * k) if n else None
     skipped = {key[len("skipped_"):]: v for key, v in c.items() if key.startswith("skipped_")}
     if skipped:
         out["skipped"] = skipped

@@ -15,7 +15,7 @@ import os
 import random
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 from megatron_mpo.data.mmpr import as_image_list, load_meta, outside_root, read_annotation, select_indices
 from megatron_mpo.generation.scoring import DEFAULT_MODE, check_mode
@@ -75,7 +75,11 @@ def _answer(value) -> Tuple[bool, Optional[Answer]]:
     return False, None
 
 
-def _check(record_line: Tuple[int, str], index: int, spec, allow_outside_root: bool) -> Tuple[Optional[Question], Optional[Tuple[str, str]]]:
+Refusal = Tuple[str, str]  # (reason, detail)
+
+
+def _check(record_line: Tuple[int, str], index: int, spec, allow_outside_root: bool
+           ) -> Tuple[Optional[Question], Optional[Refusal]]:
     line, raw = record_line
     try:
         rec = json.loads(raw)
@@ -98,7 +102,8 @@ def _check(record_line: Tuple[int, str], index: int, spec, allow_outside_root: b
                                            f"file's 'root')")
     ok, answer = _answer(rec.get("answer"))
     if not ok:
-        return None, ("bad_answer", f"answer must be a string, a number or a list of them, got {rec.get('answer')!r}"[:200])
+        return None, ("bad_answer",
+                      f"answer must be a string, a number or a list of them, got {rec.get('answer')!r}"[:200])
     choices = rec.get("choices")
     if choices is not None and not (isinstance(choices, list) and all(isinstance(c, str) for c in choices)):
         return None, ("bad_choices", "choices must be a list of strings")
@@ -110,17 +115,9 @@ def _check(record_line: Tuple[int, str], index: int, spec, allow_outside_root: b
     ), None
 
 
-def load_questions(meta_path: str, *, seed: int = 0, allow_outside_root: bool = False,
-                   datasets: Optional[Sequence[str]] = None) -> QuestionSet:
+def load_questions(meta_path: str, *, seed: int = 0, allow_outside_root: bool = False) -> QuestionSet:
     """Every usable question of a meta file, in file order (``repeat_time`` applied, seeded)."""
     specs = load_meta(meta_path)
-    if datasets:
-        unknown = sorted(set(datasets) - {s.name for s in specs})
-        if unknown:
-            from megatron_mpo.errors import UserError
-
-            raise UserError(f"{meta_path} has no dataset {', '.join(unknown)}; it has {', '.join(s.name for s in specs)}")
-        specs = [s for s in specs if s.name in datasets]
     for spec in specs:
         if spec.scoring is not None:
             check_mode(spec.scoring)
