@@ -110,6 +110,10 @@ def main(argv=None) -> dict:
 
         parts = [json.loads((Path(args.out) / f"answers_rank{r:05d}.json").read_text()) for r in range(world)]
         result["answers"] = summarize_answers(parts, args.k)
+        overall = result["answers"]["overall"]
+        if not overall["questions"]:
+            raise UserError(f"no held-out question could be asked (skipped: {overall.get('skipped', {})}); "
+                            f"prompt_too_long: raise --max-length (now {args.max_length}) or lower --max-tiles")
     from megatron_mpo.generation.evaluation import write_json
 
     write_json(os.path.join(args.out, "eval.json"), result)

@@ -92,3 +92,13 @@ def test_sampling_tool_under_torchrun_matches_one_process(workspace, tmp_path):
     assert "questions 6" in printed.stdout
     written = json.loads((tmp_path / "pairs" / "summary.json").read_text())
     assert written["questions"] == 6 and written["samples"] <= 5 * 3 + 2
+
+
+def test_evaluate_refuses_when_every_prompt_is_too_long(workspace, tmp_path):
+    """The old evaluator's trap: a fixed max_length made every sample prompt_too_long, exit 0."""
+    meta = write_questions(tmp_path / "q", [{"image": "a.png", "question": "What color?", "answer": "red"}])
+    proc = run_tool("-m megatron_mpo.evaluate", "--ckpt", str(workspace / "init"), "--out", str(tmp_path / "e"),
+                    "--questions", str(meta), "--max-length", "12", "--device", "cpu", check=False)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "no held-out question could be asked" in line and "raise --max-length (now 12)" in line, line

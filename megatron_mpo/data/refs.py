@@ -88,6 +88,10 @@ def write_ref_logps(
     also records the settings ``fingerprint`` the numbers depend on, the shard ``content``
     they were computed from (:func:`shard_contents`), ``extra`` bookkeeping and a checksum.
     """
+    bad = _first_non_finite(logps)
+    if bad is not None:
+        raise UserError(f"reference value of sample {bad[0]!r} in shard {shard} is {bad[1]}: the reference forward "
+                        "overflowed (check model.init and the reference precision); nothing was written")
     os.makedirs(directory, exist_ok=True)
     path = sidecar_path(directory, shard)
     body = {
@@ -126,7 +130,21 @@ def load_sidecar(path: str) -> dict:
         raise UserError(f"reference sidecar {path} fails its checksum (edited or damaged after it was written); {FIX}")
     if body.get("shard") != os.path.basename(path)[: -len(SUFFIX)]:
         raise UserError(f"reference sidecar {path} holds the values of shard {body.get('shard')!r}; {FIX}")
+    bad = _first_non_finite(body.get("logps") or {})
+    if bad is not None:  # a valid checksum guards against damage only, not against a diverged forward
+        raise UserError(f"reference sidecar {path} holds a non-finite value ({bad[1]} for sample {bad[0]!r}); {FIX}")
     return body
+
+
+def _first_non_finite(logps: Mapping) -> Optional[Tuple[str, float]]:
+    """(key, value) of the first NaN / inf reference value, None when all are finite."""
+    import math
+
+    for key, values in logps.items():
+        for value in values:
+            if isinstance(value, (int, float)) and not math.isfinite(value):
+                return key, value
+    return None
 
 
 # ---- what the values depend on: settings (fingerprint) and shard content ----------------------

@@ -82,9 +82,11 @@ def _plan(specs: List[SourceSpec], seed: int, allow_outside_root: bool = False):
     used = set()
     prefixes = []
     for i, spec in enumerate(specs):
-        prefix = safe_key_part(spec.name)
-        if prefix in used:
-            prefix = f"{prefix}{i}"
+        # Unique by construction: a cleaned name that another dataset already has gets the
+        # dataset's index, and that is checked again (``a3`` and ``a.`` + index 3 once collided).
+        prefix = base = safe_key_part(spec.name)
+        while prefix in used:
+            prefix = f"{base}_{i}" if prefix == base else f"{prefix}_{i}"
         used.add(prefix)
         prefixes.append(prefix)
     tasks = []

@@ -24,6 +24,7 @@ from webdataset.tariterators import base_plus_ext
 
 from megatron_mpo.data.refs import shard_name
 from megatron_mpo.data.shardlist import check_pipe
+from megatron_mpo.errors import UserError
 
 
 class SkipCounter:
@@ -63,10 +64,16 @@ def _close(stream) -> None:
         pass
 
 
+class RepeatedKey(UserError):
+    """A shard holding one sample key twice: two samples would share one reference value."""
+
+
 def _tar_samples(stream, url: str) -> Iterator[dict]:
-    """Samples of an open tar stream; raises on a broken tar (the partial sample is lost)."""
+    """Samples of an open tar stream; raises on a broken tar (the partial sample is lost)
+    and on a sample key that appears twice (:class:`RepeatedKey`)."""
     name = shard_name(url)
     current = None
+    seen: set = set()
     with tarfile.open(fileobj=stream, mode="r|*") as tar:
         for info in tar:
             if not info.isreg():
@@ -79,7 +86,14 @@ def _tar_samples(stream, url: str) -> Iterator[dict]:
             if current is None or key != current["__key__"]:
                 if current is not None:
                     yield current
+                if key in seen:
+                    raise RepeatedKey(f"shard {url} holds sample key {key!r} twice: its samples would share one "
+                                      "reference value; rebuild the shards with tools/make_shards.py")
+                seen.add(key)
                 current = {"__key__": key, "__shard__": name, "__url__": url}
+            elif suffix.lower() in current:
+                raise RepeatedKey(f"shard {url} holds member {info.name!r} twice (sample key {key!r} repeated); "
+                                  "rebuild the shards with tools/make_shards.py")
             current[suffix.lower()] = data
     if current is not None:
         yield current
@@ -104,6 +118,8 @@ def iter_shard(url: str, counter: SkipCounter, warn: bool = True, expected: Opti
             for sample in _tar_samples(stream, url):
                 read += 1
                 yield sample
+        except UserError:
+            raise  # a shard that must be rebuilt, not a read error to count
         except Exception as exc:  # truncated or corrupt tar, failing pipe/HTTP stream
             error = exc
         finally:

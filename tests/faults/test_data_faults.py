@@ -286,3 +286,36 @@ def test_http_shards_are_fetched_without_a_process(workspace, tok, monkeypatch):
     finally:
         server.shutdown()
         server.server_close()
+
+
+# ----------------------------------------------------------------------------- repeated sample keys
+def test_make_shards_keys_are_unique_whatever_the_dataset_names(tmp_path):
+    """Datasets `a3`, `a`, `b`, `a.`: the cleaned name of `a.` plus its index once gave a second
+    `a3-L1-r0`, and a pair trained against another pair's reference value."""
+    from megatron_mpo.data.shard_writer import MakeShardsConfig, make_shards
+
+    (tmp_path / "img.png").write_bytes(_encode(Image.new("RGB", (56, 56), (200, 0, 0)), "PNG"))
+    meta = {}
+    for name in ("a3", "a", "b", "a."):
+        fname = f"ds_{len(meta)}.jsonl"
+        (tmp_path / fname).write_text(json.dumps({"image": "img.png", "question": "What?", "chosen": "A",
+                                                  "rejected": "B"}) + "\n")
+        meta[name] = {"root": ".", "annotation": fname}
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    make_shards(MakeShardsConfig(meta=str(tmp_path / "meta.json"), out=str(tmp_path / "shards"), workers=1), log=lambda _m: None)
+    keys = []
+    for shard in sorted((tmp_path / "shards").glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            keys += [m.name.split(".")[0] for m in tar.getmembers() if m.name.endswith(".json")]
+    assert len(keys) == 4 and len(set(keys)) == 4, keys
+
+
+@pytest.mark.parametrize("adjacent", [False, True])
+def test_a_shard_with_a_repeated_key_is_refused_naming_it(tmp_path, tok, adjacent):
+    image = _encode(Image.new("RGB", (56, 56), (0, 0, 200)), "PNG")
+    samples = [_sample("x-L1-r0", image), _sample("y-L1-r0", image), _sample("x-L1-r0", image)]
+    order = [samples[0], samples[2], samples[1]] if adjacent else samples
+    (tmp_path / "s.tar").write_bytes(_tar_bytes([m for s in order for m in s]))
+    with pytest.raises(UserError, match="x-L1-r0") as err:
+        list(build_loader(_cfg(str(tmp_path / "s.tar")), tok, dp_rank=0, dp_size=1))
+    assert "rebuild the shards" in str(err.value) and "\n" not in str(err.value)

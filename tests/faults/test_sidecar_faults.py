@@ -77,6 +77,23 @@ def test_edited_value_is_refused(workspace, copied):
     _refused(workspace, copied, "shard-000001.ref.json", "checksum", "recompute")
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("-inf")])
+def test_non_finite_reference_value_with_a_valid_checksum_is_refused(workspace, copied, value):
+    """A diverged reference forward, checksummed as written: refused at start-up and at
+    writing, instead of discarding every step holding the pair."""
+    from megatron_mpo.data.refs import sidecar_checksum, write_ref_logps
+
+    def poison(body):
+        body["logps"][_first_key(body)][1] = value
+        body["checksum"] = sidecar_checksum(body)
+
+    _edit(copied["refs"] / "shard-000001.ref.json", poison)
+    _refused(workspace, copied, "shard-000001.ref.json", "non-finite", "recompute")
+    with pytest.raises(UserError, match="overflowed"):
+        write_ref_logps(str(copied["refs"]), "shard-000002", {"k": (-1.0, value, 3, 4)})
+    assert json.loads((copied["refs"] / "shard-000002.ref.json").read_text())["logps"]  # the old one stays
+
+
 def test_sidecar_without_format_is_refused(workspace, copied):
     _edit(copied["refs"] / "shard-000002.ref.json", lambda body: body.pop("format"))
     _refused(workspace, copied, "shard-000002.ref.json", "format", "recompute")
