@@ -38,9 +38,15 @@ process-wide CPU ``TorchFunctionMode`` (megatron_mpo/platform.py) that the basel
 for, as the old evaluator did, and that must not tax the engine. In each process: load,
 one untimed warm-up call (engine: SAMPLES rows x 8 new tokens; baseline: 1 sequence x 8
 new tokens), then ``--reps`` timed calls per length. tokens/s = generated tokens / wall
-time of the call (prompt processing included on both sides). Medians over the reps. Each
-timed window also records the CPU time other processes used (share of all cores), since
-the machine may be shared.
+time of the call (prompt processing included on both sides). Medians over the reps.
+
+Shared machines: each timed window records the CPU time other processes used (share of
+all cores). A *noisy* run (more than ``--quiet-threshold``, default 10 %) is repeated up
+to ``--quiet-retries`` times within ``--retry-budget-s`` seconds per side and size, and the
+quietest attempt is kept (every attempt is in the JSON). ``--resume`` reuses a side's
+result from WORKDIR when its settings match and all its kept runs were quiet, so the same
+command can be rerun until every side was measured quietly (each side records when it
+finished). ``--threads`` sets torch's threads per process (default: torch's own).
 
 ``--baseline-seqs SIZE=K``: time only K of the SAMPLES sequential greedy runs for that
 size (the K runs are identical: same prompt, greedy), and report tokens/s of those
@@ -69,6 +75,7 @@ BASELINE_COMMIT = "87a9ec1746f11465bebb80d77d22431fd702d396"
 QUESTION = "<image>\nDescribe the image in detail. What shape is in the image, and what colour is it?"
 WARMUP_TOKENS = 8
 DEFAULT_BASELINE_SEQS = "tiny=8,bench=1"
+SCRIPT_VERSION = 2
 
 
 def log(msg: str) -> None:
@@ -297,6 +304,8 @@ def worker(args) -> None:
     from megatron_mpo.data import load_tokenizer
 
     setup_console()  # the project's filter of known-harmless megatron-core / torch notices
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     paths = json.loads(args.paths)
     tok = load_tokenizer(paths["tokenizer"])
@@ -356,10 +365,11 @@ def worker(args) -> None:
     params = None
     if args.worker == "engine":
         params = sum(p.numel() for p in engine.model.parameters())
-    result = {"size": args.size, "side": args.worker, "rows": rows, "prompt_tokens": len(prompt.ids),
+    result = {"size": args.size, "side": args.worker, "settings": json.loads(args.settings), "rows": rows, "prompt_tokens": len(prompt.ids),
               "image_tokens": sum(1 for i in prompt.ids if i == tok.img_context_id), "tiles": prompt.num_tiles,
               "load_s": load_s, "torch_threads": torch.get_num_threads(), "params": params,
-              "quiet_threshold": args.quiet_threshold, "runs": runs, "all_attempts": attempts}
+              "quiet_threshold": args.quiet_threshold, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "runs": runs, "all_attempts": attempts}
     Path(args.result).write_text(json.dumps(result, indent=1))
 
 
@@ -457,6 +467,10 @@ def main(argv=None) -> None:
                    help="a run is noisy when other processes used more than this share of all cores")
     p.add_argument("--quiet-retries", type=int, default=2, help="repeats of a noisy run (the quietest is kept)")
     p.add_argument("--retry-budget-s", type=float, default=60.0, help="seconds of repeats per side and size")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per process (default: torch's own)")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse a side's result from WORKDIR when its settings match and all its kept runs were "
+                        "quiet (rerun the same command on a shared machine until every side is quiet)")
     p.add_argument("--out", help="result JSON (default WORKDIR/results.json)")
     p.add_argument("--table", help="print the table of a saved result JSON and exit")
     # internal: one side of one size
@@ -464,6 +478,7 @@ def main(argv=None) -> None:
     p.add_argument("--size", help=argparse.SUPPRESS)
     p.add_argument("--paths", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
+    p.add_argument("--settings", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         worker(args)
@@ -484,7 +499,18 @@ def main(argv=None) -> None:
         paths = prepare(size, workdir)
         for side in [s.strip() for s in args.sides.split(",") if s.strip()]:
             out = workdir / size / f"result_{side}.json"
+            settings = {"new_tokens": args.new_tokens, "reps": args.reps, "samples": args.samples,
+                        "baseline_seqs": seqs.get(size, args.samples), "threads": args.threads,
+                        "quiet_threshold": args.quiet_threshold, "script_version": SCRIPT_VERSION}
+            if args.resume and out.is_file():
+                done = json.loads(out.read_text())
+                if done.get("settings") == settings and all(
+                        (r["foreign_cpu_share"] or 0) <= args.quiet_threshold for r in done["runs"]):
+                    log(f"{size} {side}: reusing {out} (same settings, every kept run quiet)")
+                    results.append(done)
+                    continue
             cmd = [sys.executable, str(THIS), "--worker", side, "--size", size, "--paths", json.dumps(paths),
+                   "--settings", json.dumps(settings), "--threads", str(args.threads or 0),
                    "--result", str(out), "--reps", str(args.reps), "--new-tokens", args.new_tokens,
                    "--samples", str(args.samples), "--baseline-seqs", str(seqs.get(size, args.samples)),
                    "--quiet-threshold", str(args.quiet_threshold), "--quiet-retries", str(args.quiet_retries),
@@ -502,7 +528,8 @@ def main(argv=None) -> None:
                           "baseline_seqs": {s: seqs.get(s, args.samples) for s in sizes},
                           "warmup_tokens": WARMUP_TOKENS, "baseline_commit": BASELINE_COMMIT,
                           "quiet_threshold": args.quiet_threshold, "quiet_retries": args.quiet_retries,
-                          "retry_budget_s": args.retry_budget_s,
+                          "retry_budget_s": args.retry_budget_s, "threads": args.threads or None,
+                          "resume": args.resume,
                           "command": " ".join([Path(sys.executable).name, "benchmarks/bench_generation.py"]
                                               + (argv if argv is not None else sys.argv[1:]))},
              "machine": info, "wall_s": time.time() - started, "summary": rows, "results": results}

@@ -85,6 +85,8 @@ def sample_main(argv: Optional[Sequence[str]] = None) -> dict:
     args = parser.parse_args(argv)
     rank, world = dist_rank()
     log = print if rank == 0 else (lambda m: print(m) if m.startswith("[rank") else None)
+    if args.overwrite and world > 1:  # ranks could write parts while rank 0 clears the folder
+        raise UserError(f"--overwrite starts {args.out} over: delete it first, or run --overwrite without torchrun")
 
     settings = SamplingSettings(n=args.samples, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                 max_new_tokens=args.max_new_tokens, seed=args.seed)
