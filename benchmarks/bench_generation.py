@@ -83,13 +83,11 @@ def log(msg: str) -> None:
 
 
 def child_env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("TRANSFORMERS_OFFLINE", "1")
-    return env
+    """bench_mpo's environment for child processes (offline, unbuffered)."""
+    sys.path.insert(0, str(THIS.parent))
+    from bench_mpo import child_env as bench_env
+
+    return bench_env()
 
 
 def run_tool(args: List[str]) -> None:

@@ -158,7 +158,7 @@ def _evaluate(out: Path, ckpt: Path, name: str, heldout: Path, nproc: int, logs:
 
 
 def run_demo(out: Path, steps: int, train_pairs: int, heldout: int, nproc: int = 2, seed: int = 0,
-             self_steps: int = 80, self_questions: int = 256, samples: int = 8) -> dict:
+             self_steps: int = 80, self_questions: int = 256, samples: int = 8, evaluate_before: bool = True) -> dict:
     from megatron_mpo.data.tiny_tokenizer import build_tiny_tokenizer
 
     out.mkdir(parents=True, exist_ok=True)
@@ -188,8 +188,10 @@ def run_demo(out: Path, steps: int, train_pairs: int, heldout: int, nproc: int =
     config_path = _train_config(out, "mpo", init, out / "shards", out / "refs", steps, nproc, seed, 3.0e-3, tok)
     (out / "config.yaml").write_text(config_path.read_text())
     final = _train(out, config_path, "mpo", steps, nproc, logs, "MPO training on the given pairs")
-    results = {"before": _evaluate(out, init, "before", out / "data" / "heldout", nproc, logs, "before training"),
-               "after": _evaluate(out, final, "after", out / "data" / "heldout", nproc, logs, "after MPO")}
+    results = {}
+    if evaluate_before:
+        results["before"] = _evaluate(out, init, "before", out / "data" / "heldout", nproc, logs, "before training")
+    results["after"] = _evaluate(out, final, "after", out / "data" / "heldout", nproc, logs, "after MPO")
 
     if self_steps > 0:  # the paper's loop: pairs from the model's own samples, one more MPO round
         questions = write_color_set(out / "data" / "own", self_questions, seed + 3, image_size, 8).parent
@@ -245,12 +247,13 @@ def main(argv=None) -> None:
                              "(0: skip)")
     parser.add_argument("--self-questions", type=int, default=256, help="questions the model answers for that round")
     parser.add_argument("--samples", type=int, default=8, help="answers sampled per question")
+    parser.add_argument("--skip-before", action="store_true", help="do not evaluate the untrained model")
     parser.add_argument("--nproc", type=int, default=2, help="processes = tensor-parallel size")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     started = time.perf_counter()
     s = run_demo(Path(args.out), args.steps, args.train_pairs, args.heldout, args.nproc, args.seed,
-                 args.self_steps, args.self_questions, args.samples)
+                 args.self_steps, args.self_questions, args.samples, not args.skip_before)
     stages = [k for k in ("before", "after", "own_round") if k in s]
     titles = {"before": "before", "after": "after MPO", "own_round": "+own pairs"}
     rows = [("greedy-answer accuracy", "answer"), ("sampled-answer accuracy", "sampled"),

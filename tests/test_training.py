@@ -196,8 +196,9 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(workspace, tmp_path):
     shutil.copytree(workspace / "refs", bad_refs)
     for path in bad_refs.glob("*.ref.json"):
         body = json.loads(path.read_text())
-        body["logps"] = {k: [float("nan"), v[1], *v[2:]] for k, v in body["logps"].items()}
-        body["checksum"] = sidecar_checksum(body)  # a sound sidecar holding NaNs
+        # Finite in the sidecar (NaN / inf are refused at start-up), beyond float32 in the loss.
+        body["logps"] = {k: [1e39, v[1], *v[2:]] for k, v in body["logps"].items()}
+        body["checksum"] = sidecar_checksum(body)
         path.write_text(json.dumps(body))
     run = tmp_path / "nan"
     proc = train(workspace, run, 1, check=False, data={"ref_logps": str(bad_refs)},
