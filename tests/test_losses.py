@@ -385,9 +385,14 @@ _DP_WORKER = textwrap.dedent(
         MPOLoss(MPOLossConfig())
     out["warnings"] = [str(w.message) for w in caught]
     if rank == 0:
-        json.dump(out, open(out_path, "w"))
+        with open(out_path, "w") as f:
+            json.dump(out, f)
     dist.barrier()
-    dist.destroy_process_group()
+    # Leave without C++ teardown: gloo's threads at interpreter exit ("terminate called
+    # without an active exception") failed this worker now and then on a loaded machine.
+    import os
+    sys.stdout.flush()
+    os._exit(0)
     """
 )
 
