@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -129,8 +130,6 @@ def _train_config(out: Path, name: str, init: Path, shards: Path, refs: Path, st
 
 def _train(out: Path, config_path: Path, name: str, steps: int, nproc: int, logs: Path, what: str) -> Path:
     """Reference values, then MPO training from scratch of the run dir; the final checkpoint."""
-    import shutil
-
     cfg = yaml.safe_load(config_path.read_text())
     _run(_torchrun(nproc, str(REPO / "tools/precompute_ref_logps.py"), "--config", str(config_path)),
          logs / f"reference_{name}.log", f"reference log-probs for {what} (TP={nproc})")
@@ -144,8 +143,6 @@ def _train(out: Path, config_path: Path, name: str, steps: int, nproc: int, logs
 def _evaluate(out: Path, ckpt: Path, name: str, heldout: Path, nproc: int, logs: Path, what: str) -> dict:
     """Held-out answer accuracy (engine + scorer) and preference accuracy (at TP = nproc)."""
     result_dir = out / f"eval_{name}"
-    import shutil
-
     shutil.rmtree(result_dir, ignore_errors=True)
     _run(_torchrun(nproc, "-m", "megatron_mpo.evaluate", "--ckpt", str(ckpt), "--out", str(result_dir),
                    "--questions", str(heldout / "questions.json"), "--prompt", "plain", "--max-new-tokens", "40",

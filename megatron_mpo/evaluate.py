@@ -80,10 +80,12 @@ def main(argv=None) -> dict:
     log = print if rank == 0 else (lambda _m: None)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     result: dict = {"checkpoint": str(args.ckpt), "max_length": args.max_length}
+    from megatron_mpo.generation.evaluation import write_json
+
     if args.questions:
         from megatron_mpo.generation.cli import open_engine
         from megatron_mpo.generation.engines import SamplingSettings
-        from megatron_mpo.generation.evaluation import answer_accuracy, write_json
+        from megatron_mpo.generation.evaluation import answer_accuracy
         from megatron_mpo.generation.questions import load_questions
 
         qset = load_questions(args.questions, allow_outside_root=args.allow_outside_root)
@@ -114,8 +116,6 @@ def main(argv=None) -> dict:
         if not overall["questions"]:
             raise UserError(f"no held-out question could be asked (skipped: {overall.get('skipped', {})}); "
                             f"prompt_too_long: raise --max-length (now {args.max_length}) or lower --max-tiles")
-    from megatron_mpo.generation.evaluation import write_json
-
     write_json(os.path.join(args.out, "eval.json"), result)
     print(json.dumps(result, indent=1, ensure_ascii=False))
     return result

@@ -99,7 +99,8 @@ class HFDir:
         return sum(p.stat().st_size for p in self.weight_files)
 
 
-def _read_json(path: Path, what: str) -> dict:
+def read_json_object(path: Path, what: str) -> dict:
+    """A JSON object file; UserError naming ``what`` when it is unreadable or not an object."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -128,7 +129,7 @@ def _weight_files(path: Path) -> tuple[list, Optional[dict]]:
     for index_name in (SAFE_INDEX, BIN_INDEX):
         index_path = path / index_name
         if index_path.is_file():
-            index = _read_json(index_path, "weight index")
+            index = read_json_object(index_path, "weight index")
             weight_map = index.get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise UserError(f"{index_path} has no weight_map")
@@ -154,7 +155,7 @@ def inspect_hf_dir(path: str | Path) -> HFDir:
     config_path = path / CONFIG_FILE
     if not config_path.is_file():
         raise UserError(f"{path} has no {CONFIG_FILE}: not a Hugging Face model directory")
-    config = _read_json(config_path, "model config")
+    config = read_json_object(config_path, "model config")
     layout = detect_layout(config, str(path))
     files, index = _weight_files(path)
     return HFDir(path=path, layout=layout, config=config, weight_files=files, index=index)

@@ -148,14 +148,20 @@ class PairBuilder:
         truncated = len(chosen) > room or len(rejected) > room
         return chosen[:room], rejected[:room], truncated
 
-    def _check_image_tokens(self, prompt: List[int], chosen: List[int], rejected: List[int], tiles: Sequence[int]) -> None:
-        """Refuse text that spells image tokens itself (it would shift the image features)."""
+    @property
+    def _image_ids(self) -> Tuple[int, int, int]:
         tok = self.tokenizer
-        image_ids = (tok.img_start_id, tok.img_end_id, tok.img_context_id)
+        return tok.img_start_id, tok.img_end_id, tok.img_context_id
+
+    def _check_image_tokens(self, prompt: List[int], tiles: Sequence[int]) -> None:
+        """Refuse a question that spells image tokens itself (it would shift the image features)."""
         expected = (len(tiles), len(tiles), sum(tiles) * self.tokens_per_tile)
-        if tuple(prompt.count(i) for i in image_ids) != expected or any(
-            i in image_ids for ids in (chosen, rejected) for i in ids
-        ):
+        if tuple(prompt.count(i) for i in self._image_ids) != expected:
+            raise SampleError("image_token_in_text", "the text contains <img>, </img> or <IMG_CONTEXT>")
+
+    def _refuse_image_tokens(self, *responses: List[int]) -> None:
+        """Refuse responses that spell image tokens (the same rule for the answers)."""
+        if any(i in self._image_ids for ids in responses for i in ids):
             raise SampleError("image_token_in_text", "the text contains <img>, </img> or <IMG_CONTEXT>")
 
     # -- whole sample ---------------------------------------------------------------------
@@ -172,7 +178,7 @@ class PairBuilder:
         tiles = [count_tiles(img.width, img.height, self.image_size, budget, self.min_tiles, self.use_thumbnail)
                  for img in images]
         prompt = self.prompt_ids(question, tiles)
-        self._check_image_tokens(prompt, [], [], tiles)
+        self._check_image_tokens(prompt, tiles)
         if len(prompt) >= self.max_length:
             raise SampleError("prompt_too_long", f"prompt {len(prompt)} tokens, max_length {self.max_length}")
         pixel = []
@@ -202,10 +208,7 @@ class PairBuilder:
                 raise SampleError("missing_field", name)
         prompt, pixel_values = self.prompt(question, image_bytes, meta.get("max_dynamic_patch"))
         chosen_ids, rejected_ids = self.response_ids(chosen), self.response_ids(rejected)
-        tok = self.tokenizer
-        image_ids = (tok.img_start_id, tok.img_end_id, tok.img_context_id)
-        if any(i in image_ids for ids in (chosen_ids, rejected_ids) for i in ids):
-            raise SampleError("image_token_in_text", "the text contains <img>, </img> or <IMG_CONTEXT>")
+        self._refuse_image_tokens(chosen_ids, rejected_ids)
         chosen_ids, rejected_ids, truncated = self.fit(prompt, chosen_ids, rejected_ids)
         pair = TokenizedPair(key, prompt, chosen_ids, rejected_ids, pixel_values)
         if ref is not None:

@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 
 from megatron_mpo.errors import UserError
 
-DEFAULTS = SAMPLING_DEFAULTS = {"n": 8, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "max_new_tokens": 2048}
+SAMPLING_DEFAULTS = {"n": 8, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "max_new_tokens": 2048}
 
 
 def add_model_args(parser: argparse.ArgumentParser, model: bool = True) -> None:
@@ -30,7 +30,7 @@ def add_model_args(parser: argparse.ArgumentParser, model: bool = True) -> None:
     parser.add_argument("--allow-outside-root", action="store_true")
 
 
-def add_sampling_args(parser: argparse.ArgumentParser, defaults: dict = DEFAULTS) -> None:
+def add_sampling_args(parser: argparse.ArgumentParser, defaults: dict = SAMPLING_DEFAULTS) -> None:
     parser.add_argument("--samples", "-n", type=int, default=defaults["n"], help="samples per question")
     parser.add_argument("--temperature", type=float, default=defaults["temperature"])
     parser.add_argument("--top-k", type=int, default=defaults["top_k"])

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter, defaultdict
+from dataclasses import replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -68,8 +69,6 @@ def answer_accuracy(engine: Engine, builder: PairBuilder, questions: Sequence[Qu
         if len(shown[q.dataset]) < examples:
             shown[q.dataset].append({"question": q.question, "answer": q.answer, "generated": c.text, "correct": ok})
     if k > 0:
-        from dataclasses import replace
-
         for q, samples in zip(asked, engine.generate(prompts, replace(settings, n=k)) if prompts else []):
             right = [_correct(c.text, q, prompt_style) for c in samples]
             per[q.dataset][f"pass@{k}_correct"] += any(right)

@@ -20,7 +20,7 @@ import json
 import random
 from collections import Counter
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from megatron_mpo.errors import UserError
 from megatron_mpo.fileio import write_atomic

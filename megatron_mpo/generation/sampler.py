@@ -20,7 +20,7 @@ import os
 import re
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -129,8 +129,6 @@ class Sampler:
             if settings.n > 1:
                 half = settings.n // 2
                 try:
-                    from dataclasses import replace
-
                     first = self.engine.generate([prompt], replace(settings, n=half))[0]
                     second = self.engine.generate([prompt], replace(settings, n=settings.n - half,
                                                                     seed=settings.seed + 1))[0]
@@ -195,8 +193,6 @@ class Sampler:
     def _dropout_ntp(self, part: Part, prompts: List[GenerationPrompt], records: Dict[str, dict],
                      failed: Dict[str, str], counts: Counter) -> None:
         """Chosen: the answer with the image; rejected: its first half continued without it."""
-        from dataclasses import replace
-
         one = replace(self.settings, n=1)
         chosen = self._generate(prompts, one, failed)
         by_key = {q.key: q for q in part.questions}

@@ -16,9 +16,6 @@ from typing import List, Sequence
 from megatron_mpo.errors import UserError
 from megatron_mpo.generation.prompts import GenerationPrompt
 
-ENGINES = ("transformers", "vllm")
-
-
 @dataclass(frozen=True)
 class SamplingSettings:
     """How to sample; defaults are InternVL's pair pipeline (8 samples, T 1.0, top-k 50).
@@ -82,14 +79,14 @@ class Engine(ABC):
         return {"engine": self.name}
 
 
-def make_engine(name: str, model_dir: str, tokenizer, **options) -> Engine:
-    """The engine called ``name`` over the HF directory ``model_dir``."""
-    if name == "transformers":
-        from megatron_mpo.generation.engines.transformers_engine import TransformersEngine
+def stop_ids(tokenizer) -> List[int]:
+    """Ids that end an answer: the chat turn end and the tokenizer's EOS."""
+    return [i for i in dict.fromkeys([tokenizer.im_end_id, tokenizer.eos_id]) if i is not None]
 
-        return TransformersEngine(model_dir, tokenizer, **options)
-    if name == "vllm":
-        from megatron_mpo.generation.engines.vllm_engine import VLLMEngine
 
-        return VLLMEngine(model_dir, tokenizer, **options)
-    raise UserError(f"unknown generation engine {name!r}; known: {', '.join(ENGINES)}")
+def never_generated(tokenizer, vocab: int) -> List[int]:
+    """Ids an engine must never emit: image tokens (they would desynchronise the image
+    features) and the padded vocabulary rows beyond the tokenizer."""
+    never = {tokenizer.img_start_id, tokenizer.img_end_id, tokenizer.img_context_id}
+    never |= set(range(tokenizer.vocab_size, vocab))
+    return sorted(i for i in never if i is not None and 0 <= i < vocab)

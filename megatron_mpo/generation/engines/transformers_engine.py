@@ -16,7 +16,8 @@ import torch
 
 from megatron_mpo import platform
 from megatron_mpo.errors import UserError
-from megatron_mpo.generation.engines.base import Completion, Engine, SamplingSettings, prompt_seed
+from megatron_mpo.generation.engines.base import (Completion, Engine, SamplingSettings, never_generated,
+                                                  prompt_seed, stop_ids)
 from megatron_mpo.generation.prompts import GenerationPrompt
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -44,11 +45,8 @@ class TransformersEngine(Engine):
             raise UserError(f"cannot load {model_dir} with transformers' InternVLForConditionalGeneration "
                             f"(native layout expected): {str(exc).splitlines()[0]}") from None
         self.model = model.to(self.device).eval()
-        self.stop_ids = [i for i in dict.fromkeys([tokenizer.im_end_id, tokenizer.eos_id]) if i is not None]
-        vocab = int(model.config.get_text_config().vocab_size)
-        never = {tokenizer.img_start_id, tokenizer.img_end_id, tokenizer.img_context_id}
-        never |= set(range(tokenizer.vocab_size, vocab))  # padded vocabulary rows
-        self.suppress = sorted(i for i in never if i is not None and i < vocab)
+        self.stop_ids = stop_ids(tokenizer)
+        self.suppress = never_generated(tokenizer, int(model.config.get_text_config().vocab_size))
         self.pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else self.stop_ids[0]
 
     def describe(self) -> dict:

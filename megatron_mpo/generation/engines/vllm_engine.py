@@ -44,13 +44,13 @@ GPUs per node / tensor parallel size, local rank r takes GPUs r*tp .. r*tp+tp-1
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from megatron_mpo.errors import UserError
-from megatron_mpo.generation.engines.base import Completion, Engine, SamplingSettings, prompt_seed
+from megatron_mpo.generation.engines.base import (Completion, Engine, SamplingSettings, never_generated,
+                                                  prompt_seed, stop_ids)
 from megatron_mpo.generation.prompts import GenerationPrompt
 
 __all__ = [
@@ -81,26 +81,21 @@ MISSING_VLLM = "the vllm engine needs vLLM on a CUDA machine: pip install vllm; 
 # ---- what vLLM would receive (pure, tested without vLLM) ---------------------------------------
 
 
-def model_layout(model_dir: str | os.PathLike) -> str:
+def _config(model_dir: str | os.PathLike) -> dict:
+    from megatron_mpo.conversion.hf_io import read_json_object
+
+    return read_json_object(Path(model_dir) / "config.json", "model config")
+
+
+def model_layout(model_dir: str | os.PathLike, config: Optional[dict] = None) -> str:
     """``native`` or ``internvl-chat``, from ``config.json``'s ``architectures``."""
     from megatron_mpo.conversion.hf_io import detect_layout
 
-    path = Path(model_dir) / "config.json"
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read {path}: {exc}") from None
-    if not isinstance(config, dict):
-        raise UserError(f"{path} is not a JSON object")
-    return detect_layout(config, where=str(model_dir))
+    return detect_layout(config if config is not None else _config(model_dir), where=str(model_dir))
 
 
-def _text_vocab_size(model_dir: str | os.PathLike) -> Optional[int]:
+def _text_vocab_size(config: dict) -> Optional[int]:
     """The LLM's embedding rows (padded vocabulary included), None when config.json lacks it."""
-    try:
-        config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
     for key in ("text_config", "llm_config"):
         sub = config.get(key)
         if isinstance(sub, dict) and isinstance(sub.get("vocab_size"), int):
@@ -296,7 +291,8 @@ class VLLMEngine(Engine):
 
         if not platform.cuda_available():
             raise UserError("the vllm engine needs a CUDA GPU, but none is visible; use --engine transformers on CPU")
-        self.layout = model_layout(model_dir)
+        config = _config(model_dir)
+        self.layout = model_layout(model_dir, config)
         self.tok = tokenizer
         self.min_tiles = min_tiles
         self.max_images = max_images
@@ -313,11 +309,8 @@ class VLLMEngine(Engine):
                 from None
         self._sampling_params_cls = SamplingParams
         self.vllm_version = getattr(vllm, "__version__", "unknown")
-        self.stop_ids = [i for i in dict.fromkeys([tokenizer.im_end_id, tokenizer.eos_id]) if i is not None]
-        vocab = _text_vocab_size(model_dir) or tokenizer.vocab_size
-        never = {tokenizer.img_start_id, tokenizer.img_end_id, tokenizer.img_context_id}
-        never |= set(range(tokenizer.vocab_size, vocab))  # padded vocabulary rows
-        self.banned = sorted(i for i in never if i is not None and 0 <= i < vocab)
+        self.stop_ids = stop_ids(tokenizer)
+        self.banned = never_generated(tokenizer, _text_vocab_size(config) or tokenizer.vocab_size)
         self.args = engine_args(model_dir, tensor_parallel_size, max_model_len, max_images, seed, dtype,
                                 gpu_memory_utilization, layout=self.layout, **llm_options)
         self.llm = LLM(**self.args)
