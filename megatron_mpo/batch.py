@@ -43,6 +43,7 @@ class PairBatch:
     ref_chosen_logps: Optional[torch.Tensor] = None  # [P] float64/float32 reference sums
     ref_rejected_logps: Optional[torch.Tensor] = None  # [P]
     keys: list = field(default_factory=list)  # sample keys, for joins and debugging
+    epoch: Optional[int] = None  # the loader epoch the pairs came from (set by the loader)
 
     @property
     def num_slots(self) -> int:
@@ -140,4 +141,5 @@ def pad_to_length(batch: PairBatch, seq_len: int, pad_id: int = 0) -> PairBatch:
         ref_chosen_logps=batch.ref_chosen_logps,
         ref_rejected_logps=batch.ref_rejected_logps,
         keys=batch.keys,
+        epoch=batch.epoch,
     )

@@ -177,11 +177,17 @@ class DataSection:
                                     required=True)
     ref_logps: Optional[str] = setting(None, "dir of reference sidecars written by "
                                        "tools/precompute_ref_logps.py with this config", required=True)
-    on_missing_ref: str = setting("skip", "a pair without a reference value: `skip` it (counted) or "
-                                  "stop with an `error`", choices=("skip", "error"))
+    on_missing_ref: str = setting("warn", "shards without a reference sidecar: `warn` names them at start-up "
+                                  "and refuses when they hold over 10% of the pairs, `skip` names them and "
+                                  "trains without them, `error` refuses any; a pair without a value is "
+                                  "skipped (counted `missing_ref`) unless `error`",
+                                  choices=("warn", "skip", "error"))
     max_length: int = setting(8192, "tokens per pair (image tokens included); longer prompts are "
                               "dropped, responses cut")
     max_tiles: int = setting(6, "most image tiles per sample (plus a thumbnail when tiled)")
+    max_image_pixels: int = setting(64_000_000, "most pixels (width x height) of one image, read from its "
+                                    "header: a larger one is skipped as `bad_image` before it is decoded "
+                                    "(a small file can decode to gigabytes); 64e6 is 8000 x 8000")
     template: Optional[str] = setting(None, "chat template; null: the model's own", choices=_template_names)
     system_message: Optional[str] = setting(None, "system message of every prompt; null: the template's own; "
                                             "`thinking`: InternVL3.5's thinking-mode (R1) prompt")
@@ -190,6 +196,11 @@ class DataSection:
     seed: int = setting(1234, "seed of the shard and sample order")
     allow_pipe_sources: bool = setting(False, "allow `pipe:` shard sources (they run a shell command); "
                                        "http(s) shards are fetched in-process either way")
+    allow_outside_index: bool = setting(False, "let an index.json name shards outside its own folder "
+                                        "(absolute paths, `..`, symlinks out, `file:` URLs)")
+    allow_changed_data: bool = setting(False, "resume although the shards differ from those the checkpoint "
+                                       "consumed (index sha256 / sizes): the data position restarts at "
+                                       "epoch 0 of the new shards; otherwise such a resume is refused")
     packing: Optional[bool] = setting(None, "packed rows: each pair's prompt shared by both responses, "
                                       "several pairs per row; null: on for the local spec, off for "
                                       "transformer_engine (FlashAttention on plain rows; not yet measured "
@@ -201,6 +212,7 @@ class DataSection:
     def validate(self) -> None:
         _positive("data.max_length", self.max_length)
         _positive("data.max_tiles", self.max_tiles)
+        _positive("data.max_image_pixels", self.max_image_pixels)
         if self.pairs_per_row is not None:
             _positive("data.pairs_per_row", self.pairs_per_row)
         _choice("data.on_missing_ref", self.on_missing_ref, allowed(self, "on_missing_ref"))
@@ -324,9 +336,14 @@ class CheckpointSection:
     load: Optional[str] = setting(None, "resume from a checkpoint dir, or `auto`: the latest in `save` "
                                   "if any (null: start from `model.init`)")
     keep_last: Optional[int] = setting(3, "checkpoints kept in `save` (null: all)")
+    optimizer_format: str = setting("reshardable", "how Adam state is saved: `reshardable` (resumes at any "
+                                    "tensor / pipeline / expert / virtual-pipeline / data-parallel layout) "
+                                    "or `dp_reshardable` (no gather at save; resumes at another data-parallel "
+                                    "size only)", choices=("reshardable", "dp_reshardable"))
 
     def validate(self) -> None:
         _positive("checkpoint.interval", self.interval)
+        _choice("checkpoint.optimizer_format", self.optimizer_format, allowed(self, "optimizer_format"))
         if self.save:
             _check_writable_dir("checkpoint.save", self.save)
         if self.keep_last is not None:
@@ -343,6 +360,8 @@ class LoggingSection:
     tensorboard: Optional[str] = setting(None, "TensorBoard log dir")
     wandb_project: Optional[str] = setting(None, "Weights & Biases project (needs wandb installed)")
     interval: int = setting(1, "log every this many steps (and the first and last)")
+    sample_log: Optional[str] = setting(None, "dir of per-step records of the pairs each data-parallel rank "
+                                        "trained (dp00000.jsonl ...: step, applied, epoch, keys)")
 
     def validate(self) -> None:
         _positive("logging.interval", self.interval)

@@ -69,6 +69,12 @@ HARMLESS_WARNINGS = (
     Harmless("FutureWarning", r"Please use DTensor instead and we are deprecating ShardedTensor",
              r"megatron/core/dist_checkpointing/",
              "torch's notice for ShardedTensor, which megatron-core's dist_checkpointing is built on"),
+    Harmless("FutureWarning", r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
+             r"torch/distributed/c10d_logger\.py$",
+             "megatron-core 0.16.1 binds these torch 2.13 names at import (tensor_parallel/mappings.py and "
+             "layers.py, distributed/param_and_grad_buffer.py) and calls them under sequence, expert and "
+             "data parallelism; they still work (torch forwards them to all_gather_single / "
+             "reduce_scatter_single). torch places the warning in its c10d exception-logger wrapper"),
     Harmless("UserWarning", r"The \.grad attribute of a Tensor that is not a leaf Tensor is being accessed",
              r"megatron/core/optimizer/",
              "megatron-core's distributed optimizer zeroes the .grad of its fp32 shard views (marked "

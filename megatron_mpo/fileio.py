@@ -1,4 +1,5 @@
-"""Atomic and durable file writes (standard library only).
+"""Atomic and durable file writes, and the rule that keeps named files inside a folder
+(standard library only).
 
 :func:`write_atomic` writes a file through a temporary sibling that is then renamed over
 it, so readers see the old or the new content, never a torn one; with ``durable`` (the
@@ -13,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["TMP_PREFIX", "fsync_path", "fsync_tree", "write_atomic"]
+__all__ = ["TMP_PREFIX", "fsync_path", "fsync_tree", "outside_root", "write_atomic"]
 
 # Name prefix of temporary files and directories (a crashed writer's are safe to delete).
 TMP_PREFIX = ".tmp_"
@@ -57,3 +58,18 @@ def write_atomic(
     os.replace(tmp, path)
     if durable:
         fsync_path(path.parent)
+
+
+def outside_root(root: str, path: str, what: str = "the image root") -> Optional[str]:
+    """How ``path`` (relative to ``root``) leaves ``root``: absolute, ``..`` or a symlink; None inside.
+
+    A data file must not make a tool read arbitrary files of the machine (make_shards
+    copying images, the loader opening shards an index.json names).
+    """
+    if os.path.isabs(path):
+        return "is an absolute path"
+    real_root = os.path.realpath(root)
+    if os.path.commonpath([real_root, os.path.realpath(os.path.join(root, path))]) == real_root:
+        return None
+    inside = os.path.commonpath([real_root, os.path.abspath(os.path.join(real_root, path))]) == real_root
+    return f"follows a symlink out of {what}" if inside else f"leads out of {what} with '..'"

@@ -37,7 +37,9 @@ from megatron_mpo.training.forward import StepContext, make_forward_step
 from megatron_mpo.training.metrics import MetricsLogger, StepCounter, global_sum, reduce_loss_metrics, router_aux_loss
 from megatron_mpo.training.preemption import PreemptionFlag
 from megatron_mpo.training.rng_state import capture_rng_state, restore_rng_state
-from megatron_mpo.training.optim import build_optimizer, build_scheduler, grads_are_finite, wrap_data_parallel
+from megatron_mpo.training.sample_log import SampleLog
+from megatron_mpo.training.optim import (build_optimizer, build_scheduler, grads_are_finite, warmup_warning,
+                                         wrap_data_parallel)
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -82,7 +84,8 @@ def train(cfg: RunConfig) -> dict:
 
     # ---- model ------------------------------------------------------------------------
     chunks = model_setup.build_model_chunks(cfg, model_config, layout)
-    manager = ckpt_lib.CheckpointManager(cfg.checkpoint.save, cfg.checkpoint.keep_last) if cfg.checkpoint.save else None
+    manager = ckpt_lib.CheckpointManager(cfg.checkpoint.save, cfg.checkpoint.keep_last,
+                                         cfg.checkpoint.optimizer_format) if cfg.checkpoint.save else None
     if manager is not None:
         ckpt_lib.start_writer()
     resume_from = resolve_resume(cfg, manager)
@@ -106,12 +109,14 @@ def train(cfg: RunConfig) -> dict:
         step = int(common["step"])
         scheduler.load_state_dict(common["scheduler"])
         mpo.load_state_dict(common["mpo"])
+        data_line = data_setup.resume_loader(loader, common, cfg, resume_from)
         if per_rank is not None:
             restore_rng_state(per_rank["rng"])
-            loader.load_state_dict(per_rank["loader"])
-        elif is_writer:
-            print("world size changed since the checkpoint: RNG and data position restart "
-                  "(weights, optimizer, schedule and MPO state are restored)", flush=True)
+        if is_writer:
+            print(data_line, flush=True)
+            if per_rank is None:
+                print("parallel layout changed since the checkpoint: the RNG streams restart "
+                      "(weights, optimizer, schedule, MPO state and data position are restored)", flush=True)
         if is_writer:
             print(f"resumed from {resume_from} at step {step}", flush=True)
 
@@ -119,6 +124,7 @@ def train(cfg: RunConfig) -> dict:
         cfg.logging.metrics, cfg.logging.tensorboard, cfg.logging.wandb_project,
         is_writer=is_writer, run_config=cfg.to_dict(), resume_step=step, total_steps=total_steps,
     )
+    sample_log = SampleLog(cfg.logging.sample_log, layout, step)
     preemption = PreemptionFlag()
     counted = StepCounter()
     step_context = StepContext()
@@ -133,9 +139,9 @@ def train(cfg: RunConfig) -> dict:
             precision=precision.training_precision(cfg).describe(),
             reference_precision=precision.reference_precision(cfg).describe(),
             rows=data_setup.packing_layout(cfg), mfu_peak=flops.peak().describe()), flush=True)
-        warning = data_setup.packing_warning(cfg, model_config)
-        if warning:
-            print(f"warning: {warning}", flush=True)
+        for warning in (data_setup.packing_warning(cfg, model_config), warmup_warning(cfg.train, total_steps)):
+            if warning:
+                print(f"warning: {warning}", flush=True)
     batches = iter(loader)
 
     checkpoint_bytes = 0
@@ -152,8 +158,9 @@ def train(cfg: RunConfig) -> dict:
         nonlocal checkpoint_bytes
         if manager is None:
             return
-        common = {"step": at_step, "scheduler": scheduler.state_dict(), "mpo": mpo_state(mpo, layout), "config": cfg.to_dict()}
-        per_rank = {"rng": capture_rng_state(), "loader": loader.state_dict()}
+        common = {"step": at_step, "scheduler": scheduler.state_dict(), "mpo": mpo_state(mpo, layout),
+                  "config": cfg.to_dict(), "data": data_setup.loader_checkpoint_state(loader, layout)}
+        per_rank = {"rng": capture_rng_state()}
         disk_space.ensure_room(manager, checkpoint_bytes, at_step, is_writer)
         began = time.perf_counter()
         try:
@@ -212,6 +219,7 @@ def train(cfg: RunConfig) -> dict:
                 bad_total += 1
                 mpo.reward_shift.discard_step()
             elapsed = time.perf_counter() - started
+            sample_log.write(step, micro_batches, applied=finite)
 
             if step % cfg.logging.interval == 0 or step == total_steps or step == 1:
                 first = layout.tensor_rank == 0 and layout.pipeline_rank == 0
@@ -257,6 +265,7 @@ def train(cfg: RunConfig) -> dict:
         batches.close()  # stop loader workers now, not at interpreter exit
         reap_helpers()
         logger.close()
+        sample_log.close()
     summary = {"step": step, "total_steps": total_steps}
     if is_writer:
         print(run_report.summary_line(

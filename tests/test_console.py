@@ -52,7 +52,7 @@ def test_two_rank_tp2_run_console(workspace, tmp_path):
     cfg["train"]["steps"] = 4
     proc = launch("-m megatron_mpo.train", 2, "--config", write_config(tmp_path / "c.yaml", cfg))
     check_run_console(proc.stdout, proc.stderr, 4, [2, 4], tmp_path / "ckpt" / "step_000000004")
-    assert "  layout: 2 processes = TP 2 x PP 1 x DP 1; VP -; SP off" in proc.stdout
+    assert "  layout: 2 processes = TP 2 x PP 1 x DP 1; EP 1 (of DP); VP -; SP off" in proc.stdout
     assert f"metrics {tmp_path / 'metrics.jsonl'}" in proc.stdout.strip().splitlines()[-1]
 
 
@@ -176,6 +176,78 @@ def test_harmless_list_matches_message_and_origin():
                        "/x/megatron/core/models/backends.py")
     assert not is_harmless(UserWarning, "something new", mcore)
     assert not is_harmless(DeprecationWarning, grad, mcore)
+
+
+class _StandInGroup:
+    """A two-rank process group that moves no data: enough for megatron-core's collectives
+    to reach torch's deprecated entry points."""
+
+    def size(self) -> int:
+        return 2
+
+    def rank(self) -> int:
+        return 0
+
+    def all_gather_single(self, output, input_, opts):
+        return None
+
+    def reduce_scatter_single(self, output, input_, opts):
+        return None
+
+
+def test_torch_collective_deprecations_from_megatron_core_are_dropped():
+    """The FutureWarnings seen under EP2 / TP4, raised for real through megatron-core's
+    sequence-parallel gather / reduce-scatter, go through the console's filter: dropped.
+    Another torch.distributed deprecation from the same torch file is still shown."""
+    import warnings
+
+    import torch
+    from megatron.core.tensor_parallel import mappings
+
+    from megatron_mpo import console, platform
+
+    platform.setup("cpu")  # megatron-core allocates the outputs on torch.cuda.current_device()
+    shown, seen = [], []
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        shown.append(str(message))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        keep = console._filtered_and_attributed(show)
+        warnings.showwarning = lambda message, *rest: (seen.append(str(message)), keep(message, *rest))
+        mappings._gather_along_first_dim(torch.ones(2, 3), _StandInGroup())
+        mappings._reduce_scatter_along_first_dim(torch.ones(2, 3), _StandInGroup())
+        with pytest.raises(ValueError, match="process group"):  # no default group: the warning comes first
+            torch.distributed.all_reduce_coalesced([torch.ones(1)])
+    assert any(m.startswith("`torch.distributed.all_gather_into_tensor` is deprecated") for m in seen), seen
+    assert any(m.startswith("`torch.distributed.reduce_scatter_tensor` is deprecated") for m in seen), seen
+    assert shown and all(m.startswith("`torch.distributed.all_reduce_coalesced` will be deprecated")
+                         for m in shown), shown
+
+
+# ---- banner and step line: expert parallelism and the router's aux loss ------------------
+
+
+def test_banner_names_expert_parallelism():
+    from megatron_mpo.config import from_dict
+    from megatron_mpo.parallel import Layout
+    from megatron_mpo.training.run_report import banner
+
+    cfg = from_dict({"model": {"preset": "tiny"}, "data": {"shards": "s", "ref_logps": "r"},
+                     "train": {"steps": 3}, "parallel": {"tensor": 2, "expert": 2, "sequence": True}})
+    layout = Layout(tensor=2, pipeline=1, data=2, tensor_rank=0, pipeline_rank=0, data_rank=0, expert=2)
+    text = banner(cfg, layout, total_steps=3, start_step=0, pairs=None, template="t", template_source="s",
+                  precision="fp32", reference_precision="fp32", rows="unpacked", mfu_peak="p")
+    assert "\n  layout: 4 processes = TP 2 x PP 1 x DP 2; EP 2 (of DP); VP -; SP on\n" in text, text
+
+
+def test_step_line_shows_the_router_aux_loss_when_logged():
+    from megatron_mpo.training.metrics import console_line
+
+    moe = console_line(3, {"loss": 1.5, "aux_loss": 0.01234, "lr": 1e-3}, 10)
+    assert moe == "step 3/10 | loss 1.5000 | aux_loss 0.01234 | lr 0.001", moe
+    assert "aux_loss" not in console_line(3, {"loss": 1.5, "lr": 1e-3}, 10)  # a dense LLM logs none
 
 
 # ---- skip counts -------------------------------------------------------------------------

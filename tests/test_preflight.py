@@ -110,6 +110,18 @@ def test_reference_values_must_exist_before_training(workspace, tripwires, tmp_p
     _refused(_train, _cfg(workspace, data={"ref_logps": str(tmp_path / "refs")}), "holds no reference sidecars")
 
 
+def test_missing_sidecars_are_named_at_start_up(workspace, tripwires, tmp_path, capsys):
+    """One warning line before the banner, or a refusal past 10% of the pairs (issue 25, item 7)."""
+    shutil.copytree(workspace / "refs", tmp_path / "refs")
+    (tmp_path / "refs" / "shard-000001.ref.json").unlink()
+    _refused(_train, _cfg(workspace, data={"ref_logps": str(tmp_path / "refs")}), "(shard-000001)",
+             "16 of 60 pairs (26.7%), more than 10%")
+    with pytest.raises(Tripwire):
+        _train(_cfg(workspace, data={"ref_logps": str(tmp_path / "refs"), "on_missing_ref": "skip"}))
+    lines = [line for line in capsys.readouterr().out.splitlines() if "shard-000001" in line]
+    assert len(lines) == 1 and lines[0].startswith("warning: 1 of 4 shards have no reference sidecar"), lines
+
+
 def test_layout_faults_stop_before_process_groups(workspace, tripwires, monkeypatch):
     """torchrun's WORLD_SIZE is known before any process group: TP x PP must divide it and
     the global batch must split over micro-batch x data-parallel size."""
@@ -154,6 +166,20 @@ def test_flex_attention_training_on_a_cpu_is_refused(workspace, tripwires):
     plan = precision.training_precision(flex)
     assert data_setup.pad_multiple(flex, plan) == 128
     assert data_setup.pad_multiple(_cfg(workspace, parallel={"tensor": 2, "sequence": True}), plan) == 2
+
+
+def test_output_dirs_that_cannot_take_a_file_stop_at_start_up(workspace, tripwires, tmp_path):
+    """``/proc/...``: as root ``os.access`` says writable, yet nothing can be created there;
+    the first save used to fail, after the training, with a false "no space left" line."""
+    for section, key, path in (("checkpoint", "save", "/proc/mpo-probe/ckpt"),
+                               ("logging", "metrics", "/proc/mpo-probe/metrics.jsonl"),
+                               ("logging", "tensorboard", "/proc/mpo-probe/tb")):
+        cfg = from_dict(base_config(workspace, **{section: {key: path}}))  # validation would refuse it unless root
+        _refused(_train, cfg, f"{section}.{key}", "/proc/mpo-probe", "cannot be created or written")
+    cfg = _cfg(workspace, checkpoint={"save": str(tmp_path / "new" / "ckpt")})
+    with pytest.raises(Tripwire):  # a creatable folder: created, and the probe file gone again
+        _train(cfg)
+    assert list((tmp_path / "new" / "ckpt").iterdir()) == []
 
 
 def test_too_few_pairs_for_one_epoch_step_is_refused(workspace, tripwires):

@@ -2,13 +2,14 @@
 
 Modules: ``templates`` (chat templates), ``tokenizer`` (model-directory tokenizers),
 ``tiling`` (InternVL dynamic tiling), ``samples`` (sample -> pair), ``collate``
-(pairs -> PairBatch), ``pipeline`` (streaming, resumable loader), ``refs`` (reference
+(pairs -> PairBatch), ``pipeline`` (streaming, resumable loader), ``consumed`` (what an
+epoch consumed and which data it was, for resumes at another layout), ``refs`` (reference
 log-prob sidecars), ``mmpr`` / ``shard_writer`` (make_shards), ``tiny_tokenizer`` and
 ``synthetic`` (test helpers).
 """
 
 from megatron_mpo.data.config import DataConfig
-from megatron_mpo.data.pipeline import PairLoader, build_loader
+from megatron_mpo.data.pipeline import PairLoader, build_loader, bundle_states
 from megatron_mpo.data.refs import RefLogps, shard_name, split_sample_id, write_ref_logps
 from megatron_mpo.data.tokenizer import Tokenizer, load_tokenizer
 
@@ -18,6 +19,7 @@ __all__ = [
     "RefLogps",
     "Tokenizer",
     "build_loader",
+    "bundle_states",
     "load_tokenizer",
     "shard_name",
     "split_sample_id",

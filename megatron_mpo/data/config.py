@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional, Union
 
+from megatron_mpo.data.samples import MAX_IMAGE_PIXELS
 from megatron_mpo.data.tiling import MAX_TILES
 from megatron_mpo.errors import UserError
 
@@ -21,15 +22,17 @@ class DataConfig:
     ``layout`` ``packed`` puts each micro-batch's pairs into rows of at most ``max_length``
     positions (first-fit decreasing, at most ``pairs_per_row`` pairs per row).
     ``allow_pipe_sources``: ``pipe:`` shard sources run a shell command, so they are
-    refused unless the user trusts the shard list (index.json files included).
+    refused unless the user trusts the shard list (index.json files included);
+    ``allow_outside_index``: an index.json may otherwise name shards only inside its folder.
     """
 
     shards: Union[str, List[str]] = ""
     ref_logps: Optional[str] = None  # folder of per-shard sidecars (megatron_mpo.data.refs)
-    on_missing_ref: str = "skip"  # "skip" (count missing_ref) or "error"
+    on_missing_ref: str = "warn"  # "warn" / "skip": count a pair without a value as missing_ref; "error": stop
     max_length: int = 4096
     max_tiles: int = 6
     min_tiles: int = 1
+    max_image_pixels: int = MAX_IMAGE_PIXELS  # an image over it (by its header) is bad_image, never decoded
     use_thumbnail: bool = True
     template: str = "internvl2_5"
     system_message: Optional[str] = None  # None: the template's own
@@ -48,17 +51,19 @@ class DataConfig:
     drop_last: bool = False  # drop a worker's last, smaller micro-batch of an epoch
     warn_bad_shards: bool = True
     allow_pipe_sources: bool = False
+    allow_outside_index: bool = False  # index.json may name shards outside its folder
 
     def __post_init__(self):
         def need(cond: bool, msg: str) -> None:
             if not cond:
                 raise UserError(f"data config: {msg}")
 
-        need(self.on_missing_ref in ("skip", "error"), "on_missing_ref must be 'skip' or 'error'")
+        need(self.on_missing_ref in ("warn", "skip", "error"), "on_missing_ref must be 'warn', 'skip' or 'error'")
         need(self.layout in ("unpacked", "packed"), "layout must be 'unpacked' or 'packed'")
         need(self.max_length >= 2, "max_length must be >= 2")
         need(1 <= self.min_tiles <= self.max_tiles, "need 1 <= min_tiles <= max_tiles")
         need(self.max_tiles <= MAX_TILES, f"max_tiles must be <= {MAX_TILES}")
+        need(self.max_image_pixels >= 1, "max_image_pixels must be >= 1")
         need(self.num_workers >= 0, "num_workers must be >= 0")
         need(self.prefetch_factor >= 1, "prefetch_factor must be >= 1")
         need(self.shuffle_buffer >= 0, "shuffle_buffer must be >= 0")

@@ -21,6 +21,7 @@ from PIL import Image
 
 from megatron_mpo.data.templates import normalize_placeholders
 from megatron_mpo.errors import UserError
+from megatron_mpo.fileio import outside_root
 
 # Reasons a record is refused (make_shards) — also the keys of the refusal counts.
 REFUSAL_REASONS = (
@@ -144,20 +145,6 @@ def _image_extension(path: str, fmt: Optional[str]) -> str:
         return ext
     fmt = (fmt or "bin").lower()
     return "jpg" if fmt == "jpeg" else fmt
-
-
-def outside_root(root: str, path: str) -> Optional[str]:
-    """How image ``path`` leaves the image ``root`` (absolute, ``..``, a symlink), or None.
-
-    An annotation must not make make_shards copy arbitrary files of the machine into shards.
-    """
-    if os.path.isabs(path):
-        return "is an absolute path"
-    real_root = os.path.realpath(root)
-    if os.path.commonpath([real_root, os.path.realpath(os.path.join(root, path))]) == real_root:
-        return None
-    inside = os.path.commonpath([real_root, os.path.abspath(os.path.join(real_root, path))]) == real_root
-    return "follows a symlink out of the image root" if inside else "leads out of the image root with '..'"
 
 
 def check_record(task: dict) -> dict:

@@ -21,9 +21,18 @@ restarted stream skips that many raw samples without decoding them (reading the 
 is all it costs) and goes on, so the restarted loader yields exactly the micro-batches
 the uninterrupted one would have.
 
+Resume at another layout (data-parallel size, workers, seed, shuffle buffer, micro-batch)
+cannot continue the old streams. :meth:`PairLoader.resume` then replays every old stream
+into the samples it consumed (:mod:`megatron_mpo.data.consumed`) and the new layout reads
+the rest of the epoch: shards consumed entirely are left out of its plan, samples already
+consumed are skipped inside the others. Every pair is still trained once per epoch; the
+order of the rest differs from the uninterrupted run's. The state also names the data
+(index sha256 per shard): a resume on other shards is refused unless allowed.
+
 Skips are counted per reason (``bad_tar``, ``truncated_shard`` (samples index.json
 promised that a shard did not deliver), ``bad_json``, ``missing_field``, ``bad_field``,
-``missing_image``, ``bad_image``, ``placeholder_mismatch``, ``image_token_in_text``,
+``missing_image``, ``bad_image`` (undecodable, or over ``max_image_pixels``),
+``placeholder_mismatch``, ``image_token_in_text``,
 ``missing_ref``, ``prompt_too_long``; ``response_truncated`` counts kept pairs whose responses were cut;
 ``incomplete_batch`` counts pairs dropped by ``drop_last``). Counts travel with the
 micro-batches and reach the loader's ``last_skip_counts`` / ``skip_counts``.
@@ -36,13 +45,17 @@ import random
 import re
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import torch
 
 from megatron_mpo.batch import PairBatch
 from megatron_mpo.data.collate import collate_pairs
 from megatron_mpo.data.config import DataConfig
+from megatron_mpo.data.consumed import (
+    SampleSet, data_identity, epochs_from_json, epochs_to_json, identity_change, merge_epochs, refuse_changed_data,
+    shard_keys, summed_counters,
+)
 from megatron_mpo.data.refs import RefLogps
 from megatron_mpo.data.samples import PairBuilder, SampleError, TokenizedPair, build_pair_builder
 from megatron_mpo.data.shardlist import list_shards, refuse_pipes
@@ -51,7 +64,9 @@ from megatron_mpo.data.tokenizer import Tokenizer
 from megatron_mpo.errors import UserError
 from megatron_mpo.processes import data_worker_init
 
-STATE_VERSION = 1
+STATE_VERSION = 2
+# Per-rank counters of a loader state (summed onto one rank when the layout changes).
+_COUNTERS = ("micro_batches", "pairs")
 
 
 @dataclass
@@ -64,12 +79,16 @@ class StreamPlan:
 
 
 def plan_streams(
-    urls: List[str], epoch: int, seed: int, dp_rank: int, dp_size: int, num_streams: int, shuffle_shards: bool = True
+    urls: List[str], epoch: int, seed: int, dp_rank: int, dp_size: int, num_streams: int, shuffle_shards: bool = True,
+    consumed: Optional[SampleSet] = None, keys: Optional[Dict[str, str]] = None,
 ) -> List[StreamPlan]:
-    """The epoch's reading plan of each stream of ``dp_rank``."""
+    """The epoch's reading plan of each stream of ``dp_rank``; shards ``consumed`` entirely
+    (by their ``keys``) earlier in the epoch are left out."""
     order = list(urls)
     if shuffle_shards:
         random.Random(f"{seed}:shards:{epoch}").shuffle(order)
+    if consumed:
+        order = [u for u in order if not consumed.is_whole(keys[u])]
     total = dp_size * num_streams
     if len(order) >= total:
         mine = order[dp_rank::dp_size]
@@ -111,16 +130,36 @@ def _identity(x):
     return x
 
 
+def stream_rng(seed: int, epoch: int, dp_rank: int, stream: int) -> random.Random:
+    """The sample shuffle of one stream in one epoch."""
+    return random.Random(f"{seed}:samples:{epoch}:{dp_rank}:{stream}")
+
+
+def stream_samples(plan: StreamPlan, counter: SkipCounter, config: DataConfig, expected: Dict[str, int],
+                   consumed: Optional[SampleSet] = None, keys: Optional[Dict[str, str]] = None) -> Iterator[dict]:
+    """Raw samples a stream reads, before its shuffle: its shards in order, samples
+    ``consumed`` earlier in the epoch left out, then every ``stride``-th kept."""
+    samples = iter_shards(plan.urls, counter, warn=config.warn_bad_shards, expected=expected,
+                          report=plan.offset == 0, allow_pipe=config.allow_pipe_sources)
+    if consumed:
+        samples = (s for s in samples if not consumed.has(keys[s["__url__"]], s["__index__"]))
+    if plan.stride > 1:
+        samples = (s for i, s in enumerate(samples) if i % plan.stride == plan.offset)
+    return samples
+
+
 class _EpochStreams(torch.utils.data.IterableDataset):
     """One epoch of one rank's streams; each DataLoader worker runs one stream."""
 
     def __init__(self, config: DataConfig, builder: PairBuilder, plans: List[StreamPlan], epoch: int,
-                 dp_rank: int, start: List[int], done: List[bool], expected: Dict[str, int]):
+                 dp_rank: int, start: List[int], done: List[bool], expected: Dict[str, int],
+                 consumed: Optional[SampleSet] = None, keys: Optional[Dict[str, str]] = None):
         super().__init__()
         self.config, self.builder, self.plans = config, builder, plans
         self.epoch, self.dp_rank = epoch, dp_rank
         self.start, self.done = start, done
         self.expected = expected  # url -> samples promised by index.json
+        self.consumed, self.keys = consumed, keys  # samples an earlier layout consumed this epoch
 
     def __iter__(self) -> Iterator[_Item]:
         info = torch.utils.data.get_worker_info()
@@ -132,13 +171,6 @@ class _EpochStreams(torch.utils.data.IterableDataset):
                 yield _Item("error", w, self.epoch, message=str(exc))
                 return
 
-    def _raw(self, plan: StreamPlan, counter: SkipCounter) -> Iterator[dict]:
-        samples = iter_shards(plan.urls, counter, warn=self.config.warn_bad_shards, expected=self.expected,
-                              report=plan.offset == 0, allow_pipe=self.config.allow_pipe_sources)
-        if plan.stride == 1:
-            return samples
-        return (s for i, s in enumerate(samples) if i % plan.stride == plan.offset)
-
     def _stream(self, w: int) -> Iterator[_Item]:
         cfg = self.config
         counter = SkipCounter()
@@ -146,12 +178,13 @@ class _EpochStreams(torch.utils.data.IterableDataset):
             yield _Item("end", w, self.epoch, self.start[w])
             return
         refs = RefLogps(cfg.ref_logps) if cfg.ref_logps else None
-        rng = random.Random(f"{cfg.seed}:samples:{self.epoch}:{self.dp_rank}:{w}")
+        rng = stream_rng(cfg.seed, self.epoch, self.dp_rank, w)
         skip = self.start[w]
         counter.muted = skip > 0
         pos = 0
         pairs: List[TokenizedPair] = []
-        for raw in shuffle_buffer(self._raw(self.plans[w], counter), cfg.shuffle_buffer, rng):
+        raws = stream_samples(self.plans[w], counter, cfg, self.expected, self.consumed, self.keys)
+        for raw in shuffle_buffer(raws, cfg.shuffle_buffer, rng):
             pos += 1
             if pos <= skip:
                 if pos == skip:
@@ -217,9 +250,10 @@ class PairLoader:
     """Iterable of :class:`PairBatch` for one data-parallel rank, resumable.
 
     ``state_dict()`` after a micro-batch and ``load_state_dict()`` on a fresh loader
-    (same config, tokenizer, dp_rank, dp_size) continue with the next micro-batch.
-    ``last_skip_counts``: counts that arrived with the latest micro-batch (merged over
-    streams since the previous one); ``skip_counts``: totals (kept in the state).
+    (same config, tokenizer, dp_rank, dp_size) continue with the next micro-batch;
+    :meth:`resume` takes the states of every rank (:func:`bundle_states`) and continues
+    at any layout. ``last_skip_counts``: counts that arrived with the latest micro-batch
+    (merged over streams since the previous one); ``skip_counts``: totals (kept in the state).
     """
 
     def __init__(self, config: DataConfig, tokenizer: Tokenizer, dp_rank: int = 0, dp_size: int = 1):
@@ -228,10 +262,14 @@ class PairLoader:
         self.config = config
         self.tokenizer = tokenizer
         self.dp_rank, self.dp_size = dp_rank, dp_size
-        sources = list_shards(config.shards)
+        sources = list_shards(config.shards, config.allow_outside_index)
         refuse_pipes(sources, config.allow_pipe_sources)
         self.urls = [s.url for s in sources]
         self.expected = {s.url: s.samples for s in sources if s.samples is not None}
+        self.keys = shard_keys(self.urls)
+        self.identity = data_identity(sources)
+        # Samples consumed under an earlier layout, per epoch still in progress there.
+        self.base: Dict[int, SampleSet] = {}
         self.builder = build_pair_builder(config, tokenizer)
         if config.ref_logps:
             RefLogps(config.ref_logps)  # fail early on a missing folder
@@ -254,7 +292,8 @@ class PairLoader:
         c = self.config
         return {
             "seed": c.seed, "dp_rank": self.dp_rank, "dp_size": self.dp_size, "num_streams": self.num_streams,
-            "micro_batch": c.micro_batch, "shuffle_buffer": c.shuffle_buffer, "shards": len(self.urls),
+            "micro_batch": c.micro_batch, "shuffle_buffer": c.shuffle_buffer, "shuffle_shards": c.shuffle_shards,
+            "shards": len(self.urls),
         }
 
     def state_dict(self) -> dict:
@@ -262,6 +301,8 @@ class PairLoader:
         return {
             "version": STATE_VERSION,
             "fingerprint": self._fingerprint(),
+            "identity": dict(self.identity),
+            "base": epochs_to_json(self.base),
             "epoch": self.epoch,
             "positions": list(self._pos),
             "done": list(self._done),
@@ -276,11 +317,13 @@ class PairLoader:
         """Continue from ``state``; UserError if it was taken with other settings."""
         if state.get("version") != STATE_VERSION:
             raise UserError(f"data loader state version {state.get('version')} is not {STATE_VERSION}")
+        refuse_changed_data(state.get("identity", {}), self.identity)
         mine = self._fingerprint()
         theirs = state.get("fingerprint", {})
         diff = [f"{k}: {theirs.get(k)} -> {v}" for k, v in mine.items() if theirs.get(k) != v]
         if diff:
             raise UserError("cannot resume the data loader with changed settings (" + "; ".join(diff) + ")")
+        self.base = epochs_from_json(state.get("base", {}))
         self.epoch = int(state["epoch"])
         self._pos = [int(p) for p in state["positions"]]
         self._done = [bool(d) for d in state["done"]]
@@ -290,6 +333,108 @@ class PairLoader:
         self.pairs = int(state["pairs"])
         self._totals = Counter(state.get("skip_counts", {}))
         self._last = {}
+
+    # -- resume at any layout -------------------------------------------------------------
+    def resume(self, saved: dict, share: Tuple[int, int] = (0, 1),
+               gather: Optional[Callable[[object], list]] = None, allow_changed_data: bool = False) -> str:
+        """Continue from every data-parallel rank's state (:func:`bundle_states`); returns one
+        line saying how.
+
+        Same layout: exactly where this rank stopped. Another layout: the epoch goes on
+        without the samples the old ranks consumed (replayed here; ``share`` = (index,
+        count) splits the replays over processes and ``gather`` all-gathers a picklable
+        object across them). Other shards than the checkpoint's: refused, or with
+        ``allow_changed_data`` the data position restarts at epoch 0.
+        """
+        if saved.get("version") != STATE_VERSION:
+            raise UserError(f"data loader state version {saved.get('version')} is not {STATE_VERSION}; "
+                            "the checkpoint was written by another megatron_mpo version")
+        ranks = saved["ranks"]
+        change = identity_change(saved["identity"], self.identity)
+        if change is not None:
+            if not allow_changed_data:
+                refuse_changed_data(saved["identity"], self.identity)
+            self._take_counters(ranks)
+            return (f"the shards changed since the checkpoint ({change}); data.allow_changed_data: "
+                    "the data position restarts at epoch 0")
+        states = [{**r, "version": STATE_VERSION, "identity": saved["identity"], "base": saved["base"]}
+                  for r in ranks]
+        if len(states) == self.dp_size and states[self.dp_rank]["fingerprint"] == self._fingerprint():
+            self.load_state_dict(states[self.dp_rank])
+            return "data position restored exactly"
+        base = epochs_from_json(saved["base"])
+        start = min(int(s["epoch"]) for s in ranks)
+        tasks = [(s, w, e) for s in ranks for e in range(start, int(s["epoch"]) + 1)
+                 for w in range(int(s["fingerprint"]["num_streams"]))]
+        found = [{e: self._replayed(s, base, w, e)} for s, w, e in tasks[share[0]::share[1]]]
+        mine = epochs_to_json(merge_epochs(found))
+        parts = gather(mine) if gather is not None else [mine]
+        consumed = merge_epochs([base] + [epochs_from_json(p) for p in parts])
+        self.base = {e: s for e, s in consumed.items() if e >= start}
+        self._take_counters(ranks)
+        self._reset_epoch(start)
+        old = ranks[0]["fingerprint"]
+        changed = ", ".join(f"{k} {old.get(k)} -> {v}" for k, v in self._fingerprint().items()
+                            if k != "dp_rank" and old.get(k) != v)
+        sizes = {self.keys[u]: n for u, n in self.expected.items()}
+        done = self.base[start].count(sizes) if start in self.base else 0
+        done_text = f"{done} samples" if done is not None else "the samples"
+        return (f"data layout changed ({changed}): epoch {start} goes on without {done_text} the old layout "
+                "consumed; the order of the rest differs from an uninterrupted run")
+
+    def _take_counters(self, ranks: Sequence[dict]) -> None:
+        """Run totals of the old ranks, kept on data-parallel rank 0 (the logs sum over ranks)."""
+        totals = summed_counters(ranks, _COUNTERS) if self.dp_rank == 0 else {}
+        self.micro_batches = int(totals.get("micro_batches", 0))
+        self.pairs = int(totals.get("pairs", 0))
+        self._totals = Counter(totals.get("skip_counts", {}))
+        self._last = {}
+
+    def _replayed(self, state: dict, base: Dict[int, SampleSet], stream: int, epoch: int) -> SampleSet:
+        """The samples that stream ``stream`` of the old rank with ``state`` consumed in ``epoch``:
+        its plan and shuffle run again over the raw samples (read, not decoded)."""
+        fp = state["fingerprint"]
+        rank = int(fp["dp_rank"])
+        full = int(state["epoch"]) > epoch or bool(state["done"][stream])
+        before = base.get(epoch)
+        plan = plan_streams(self.urls, epoch, fp["seed"], rank, fp["dp_size"], fp["num_streams"],
+                            fp["shuffle_shards"], before, self.keys)[stream]
+        out = SampleSet()
+        if full and plan.stride == 1:  # whole shards: nothing to read
+            for url in plan.urls:
+                out.add_shard(self.keys[url])
+            return out
+        seen: Dict[str, Set[int]] = {}
+        ended: List[str] = []
+
+        def watched(samples: Iterator[dict]) -> Iterator[dict]:
+            current = None
+            for sample in samples:
+                key = self.keys[sample["__url__"]]
+                if key != current:
+                    if current is not None:
+                        ended.append(current)
+                    current = key
+                seen.setdefault(key, set()).add(sample["__index__"])
+                yield sample
+            if current is not None:
+                ended.append(current)
+
+        counter = SkipCounter()
+        counter.muted = True
+        raws = watched(stream_samples(plan, counter, self.config, self.expected, before, self.keys))
+        limit = None if full else int(state["positions"][stream])
+        rng = stream_rng(fp["seed"], epoch, rank, stream)
+        if limit != 0:
+            for i, raw in enumerate(shuffle_buffer(raws, fp["shuffle_buffer"], rng), start=1):
+                out.add(self.keys[raw["__url__"]], raw["__index__"])
+                if i == limit:
+                    break
+        if plan.stride == 1:  # a shard read to its end with every sample consumed
+            for key in ended:
+                if seen[key] <= out.ordinals(key):
+                    out.add_shard(key)
+        return out
 
     @property
     def skip_counts(self) -> Dict[str, int]:
@@ -303,10 +448,11 @@ class PairLoader:
 
     # -- iteration ------------------------------------------------------------------------
     def _epoch_items(self) -> Iterator[_Item]:
+        consumed = self.base.get(self.epoch)
         plans = plan_streams(self.urls, self.epoch, self.config.seed, self.dp_rank, self.dp_size,
-                             self.num_streams, self.config.shuffle_shards)
+                             self.num_streams, self.config.shuffle_shards, consumed, self.keys)
         dataset = _EpochStreams(self.config, self.builder, plans, self.epoch, self.dp_rank,
-                                list(self._pos), list(self._done), self.expected)
+                                list(self._pos), list(self._done), self.expected, consumed, self.keys)
         if self.config.num_workers == 0:
             return iter(dataset)
         loader = torch.utils.data.DataLoader(
@@ -356,17 +502,30 @@ class PairLoader:
                 self._epoch_batches += 1
                 self.micro_batches += 1
                 self.pairs += item.batch.num_pairs
+                item.batch.epoch = self.epoch
                 self._last = dict(pending)
                 pending.clear()
                 yield item.batch
             del items
-            if self._epoch_batches == 0:
+            # An endless stream that finds nothing would spin; a finite read (the reference
+            # tool's one pass over a shard) may be empty. A resumed epoch may have nothing left.
+            if self._epoch_batches == 0 and self.config.epochs is None and self.epoch not in self.base:
                 counts = ", ".join(f"{k}={v}" for k, v in sorted(self._totals.items())) or "none"
                 raise UserError(
                     f"the shards yielded no usable sample for data-parallel rank {self.dp_rank}/{self.dp_size} "
                     f"in epoch {self.epoch} ({len(self.urls)} shards; skip counts: {counts})"
                 )
+            self.base.pop(self.epoch, None)
             self._reset_epoch(self.epoch + 1)
+
+
+def bundle_states(states: Sequence[dict]) -> dict:
+    """The loader states of every data-parallel rank, in rank order, as one checkpoint
+    entry for :meth:`PairLoader.resume` (the data identity and earlier consumption once)."""
+    first = states[0]
+    shared = ("version", "identity", "base")
+    return {"version": STATE_VERSION, "identity": first["identity"], "base": first["base"],
+            "ranks": [{k: v for k, v in s.items() if k not in shared} for s in states]}
 
 
 def build_loader(config: DataConfig, tokenizer: Tokenizer, dp_rank: int = 0, dp_size: int = 1) -> PairLoader:

@@ -7,7 +7,8 @@ whose prompt leaves no room for a response token within ``max_length`` is droppe
 (``response_truncated``, the pair is kept). Tile counts come from image headers, so an
 over-long sample is dropped before its pixels are decoded. Images must pass their format's
 integrity checks (``Image.verify``: PNG chunk CRCs...) and decode without PIL's
-truncated-image leniency, else the sample counts as ``bad_image``.
+truncated-image leniency, else the sample counts as ``bad_image``; so does an image whose
+header gives more pixels than ``data.max_image_pixels`` (refused before decoding).
 """
 
 from __future__ import annotations
@@ -24,6 +25,11 @@ from PIL import Image, ImageFile
 from megatron_mpo.data.templates import IMAGE_PLACEHOLDER, ChatTemplate, normalize_placeholders
 from megatron_mpo.data.tiling import count_tiles, image_to_tiles, tiles_per_image
 from megatron_mpo.data.tokenizer import Tokenizer
+
+
+# The default pixel budget of one image (data.max_image_pixels): 64 megapixels, 8000 x 8000,
+# about 200 MB decoded as RGB; below PIL's own limit (89.5 megapixels), so this one says no first.
+MAX_IMAGE_PIXELS = 64_000_000
 
 
 class SampleError(Exception):
@@ -51,30 +57,44 @@ def tile_limit(value: object, max_tiles: int) -> int:
 
 @contextlib.contextmanager
 def strict_decoding():
-    """Decode with PIL's truncated-image leniency off, whatever another library set."""
-    saved = ImageFile.LOAD_TRUNCATED_IMAGES
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    """Open and decode with PIL's truncated-image leniency off, whatever another library
+    set, and PIL's own pixel limit (``DecompressionBombWarning`` / ``Error``) off: the
+    pixel budget is ``data.max_image_pixels``, checked by :func:`open_image`."""
+    saved = ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS
+    ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS = False, None
     try:
         yield
     finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = saved
+        ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS = saved
 
 
-def open_image(data: bytes) -> Image.Image:
-    """The image's header, after the format's integrity checks on a separate open.
+def open_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """The image's header, after a pixel budget and the format's integrity checks.
 
-    ``verify()`` checks what the format can (PNG: every chunk's CRC, so a flipped byte
-    that still inflates is caught); it leaves the image unusable, hence the second open.
+    The size comes from the header, before anything is decoded: a 12000 x 12000 PNG can be
+    136 KiB on disk and 1 GB and seconds to decode. ``verify()`` checks what the format
+    can (PNG: every chunk's CRC, so a flipped byte that still inflates is caught); it
+    leaves the image unusable, hence the second open.
     """
     try:
-        with Image.open(io.BytesIO(data)) as probe:
-            probe.verify()
-        img = Image.open(io.BytesIO(data))  # header only: size without decoding
+        with strict_decoding():
+            with Image.open(io.BytesIO(data)) as probe:
+                _check_pixels(probe.width, probe.height, max_pixels)
+                probe.verify()
+            img = Image.open(io.BytesIO(data))  # header only: size without decoding
+    except SampleError:
+        raise
     except Exception as exc:
         raise SampleError("bad_image", str(exc)) from None
     if img.width < 1 or img.height < 1:
         raise SampleError("bad_image", "empty image")
     return img
+
+
+def _check_pixels(width: int, height: int, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise SampleError("bad_image", f"{width} x {height} = {width * height / 1e6:.1f} megapixels is over "
+                                       f"data.max_image_pixels={max_pixels}")
 
 
 @dataclass
@@ -108,6 +128,7 @@ class PairBuilder:
     min_tiles: int = 1
     use_thumbnail: bool = True
     system_message: Optional[str] = None
+    max_image_pixels: int = MAX_IMAGE_PIXELS
 
     def __post_init__(self):
         # The text after the prompt's last special token ("assistant\n"): responses are
@@ -174,7 +195,7 @@ class PairBuilder:
         if question is None:
             raise SampleError("placeholder_mismatch", f"{len(image_bytes)} images")
         budget = tiles_per_image(tile_limit(max_dynamic_patch, self.max_tiles), len(image_bytes))
-        images = [open_image(data) for data in image_bytes]
+        images = [open_image(data, self.max_image_pixels) for data in image_bytes]
         tiles = [count_tiles(img.width, img.height, self.image_size, budget, self.min_tiles, self.use_thumbnail)
                  for img in images]
         prompt = self.prompt_ids(question, tiles)
@@ -232,5 +253,6 @@ def build_pair_builder(config, tokenizer: Tokenizer) -> PairBuilder:
         min_tiles=config.min_tiles,
         use_thumbnail=config.use_thumbnail,
         system_message=config.system_message,
+        max_image_pixels=config.max_image_pixels,
     )
 

@@ -69,8 +69,9 @@ class RepeatedKey(UserError):
 
 
 def _tar_samples(stream, url: str) -> Iterator[dict]:
-    """Samples of an open tar stream; raises on a broken tar (the partial sample is lost)
-    and on a sample key that appears twice (:class:`RepeatedKey`)."""
+    """Samples of an open tar stream, each with its ordinal in the shard (``__index__``);
+    raises on a broken tar (the partial sample is lost) and on a sample key that appears
+    twice (:class:`RepeatedKey`)."""
     name = shard_name(url)
     current = None
     seen: set = set()
@@ -89,8 +90,8 @@ def _tar_samples(stream, url: str) -> Iterator[dict]:
                 if key in seen:
                     raise RepeatedKey(f"shard {url} holds sample key {key!r} twice: its samples would share one "
                                       "reference value; rebuild the shards with tools/make_shards.py")
+                current = {"__key__": key, "__shard__": name, "__url__": url, "__index__": len(seen)}
                 seen.add(key)
-                current = {"__key__": key, "__shard__": name, "__url__": url}
             elif suffix.lower() in current:
                 raise RepeatedKey(f"shard {url} holds member {info.name!r} twice (sample key {key!r} repeated); "
                                   "rebuild the shards with tools/make_shards.py")
@@ -101,7 +102,7 @@ def _tar_samples(stream, url: str) -> Iterator[dict]:
 
 def iter_shard(url: str, counter: SkipCounter, warn: bool = True, expected: Optional[int] = None,
                report: bool = True, allow_pipe: bool = False) -> Iterator[dict]:
-    """Raw samples ``{"__key__", "__shard__", "__url__", suffix: bytes...}`` of one shard.
+    """Raw samples ``{"__key__", "__shard__", "__url__", "__index__", suffix: bytes...}`` of one shard.
 
     ``expected``: the sample count index.json promised. ``report=False`` reads without
     counting or warning (another stream that reads the same shard does it).

@@ -17,7 +17,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple, Union
 
-from megatron_mpo.data.mmpr import as_image_list, load_meta, outside_root, read_annotation, select_indices
+from megatron_mpo.data.mmpr import as_image_list, load_meta, read_annotation, select_indices
+from megatron_mpo.fileio import outside_root
 from megatron_mpo.generation.scoring import DEFAULT_MODE, check_mode
 
 Answer = Union[str, List[str]]

@@ -106,6 +106,7 @@ def data_config(cfg: RunConfig, model_config, *, for_reference: bool = False):
         on_missing_ref=d.on_missing_ref,
         max_length=d.max_length,
         max_tiles=d.max_tiles,
+        max_image_pixels=d.max_image_pixels,
         template=run_template(cfg, model_config)[0],
         system_message=d.system_message,
         num_workers=0 if for_reference else d.num_workers,
@@ -113,6 +114,7 @@ def data_config(cfg: RunConfig, model_config, *, for_reference: bool = False):
         shuffle_shards=not for_reference,
         seed=d.seed,
         allow_pipe_sources=d.allow_pipe_sources,
+        allow_outside_index=d.allow_outside_index,
         micro_batch=cfg.train.micro_batch,
         image_size=model_config.vision.image_size,
         tokens_per_tile=model_config.tokens_per_tile,
@@ -206,9 +208,11 @@ def reference_fingerprint(cfg: RunConfig, model_config) -> dict:
                        precision.reference_precision(cfg).fingerprint())
 
 
-def check_reference_values(cfg: RunConfig, model_config) -> None:
+def check_reference_values(cfg: RunConfig, model_config) -> Optional[str]:
     """Refuse to train on reference values that are damaged, stale (their shard changed) or
-    computed with other settings: every sidecar is checked before step one.
+    computed with other settings: every sidecar is checked before step one. Shards without
+    a sidecar are named (returned: a warning line) or refused (``data.on_missing_ref``,
+    :mod:`megatron_mpo.training.missing_refs`).
 
     Rank 0 reads them (a large shard set has thousands) and every rank raises its verdict.
     """
@@ -216,21 +220,24 @@ def check_reference_values(cfg: RunConfig, model_config) -> None:
 
     from megatron_mpo.data.refs import check_sidecars
     from megatron_mpo.data.shardlist import expand_shards
+    from megatron_mpo.training import missing_refs
 
     if not cfg.data.ref_logps:
-        return
+        return None
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    verdict = [None]
+    verdict = [None, None]  # (refusal, warning)
     if not distributed or torch.distributed.get_rank() == 0:
         try:
-            check_sidecars(cfg.data.ref_logps, reference_fingerprint(cfg, model_config), expand_shards(cfg.data.shards),
-                           require_all=cfg.data.on_missing_ref == "error")
+            urls = expand_shards(cfg.data.shards, cfg.data.allow_outside_index)
+            coverage = check_sidecars(cfg.data.ref_logps, reference_fingerprint(cfg, model_config), urls)
+            verdict[1] = missing_refs.verdict(cfg.data.on_missing_ref, cfg.data.ref_logps, coverage)
         except UserError as exc:
             verdict[0] = str(exc)
     if distributed:
         torch.distributed.broadcast_object_list(verdict, src=0)
     if verdict[0]:
         raise UserError(verdict[0])
+    return verdict[1]
 
 
 def shard_total(cfg: RunConfig) -> Optional[int]:
@@ -238,3 +245,39 @@ def shard_total(cfg: RunConfig) -> Optional[int]:
     from megatron_mpo.data.shardlist import read_index_total
 
     return read_index_total(cfg.data.shards)
+
+
+def loader_checkpoint_state(loader, layout: Layout) -> dict:
+    """Every data-parallel rank's loader position, gathered for ``common.json``: a resume at
+    any layout needs all of them (collective over the data-parallel group)."""
+    import torch
+
+    from megatron_mpo.data import bundle_states
+
+    mine = loader.state_dict()
+    shared = {k: mine.pop(k) for k in ("identity", "base")}  # the same on every rank: not gathered
+    states = [None] * layout.data
+    torch.distributed.all_gather_object(states, mine, group=layout.data_group)
+    return bundle_states([{**states[0], **shared}, *states[1:]])
+
+
+def resume_loader(loader, common: dict, cfg: RunConfig, checkpoint) -> str:
+    """Put ``loader`` where the checkpoint's data position says (exactly at the same layout,
+    the rest of the epoch at another); one line saying what happened. Collective."""
+    import torch
+
+    saved = common.get("data")
+    if saved is None:
+        if not cfg.data.allow_changed_data:
+            raise UserError(f"checkpoint {checkpoint} records no data position (written by an older megatron_mpo); "
+                            "set data.allow_changed_data: true to restart the data at epoch 0")
+        return "the checkpoint records no data position: the data restarts at epoch 0"
+    world = torch.distributed.get_world_size()
+
+    def gather(part: object) -> list:
+        parts = [None] * world
+        torch.distributed.all_gather_object(parts, part)
+        return parts
+
+    return loader.resume(saved, share=(torch.distributed.get_rank(), world), gather=gather,
+                         allow_changed_data=cfg.data.allow_changed_data)

@@ -35,7 +35,16 @@ def free_bytes(path: Path) -> int:
 
 
 def describe(nbytes: float) -> str:
-    return f"{nbytes / 2**30:.1f} GiB"
+    """``512 B``, ``3.2 MiB``, ``40.0 GiB``: the largest binary unit that keeps the number
+    at least 1, so a small checkpoint does not read as ``0.0 GiB``."""
+    if abs(nbytes) < 1024:
+        return f"{int(nbytes)} B"
+    value = float(nbytes)
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        value /= 1024
+        if abs(value) < 1023.95:  # 1023.96 KiB would print as 1024.0 KiB
+            break
+    return f"{value:.1f} {unit}"
 
 
 def directory_bytes(path: Path) -> int:

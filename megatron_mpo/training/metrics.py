@@ -6,7 +6,8 @@ all-reduce so that rank 0 (which writes) sees the data-parallel mean.
 The logger splits the loader's skip counts (``skipped``, totals by reason) into samples
 dropped and responses truncated, per logging interval and in total (JSONL keys
 ``samples_dropped``, ``responses_truncated`` and their ``_total``); the console line shows
-``step N/total``, the loss parts, those counts, elapsed time and ETA.
+``step N/total``, the loss parts (with ``aux_loss`` for a mixture-of-experts LLM), those
+counts, elapsed time and ETA.
 """
 
 from __future__ import annotations
@@ -118,7 +119,7 @@ class MetricsLogger:
         if jsonl:
             path = Path(jsonl)
             path.parent.mkdir(parents=True, exist_ok=True)
-            kept = _truncate_after(path, resume_step)
+            kept = truncate_after(path, resume_step)
             if kept and isinstance(kept.get("skipped"), dict):
                 self._skip_totals = split_skips(kept["skipped"])
             self._file = path.open("a")
@@ -183,7 +184,9 @@ def console_line(step: int, m: dict, total_steps: Optional[int] = None, progress
     for key in CONSOLE_KEYS:
         if key in m:
             parts.append(f"{key} {m[key]:.4f}")
-    for key, fmt in (("lr", "{:.3g}"), ("grad_norm", "{:.3f}"), ("samples_per_s", "{:.2f}"), ("tokens_per_s", "{:.0f}"), ("mfu", "{:.4f}")):
+    # aux_loss: a mixture-of-experts LLM's router load-balancing term (absent for a dense one)
+    for key, fmt in (("aux_loss", "{:.4g}"), ("lr", "{:.3g}"), ("grad_norm", "{:.3f}"), ("samples_per_s", "{:.2f}"),
+                     ("tokens_per_s", "{:.0f}"), ("mfu", "{:.4f}")):
         if key in m and m[key] is not None and not (isinstance(m[key], float) and math.isnan(m[key])):
             parts.append(f"{key} " + fmt.format(m[key]))
     parts.extend(_skip_parts(m))
@@ -216,7 +219,7 @@ def _flatten(metrics: dict, prefix: str = "") -> dict:
     return flat
 
 
-def _truncate_after(path: Path, step: int) -> Optional[dict]:
+def truncate_after(path: Path, step: int) -> Optional[dict]:
     """Keep only records of steps <= ``step`` (what the checkpoint being resumed saw); the last kept."""
     if not path.exists():
         return None

@@ -14,6 +14,7 @@ exits); every other check is cheap and runs on every rank.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -30,6 +31,7 @@ __all__ = ["check_training", "check_reference", "launch_layout"]
 def check_training(cfg: RunConfig) -> tuple:
     """Everything the trainer can check before building a model; returns the model config
     and the run's total steps (the trainer reuses both)."""
+    _check_output_dirs(cfg)
     model_config = _check_common(cfg)
     _check_flex_trains_here(cfg)
     layout = launch_layout(cfg)
@@ -39,7 +41,9 @@ def check_training(cfg: RunConfig) -> tuple:
         raise UserError("set data.ref_logps: MPO needs reference log-probs; compute them with "
                         "tools/precompute_ref_logps.py first")
     if _is_rank_zero():
-        data_setup.check_reference_values(cfg, model_config)
+        warning = data_setup.check_reference_values(cfg, model_config)  # shards without a sidecar
+        if warning:
+            print(f"warning: {warning}", flush=True)
     return model_config, steps
 
 
@@ -51,6 +55,31 @@ def _check_flex_trains_here(cfg: RunConfig) -> None:
     if on_cpu and data_setup.attention_kind(cfg) == "flex":
         raise UserError("model.attention=flex cannot train on a CPU (torch has no FlexAttention backward "
                         "there); use model.attention=sdpa (same result), or flex on a GPU")
+
+
+def _check_output_dirs(cfg: RunConfig) -> None:
+    """The checkpoint and log locations really take a file. Config validation only asks
+    ``os.access`` of their nearest existing folder, which says yes to root for ``/proc``;
+    the first save then failed with a false "no space" line. Every rank writes checkpoint
+    shards, only rank 0 logs. The folders are created (the trainer would create them anyway)."""
+    if cfg.checkpoint.save:
+        _probe_writable("checkpoint.save", Path(cfg.checkpoint.save))
+    if _is_rank_zero():
+        if cfg.logging.metrics:
+            _probe_writable("logging.metrics", Path(cfg.logging.metrics).parent)
+        if cfg.logging.tensorboard:
+            _probe_writable("logging.tensorboard", Path(cfg.logging.tensorboard))
+
+
+def _probe_writable(name: str, folder: Path) -> None:
+    """Create ``folder`` and a file in it, then remove the file; one line if that fails."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-probe-"):
+            pass
+    except OSError as exc:
+        raise UserError(f"{name}: {folder} cannot be created or written ({exc.strerror or exc}); "
+                        "choose a folder this process can create files in") from None
 
 
 def check_reference(cfg: RunConfig):
@@ -109,7 +138,7 @@ def _check_shards(cfg: RunConfig) -> None:
 
     if not cfg.data.shards:
         raise UserError("set data.shards (a shard directory with index.json, a brace pattern or URL)")
-    refuse_pipes(list_shards(cfg.data.shards), cfg.data.allow_pipe_sources)
+    refuse_pipes(list_shards(cfg.data.shards, cfg.data.allow_outside_index), cfg.data.allow_pipe_sources)
 
 
 def _check_existing_sidecars(cfg: RunConfig, model_config) -> None:
@@ -119,7 +148,7 @@ def _check_existing_sidecars(cfg: RunConfig, model_config) -> None:
     from megatron_mpo.data.shardlist import expand_shards
 
     expected = None
-    for url, content in shard_contents(expand_shards(cfg.data.shards)).items():
+    for url, content in shard_contents(expand_shards(cfg.data.shards, cfg.data.allow_outside_index)).items():
         path = sidecar_path(cfg.data.ref_logps, shard_name(url))
         if not os.path.exists(path):
             continue

@@ -88,7 +88,7 @@ def banner(cfg: RunConfig, layout: Layout, *, total_steps: int, start_step: int,
     return "\n".join([
         f"{BANNER_TITLE}: {data}; {total_steps} steps of {per_step} pairs{epochs}{start}",
         f"  layout: {world} process{'es' if world > 1 else ''} = TP {layout.tensor} x PP {layout.pipeline} x "
-        f"DP {layout.data}; VP {vp}; SP {sp}",
+        f"DP {layout.data}; EP {layout.expert} (of DP); VP {vp}; SP {sp}",
         f"  template: {template} ({template_source})",
         f"  precision: {precision}; rows: {rows}; mfu against {mfu_peak}",
         f"  reference values: {cfg.data.ref_logps} (computed in {reference_precision})",

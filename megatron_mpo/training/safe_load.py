@@ -153,7 +153,7 @@ def load_plain(path: Path) -> Any:
     if bad is not None:  # before megatron_mpo stored these as plain data, they were pickled
         raise UserError(
             f"refused to load {path}: it holds more than tensors and JSON values, at {bad} (crafted, or "
-            "pickled by an older megatron_mpo: remove the rank_*.pt files to resume with fresh RNG and data order)"
+            "pickled by an older megatron_mpo: remove the rank_*.pt files to resume with fresh RNG streams)"
         )
     return obj
 

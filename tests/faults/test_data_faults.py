@@ -16,6 +16,8 @@ import shutil
 import signal
 import tarfile
 import threading
+import warnings
+import zlib
 from pathlib import Path
 
 import pytest
@@ -253,6 +255,36 @@ def test_pipe_sources_need_the_opt_in(workspace, tok, tmp_path):
         pwned.unlink()
 
 
+def test_index_entries_stay_in_the_index_folder_unless_allowed(workspace, tok, tmp_path):
+    from megatron_mpo.data.shardlist import list_shards
+
+    index = json.loads((workspace / "shards" / "index.json").read_text())
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    first = index["shards"][0]
+    shutil.copy(workspace / "shards" / first["name"], outside / first["name"])
+    folder = tmp_path / "crafted"
+    folder.mkdir()
+    (folder / "inside").mkdir()
+    shutil.copy(workspace / "shards" / first["name"], folder / "inside" / first["name"])
+    (folder / "link").symlink_to(outside)
+    escapes = {
+        str(outside / first["name"]): "absolute path",
+        f"../elsewhere/{first['name']}": "'..'",
+        f"link/{first['name']}": "symlink",
+        f"file://{outside / first['name']}": "file: URL",
+    }
+    for name, why in escapes.items():
+        (folder / "index.json").write_text(json.dumps({"shards": [{"name": name, "samples": first["samples"]}]}))
+        with pytest.raises(UserError, match="allow_outside_index") as exc:
+            list(build_loader(_cfg(str(folder)), tok))
+        assert why in _one_line(exc) and "index.json" in _one_line(exc), name
+        assert len(list(build_loader(_cfg(str(folder), allow_outside_index=True), tok))) == first["samples"]
+    # Inside the folder (a sub-folder included) needs no opt-in.
+    (folder / "index.json").write_text(json.dumps({"shards": [{"name": f"inside/{first['name']}"}]}))
+    assert [s.url for s in list_shards(str(folder))] == [str(folder / "inside" / first["name"])]
+
+
 def test_run_config_maps_allow_pipe_sources(workspace):
     for value in (False, True):
         cfg = from_dict(base_config(workspace, data={"allow_pipe_sources": value}))
@@ -319,3 +351,59 @@ def test_a_shard_with_a_repeated_key_is_refused_naming_it(tmp_path, tok, adjacen
     with pytest.raises(UserError, match="x-L1-r0") as err:
         list(build_loader(_cfg(str(tmp_path / "s.tar")), tok, dp_rank=0, dp_size=1))
     assert "rebuild the shards" in str(err.value) and "\n" not in str(err.value)
+
+
+# ----------------------------------------------------------------------------- issue 25, item 10
+def _bilevel_png(width: int, height: int) -> bytes:
+    """An all-black 1-bit PNG written chunk by chunk (valid CRCs): a few KiB on disk for
+    any size, and nothing here decodes it."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
+
+    row = bytes(1 + (width + 7) // 8)  # filter byte 0, then the packed bits
+    packer = zlib.compressobj(9)
+    idat = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([1, 0, 0, 0, 0])  # 1-bit grey
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def test_an_image_over_the_pixel_budget_is_refused_from_its_header():
+    """12000 x 12000 (144 megapixels, PIL warns from 89.5): our budget says no, by the header,
+    before PIL's DecompressionBomb check; a raised budget governs past PIL's error limit."""
+    from megatron_mpo.data.samples import SampleError, open_image
+
+    huge = _bilevel_png(12000, 12000)
+    assert len(huge) < 150_000
+    pil_limit = Image.MAX_IMAGE_PIXELS
+    with warnings.catch_warnings(record=True) as caught, _deadline(5):
+        warnings.simplefilter("always")
+        with pytest.raises(SampleError) as err:
+            open_image(huge)
+    assert err.value.reason == "bad_image"
+    assert "12000 x 12000 = 144.0 megapixels is over data.max_image_pixels=64000000" in str(err.value)
+    assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)], caught
+    assert Image.MAX_IMAGE_PIXELS == pil_limit  # PIL's own limit left as the process had it
+    # 400 megapixels is over PIL's error limit (2 x 89.5): a budget raised past it is what counts
+    assert open_image(_bilevel_png(20000, 20000), max_pixels=400_000_000).size == (20000, 20000)
+    small = _encode(Image.new("RGB", (30, 20)), "PNG")
+    assert open_image(small, max_pixels=600).size == (30, 20)
+    with pytest.raises(SampleError, match="30 x 20 .* over data.max_image_pixels=599"):
+        open_image(small, max_pixels=599)
+
+
+def test_loader_counts_images_over_the_pixel_budget_as_bad_image(workspace, tok, tmp_path):
+    small = _encode(draw_image(112, 56, seed=1)[0], "PNG")  # 6272 pixels
+    members = _sample("small", small) + _sample("huge", _bilevel_png(12000, 12000))
+    (tmp_path / "s.tar").write_bytes(_tar_bytes(members))
+    with _deadline(20):
+        loader = build_loader(_cfg(str(tmp_path / "s.tar")), tok)
+        assert list(_tiles(loader)) == ["small"]
+        assert loader.skip_counts == {"bad_image": 1}
+        loader = build_loader(_cfg(str(tmp_path / "s.tar"), max_image_pixels=6271), tok)
+        assert list(_tiles(loader)) == []
+        assert loader.skip_counts == {"bad_image": 2}
+    cfg = from_dict(base_config(workspace, data={"max_image_pixels": 6271}))
+    assert data_setup.data_config(cfg, model_setup.model_config(cfg)).max_image_pixels == 6271
+    with pytest.raises(UserError, match="data.max_image_pixels must be a positive number"):
+        from_dict(base_config(workspace, data={"max_image_pixels": 0})).validate()

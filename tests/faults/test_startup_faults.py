@@ -112,6 +112,35 @@ def test_full_disk_errors_from_the_writer_become_one_line(tmp_path):
     assert disk_space.explain_write_error(RuntimeError("other"), tmp_path, 1) is None
 
 
+def test_small_sizes_read_in_fitting_units(tmp_path, monkeypatch):
+    """A tiny model's checkpoint used to read "needs ~0.0 GiB, 0.0 GiB free"."""
+    sizes = {0: "0 B", 512: "512 B", 1536: "1.5 KiB", 3 * 2**20: "3.0 MiB", 2**20 - 1: "1.0 MiB",
+             int(2.5 * 2**30): "2.5 GiB", 3 * 2**40: "3.0 TiB"}
+    assert {n: disk_space.describe(n) for n in sizes} == sizes
+    monkeypatch.setattr(disk_space, "free_bytes", lambda path: 2048)
+    with pytest.raises(UserError, match=r"needs ~3\.0 MiB, 2\.0 KiB free"):
+        disk_space.ensure_room(_Manager(tmp_path / "ckpt", None), 3 * 2**20, 2, is_writer=True)
+
+
+def test_warmup_longer_than_the_run_is_said_not_silently_cut():
+    import torch
+
+    from megatron_mpo.config import TrainSection
+    from megatron_mpo.training.optim import build_scheduler, warmup_warning
+
+    def scheduled(train, total):  # the warm-up megatron-core's scheduler runs
+        return build_scheduler(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), train,
+                               total).lr_warmup_steps
+
+    long = TrainSection(steps=10, warmup=50)
+    assert scheduled(long, 10) == 9
+    message = warmup_warning(long, 10)
+    assert message and "\n" not in message
+    assert "train.warmup=50 does not fit this 10-step run" in message and "cut to 9 steps" in message
+    assert warmup_warning(TrainSection(steps=10, warmup=9), 10) is None and scheduled(TrainSection(warmup=9), 10) == 9
+    assert warmup_warning(TrainSection(steps=10, warmup=0.5), 10) is None  # a fraction always fits
+
+
 # ---- 9. numeric settings validated in one place -----------------------------------------
 
 
