@@ -219,7 +219,7 @@ class OldGreedyLoop:
         import torch
 
         from megatron_mpo import platform
-        from megatron_mpo.batch import causal_mask
+        from megatron_mpo.segments import causal_mask
 
         with torch.no_grad():
             dev = platform.device()

@@ -78,7 +78,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
-from megatron_mpo.errors import UserError, exit_on_user_error  # noqa: E402
+from megatron_mpo.console import exit_on_user_error  # noqa: E402
+from megatron_mpo.errors import UserError  # noqa: E402
 
 ATTENTIONS = ("flex", "sdpa", "te")
 LAYOUTS = ("packed", "unpacked")

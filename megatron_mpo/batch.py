@@ -27,6 +27,8 @@ from typing import Optional
 
 import torch
 
+from megatron_mpo.segments import BRANCHES, PROMPT, pair_spans
+
 
 @dataclass
 class PairBatch:
@@ -68,8 +70,6 @@ class PairBatch:
         rows, S = self.input_ids.shape
         if self.segments is None:
             return rows * S * (S + 1) // 2
-        from megatron_mpo.models.packed_attention import pair_spans
-
         total = 0
         for spans in pair_spans(self.segments):
             for start, chosen, rejected, end in spans:
@@ -80,31 +80,6 @@ class PairBatch:
     def response_mask(self) -> torch.Tensor:
         """[R, S] bool: the positions whose label is a response token (the ones scored)."""
         return self.response_index >= 0
-
-
-PROMPT, CHOSEN, REJECTED = 0, 1, 2
-BRANCHES = 3
-
-
-def causal_mask(seq_len: int) -> torch.Tensor:
-    """[1, 1, S, S] bool mask, True above the diagonal (megatron-core's convention)."""
-    return torch.ones(1, 1, seq_len, seq_len, dtype=torch.bool).triu(diagonal=1)
-
-
-def is_segments(mask: Optional[torch.Tensor]) -> bool:
-    """True for a packed-row ``segments`` tensor ([b, S] integers) passed where megatron-core
-    passes its attention mask (a [b, 1, S, S] bool tensor or None)."""
-    return mask is not None and mask.dim() == 2 and not mask.dtype.is_floating_point and mask.dtype != torch.bool
-
-
-def segment_mask(segments: torch.Tensor) -> torch.Tensor:
-    """The dense ``[R, 1, S, S]`` bool mask (True = masked) that ``segments`` describes."""
-    S = segments.shape[-1]
-    pair, branch = segments // BRANCHES, segments % BRANCHES
-    q_pair, k_pair = pair.unsqueeze(-1), pair.unsqueeze(-2)
-    visible = (q_pair == k_pair) & ((branch.unsqueeze(-2) == PROMPT) | (segments.unsqueeze(-1) == segments.unsqueeze(-2)))
-    causal = torch.ones(S, S, dtype=torch.bool, device=segments.device).tril()
-    return ~(visible & causal).unsqueeze(1)
 
 
 def pad_to_length(batch: PairBatch, seq_len: int, pad_id: int = 0) -> PairBatch:

@@ -18,7 +18,8 @@ from typing import Any, Iterator, Optional
 import yaml
 
 from megatron_mpo.config import RunConfig, allowed
-from megatron_mpo.errors import UserError, exit_on_user_error
+from megatron_mpo.console import exit_on_user_error
+from megatron_mpo.errors import UserError
 
 TABLE_START = "<!-- config-table:start -->"
 TABLE_END = "<!-- config-table:end -->"

@@ -9,7 +9,7 @@ Every entry point calls :func:`setup_console` once, before it imports megatron-c
   platform module's ``TorchFunctionMode`` (:mod:`megatron_mpo.platform`), so torch's own
   warnings would otherwise all point at that redirect.
 
-:func:`report_failure` is what :func:`megatron_mpo.errors.exit_on_user_error` does with an
+:func:`report_failure` is what :func:`exit_on_user_error` does with an
 exception, under torchrun or not:
 
 * rank 0 prints it (a UserError as ``error: <message>``, anything else as a traceback);
@@ -26,6 +26,7 @@ exception, under torchrun or not:
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -37,12 +38,14 @@ import traceback
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional, TypeVar
 
 from megatron_mpo.errors import UserError
 
 __all__ = ["HARMLESS_WARNINGS", "HARMLESS_LOG_RECORDS", "setup_console", "is_harmless", "report_failure",
-           "process_rank", "failure_line"]
+           "process_rank", "failure_line", "exit_on_user_error"]
+
+F = TypeVar("F", bound=Callable)
 
 
 @dataclass(frozen=True)
@@ -260,3 +263,25 @@ def _write_error_file(summary: str, text: str) -> None:
             json.dump(body, f)
     except OSError:
         pass
+
+
+def exit_on_user_error(main: F) -> F:
+    """Decorate an entry point so a UserError prints `error: <message>` and exits 2.
+
+    Under torchrun an error every rank hits prints once (rank 0), one rank's own error with
+    a ``[rank N]`` prefix, and any other exception likewise (exit 1); see
+    :func:`report_failure`.
+    """
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except UserError as exc:
+            raise SystemExit(report_failure(exc)) from None
+        except Exception as exc:
+            if "RANK" not in os.environ:
+                raise  # a single process: Python's own traceback and exit code
+            raise SystemExit(report_failure(exc)) from None
+
+    return wrapper  # type: ignore[return-value]

@@ -34,8 +34,8 @@ from pathlib import Path
 
 import yaml
 
-from megatron_mpo.console import failure_line
-from megatron_mpo.errors import UserError, exit_on_user_error
+from megatron_mpo.console import exit_on_user_error, failure_line
+from megatron_mpo.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 COLORS = ("red", "green", "blue", "yellow")

@@ -24,8 +24,8 @@ import json
 import os
 from pathlib import Path
 
-from megatron_mpo.console import setup_console
-from megatron_mpo.errors import UserError, exit_on_user_error
+from megatron_mpo.console import exit_on_user_error, setup_console
+from megatron_mpo.errors import UserError
 
 setup_console()  # at module level: dist_checkpointing's helper processes re-import this file
 

@@ -24,8 +24,8 @@ import torch
 from megatron_mpo import parallel
 from megatron_mpo.config import RunConfig, load_config, read_config
 from megatron_mpo.config_docs import config_yaml
-from megatron_mpo.console import setup_console
-from megatron_mpo.errors import UserError, exit_on_user_error
+from megatron_mpo.console import exit_on_user_error, setup_console
+from megatron_mpo.errors import UserError
 from megatron_mpo.losses import MPOLoss
 from megatron_mpo.parallel import Layout, all_ranks_true
 from megatron_mpo.processes import reap_helpers

@@ -20,7 +20,8 @@ import torch
 from PIL import Image
 
 from megatron_mpo.data import DataConfig, build_loader, bundle_states, load_tokenizer, write_ref_logps
-from megatron_mpo.batch import pad_to_length, segment_mask
+from megatron_mpo.batch import pad_to_length
+from megatron_mpo.segments import segment_mask
 from megatron_mpo.data.collate import collate_pairs, pack_rows, packed_length
 from megatron_mpo.data.samples import PairBuilder, SampleError
 from megatron_mpo.data.shard_writer import MakeShardsConfig, make_shards

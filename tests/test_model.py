@@ -193,7 +193,7 @@ def _packed_pairs_case(hf, vocab: int, gen: torch.Generator) -> dict:
     positions restarting per pair). Each position's reference logits are those of the
     same position of its own unpacked sequence (prompt + chosen, or prompt + rejected, run
     alone through transformers); ``ref_rows`` says which, for the reference gradients."""
-    from megatron_mpo.batch import BRANCHES, REJECTED
+    from megatron_mpo.segments import BRANCHES, REJECTED
     from megatron_mpo.data.collate import collate_pairs
 
     pairs = _packed_pairs(gen)

@@ -19,8 +19,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_mpo.console import exit_on_user_error  # noqa: E402
 from megatron_mpo.data import DataConfig, build_loader, load_tokenizer  # noqa: E402
-from megatron_mpo.errors import UserError, exit_on_user_error  # noqa: E402
+from megatron_mpo.errors import UserError  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -8,7 +8,7 @@ pairs/summary.json holds the counts.
 """
 
 from megatron_mpo.console import setup_console
-from megatron_mpo.errors import exit_on_user_error
+from megatron_mpo.console import exit_on_user_error
 
 
 @exit_on_user_error

@@ -14,7 +14,7 @@ megatron_mpo/conversion/convert.py.
 import argparse
 
 from megatron_mpo.console import setup_console
-from megatron_mpo.errors import exit_on_user_error
+from megatron_mpo.console import exit_on_user_error
 
 # Known-harmless megatron-core / torch notices stay out of the output (megatron_mpo/console.py);
 # at module level, so that the helper processes dist_checkpointing spawns (which re-import

@@ -8,7 +8,7 @@ For demos and tests: the result is what model.init points at, like a converted c
 import argparse
 
 from megatron_mpo.console import setup_console
-from megatron_mpo.errors import exit_on_user_error
+from megatron_mpo.console import exit_on_user_error
 
 
 @exit_on_user_error

@@ -17,8 +17,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_mpo.console import exit_on_user_error  # noqa: E402
 from megatron_mpo.data.shard_writer import MakeShardsConfig, make_shards  # noqa: E402
-from megatron_mpo.errors import exit_on_user_error  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

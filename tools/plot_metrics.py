@@ -5,7 +5,7 @@
 
 import argparse
 
-from megatron_mpo.errors import exit_on_user_error
+from megatron_mpo.console import exit_on_user_error
 from megatron_mpo.plotting import plot_runs
 
 

@@ -10,7 +10,7 @@ import argparse
 
 from megatron_mpo.config import load_config
 from megatron_mpo.console import setup_console
-from megatron_mpo.errors import exit_on_user_error
+from megatron_mpo.console import exit_on_user_error
 
 
 @exit_on_user_error

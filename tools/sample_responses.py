@@ -8,7 +8,7 @@ tools/build_pairs.py. See README "Make your own preference data" and megatron_mp
 """
 
 from megatron_mpo.console import setup_console
-from megatron_mpo.errors import exit_on_user_error
+from megatron_mpo.console import exit_on_user_error
 
 setup_console()  # at module level: dist_checkpointing's helper processes re-import this file
 

@@ -22,7 +22,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from megatron_mpo.batch import BRANCHES, CHOSEN, PROMPT, REJECTED, PairBatch
+from megatron_mpo.batch import PairBatch
+from megatron_mpo.segments import BRANCHES, CHOSEN, PROMPT, REJECTED
 from megatron_mpo.data.samples import TokenizedPair
 
 LAYOUTS = ("unpacked", "packed")

@@ -149,8 +149,7 @@ def prompt_builder(model: ModelSource, tokenizer, *, max_length: int, max_tiles:
 
 
 if __name__ == "__main__":  # the export process of _export (spawn-safe entry point)
-    from megatron_mpo.console import setup_console
-    from megatron_mpo.errors import exit_on_user_error
+    from megatron_mpo.console import exit_on_user_error, setup_console
 
     setup_console()
     exit_on_user_error(lambda: export_native(sys.argv[1], sys.argv[2], "--from-hf" in sys.argv[3:]))()

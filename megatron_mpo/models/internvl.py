@@ -29,7 +29,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from megatron_mpo import platform
-from megatron_mpo.batch import causal_mask, is_segments, segment_mask
+from megatron_mpo.segments import causal_mask, is_segments, segment_mask
 from megatron_mpo.errors import UserError
 from megatron_mpo.models.config import InternVLConfig
 from megatron_mpo.models.specs import (

@@ -34,7 +34,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 from megatron_mpo import platform
-from megatron_mpo.batch import is_segments
+from megatron_mpo.segments import is_segments
 from megatron_mpo.models import packed_attention
 
 __all__ = ["LayerScaleTransformerLayer", "CrossHeadRMSNorm", "SDPAttention", "FlexAttention", "RMSNorm", "SwiGLUMLP",

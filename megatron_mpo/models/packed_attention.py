@@ -20,72 +20,21 @@ computed once per micro-batch and reused by every layer.
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
 from megatron_mpo import platform
-from megatron_mpo.batch import BRANCHES, CHOSEN, PROMPT, REJECTED, causal_mask, is_segments, segment_mask
+from megatron_mpo.segments import BRANCHES, PROMPT, cached, causal_mask, is_segments, pair_spans, segment_mask
 
-__all__ = ["Span", "pair_spans", "sdpa_packed_attention", "segment_block_mask", "flex_attention",
-           "dense_attention_mask"]
-
-# (start, chosen start, rejected start, end) of one pair in its row; a padding span has
-# chosen start == rejected start == end (prompt positions only).
-Span = Tuple[int, int, int, int]
+__all__ = ["sdpa_packed_attention", "segment_block_mask", "flex_attention", "dense_attention_mask"]
 
 # FlexAttention's block size: rows are padded to a multiple of it under ``flex`` (whole
 # blocks, and few distinct shapes for the compiled kernel).
 FLEX_BLOCK_SIZE = 128
 
-_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
 _CAUSAL: dict = {}  # (S, device) -> block mask of plain causal rows
-_CACHE_SIZE = 16  # micro-batches in flight on one pipeline stage, times what is cached per batch
-
-
-def _cached(segments: Tensor, what: str, build: Callable[[], object]):
-    """``build()`` once per segments tensor. Keyed by storage: megatron-core's activation
-    recompute hands layers a detached copy (same storage, new tensor object); the entry
-    holds the tensor, so its storage cannot be reused by another batch while cached."""
-    key = (what, segments.data_ptr(), tuple(segments.shape), str(segments.device), segments._version)
-    hit = _CACHE.get(key)
-    if hit is not None:
-        _CACHE.move_to_end(key)
-        return hit[1]
-    value = build()
-    _CACHE[key] = (segments, value)
-    while len(_CACHE) > _CACHE_SIZE:
-        _CACHE.popitem(last=False)
-    return value
-
-
-def pair_spans(segments: Tensor) -> List[List[Span]]:
-    """Per row, the spans of its segments in order (pairs, then trailing padding)."""
-
-    def build() -> List[List[Span]]:
-        out = []
-        for row in segments.tolist():
-            spans: List[Span] = []
-            start = 0
-            while start < len(row):
-                pair = row[start] // BRANCHES
-                end = start
-                bounds = {PROMPT: None, CHOSEN: None, REJECTED: None}
-                while end < len(row) and row[end] // BRANCHES == pair:
-                    branch = row[end] % BRANCHES
-                    if bounds[branch] is None:
-                        bounds[branch] = end
-                    end += 1
-                chosen = bounds[CHOSEN] if bounds[CHOSEN] is not None else end
-                rejected = bounds[REJECTED] if bounds[REJECTED] is not None else end
-                spans.append((start, chosen, rejected, end))
-                start = end
-            out.append(spans)
-        return out
-
-    return _cached(segments, "spans", build)
 
 
 def sdpa_packed_attention(q: Tensor, k: Tensor, v: Tensor, segments: Tensor, sdpa: Callable) -> Tensor:
@@ -137,7 +86,7 @@ def segment_block_mask(segments: Optional[Tensor], seq_len: int, batch: int, dev
 
         return create_block_mask(packed, seg.shape[0], None, seq_len, seq_len, device=device)
 
-    return _cached(segments, "block_mask", build)
+    return cached(segments, "block_mask", build)
 
 
 _FLEX: Optional[Callable] = None

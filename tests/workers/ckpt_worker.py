@@ -22,9 +22,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 SEQ = 12
+PARTS = 2  # sub-batches per global batch in train_scheduled
 
 
-def build(layout, seed):
+def build(layout, seed, experts=None):
     """GPTModel (as in gpt_logps.py) wrapped in DDP, with megatron-core's distributed Adam."""
     from gpt_logps import build_gpt
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -33,7 +34,7 @@ def build(layout, seed):
 
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
-    model = build_gpt(layout)
+    model = build_gpt(layout, experts)
     ddp = DistributedDataParallel(
         config=model.config,
         ddp_config=DistributedDataParallelConfig(use_distributed_optimizer=True, grad_reduce_in_fp32=True),
@@ -49,9 +50,14 @@ def build(layout, seed):
 
 def batch(step, layout):
     """Deterministic tokens per (step, data-parallel rank); TP ranks of a replica share them."""
-    gen = torch.Generator().manual_seed(1000 + 10 * step + layout.data_rank)
+    return sub_batch(step, layout.data_rank)
+
+
+def sub_batch(step, index):
+    """Part ``index`` of step ``step``'s global batch (2 rows)."""
+    gen = torch.Generator().manual_seed(1000 + 10 * step + index)
     ids = torch.randint(0, 96, (2, SEQ), generator=gen)
-    from megatron_mpo.batch import causal_mask
+    from megatron_mpo.segments import causal_mask
 
     return dict(input_ids=ids, position_ids=torch.arange(SEQ).expand(2, SEQ).clone(),
                 attention_mask=causal_mask(SEQ), labels=torch.roll(ids, -1, dims=1))
@@ -66,6 +72,90 @@ def train(ddp, opt, layout, steps):
         ddp.finish_grad_sync()
         ok, _norm, _ = opt.step()
         assert ok
+
+
+def train_scheduled(ddp, opt, layout, steps):
+    """Train through megatron-core's schedule (pipelines too) on a fixed global batch of
+    ``PARTS`` sub-batches, split over data-parallel ranks; returns each step's global loss."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    def forward_step(data_iterator, model):
+        output = model(**next(data_iterator))
+        return output, lambda out: (out.float().mean(), {"loss": out.float().mean().detach()})
+
+    per_rank = PARTS // layout.data
+    losses = []
+    for step in steps:
+        ddp.zero_grad_buffer()
+        opt.zero_grad()
+        parts = [sub_batch(step, layout.data_rank * per_rank + i) for i in range(per_rank)]
+        results = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter(parts), model=[ddp],
+            num_microbatches=per_rank, seq_length=SEQ, micro_batch_size=2, forward_only=False,
+        )
+        ddp.finish_grad_sync()
+        ok, _norm, _ = opt.step()
+        assert ok
+        # The global loss: mean over sub-batches, summed from one rank per data-parallel replica.
+        mine = layout.is_last_stage and layout.tensor_rank == 0
+        local = torch.tensor([sum(float(r["loss"]) for r in results) / PARTS if mine else 0.0], dtype=torch.float64)
+        torch.distributed.all_reduce(local)
+        losses.append(float(local))
+    return losses
+
+
+def _global_name(ddp, name, layout):
+    """Local parameter name -> its name in the whole model (global layer and expert numbers)."""
+    from megatron.core import parallel_state as ps
+
+    parts = name.split(".")
+    if parts[:2] == ["decoder", "layers"]:
+        parts[2] = str(ddp.module.decoder.layers[int(parts[2])].layer_number - 1)
+    if "local_experts" in parts:
+        at = parts.index("local_experts") + 1
+        per_rank = ddp.module.config.num_moe_experts // layout.expert
+        parts[at] = str(ps.get_expert_model_parallel_rank() * per_rank + int(parts[at]))
+    return ".".join(parts)
+
+
+def full_optim_state(ddp, opt, layout):
+    """{global param name: {"param", "exp_avg", "exp_avg_sq": whole tensors}, "steps": set} on
+    every rank: the distributed optimizer's shards gathered over data-, tensor-, expert- and
+    pipeline-parallel ranks, independently of the checkpoint code."""
+    from megatron.core import parallel_state as ps
+
+    keys = ("param", "exp_avg", "exp_avg_sq")
+    named = list(ddp.module.named_parameters())
+    flat = {n: {k: torch.zeros(p.numel()) for k in keys} for n, p in named}
+    owner = {p: n for n, p in named}
+    steps = set()
+    for sub in getattr(opt, "chained_optimizers", [opt]):
+        for param in sub.model_param_group_index_map:
+            rng = sub._get_model_param_range_map(param)["param"]
+            state = sub._get_main_param_and_optimizer_states(param)
+            steps.add(float(state["step"]))
+            for k in keys:
+                flat[owner[param]][k][rng.start:rng.end] = state[k].detach().float()
+    for expert in (False, True):  # each rank owns a disjoint slice: a sum over the group joins them
+        pieces = [(n, k) for n, p in named if getattr(p, "allreduce", True) != expert for k in keys]
+        if pieces:
+            joined = torch.cat([flat[n][k] for n, k in pieces])
+            group = ps.get_expert_data_parallel_group() if expert else ps.get_data_parallel_group()
+            torch.distributed.all_reduce(joined, group=group)
+            for (n, k), piece in zip(pieces, joined.split([flat[n][k].numel() for n, k in pieces])):
+                flat[n][k] = piece
+    mine = {}
+    for name, p in named:
+        mine[_global_name(ddp, name, layout)] = {
+            k: _tp_full(name, p, flat[name][k].view(p.shape), layout) for k in keys
+        }
+    everyone = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(everyone, (mine, steps))
+    out = {}
+    for part, rank_steps in everyone:
+        out.update(part)
+        out.setdefault("steps", set()).update(rank_steps)
+    return out
 
 
 def params(ddp):
@@ -100,18 +190,21 @@ def full_weights(ddp, layout):
     """Whole (TP-gathered) parameters; GLU fc1 shards are [gate; up] per rank."""
     from megatron.core import parallel_state as ps
 
-    out = {}
-    for name, p in ddp.module.named_parameters():
-        t = p.detach()
-        if layout.tensor > 1 and getattr(p, "tensor_model_parallel", False):
-            parts = [torch.empty_like(t) for _ in range(layout.tensor)]
-            torch.distributed.all_gather(parts, t.contiguous(), group=ps.get_tensor_model_parallel_group())
-            if name.endswith("linear_fc1.weight"):
-                halves = [x.chunk(2, dim=p.partition_dim) for x in parts]
-                parts = [h[0] for h in halves] + [h[1] for h in halves]
-            t = torch.cat(parts, dim=p.partition_dim)
-        out[name] = t.clone()
-    return out
+    return {name: _tp_full(name, p, p.detach(), layout).clone() for name, p in ddp.module.named_parameters()}
+
+
+def _tp_full(name, p, t, layout):
+    """``t`` (shaped like parameter ``p``) gathered over tensor-parallel ranks."""
+    from megatron.core import parallel_state as ps
+
+    if layout.tensor == 1 or not getattr(p, "tensor_model_parallel", False):
+        return t
+    parts = [torch.empty_like(t) for _ in range(layout.tensor)]
+    torch.distributed.all_gather(parts, t.contiguous(), group=ps.get_tensor_model_parallel_group())
+    if name.endswith("linear_fc1.weight"):
+        halves = [x.chunk(2, dim=p.partition_dim) for x in parts]
+        parts = [h[0] for h in halves] + [h[1] for h in halves]
+    return torch.cat(parts, dim=p.partition_dim)
 
 
 def logits(ddp, layout):
@@ -166,7 +259,7 @@ def resume(work):
     layout = parallel.initialize(2, 1, seed=6)
     ddp, opt = build(layout, seed=6)
     train(ddp, opt, layout, [0])
-    tp_manager = CheckpointManager(work / "tp2", keep_last=None)
+    tp_manager = CheckpointManager(work / "tp2", keep_last=None, optimizer_format="dp_reshardable")
     saved = tp_manager.save(1, [ddp], opt, common={"step": 1}, per_rank={})
     model_only = save_model_weights(work / "converted", [ddp], extra_files={"info.json": '{"source": "test"}'})
     result["tp2_weights"], result["tp2_logits"] = full_weights(ddp, layout), logits(ddp, layout)
@@ -188,6 +281,8 @@ def resume(work):
     except Exception as exc:  # noqa: BLE001 - the test checks the type
         result["optim_layout_error"] = (type(exc).__name__, str(exc))
 
+    reshard(work, result)
+
     # --- preemption: only rank 1 gets the signal, both ranks stop ---
     flag = PreemptionFlag()
     result["stop_before"] = flag.should_stop()
@@ -200,6 +295,39 @@ def resume(work):
 
     torch.save(result, work / f"result_rank{rank}.pt")
     parallel.shutdown()
+
+
+def reshard(work, result):
+    """Adam state carried to another layout: dense TP1 x DP2 -> TP2 and -> PP2, MoE EP2 -> EP1.
+
+    Each layout trains 2 steps, saves, and goes on 2 steps (the straight run); the new layout
+    loads the save into a differently seeded model and trains the same 2 global batches.
+    """
+    from megatron_mpo import parallel
+    from megatron_mpo.training.checkpoint import CheckpointManager
+
+    cases = {"dense": ((1, 1, 1, None), {"tp2": (2, 1, 1), "pp2": (1, 2, 1)}),
+             "moe": ((1, 1, 2, 4), {"ep1": (1, 1, 1)})}
+    for case, ((tp, pp, ep, experts), targets) in cases.items():
+        layout = parallel.initialize(tp, pp, seed=11, expert=ep)
+        ddp, opt = build(layout, seed=11, experts=experts)
+        train_scheduled(ddp, opt, layout, [0, 1])
+        saved = CheckpointManager(work / case).save(2, [ddp], opt, common={"step": 2}, per_rank={})
+        stiff = CheckpointManager(work / f"{case}_dp", optimizer_format="dp_reshardable")
+        stiff_saved = stiff.save(2, [ddp], opt, common={"step": 2}, per_rank={})
+        result[f"{case}_state"] = full_optim_state(ddp, opt, layout)
+        result[f"{case}_losses"] = train_scheduled(ddp, opt, layout, [2, 3])
+        for name, (tp, pp, ep) in targets.items():
+            layout = parallel.initialize(tp, pp, seed=12, expert=ep)
+            ddp, opt = build(layout, seed=12, experts=experts)
+            try:
+                stiff.load(stiff_saved, [ddp], opt)
+                result[f"{name}_refusal"] = None
+            except Exception as exc:  # noqa: BLE001 - the test checks the type
+                result[f"{name}_refusal"] = (type(exc).__name__, str(exc))
+            _, result[f"{name}_extras"] = CheckpointManager(work / case).load(saved, [ddp], opt)
+            result[f"{name}_state"] = full_optim_state(ddp, opt, layout)
+            result[f"{name}_losses"] = train_scheduled(ddp, opt, layout, [2, 3])
 
 
 def crash(work):
