@@ -370,6 +370,11 @@ def preference_loss(h: torch.Tensor, config: MPOLossConfig) -> torch.Tensor:
     raise UserError(f"unknown preference loss {config.preference!r}; choose one of {', '.join(PREFERENCE_LOSSES)}")
 
 
+def quality_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, delta: float) -> torch.Tensor:
+    """BCO quality loss per pair: -log sig(r_c - delta) - log sig(-(r_r - delta)), delta the reward shift."""
+    return -F.logsigmoid(chosen_rewards - delta) - F.logsigmoid(-(rejected_rewards - delta))
+
+
 def generation_loss(
     policy_chosen_logps: torch.Tensor,
     chosen_lengths: torch.Tensor,
@@ -493,7 +498,7 @@ def mpo_loss(
             delta = reward_shift.current()  # previous steps only
             if update_shift:
                 reward_shift.observe(chosen_rewards, rejected_rewards)
-        loss_q = pair_mean(-F.logsigmoid(chosen_rewards - delta) - F.logsigmoid(-(rejected_rewards - delta)))
+        loss_q = pair_mean(quality_loss(chosen_rewards, rejected_rewards, delta))
         loss = loss + w.quality * loss_q
 
     loss_g = zero
@@ -536,32 +541,11 @@ class MPOLoss:
             group = default_shift_group(warn=config.weights.quality > 0)
         self.reward_shift = RewardShift(config.delta_update, group=group)
 
-    def __call__(
-        self,
-        policy_chosen_logps: torch.Tensor,
-        policy_rejected_logps: torch.Tensor,
-        ref_chosen_logps: torch.Tensor,
-        ref_rejected_logps: torch.Tensor,
-        chosen_lengths: torch.Tensor,
-        rejected_lengths: torch.Tensor,
-        *,
-        update_shift: bool = True,
-        generation_tokens: Optional[float] = None,
-        step_pairs: Optional[float] = None,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return mpo_loss(
-            policy_chosen_logps,
-            policy_rejected_logps,
-            ref_chosen_logps,
-            ref_rejected_logps,
-            chosen_lengths,
-            rejected_lengths,
-            self.config,
-            self.reward_shift,
-            update_shift=update_shift,
-            generation_tokens=generation_tokens,
-            step_pairs=step_pairs,
-        )
+    def __call__(self, *sequences: torch.Tensor, **options: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """:func:`mpo_loss` of its six per-sequence tensors (policy and reference log-prob
+        sums, chosen and rejected lengths) with this loss's config and reward shift;
+        ``options`` are :func:`mpo_loss`'s keyword options."""
+        return mpo_loss(*sequences, self.config, self.reward_shift, **options)
 
     def end_step(self, group: Optional[dist.ProcessGroup] = None) -> None:
         """Call once after every optimizer step (see :meth:`RewardShift.end_step`)."""
