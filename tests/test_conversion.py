@@ -367,7 +367,7 @@ def test_native_config_from_presets():
     """Configs written without a source config.json (a preset-initialised model)."""
     from transformers import InternVLConfig, InternVLForConditionalGeneration
 
-    from megatron_mpo.conversion.hf_io import to_native_hf_config
+    from megatron_mpo.conversion.hf_config import to_native_hf_config
     from megatron_mpo.conversion.native import hf_to_megatron, megatron_to_hf
     from megatron_mpo.models.presets import get_preset
 

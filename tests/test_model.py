@@ -84,9 +84,9 @@ def _hf_model(kind: str, image_size: int = 56):
 
 
 def _our_config(hf_config, kind: str):
-    from megatron_mpo.models.config import InternVLConfig
+    from megatron_mpo.conversion.hf_config import internvl_config_from_hf
 
-    config = InternVLConfig.from_hf_config(hf_config)
+    config = internvl_config_from_hf(hf_config)
     if kind in PADDED_VISION:
         config.vision.num_padded_heads = 4
     return config.validate()
@@ -322,15 +322,15 @@ def test_presets_and_config_serialisation():
 
 
 def test_from_hf_config_native_and_original():
-    from megatron_mpo.models.config import InternVLConfig
+    from megatron_mpo.conversion.hf_config import internvl_config_from_hf
 
     _, hf_config = _hf_model("llama")
-    config = InternVLConfig.from_hf_config(hf_config)
+    config = internvl_config_from_hf(hf_config)
     assert (config.vision.norm, config.vision.qk_norm, config.vision.qkv_bias) == ("RMSNorm", True, False)
     lang = config.language
     assert (lang.family, lang.qkv_bias, lang.tie_embeddings) == ("llama", False, True)
     assert config.language.rope_theta == 500000.0 and config.img_context_token_id == IMG_ID
-    assert InternVLConfig.from_hf_config(hf_config.to_dict()) == config
+    assert internvl_config_from_hf(hf_config.to_dict()) == config
     original = {  # the remote-code InternVLChatConfig of InternVL2-8B, trimmed
         "downsample_ratio": 0.5, "ps_version": "v2", "select_layer": -1, "force_image_size": 448,
         "vision_config": {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
@@ -341,11 +341,11 @@ def test_from_hf_config_native_and_original():
                        "intermediate_size": 14336, "rope_theta": 1000000, "rms_norm_eps": 1e-5,
                        "bias": False, "rope_scaling": {"type": "dynamic", "factor": 2.0}},
     }
-    config = InternVLConfig.from_hf_config(original)
+    config = internvl_config_from_hf(original)
     assert config.language.family == "internlm2" and config.tokens_per_tile == 256
-    assert config.language.rope_scaling == {"type": "dynamic", "factor": 2.0}
+    assert config.language.rope_scaling == {"rope_type": "dynamic", "factor": 2.0}  # read through the native form
     with pytest.raises(UserError, match="not supported"):
-        InternVLConfig.from_hf_config({**original, "llm_config": {"architectures": ["GPT2LMHeadModel"]}})
+        internvl_config_from_hf({**original, "llm_config": {"architectures": ["GPT2LMHeadModel"]}})
 
 
 # ---- conversion -----------------------------------------------------------------------

@@ -6,7 +6,10 @@ In this process: configs, refusals, conversion both ways (bit-exact, both Huggin
 namings, the original InternVL layout), logits / losses / every gradient at TP1/EP1, the
 active-parameter FLOP count. In one 4-process gloo launch (tests/workers/moe_worker.py):
 the converted model directory loaded at TP2 and at EP2 x PP2, logits (and, at EP2 x PP2,
-every gradient) against transformers, and a distributed checkpoint saved at EP2 x PP2 read back at EP1.
+every gradient) against transformers, a distributed checkpoint saved at EP2 x PP2 read back at EP1,
+and the trainer's finiteness guard catching a NaN in DDP's expert-parallel gradient buffer.
+The reference tool at EP2 over ranks of unequal work (an empty shard included) in the
+fixture of the trainer tests.
 """
 
 from __future__ import annotations
@@ -52,11 +55,11 @@ def _hf_moe_model(seed: int = 5):
 def moe_ref(tmp_path_factory):
     from megatron_mpo.conversion.megatron_dir import write_model_dir
     from megatron_mpo.conversion.native import hf_to_megatron
-    from megatron_mpo.models.config import InternVLConfig
+    from megatron_mpo.conversion.hf_config import internvl_config_from_hf
 
     root = tmp_path_factory.mktemp("moe_ref")
     hf, hf_config = _hf_moe_model()
-    config = InternVLConfig.from_hf_config(hf_config)
+    config = internvl_config_from_hf(hf_config)
     # transformers adds no load-balancing loss unless output_router_logits: compare without.
     config.language.router_aux_loss_coef = 0.0
     cases = _cases(hf, config.language.vocab_size, 3)
@@ -76,11 +79,12 @@ def moe_ref(tmp_path_factory):
 
 
 def test_qwen3_moe_config_is_read_from_both_layouts_and_gpt_oss_is_refused():
-    from megatron_mpo.models.config import InternVLConfig, check_llm_supported
+    from megatron_mpo.conversion.families import check_llm_supported
+    from megatron_mpo.conversion.hf_config import internvl_config_from_hf
     from megatron_mpo.models.presets import get_preset
 
     hf, hf_config = _hf_moe_model()
-    lang = InternVLConfig.from_hf_config(hf_config).language
+    lang = internvl_config_from_hf(hf_config).language
     assert (lang.family, lang.num_experts, lang.num_experts_per_tok, lang.moe_intermediate_size) == ("qwen3_moe", 4, 2, 32)
     assert lang.norm_topk_prob and lang.mlp_only_layers == [1] and lang.qk_norm and not lang.qkv_bias
     assert [lang.is_moe_layer(i) for i in range(3)] == [True, False, True]
@@ -89,18 +93,18 @@ def test_qwen3_moe_config_is_read_from_both_layouts_and_gpt_oss_is_refused():
     bare = {k: v for k, v in hf_config.to_dict()["text_config"].items()
             if k not in ("norm_topk_prob", "num_experts_per_tok", "decoder_sparse_step", "num_local_experts")}
     data = dict(hf_config.to_dict(), text_config=bare)
-    lang = InternVLConfig.from_hf_config(data).language
+    lang = internvl_config_from_hf(data).language
     assert (lang.norm_topk_prob, lang.num_experts_per_tok, lang.decoder_sparse_step, lang.num_experts) == (False, 8, 1, 128)
     # The Hub's config.json name (num_experts) and transformers 5's (num_local_experts) both work.
     hub = dict(hf_config.to_dict(), text_config=dict(bare, num_experts=4, num_experts_per_tok=2))
-    assert InternVLConfig.from_hf_config(hub).language.num_experts == 4
+    assert internvl_config_from_hf(hub).language.num_experts == 4
     # decoder_sparse_step 2: layers 1, 3, ... have experts.
     data = dict(hf_config.to_dict(), text_config=dict(hf_config.to_dict()["text_config"], decoder_sparse_step=2,
                                                       mlp_only_layers=[], num_experts_per_tok=2))
-    lang = InternVLConfig.from_hf_config(data).language
+    lang = internvl_config_from_hf(data).language
     assert [lang.is_moe_layer(i) for i in range(3)] == [False, True, False]
     with pytest.raises(UserError, match="shared expert"):
-        InternVLConfig.from_hf_config(dict(data, text_config=dict(data["text_config"], shared_expert_intermediate_size=64)))
+        internvl_config_from_hf(dict(data, text_config=dict(data["text_config"], shared_expert_intermediate_size=64)))
     for name in ("gpt_oss", "GptOssForCausalLM"):
         with pytest.raises(UserError, match="GPT-OSS") as exc:
             check_llm_supported(name)
@@ -112,11 +116,11 @@ def test_qwen3_moe_config_is_read_from_both_layouts_and_gpt_oss_is_refused():
 
 def test_moe_hf_megatron_hf_is_bit_exact_in_both_namings_and_te_names_keep_moe_norms(tmp_path):
     from megatron_mpo.conversion.native import from_te_names, hf_to_megatron, megatron_to_hf, to_te_names
-    from megatron_mpo.models.config import InternVLConfig
+    from megatron_mpo.conversion.hf_config import internvl_config_from_hf
     from tests.test_conversion import _assert_bits_equal, _safetensors_dir
 
     hf, hf_config = _hf_moe_model()
-    config = InternVLConfig.from_hf_config(hf_config)
+    config = internvl_config_from_hf(hf_config)
     module_sd = hf.state_dict()
     assert "model.language_model.layers.0.mlp.experts.gate_up_proj" in module_sd  # transformers 5: 3-D experts
     mcore = hf_to_megatron(module_sd, config)
@@ -141,17 +145,17 @@ def test_moe_hf_megatron_hf_is_bit_exact_in_both_namings_and_te_names_keep_moe_n
 def test_moe_original_layout_round_trip(tmp_path):
     from megatron_mpo.conversion.native import hf_to_megatron, megatron_to_hf
     from megatron_mpo.conversion.original import native_to_original, original_to_native
-    from megatron_mpo.models.config import InternVLConfig
+    from megatron_mpo.conversion.hf_config import internvl_config_from_hf
     from tests.test_conversion import _assert_bits_equal
 
     hf, hf_config = _hf_moe_model()
-    config = InternVLConfig.from_hf_config(hf_config)
+    config = internvl_config_from_hf(hf_config)
     native_cfg = hf_config.to_dict()
     orig_sd, orig_cfg = native_to_original(hf.state_dict(), native_cfg, template="internvl2_5")
     assert orig_cfg["llm_config"]["architectures"] == ["Qwen3MoeForCausalLM"]
     assert "language_model.model.layers.2.mlp.experts.3.down_proj.weight" in orig_sd
     native_sd, cfg_back = original_to_native(orig_sd, orig_cfg)
-    assert InternVLConfig.from_hf_config(cfg_back).language == config.language
+    assert internvl_config_from_hf(cfg_back).language == config.language
     mcore = hf_to_megatron(native_sd, config)
     _assert_bits_equal(mcore, hf_to_megatron(hf.state_dict(), config), "megatron via the original layout")
     orig_again, _ = native_to_original(megatron_to_hf(mcore, config, layout="module"), native_cfg)
@@ -214,32 +218,62 @@ def test_ep2_tp2_and_ep2_pp2_load_the_converted_dir_and_match_transformers(moe_r
     launch(REPO / "tests" / "workers" / "moe_worker.py", 4, root, timeout=900)
     result = json.loads((root / "failures.json").read_text())
     assert not result["failures"], "\n".join(result["failures"][:10])
-    assert result["checked"] == sorted(["TP2PP1EP1 forward", "TP1PP2EP2", "EP2PP2->EP1 checkpoint"])
+    assert result["checked"] == sorted(["TP2PP1EP1 forward", "TP1PP2EP2", "EP2PP2->EP1 checkpoint",
+                                        "EP2 expert-gradient guard"])
 
 
 # ---- the trainer at EP2: same steps as EP1, exact resume --------------------------------------
 
 
+# The moe workspace's shards in index order: ranks i % 2 of the reference tool at EP2 get
+# unequal work (rank 0: 12 + 24 pairs, rank 1: 24 pairs and a shard of none).
+MOE_SHARDS = {"shard-000002": 12, "shard-000000": 24, "shard-000001": 24, "empty": 0}
+
+
 @pytest.fixture(scope="module")
 def moe_workspace(workspace, tmp_path_factory):
-    """The session workspace's tokenizer and shards with the tiny-moe preset and its own
-    reference values (computed at EP2 over 2 processes)."""
+    """The session workspace's tokenizer and samples with the tiny-moe preset, in shards of
+    their own (:data:`MOE_SHARDS`), and their reference values computed at EP2 over 2
+    processes (a hang fails in 2 minutes instead of the default 10)."""
     from megatron_mpo.conversion.megatron_dir import init_model_dir
+    from megatron_mpo.data.shard_writer import MakeShardsConfig, make_shards
     from tests.conftest import base_config, write_config
+    from tests.test_reference import add_empty_shard
 
     ws = tmp_path_factory.mktemp("moe_ws")
     init_model_dir("tiny-moe", workspace / "tok", ws / "init", seed=1)  # what tools/init_checkpoint.py does
-    cfg = base_config(workspace, model={"init": str(ws / "init")}, data={"ref_logps": str(ws / "refs")},
-                      parallel={"expert": 2})
+    make_shards(MakeShardsConfig(out=str(ws / "shards"), meta=str(workspace / "raw" / "meta.json"),
+                                 samples_per_shard=24, workers=1, progress=False), log=lambda _: None)
+    index = json.loads((ws / "shards" / "index.json").read_text())
+    index["shards"].sort(key=lambda s: s["samples"])  # the short shard first
+    (ws / "shards" / "index.json").write_text(json.dumps(index))
+    add_empty_shard(ws / "shards", "empty", len(index["shards"]))
+    cfg = base_config(workspace, model={"init": str(ws / "init")},
+                      data={"shards": str(ws / "shards"), "ref_logps": str(ws / "refs")},
+                      parallel={"expert": 2, "timeout_minutes": 2})
     launch("tools/precompute_ref_logps.py", 2, "--config", str(write_config(ws / "ref.yaml", cfg)))
     return ws
+
+
+def test_ep2_reference_tool_finishes_unequal_work_and_an_empty_shard(moe_workspace):
+    """Every collective of the EP2 reference run is matched on both ranks: rank 0 finishes a
+    short shard while rank 1 is mid-shard, rank 1 reaches an empty shard and runs out of
+    shards while rank 0 still computes (the launch in the fixture hung there)."""
+    from tests.test_reference import sidecars
+
+    index = json.loads((moe_workspace / "shards" / "index.json").read_text())
+    assert {s["name"][:-4]: s["samples"] for s in index["shards"]} == MOE_SHARDS  # in this order
+    assert list(MOE_SHARDS) == [s["name"][:-4] for s in index["shards"]]
+    found = sidecars(moe_workspace / "refs")
+    assert {name[: -len(".ref.json")]: len(body["logps"]) for name, body in found.items()} == MOE_SHARDS
+    assert all(body["complete"] and body["pairs"] == len(body["logps"]) for body in found.values())
 
 
 def _moe_train(workspace, moe_ws, run, nproc: int, expert: int, pipeline: int = 1, **sections):
     from tests.test_training import train
 
     model = {"init": str(moe_ws / "init")}
-    data = dict({"ref_logps": str(moe_ws / "refs")}, **sections.pop("data", {}))
+    data = dict({"shards": str(moe_ws / "shards"), "ref_logps": str(moe_ws / "refs")}, **sections.pop("data", {}))
     return train(workspace, run, nproc, model=model, data=data, parallel={"expert": expert, "pipeline": pipeline},
                  train={"steps_override": 4}, **sections)
 

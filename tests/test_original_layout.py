@@ -20,6 +20,12 @@ import pytest
 import torch
 
 from megatron_mpo.conversion import original as orig
+from megatron_mpo.conversion.hf_config import (
+    detect_llm_family,
+    internvl_config_from_hf,
+    native_config_from_original,
+    original_config_from_native,
+)
 from megatron_mpo.errors import UserError
 
 V_HIDDEN, V_HEADS, V_FFN, V_LAYERS, PATCH, IMAGE = 16, 4, 24, 2, 14, 56  # grid 4 -> 17 positions
@@ -196,7 +202,7 @@ def test_round_trip_is_bit_exact(family, vit6b, tie):
     native_sd, native_cfg = orig.original_to_native(sd, cfg)
     back, back_cfg = orig.native_to_original(native_sd, native_cfg, family)
     assert_same(back, sd)
-    assert orig.detect_llm_family(back_cfg) == family
+    assert detect_llm_family(back_cfg) == family
     # checkpoint names (what save_pretrained writes; tied lm_head left out) work too
     ckpt = {}
     for key, value in native_sd.items():
@@ -299,12 +305,11 @@ def test_original_native_megatron_round_trip(family, vit6b, tie, config_from):
     native = pytest.importorskip("megatron_mpo.conversion.native")
     if not hasattr(native, "hf_to_megatron"):
         pytest.skip("native.hf_to_megatron not available")
-    from megatron_mpo.models.config import InternVLConfig
 
     sd, _ = original_state_dict(family, vit6b, tie)
     cfg = original_config(family, vit6b, tie)
     native_sd, native_cfg = orig.original_to_native(sd, cfg)
-    config = InternVLConfig.from_hf_config(native_cfg if config_from == "native" else cfg)
+    config = internvl_config_from_hf(native_cfg if config_from == "native" else cfg)
     mcore = native.hf_to_megatron(native_sd, config)
     hf = native.megatron_to_hf(mcore, config, layout="module")
     back, _ = orig.native_to_original(hf, native_cfg, family)
@@ -341,7 +346,7 @@ def test_real_native_model_round_trip(text_type, family, vit6b, tie):
             p.copy_(torch.randn(p.shape, generator=gen))
     native_sd = model.state_dict()
     o_sd, o_cfg = orig.native_to_original(native_sd, config.to_dict(), family)
-    assert orig.detect_llm_family(o_cfg) == family
+    assert detect_llm_family(o_cfg) == family
     assert o_cfg["force_image_size"] == IMAGE and o_cfg["vision_config"]["image_size"] == IMAGE
     head = "language_model.output.weight" if family == "internlm2" else "language_model.lm_head.weight"
     assert (head in o_sd) == (not tie)
@@ -359,8 +364,8 @@ def test_real_native_model_round_trip(text_type, family, vit6b, tie):
 @pytest.mark.parametrize("family,vit6b,tie", CASES)
 def test_config_round_trip(family, vit6b, tie):
     cfg = original_config(family, vit6b, tie)
-    native_cfg = orig.native_config_from_original(cfg)
-    back = orig.original_config_from_native(native_cfg, family)
+    native_cfg = native_config_from_original(cfg)
+    back = original_config_from_native(native_cfg, family)
     assert back["architectures"] == ["InternVLChatModel"]
     assert back["llm_config"]["architectures"] == [ARCH[family]]
     for key in ("downsample_ratio", "ps_version", "select_layer", "force_image_size", "img_context_token_id"):
@@ -382,12 +387,11 @@ def test_config_round_trip(family, vit6b, tie):
 
 def test_config_agrees_with_model_config():
     """The project's own config reader sees the same architecture through both layouts."""
-    from megatron_mpo.models.config import InternVLConfig
 
     for family, vit6b, tie in CASES[:5]:
         cfg = original_config(family, vit6b, tie)
-        a = InternVLConfig.from_hf_config(cfg)
-        b = InternVLConfig.from_hf_config(orig.native_config_from_original(cfg))
+        a = internvl_config_from_hf(cfg)
+        b = internvl_config_from_hf(native_config_from_original(cfg))
         assert a.vision == b.vision or {**vars(a.vision), "pos_embed_image_size": None} == vars(b.vision)
         la, lb = vars(a.language), vars(b.language)
         for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size",
@@ -450,15 +454,15 @@ def test_bad_configs():
     cfg = original_config("qwen2")
     unknown = copy.deepcopy(cfg)
     unknown["llm_config"].update(architectures=["MixtralForCausalLM"], model_type="mixtral")
-    assert "MixtralForCausalLM" in _error(orig.detect_llm_family, unknown)
+    assert "MixtralForCausalLM" in _error(detect_llm_family, unknown)
     v1 = {**cfg, "ps_version": "v1"}
-    assert "ps_version" in _error(orig.native_config_from_original, v1)
-    native_cfg = orig.native_config_from_original(cfg)
-    assert "internlm2" in _error(orig.original_config_from_native, native_cfg, "internlm2")  # qwen2 text
-    assert "mistral" in _error(orig.original_config_from_native, native_cfg, "mistral")
+    assert "ps_version" in _error(native_config_from_original, v1)
+    native_cfg = native_config_from_original(cfg)
+    assert "internlm2" in _error(original_config_from_native, native_cfg, "internlm2")  # qwen2 text
+    assert "mistral" in _error(original_config_from_native, native_cfg, "mistral")
     biased = copy.deepcopy(original_config("internlm2"))
     biased["llm_config"]["bias"] = True
-    assert "bias" in _error(orig.native_config_from_original, biased)
+    assert "bias" in _error(native_config_from_original, biased)
 
 
 @pytest.mark.parametrize("family", ["qwen3", "internlm3"])
@@ -502,7 +506,6 @@ def test_unsupported_releases_are_refused_with_one_line():
     line naming what is refused, from either layout's config or tensors. (Qwen3-MoE, the
     other InternVL3.5 MoE LLM, is supported: tests/test_moe.py.)"""
     from megatron_mpo.conversion.native import hf_to_megatron
-    from megatron_mpo.models.config import InternVLConfig
 
     def refused(fn, *args) -> str:
         with pytest.raises(UserError) as exc:
@@ -513,21 +516,21 @@ def test_unsupported_releases_are_refused_with_one_line():
     for arch, model_type, says in (("GptOssForCausalLM", "gpt_oss", "GPT-OSS"),):
         cfg = original_config("qwen3")
         cfg["llm_config"].update(architectures=[arch], model_type=model_type)
-        assert says in refused(orig.detect_llm_family, cfg)
-        assert says in refused(InternVLConfig.from_hf_config, cfg)
-        native_cfg = orig.native_config_from_original(original_config("qwen3"))
+        assert says in refused(detect_llm_family, cfg)
+        assert says in refused(internvl_config_from_hf, cfg)
+        native_cfg = native_config_from_original(original_config("qwen3"))
         native_cfg["text_config"]["model_type"] = model_type
-        assert says in refused(InternVLConfig.from_hf_config, native_cfg)
+        assert says in refused(internvl_config_from_hf, native_cfg)
 
     flash_named = {**original_config("qwen3"), "_name_or_path": "OpenGVLab/InternVL3_5-8B-Flash"}
-    assert "Flash" in refused(InternVLConfig.from_hf_config, flash_named)
+    assert "Flash" in refused(internvl_config_from_hf, flash_named)
     sd, _ = original_state_dict("qwen3", vit6b=True)
     with_router = {**sd, "mlp2.0.weight": torch.zeros(4)}
     assert "Flash" in refused(orig.original_to_native, with_router, original_config("qwen3", vit6b=True))
     native_sd, native_cfg = orig.original_to_native(sd, original_config("qwen3", vit6b=True))
-    config = InternVLConfig.from_hf_config(native_cfg)
+    config = internvl_config_from_hf(native_cfg)
     assert "Flash" in refused(hf_to_megatron, {**native_sd, "model.mlp2.0.weight": torch.zeros(4)}, config)
 
     sliding = original_config("qwen3")
     sliding["llm_config"]["use_sliding_window"] = True
-    assert "sliding" in refused(InternVLConfig.from_hf_config, sliding)
+    assert "sliding" in refused(internvl_config_from_hf, sliding)

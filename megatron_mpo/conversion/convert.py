@@ -45,6 +45,11 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from megatron_mpo.conversion import hf_io
+from megatron_mpo.conversion.hf_config import (
+    internvl_config_from_native,
+    internvl_config_from_original,
+    to_native_hf_config,
+)
 from megatron_mpo.conversion.hf_io import NATIVE, ORIGINAL, FORMATS
 from megatron_mpo.conversion.processor import export_max_tiles, processor_files
 from megatron_mpo.errors import UserError
@@ -88,17 +93,13 @@ def _tokenizer_image_id(directory: Path, log: Log) -> Optional[int]:
 
 def hf_model_config(hf: hf_io.HFDir, log: Log = print) -> tuple:
     """(our InternVLConfig, the native config dict) of an inspected HF directory (no weights)."""
-    from megatron_mpo.conversion import original
-
     token_id = _tokenizer_image_id(hf.path, log)
     if hf.layout == ORIGINAL:
         image_id = hf.config.get("img_context_token_id") or token_id
-        native_cfg = original.native_config_from_original(hf.config, image_token_id=image_id)
-        family = original.detect_llm_family(hf.config)
-        config = hf_io.internvl_config_from_native(native_cfg, family=family if family == "internlm2" else None)
+        config, native_cfg = internvl_config_from_original(hf.config, image_token_id=image_id)
     else:
         native_cfg = dict(hf.config)
-        config = hf_io.internvl_config_from_native(native_cfg)
+        config = internvl_config_from_native(native_cfg)
         if token_id is not None and token_id != config.img_context_token_id:
             log(
                 f"warning: config.json says image_token_id {config.img_context_token_id} but the tokenizer's "
@@ -340,7 +341,7 @@ def megatron_dir_to_hf(
         files.update(processor_files(files, config, export_max_tiles(ckpt, record)))
     torch_dtype = hf_io.DTYPES[dtype]
     state = {k: (v.to(torch_dtype) if v.is_floating_point() else v) for k, v in state.items()}
-    native_cfg = hf_io.to_native_hf_config(config, base=record.get("native_config"), dtype=dtype)
+    native_cfg = to_native_hf_config(config, base=record.get("native_config"), dtype=dtype)
     if fmt == NATIVE:
         hf_state = native.megatron_to_hf(state, config, layout="checkpoint")
         hf_config = native_cfg

@@ -17,18 +17,13 @@ destination. Weights are safetensors, split at ``max_shard_size`` (with
 ``model.safetensors.index.json`` when there is more than one file), plus ``config.json``,
 ``generation_config.json`` (when given) and any companion files (tokenizer, ...).
 
-:func:`to_native_hf_config` turns our :class:`~megatron_mpo.models.config.InternVLConfig`
-into the ``config.json`` dict ``transformers.InternVLForConditionalGeneration`` loads; with
-``base`` (the config.json the model was converted from) the fields that do not describe
-the architecture (token ids, sliding-window settings, ...) are kept from it.
+What the configs inside mean is :mod:`.hf_config`'s business.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
-import math
 import os
 import re
 import shutil
@@ -41,7 +36,6 @@ from torch import Tensor
 
 from megatron_mpo.errors import UserError
 from megatron_mpo.fileio import fsync_path, fsync_tree
-from megatron_mpo.models.config import MOE_FIELDS, NATIVE_TEXT_TYPE
 
 __all__ = [
     "NATIVE",
@@ -51,8 +45,6 @@ __all__ = [
     "detect_layout",
     "inspect_hf_dir",
     "load_hf_weights",
-    "to_native_hf_config",
-    "internvl_config_from_native",
     "parse_size",
     "check_destination",
     "atomic_output_dir",
@@ -228,171 +220,6 @@ def dominant_dtype(state: Mapping[str, Tensor]) -> Optional[torch.dtype]:
         if t.is_floating_point():
             count[t.dtype] = count.get(t.dtype, 0) + t.numel()
     return max(count, key=count.get) if count else None
-
-
-# ---- configs --------------------------------------------------------------------------
-
-_NORM_TYPES = {"LayerNorm": "layer_norm", "RMSNorm": "rms_norm"}
-# Text configs whose classes default head_dim (and biases) to values of their own: stated.
-_EXPLICIT_FIELD_TYPES = ("llama", "qwen3", "qwen3_moe", "internlm3")
-# base text_config keys replaced by ``rope_parameters`` (transformers 5 naming)
-_ROPE_KEYS = ("rope_theta", "rope_scaling", "rope_parameters")
-
-
-def _rope_parameters(theta: float, scaling: Optional[Mapping[str, Any]]) -> dict:
-    params = {"rope_type": "default"}
-    if scaling:
-        scaling = dict(scaling)
-        kind = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"
-        scaling.pop("type", None)
-        params = {"rope_type": kind, **scaling}
-    params["rope_theta"] = float(theta)
-    return params
-
-
-def _merge(base: Optional[Mapping[str, Any]], generated: Mapping[str, Any], drop: tuple = ()) -> dict:
-    out = {k: copy.deepcopy(v) for k, v in (base or {}).items() if k not in drop}
-    out.update(copy.deepcopy(dict(generated)))
-    return out
-
-
-def to_native_hf_config(config, base: Optional[Mapping[str, Any]] = None, dtype: Optional[str] = None) -> dict:
-    """Our InternVLConfig -> the config.json dict of ``InternVLForConditionalGeneration``.
-
-    Architecture fields always come from ``config``; ``base`` (a native config.json dict,
-    e.g. the one the model was converted from) contributes every other field. InternLM2
-    LLMs become a ``llama`` text model (same maths, split q/k/v). ``dtype`` is written as
-    the checkpoint dtype (``float32``, ``bfloat16``, ...).
-    """
-    vis, lang = config.vision, config.language
-    base = dict(base or {})
-    pos_size = vis.pos_embed_image_size or vis.image_size
-    vision = {
-        "model_type": "internvl_vision",
-        "hidden_size": vis.hidden_size,
-        "num_hidden_layers": vis.num_layers,
-        "num_attention_heads": vis.num_heads,  # real heads: zero padding is megatron-only
-        "intermediate_size": vis.ffn_hidden_size,
-        "hidden_act": vis.act,
-        "norm_type": _NORM_TYPES[vis.norm],
-        "layer_norm_eps": vis.norm_eps,
-        "attention_bias": bool(vis.qkv_bias),
-        "use_qk_norm": bool(vis.qk_norm),
-        "layer_scale_init_value": vis.layer_scale_init,
-        "image_size": [pos_size, pos_size],
-        "patch_size": [vis.patch_size, vis.patch_size],
-        "num_channels": 3,
-        "use_mask_token": False,
-        "use_absolute_position_embeddings": True,
-        "use_mean_pooling": True,
-    }
-    for key, default in (("attention_dropout", 0.0), ("projection_dropout", 0.0),
-                         ("hidden_dropout_prob", 0.0), ("initializer_range", 0.02)):
-        vision.setdefault(key, (base.get("vision_config") or {}).get(key, default))
-    text_type = NATIVE_TEXT_TYPE[lang.family]
-    text = {
-        "model_type": text_type,
-        "vocab_size": lang.vocab_size,
-        "hidden_size": lang.hidden_size,
-        "intermediate_size": lang.ffn_hidden_size,
-        "num_hidden_layers": lang.num_layers,
-        "num_attention_heads": lang.num_heads,
-        "num_key_value_heads": lang.num_kv_heads,
-        "hidden_act": "silu",
-        "max_position_embeddings": lang.max_position_embeddings,
-        "rms_norm_eps": lang.rms_norm_eps,
-        "rope_parameters": _rope_parameters(lang.rope_theta, lang.rope_scaling),
-        "tie_word_embeddings": bool(lang.tie_embeddings),
-    }
-    if lang.head_dim is not None or text_type in _EXPLICIT_FIELD_TYPES:
-        text["head_dim"] = lang.kv_channels
-    if text_type in _EXPLICIT_FIELD_TYPES:
-        text["attention_bias"] = False
-        text["mlp_bias"] = False
-    if lang.is_moe:
-        text.update({key: copy.deepcopy(getattr(lang, key)) for key in MOE_FIELDS})
-        text["num_local_experts"] = lang.num_experts  # transformers 5's own name for it
-        text.pop("mlp_bias")
-    base_text = dict(base.get("text_config") or {})
-    if base_text.get("model_type", text_type) != text_type:
-        base_text = {}  # a base for another text model says nothing about this one
-    for key, default in (("use_cache", True), ("initializer_range", 0.02), ("attention_dropout", 0.0)):
-        text.setdefault(key, base_text.get(key, default))
-    top = {
-        "architectures": [NATIVE_ARCH],
-        "model_type": "internvl",
-        "vision_config": _merge(base.get("vision_config"), vision),
-        "text_config": _merge(base_text, text, drop=_ROPE_KEYS + ("torch_dtype", "dtype")),
-        "image_token_id": int(config.img_context_token_id),
-        "image_seq_length": config.tokens_per_tile,
-        "downsample_ratio": config.downsample_ratio,
-        "projector_hidden_act": config.projector_act,
-        "vision_feature_layer": -1,
-        "vision_feature_select_strategy": "default",
-        "tie_word_embeddings": bool(lang.tie_embeddings),
-    }
-    out = _merge(base, top, drop=("torch_dtype", "dtype", "auto_map", "_name_or_path"))
-    if dtype:
-        out["dtype"] = dtype
-    _check_roundtrip(config, out)
-    return out
-
-
-def internvl_config_from_native(native: Mapping[str, Any], family: Optional[str] = None):
-    """Our InternVLConfig from a native config.json dict.
-
-    Beyond ``InternVLConfig.from_hf_config``: an ``image_seq_length`` that implies a tile
-    size other than ``vision_config.image_size`` (how :mod:`.original` encodes
-    ``force_image_size``) becomes ``vision.image_size`` with the position table kept at
-    its trained size; ``family`` overrides the LLM family (``internlm2`` for an original
-    InternLM2 model, which the native layout stores as llama).
-    """
-    from megatron_mpo.models.config import InternVLConfig
-
-    config = InternVLConfig.from_hf_config(dict(native))
-    vis = config.vision
-    seq = native.get("image_seq_length")
-    if seq:
-        k, p = config.shuffle_factor, vis.patch_size
-        side = math.isqrt(int(seq)) * k * p
-        if side * side == int(seq) * k * k * p * p and side != vis.image_size:
-            vis.pos_embed_image_size = vis.pos_embed_image_size or vis.image_size
-            vis.image_size = side
-    if family is not None:
-        config.language.family = family
-    return config.validate()
-
-
-_ARCH_FIELDS_IGNORED = ("name", "template", "vision.num_padded_heads", "language.vocab_size_divisible_by")
-
-
-def _flat_arch(config) -> dict:
-    data = config.to_dict()
-    vis = data["vision"]
-    vis["pos_embed_image_size"] = vis["pos_embed_image_size"] or vis["image_size"]
-    flat = {}
-    for key, value in data.items():
-        if key in ("vision", "language"):
-            flat.update({f"{key}.{k}": v for k, v in value.items()})
-        else:
-            flat[key] = value
-    for key in _ARCH_FIELDS_IGNORED:
-        flat.pop(key, None)
-    return flat
-
-
-def _check_roundtrip(config, native: dict) -> None:
-    """The written config must describe exactly the model we hold (else one clear line)."""
-    family = config.language.family if config.language.family == "internlm2" else None
-    ours, back = _flat_arch(config), _flat_arch(internvl_config_from_native(native, family=family))
-    for key in sorted(ours):
-        x, y = ours[key], back.get(key)
-        same = x == y or (isinstance(x, (int, float)) and isinstance(y, (int, float)) and float(x) == float(y))
-        if not same:
-            raise UserError(
-                f"this model cannot be expressed as a transformers InternVL config: {key} is {x!r} "
-                f"but would be read back as {y!r}"
-            )
 
 
 # ---- writing --------------------------------------------------------------------------

@@ -47,8 +47,10 @@ import torch
 from torch import Tensor
 
 from megatron_mpo.conversion.experts import mlp_to_hf, mlp_to_megatron
+from megatron_mpo.conversion.families import check_not_flash
+from megatron_mpo.conversion.tensor_source import TensorSource
 from megatron_mpo.errors import UserError
-from megatron_mpo.models.config import InternVLConfig, check_not_flash
+from megatron_mpo.models.config import InternVLConfig
 
 __all__ = ["hf_to_megatron", "megatron_to_hf", "to_te_names", "from_te_names", "normalize_hf_names"]
 
@@ -82,27 +84,6 @@ def normalize_hf_names(hf_sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 def _to_checkpoint_names(hf_sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return _rename_prefixes(hf_sd, _MODULE_TO_CHECKPOINT)
-
-
-class _Source:
-    """Pops tensors by name so leftovers (unmapped names) can be reported."""
-
-    def __init__(self, sd: Mapping[str, Tensor]):
-        self.sd = dict(sd)
-
-    def pop(self, key: str) -> Tensor:
-        if key not in self.sd:
-            raise UserError(f"checkpoint lacks {key!r}: it does not match the model config")
-        return self.sd.pop(key)
-
-    def maybe(self, key: str):
-        return self.sd.pop(key, None)
-
-    def finish(self, side: str) -> None:
-        left = sorted(k for k in self.sd if not k.endswith("_extra_state") and not k.endswith("inv_freq"))
-        if left:
-            more = f" (+{len(left) - 5} more)" if len(left) > 5 else ""
-            raise UserError(f"{side} state dict has unmapped tensors: {', '.join(left[:5])}{more}")
 
 
 # ---- helpers: head interleaving and padding -------------------------------------------
@@ -160,7 +141,7 @@ _MC_P = "vision_projection."
 _MC_L = "language_model."
 
 
-def _vision_to_megatron(src: _Source, out: dict, config: InternVLConfig) -> None:
+def _vision_to_megatron(src: TensorSource, out: dict, config: InternVLConfig) -> None:
     vis = config.vision
     out[_MC_V + "class_token"] = src.pop(_HF_V + "embeddings.cls_token")
     pos = src.pop(_HF_V + "embeddings.position_embeddings")
@@ -193,7 +174,7 @@ def _vision_to_megatron(src: _Source, out: dict, config: InternVLConfig) -> None
             out[_MC_P + f"{b}.{p}"] = src.pop(_HF_P + f"{a}.{p}")
 
 
-def _vision_to_hf(src: _Source, out: dict, config: InternVLConfig) -> None:
+def _vision_to_hf(src: TensorSource, out: dict, config: InternVLConfig) -> None:
     vis = config.vision
     out[_HF_V + "embeddings.cls_token"] = src.pop(_MC_V + "class_token")
     out[_HF_V + "embeddings.position_embeddings"] = src.pop(_MC_V + "position_embeddings.weight").unsqueeze(0)
@@ -231,7 +212,7 @@ def _vision_to_hf(src: _Source, out: dict, config: InternVLConfig) -> None:
 # ---- language -------------------------------------------------------------------------
 
 
-def _language_to_megatron(src: _Source, out: dict, config: InternVLConfig) -> None:
+def _language_to_megatron(src: TensorSource, out: dict, config: InternVLConfig) -> None:
     lang = config.language
     fused_hf = lang.family == "phi3"  # Phi-3 stores qkv_proj and gate_up_proj fused
     rows = lang.padded_vocab_size
@@ -262,10 +243,9 @@ def _language_to_megatron(src: _Source, out: dict, config: InternVLConfig) -> No
                 out[m + f"self_attention.{x}_layernorm.weight"] = src.pop(h + f"self_attn.{x}_norm.weight")
         out[m + "self_attention.linear_proj.weight"] = src.pop(h + "self_attn.o_proj.weight")
         mlp_to_megatron(src, out, h, m, lang, i)
-    src.maybe(_HF_L + "rotary_emb.inv_freq")
 
 
-def _language_to_hf(src: _Source, out: dict, config: InternVLConfig, layout: str) -> None:
+def _language_to_hf(src: TensorSource, out: dict, config: InternVLConfig, layout: str) -> None:
     lang = config.language
     fused_hf = lang.family == "phi3"
     vocab = lang.vocab_size
@@ -305,11 +285,11 @@ def hf_to_megatron(hf_sd: Mapping[str, Tensor], config: InternVLConfig) -> dict[
     ``InternVLModel`` state dict (local-spec names, no ``_extra_state`` entries)."""
     config.validate()
     check_not_flash({}, hf_sd)
-    src = _Source(normalize_hf_names(hf_sd))
+    src = TensorSource(normalize_hf_names(hf_sd), "Hugging Face")
     out: dict[str, Tensor] = {}
     _vision_to_megatron(src, out, config)
     _language_to_megatron(src, out, config)
-    src.finish("Hugging Face")
+    src.finish()
     return out
 
 
@@ -324,11 +304,11 @@ def megatron_to_hf(
     if layout not in ("checkpoint", "module"):
         raise ValueError(f"layout must be checkpoint or module, not {layout!r}")
     config.validate()
-    src = _Source(from_te_names(mcore_sd))
+    src = TensorSource(from_te_names(mcore_sd), "megatron")
     out: dict[str, Tensor] = {}
     _vision_to_hf(src, out, config)
     _language_to_hf(src, out, config, layout)
-    src.finish("megatron")
+    src.finish()
     return out if layout == "module" else _to_checkpoint_names(out)
 
 

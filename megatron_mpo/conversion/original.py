@@ -5,8 +5,9 @@ ship: ``InternVLChatModel`` with ``trust_remote_code``. The *native* layout is t
 ``transformers.InternVLForConditionalGeneration`` uses, which :mod:`.native` maps to
 megatron. So ``original -> megatron`` is::
 
-    native_sd, native_cfg = original_to_native(original_sd, original_config)
-    mcore_sd = native.hf_to_megatron(native_sd, InternVLConfig.from_hf_config(native_cfg))
+    native_sd, _ = original_to_native(original_sd, original_config)
+    config, _ = hf_config.internvl_config_from_original(original_config)
+    mcore_sd = native.hf_to_megatron(native_sd, config)
 
 and ``megatron -> original`` is ``native.megatron_to_hf(..., layout="module")`` followed by
 :func:`native_to_original`. Every tensor is copied bit-exactly (renames keep the very same
@@ -58,108 +59,36 @@ checkpoint names ``save_pretrained`` writes (``vision_tower.*``, ``language_mode
 ``rotary_emb.inv_freq`` buffers (old checkpoints) are derived from the config and dropped;
 any other unexpected, missing or wrongly shaped tensor raises :class:`UserError`.
 
-Configs (best effort; only the architecture fields matter for the weights):
-:func:`native_config_from_original` / :func:`original_config_from_native` translate
-``InternVLChatConfig`` <-> transformers ``InternVLConfig`` dicts. The native config has no
-home for ``force_image_size`` other than ``image_seq_length`` (tokens per tile), so it is
-encoded there and decoded back; ``template``, ``dynamic_image_size``, ``use_thumbnail``,
-``min/max_dynamic_patch`` are not part of the native config and get InternVL2.5 defaults
-on the way back (override with keyword arguments). ``image_token_id`` is not stored in an
-original config.json (the remote code reads it from the tokenizer): pass it, or it is taken
-from ``img_context_token_id`` when present, else guessed by family (InternLM2 92546,
-otherwise 151667) -- check it against ``tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")``.
+The configs are translated by :mod:`.hf_config` (``original_to_native`` returns the
+native config with the tensors); the table here reads the architecture from the native
+config only, so the original config reaches it through that one translation.
 """
 
 from __future__ import annotations
 
-import copy
-import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
 import torch
 from torch import Tensor
 
-from megatron_mpo.conversion.native import normalize_hf_names
-from megatron_mpo.errors import UserError
 from megatron_mpo.conversion.experts import split_fused_experts
-from megatron_mpo.models.config import (
-    NATIVE_TEXT_TYPE,
-    ORIGINAL_ARCHITECTURES,
-    QK_NORM_FAMILIES,
-    check_llm_supported,
-    check_not_flash,
-    moe_fields,
-    moe_layer_flags,
+from megatron_mpo.conversion.families import check_not_flash, moe_fields, moe_layer_flags
+from megatron_mpo.conversion.hf_config import (
+    as_dict,
+    detect_llm_family,
+    native_config_from_original,
+    original_config_from_native,
+    shuffle_factor,
+    square,
+    vision_norm_type,
 )
+from megatron_mpo.conversion.native import normalize_hf_names
+from megatron_mpo.conversion.tensor_source import TensorSource
+from megatron_mpo.errors import UserError
+from megatron_mpo.models.config import QK_NORM_FAMILIES
 
-__all__ = [
-    "LLM_FAMILIES",
-    "detect_llm_family",
-    "original_to_native",
-    "native_to_original",
-    "native_config_from_original",
-    "original_config_from_native",
-]
-
-LLM_FAMILIES = ("internlm2", "internlm3", "qwen2", "qwen3", "qwen3_moe", "llama", "phi3")
-
-_FAMILY_TO_ARCH = {v: k for k, v in ORIGINAL_ARCHITECTURES.items()}
-
-# <IMG_CONTEXT> id by LLM family when a config does not say (InternLM2 tokenizer; Qwen3's,
-# whose <think> / </think> come before InternVL's tokens; else Qwen2 / Qwen2.5's).
-_GUESSED_IMAGE_TOKEN = {"internlm2": 92546, "qwen3": 151671, "qwen3_moe": 151671}
-
-# Defaults of the remote-code InternVisionConfig (used only for keys a config.json lacks).
-_INTERN_VISION_DEFAULTS = {
-    "num_channels": 3,
-    "patch_size": 14,
-    "image_size": 224,
-    "qkv_bias": False,
-    "hidden_size": 3200,
-    "num_attention_heads": 25,
-    "intermediate_size": 12800,
-    "qk_normalization": True,
-    "num_hidden_layers": 48,
-    "hidden_act": "gelu",
-    "norm_type": "rms_norm",
-    "layer_norm_eps": 1e-6,
-    "dropout": 0.0,
-    "attention_dropout": 0.0,
-    "initializer_range": 0.02,
-    "initializer_factor": 0.1,
-}
-
-_INTERNLM2_AUTO_MAP = {
-    "AutoConfig": "configuration_internlm2.InternLM2Config",
-    "AutoModel": "modeling_internlm2.InternLM2ForCausalLM",
-    "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM",
-}
-_CHAT_AUTO_MAP = {
-    "AutoConfig": "configuration_internvl_chat.InternVLChatConfig",
-    "AutoModel": "modeling_internvl_chat.InternVLChatModel",
-    "AutoModelForCausalLM": "modeling_internvl_chat.InternVLChatModel",
-}
-
-# Config keys that belong to the remote code / the loader, not to the architecture.
-_LOADER_KEYS = {
-    "_name_or_path",
-    "_commit_hash",
-    "_attn_implementation_autoset",
-    "attn_implementation",
-    "auto_map",
-    "use_bfloat16",
-    "use_flash_attn",
-    "transformers_version",
-    "architectures",
-    "model_type",
-    "torch_dtype",
-    "dtype",
-    "bias",
-    "rope_theta",
-    "rope_scaling",
-    "rope_parameters",
-}
+__all__ = ["original_to_native", "native_to_original"]
 
 # Native (module) prefixes and the names save_pretrained writes.
 _NV = "model.vision_tower."
@@ -173,7 +102,7 @@ _NHEAD = "lm_head.weight"
 
 @dataclass(frozen=True)
 class _Arch:
-    """What the tensor mapping needs to know, read from either config."""
+    """What the tensor mapping needs to know (read from the native config)."""
 
     v_hidden: int
     v_layers: int
@@ -209,92 +138,8 @@ class _Arch:
         return 1 + (self.pos_image_size // self.patch) ** 2
 
 
-def _square(value: Any, what: str) -> int:
-    if isinstance(value, (list, tuple)):
-        if len(set(value)) != 1:
-            raise UserError(f"{what} must be square, got {list(value)}")
-        value = value[0]
-    return int(value)
-
-
-def _as_dict(config: Any) -> dict:
-    if hasattr(config, "to_dict"):
-        return config.to_dict()
-    return copy.deepcopy(dict(config))
-
-
-def detect_llm_family(original_config: Mapping[str, Any]) -> str:
-    """One of :data:`LLM_FAMILIES` from an original ``llm_config``; Qwen3-MoE and GPT-OSS
-    LLMs are refused with one line."""
-    llm = dict(original_config.get("llm_config") or {})
-    if not llm:
-        raise UserError("original InternVL config has no llm_config (is it an InternVLChatConfig?)")
-    for name in list(llm.get("architectures") or []) + [llm.get("model_type")]:
-        check_llm_supported(name)
-    for arch in llm.get("architectures") or []:
-        if arch in ORIGINAL_ARCHITECTURES:
-            return ORIGINAL_ARCHITECTURES[arch]
-    if llm.get("model_type") in LLM_FAMILIES:
-        return llm["model_type"]
-    raise UserError(
-        f"unsupported LLM {llm.get('architectures') or llm.get('model_type')!r} in llm_config; "
-        f"supported: {', '.join(ORIGINAL_ARCHITECTURES)}"
-    )
-
-
-_LLM_REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
-
-
-def _llm_config(cfg: Mapping[str, Any]) -> dict:
-    llm = dict(cfg.get("llm_config") or {})
-    missing = [k for k in _LLM_REQUIRED if llm.get(k) is None]
-    if missing:
-        raise UserError(f"original InternVL config lacks llm_config.{missing[0]}")
-    return llm
-
-
-def _arch_from_original(cfg: Mapping[str, Any]) -> _Arch:
-    vis = {**_INTERN_VISION_DEFAULTS, **(cfg.get("vision_config") or {})}
-    family = detect_llm_family(cfg)
-    llm = _llm_config(cfg)
-    if llm.get("bias", False):
-        raise UserError("llm_config.bias=True (InternLM2 with biased linears) is not supported")
-    if family == "internlm3" and llm.get("qkv_bias", False):
-        raise UserError("llm_config.qkv_bias=True (InternLM3 with q/k/v biases) is not supported")
-    heads = int(llm["num_attention_heads"])
-    hidden = int(llm["hidden_size"])
-    head_dim = hidden // heads if family == "internlm2" else int(llm.get("head_dim") or hidden // heads)
-    attn_bias = family == "qwen2" or (family == "llama" and bool(llm.get("attention_bias", False)))
-    return _Arch(
-        v_hidden=int(vis["hidden_size"]),
-        v_layers=int(vis["num_hidden_layers"]),
-        v_heads=int(vis["num_attention_heads"]),
-        v_ffn=int(vis["intermediate_size"]),
-        v_layer_norm=_vision_norm(vis["norm_type"]) == "layer_norm",
-        v_qkv_bias=bool(vis["qkv_bias"]),
-        v_qk_norm=bool(vis["qk_normalization"]),
-        v_channels=int(vis["num_channels"]),
-        patch=_square(vis["patch_size"], "vision_config.patch_size"),
-        pos_image_size=_square(vis["image_size"], "vision_config.image_size"),
-        shuffle=_shuffle(cfg.get("downsample_ratio", 0.5)),
-        family=family,
-        vocab=int(llm["vocab_size"]),
-        hidden=hidden,
-        layers=int(llm["num_hidden_layers"]),
-        heads=heads,
-        kv_heads=int(llm.get("num_key_value_heads") or heads),
-        head_dim=head_dim,
-        ffn=int(llm["intermediate_size"]),
-        attn_bias=attn_bias,
-        qk_norm=family in QK_NORM_FAMILIES,
-        o_bias=family == "llama" and bool(llm.get("attention_bias", False)),
-        mlp_bias=family == "llama" and bool(llm.get("mlp_bias", False)),
-        tie=bool(llm.get("tie_word_embeddings", False)),
-        **_moe_arch(llm),
-    )
-
-
-def _arch_from_native(cfg: Mapping[str, Any], family: str) -> _Arch:
+def _arch(cfg: Mapping[str, Any], family: str) -> _Arch:
+    """What the table needs, from a native config dict (``family``: the original LLM naming)."""
     vis = dict(cfg.get("vision_config") or {})
     text = dict(cfg.get("text_config") or {})
     heads = int(text.get("num_attention_heads", 32))
@@ -305,13 +150,13 @@ def _arch_from_native(cfg: Mapping[str, Any], family: str) -> _Arch:
         v_layers=int(vis.get("num_hidden_layers", 24)),
         v_heads=int(vis.get("num_attention_heads", 16)),
         v_ffn=int(vis.get("intermediate_size", 4096)),
-        v_layer_norm=_vision_norm(vis.get("norm_type", "layer_norm")) == "layer_norm",
+        v_layer_norm=vision_norm_type(vis.get("norm_type", "layer_norm")) == "layer_norm",
         v_qkv_bias=bool(vis.get("attention_bias", False)),
         v_qk_norm=bool(vis.get("use_qk_norm", False)),
         v_channels=int(vis.get("num_channels", 3)),
-        patch=_square(vis.get("patch_size", 14), "vision_config.patch_size"),
-        pos_image_size=_square(vis.get("image_size", 448), "vision_config.image_size"),
-        shuffle=_shuffle(cfg.get("downsample_ratio", 0.5)),
+        patch=square(vis.get("patch_size", 14), "vision_config.patch_size"),
+        pos_image_size=square(vis.get("image_size", 448), "vision_config.image_size"),
+        shuffle=shuffle_factor(cfg.get("downsample_ratio", 0.5)),
         family=family,
         vocab=int(text.get("vocab_size", 151936)),
         hidden=hidden,
@@ -336,19 +181,6 @@ def _moe_arch(text: Mapping[str, Any]) -> dict:
         return {}
     fields = moe_fields(text)
     return dict(experts=int(fields["num_experts"]), expert_ffn=int(fields["moe_intermediate_size"]), moe_layers=flags)
-
-
-def _vision_norm(name: Any) -> str:
-    if name not in ("layer_norm", "rms_norm"):
-        raise UserError(f"vision_config.norm_type must be layer_norm or rms_norm, not {name!r}")
-    return name
-
-
-def _shuffle(ratio: Any) -> int:
-    k = int(round(1 / float(ratio)))
-    if abs(1 / k - float(ratio)) > 1e-9:
-        raise UserError(f"downsample_ratio must be 1/k for an integer k, not {ratio}")
-    return k
 
 
 # ---- the mapping table ----------------------------------------------------------------
@@ -508,41 +340,7 @@ def _native_shapes(e: _Entry, a: _Arch) -> tuple:
     return ((a.heads * a.head_dim, a.hidden), (kv, a.hidden), (kv, a.hidden))
 
 
-# ---- checked access -------------------------------------------------------------------
-
-
-def _is_derived_buffer(key: str) -> bool:
-    return key.endswith("rotary_emb.inv_freq") or key.endswith("_extra_state")
-
-
-class _Source:
-    def __init__(self, sd: Mapping[str, Tensor], side: str):
-        self.sd = {k: v for k, v in sd.items() if not _is_derived_buffer(k)}
-        self.side = side
-
-    def pop(self, key: str, shape: tuple) -> Tensor:
-        if key not in self.sd:
-            raise UserError(f"{self.side} checkpoint lacks tensor {key!r}; checkpoint and config do not match")
-        t = self.sd.pop(key)
-        if tuple(t.shape) != tuple(shape):
-            raise UserError(
-                f"{self.side} tensor {key!r} has shape {list(t.shape)} but the config implies {list(shape)}"
-            )
-        return t
-
-    def maybe(self, key: str) -> Optional[Tensor]:
-        return self.sd.pop(key, None)
-
-    def finish(self) -> None:
-        if self.sd:
-            left = sorted(self.sd)
-            more = f" (+{len(left) - 1} more)" if len(left) > 1 else ""
-            raise UserError(
-                f"{self.side} checkpoint has unexpected tensor {left[0]!r}{more}; checkpoint and config do not match"
-            )
-
-
-def _head(src: _Source, key: str, embed: Tensor, a: _Arch) -> Optional[Tensor]:
+def _head(src: TensorSource, key: str, embed: Tensor, a: _Arch) -> Optional[Tensor]:
     """The output matrix (None when tied); a tied one given anyway must equal the embedding."""
     if a.tie:
         head = src.maybe(key)
@@ -560,11 +358,11 @@ def original_to_native(
 ) -> tuple[dict[str, Tensor], dict]:
     """An ``InternVLChatModel`` state dict + its config.json dict -> (transformers
     ``InternVLForConditionalGeneration.state_dict()``-named tensors, native config dict)."""
-    cfg = _as_dict(original_config)
+    cfg = as_dict(original_config)
     check_not_flash(cfg, sd)
     native_config = native_config_from_original(cfg, image_token_id=image_token_id)
-    a = _arch_from_original(cfg)
-    src = _Source(sd, "original")
+    a = _arch(native_config, detect_llm_family(cfg))
+    src = TensorSource(sd, "original")
     out: dict[str, Tensor] = {}
     for e in _table(a):
         t = src.pop(e.orig, e.shape)
@@ -595,11 +393,11 @@ def native_to_original(
     llama), ``qwen2``, ``llama`` or ``phi3``; None = the native text ``model_type``.
     ``config_overrides`` go to :func:`original_config_from_native` (``template=...``).
     """
-    cfg = _as_dict(native_config)
+    cfg = as_dict(native_config)
     original_config = original_config_from_native(cfg, llm_family, **config_overrides)
     family = detect_llm_family(original_config)
-    a = _arch_from_native(cfg, family)
-    src = _Source(split_fused_experts(normalize_hf_names(sd)), "native")
+    a = _arch(cfg, family)
+    src = TensorSource(split_fused_experts(normalize_hf_names(sd)), "native")
     out: dict[str, Tensor] = {}
     for e in _table(a):
         parts = [src.pop(name, shape) for name, shape in zip(e.native, _native_shapes(e, a))]
@@ -615,253 +413,3 @@ def native_to_original(
         out[_orig_head_name(family)] = head
     src.finish()
     return out, original_config
-
-
-# ---- public API: configs --------------------------------------------------------------
-
-
-def _rope_legacy(text: Mapping[str, Any]) -> tuple[float, Optional[dict]]:
-    """(rope_theta, rope_scaling or None) from either naming (transformers 5 or legacy)."""
-    params = dict(text.get("rope_parameters") or {})
-    theta = params.pop("rope_theta", text.get("rope_theta", 10000.0))
-    if not params:
-        params = dict(text.get("rope_scaling") or {})
-    kind = params.get("rope_type", params.get("type", "default"))
-    if kind == "default":
-        return float(theta), None
-    scaling = {k: v for k, v in params.items() if k not in ("rope_type", "type")}
-    return float(theta), {"type": kind, **scaling}
-
-
-def _rope_native(theta: float, scaling: Optional[dict]) -> dict:
-    if not scaling:
-        return {"rope_type": "default", "rope_theta": theta}
-    scaling = dict(scaling)
-    kind = scaling.pop("rope_type", scaling.pop("type", "default"))
-    scaling.pop("type", None)
-    return {"rope_type": kind, "rope_theta": theta, **scaling}
-
-
-def native_config_from_original(original_config: Any, *, image_token_id: Optional[int] = None) -> dict:
-    """``InternVLChatConfig`` dict -> transformers ``InternVLConfig`` dict (best effort)."""
-    cfg = _as_dict(original_config)
-    family = detect_llm_family(cfg)
-    vis = {**_INTERN_VISION_DEFAULTS, **(cfg.get("vision_config") or {})}
-    llm = _llm_config(cfg)
-    if cfg.get("ps_version", "v1") != "v2":
-        raise UserError(
-            f"ps_version {cfg.get('ps_version', 'v1')!r}: the transformers-native InternVL only implements "
-            "the v2 pixel shuffle"
-        )
-    if llm.get("bias", False):
-        raise UserError("llm_config.bias=True (InternLM2 with biased linears) is not supported")
-    patch = _square(vis["patch_size"], "vision_config.patch_size")
-    pos_size = _square(vis["image_size"], "vision_config.image_size")
-    run_size = _square(cfg.get("force_image_size") or pos_size, "force_image_size")
-    ratio = float(cfg.get("downsample_ratio", 0.5))
-    shuffle = _shuffle(ratio)
-    vision = {
-        "model_type": "internvl_vision",
-        "hidden_size": vis["hidden_size"],
-        "num_hidden_layers": vis["num_hidden_layers"],
-        "num_attention_heads": vis["num_attention_heads"],
-        "intermediate_size": vis["intermediate_size"],
-        "hidden_act": vis["hidden_act"],
-        "norm_type": _vision_norm(vis["norm_type"]),
-        "layer_norm_eps": vis["layer_norm_eps"],
-        "attention_bias": bool(vis["qkv_bias"]),
-        "use_qk_norm": bool(vis["qk_normalization"]),
-        "layer_scale_init_value": vis["initializer_factor"],
-        "image_size": [pos_size, pos_size],
-        "patch_size": [patch, patch],
-        "num_channels": vis["num_channels"],
-        "attention_dropout": vis.get("attention_dropout", 0.0),
-        "projection_dropout": vis.get("dropout", 0.0),
-        "hidden_dropout_prob": 0.0,
-        "initializer_range": vis.get("initializer_range", 0.02),
-        "use_mask_token": False,
-        "use_absolute_position_embeddings": True,
-        "use_mean_pooling": True,
-    }
-    theta, scaling = _rope_legacy(llm)
-    tie = bool(llm.get("tie_word_embeddings", False))
-    if family == "internlm2":
-        heads = int(llm["num_attention_heads"])
-        text = {
-            "model_type": "llama",
-            "vocab_size": llm["vocab_size"],
-            "hidden_size": llm["hidden_size"],
-            "intermediate_size": llm["intermediate_size"],
-            "num_hidden_layers": llm["num_hidden_layers"],
-            "num_attention_heads": heads,
-            "num_key_value_heads": llm.get("num_key_value_heads") or heads,
-            "head_dim": int(llm["hidden_size"]) // heads,
-            "hidden_act": llm.get("hidden_act", "silu"),
-            "max_position_embeddings": llm.get("max_position_embeddings", 2048),
-            "initializer_range": llm.get("initializer_range", 0.02),
-            "rms_norm_eps": llm.get("rms_norm_eps", 1e-6),
-            "use_cache": llm.get("use_cache", True),
-            "pad_token_id": llm.get("pad_token_id"),
-            "bos_token_id": llm.get("bos_token_id"),
-            "eos_token_id": llm.get("eos_token_id"),
-            "attention_bias": False,
-            "mlp_bias": False,
-            "attention_dropout": 0.0,
-        }
-    else:
-        text = {k: v for k, v in llm.items() if k not in _LOADER_KEYS}
-        text["model_type"] = NATIVE_TEXT_TYPE[family]
-        if family == "internlm3":  # remote-code names -> transformers' InternLM3Config names
-            text["attention_bias"] = bool(text.pop("qkv_bias", False))
-            text["mlp_bias"] = bool(llm.get("bias", False))
-    text["rope_parameters"] = _rope_native(theta, scaling)
-    text["tie_word_embeddings"] = tie
-    if image_token_id is None:
-        image_token_id = cfg.get("img_context_token_id") or _GUESSED_IMAGE_TOKEN.get(family, 151667)
-    native = {
-        "model_type": "internvl",
-        "architectures": ["InternVLForConditionalGeneration"],
-        "vision_config": vision,
-        "text_config": text,
-        "image_token_id": int(image_token_id),
-        "image_seq_length": (run_size // patch) ** 2 // shuffle**2,
-        "downsample_ratio": ratio,
-        "projector_hidden_act": "gelu",
-        "vision_feature_layer": cfg.get("select_layer", -1),
-        "vision_feature_select_strategy": "default",
-        "tie_word_embeddings": tie,
-    }
-    dtype = cfg.get("torch_dtype") or cfg.get("dtype") or llm.get("torch_dtype")
-    if dtype:
-        native["dtype"] = str(dtype).replace("torch.", "")
-    return native
-
-
-def original_config_from_native(
-    native_config: Any,
-    llm_family: Optional[str] = None,
-    *,
-    template: str = "internvl2_5",
-    dynamic_image_size: bool = True,
-    use_thumbnail: bool = True,
-    min_dynamic_patch: int = 1,
-    max_dynamic_patch: int = 12,
-) -> dict:
-    """transformers ``InternVLConfig`` dict -> ``InternVLChatConfig`` dict (best effort; the
-    keyword arguments are the pre/post-processing fields the native config lacks)."""
-    cfg = _as_dict(native_config)
-    vis = dict(cfg.get("vision_config") or {})
-    text = dict(cfg.get("text_config") or {})
-    text_type = text.get("model_type", "qwen2")
-    family = llm_family or text_type
-    if family not in LLM_FAMILIES:
-        raise UserError(f"llm_family must be one of {', '.join(LLM_FAMILIES)}, not {family!r}")
-    if NATIVE_TEXT_TYPE[family] != text_type:
-        raise UserError(
-            f"llm_family {family!r} needs a native {NATIVE_TEXT_TYPE[family]!r} text model, "
-            f"but text_config.model_type is {text_type!r}"
-        )
-    if cfg.get("vision_feature_select_strategy", "default") != "default":
-        raise UserError("only vision_feature_select_strategy 'default' (drop the CLS token) has an original layout")
-    if not vis.get("use_mean_pooling", True) or vis.get("use_mask_token", False):
-        raise UserError("vision_config.use_mean_pooling=False / use_mask_token=True have no original layout")
-    if not vis.get("use_absolute_position_embeddings", True):
-        raise UserError("vision_config.use_absolute_position_embeddings=False has no original layout")
-    patch = _square(vis.get("patch_size", 14), "vision_config.patch_size")
-    pos_size = _square(vis.get("image_size", 448), "vision_config.image_size")
-    ratio = float(cfg.get("downsample_ratio", 0.5))
-    shuffle = _shuffle(ratio)
-    seq = cfg.get("image_seq_length")
-    run_size = pos_size
-    if seq:
-        side = math.isqrt(int(seq)) * shuffle * patch
-        if side * side == int(seq) * shuffle**2 * patch**2:
-            run_size = side
-    vision = {
-        "architectures": ["InternVisionModel"],
-        "model_type": "intern_vit_6b",
-        "hidden_size": vis.get("hidden_size", 1024),
-        "num_hidden_layers": vis.get("num_hidden_layers", 24),
-        "num_attention_heads": vis.get("num_attention_heads", 16),
-        "intermediate_size": vis.get("intermediate_size", 4096),
-        "hidden_act": vis.get("hidden_act", "gelu"),
-        "norm_type": _vision_norm(vis.get("norm_type", "layer_norm")),
-        "layer_norm_eps": vis.get("layer_norm_eps", 1e-6),
-        "qkv_bias": bool(vis.get("attention_bias", False)),
-        "qk_normalization": bool(vis.get("use_qk_norm", False)),
-        "initializer_factor": vis.get("layer_scale_init_value", 0.1),
-        "initializer_range": vis.get("initializer_range", 0.02),
-        "image_size": pos_size,
-        "patch_size": patch,
-        "num_channels": vis.get("num_channels", 3),
-        "attention_dropout": vis.get("attention_dropout", 0.0),
-        "dropout": vis.get("projection_dropout", 0.0),
-        "drop_path_rate": 0.0,
-        "use_flash_attn": True,
-    }
-    theta, scaling = _rope_legacy(text)
-    tie = bool(cfg.get("tie_word_embeddings", True))
-    if family == "internlm2":
-        heads = int(text.get("num_attention_heads", 32))
-        hidden = int(text.get("hidden_size", 4096))
-        if text.get("attention_bias") or text.get("mlp_bias"):
-            raise UserError("a llama text model with attention_bias/mlp_bias has no InternLM2 layout")
-        if int(text.get("head_dim") or hidden // heads) * heads != hidden:
-            raise UserError("InternLM2 needs head_dim * num_attention_heads == hidden_size")
-        llm = {
-            "architectures": ["InternLM2ForCausalLM"],
-            "auto_map": dict(_INTERNLM2_AUTO_MAP),
-            "model_type": "internlm2",
-            "bias": False,
-            "vocab_size": text.get("vocab_size"),
-            "hidden_size": hidden,
-            "intermediate_size": text.get("intermediate_size"),
-            "num_hidden_layers": text.get("num_hidden_layers"),
-            "num_attention_heads": heads,
-            "num_key_value_heads": text.get("num_key_value_heads") or heads,
-            "hidden_act": text.get("hidden_act", "silu"),
-            "max_position_embeddings": text.get("max_position_embeddings"),
-            "initializer_range": text.get("initializer_range", 0.02),
-            "rms_norm_eps": text.get("rms_norm_eps", 1e-6),
-            "use_cache": text.get("use_cache", True),
-            "pad_token_id": text.get("pad_token_id"),
-            "bos_token_id": text.get("bos_token_id"),
-            "eos_token_id": text.get("eos_token_id"),
-            "attn_implementation": "eager",
-        }
-    else:
-        llm = {k: v for k, v in text.items() if k not in _LOADER_KEYS}
-        llm["architectures"] = [_FAMILY_TO_ARCH[family]]
-        llm["model_type"] = family
-        if family == "internlm3":  # transformers' names -> the remote code's
-            llm["qkv_bias"] = bool(llm.pop("attention_bias", False))
-            llm["bias"] = bool(llm.pop("mlp_bias", False))
-    llm["rope_theta"] = theta
-    llm["rope_scaling"] = scaling
-    llm["tie_word_embeddings"] = tie
-    original = {
-        "architectures": ["InternVLChatModel"],
-        "auto_map": dict(_CHAT_AUTO_MAP),
-        "model_type": "internvl_chat",
-        "vision_config": vision,
-        "llm_config": llm,
-        "downsample_ratio": ratio,
-        "ps_version": "v2",
-        "select_layer": cfg.get("vision_feature_layer", -1),
-        "force_image_size": run_size,
-        "template": template,
-        "dynamic_image_size": dynamic_image_size,
-        "use_thumbnail": use_thumbnail,
-        "min_dynamic_patch": min_dynamic_patch,
-        "max_dynamic_patch": max_dynamic_patch,
-        "use_backbone_lora": 0,
-        "use_llm_lora": 0,
-        # Not read by the remote code (it takes the id from the tokenizer); kept so the
-        # native image_token_id survives a round trip and config.py can read it.
-        "img_context_token_id": cfg.get("image_token_id"),
-    }
-    dtype = cfg.get("dtype") or cfg.get("torch_dtype") or text.get("dtype")
-    if dtype:
-        original["torch_dtype"] = str(dtype).replace("torch.", "")
-        llm["torch_dtype"] = original["torch_dtype"]
-    return original

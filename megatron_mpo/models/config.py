@@ -4,7 +4,8 @@ These dataclasses describe *what* the network is (sizes, norms, biases); the
 megatron-core ``TransformerConfig`` objects that also carry *how* it runs (TP/PP sizes,
 dtype, FP8) are derived from them in :mod:`megatron_mpo.models.internvl`. The converter
 stores :meth:`InternVLConfig.to_dict` as JSON beside every checkpoint, so a checkpoint
-can always be rebuilt without the original Hugging Face files.
+can always be rebuilt without the original Hugging Face files; reading and writing
+Hugging Face configs is :mod:`megatron_mpo.conversion.hf_config`'s job.
 """
 
 from __future__ import annotations
@@ -22,26 +23,6 @@ __all__ = ["VisionConfig", "LanguageConfig", "InternVLConfig"]
 LANGUAGE_FAMILIES = ("qwen2", "qwen3", "qwen3_moe", "llama", "internlm2", "internlm3", "phi3")
 # Families with Qwen3's per-head q/k RMSNorm (and no q/k/v bias).
 QK_NORM_FAMILIES = ("qwen3", "qwen3_moe")
-# LLMs of InternVL releases that are recognised but refused (one line each).
-_GPT_OSS = ("GPT-OSS LLMs (InternVL3.5-20B-A4B) are not supported: attention sinks, alternating "
-            "sliding-window layers and MXFP4-quantised experts have no megatron-core path here; "
-            "use InternVL3.5-30B-A3B (Qwen3-MoE) for a mixture-of-experts run")
-# By model_type and by architecture name.
-UNSUPPORTED_LLMS = {"gpt_oss": _GPT_OSS, "GptOssForCausalLM": _GPT_OSS}
-# The original layout's llm_config architecture of each family.
-ORIGINAL_ARCHITECTURES = {
-    "InternLM2ForCausalLM": "internlm2",
-    "InternLM3ForCausalLM": "internlm3",
-    "Qwen2ForCausalLM": "qwen2",
-    "Qwen3ForCausalLM": "qwen3",
-    "Qwen3MoeForCausalLM": "qwen3_moe",
-    "LlamaForCausalLM": "llama",
-    "Phi3ForCausalLM": "phi3",
-}
-# The transformers-native text model type each family is stored as (InternLM2 as llama;
-# InternLM3's remote code and transformers' internlm3 both use Llama tensor names).
-NATIVE_TEXT_TYPE = {"internlm2": "llama", "internlm3": "internlm3", "qwen2": "qwen2", "qwen3": "qwen3",
-                    "qwen3_moe": "qwen3_moe", "llama": "llama", "phi3": "phi3"}
 
 
 @dataclass
@@ -247,16 +228,6 @@ class InternVLConfig:
     def from_json(cls, text: str) -> "InternVLConfig":
         return cls.from_dict(json.loads(text))
 
-    @classmethod
-    def from_hf_config(cls, hf: Any) -> "InternVLConfig":
-        """From a transformers ``InternVLConfig`` (object or ``to_dict()``), or from the
-        original remote-code ``InternVLChatConfig`` dict (``vision_config`` + ``llm_config``)."""
-        data = hf.to_dict() if hasattr(hf, "to_dict") else dict(hf)
-        check_not_flash(data)
-        if "llm_config" in data:
-            return _from_original_config(data)
-        return _from_native_config(data)
-
 
 # --------------------------------------------------------------------------------------
 
@@ -276,215 +247,3 @@ def _from_fields(kind, data: Mapping[str, Any], where: str, exclude: tuple = ())
             f"valid: {', '.join(sorted(names))}"
         )
     return kind(**{k: v for k, v in data.items() if k in names})
-
-
-def _square(value: Any, what: str) -> int:
-    if isinstance(value, (list, tuple)):
-        _check(len(set(value)) == 1, f"{what} must be square, got {value}")
-        return int(value[0])
-    return int(value)
-
-
-def _rope(text: Mapping[str, Any]) -> tuple[float, Optional[dict]]:
-    params = dict(text.get("rope_parameters") or text.get("rope_scaling") or {})
-    theta = float(params.pop("rope_theta", text.get("rope_theta", 10000.0)))
-    kind = params.get("rope_type", params.get("type", "default"))
-    return theta, (None if kind == "default" or not params else params)
-
-
-_NORMS = {"layer_norm": "LayerNorm", "rms_norm": "RMSNorm"}
-
-
-def _from_native_config(data: Mapping[str, Any]) -> InternVLConfig:
-    vis = data.get("vision_config") or {}
-    text = data.get("text_config") or {}
-    _check(vis.get("use_mean_pooling", True), "vision_config.use_mean_pooling=False (final vision norm) is not supported")
-    _check(data.get("vision_feature_layer", -1) == -1, "only vision_feature_layer -1 is supported")
-    _check(
-        data.get("vision_feature_select_strategy", "default") == "default",
-        "only vision_feature_select_strategy 'default' (drop the CLS token) is supported",
-    )
-    vision = VisionConfig(
-        image_size=_square(vis.get("image_size", 448), "vision_config.image_size"),
-        patch_size=_square(vis.get("patch_size", 14), "vision_config.patch_size"),
-        hidden_size=vis.get("hidden_size", 1024),
-        num_layers=vis.get("num_hidden_layers", 24),
-        num_heads=vis.get("num_attention_heads", 16),
-        ffn_hidden_size=vis.get("intermediate_size", 4096),
-        norm=_NORMS.get(vis.get("norm_type", "layer_norm"), vis.get("norm_type")),
-        norm_eps=vis.get("layer_norm_eps", 1e-6),
-        qkv_bias=bool(vis.get("attention_bias", False)),
-        qk_norm=bool(vis.get("use_qk_norm", False)),
-        layer_scale_init=vis.get("layer_scale_init_value", 0.1),
-        act=vis.get("hidden_act", "gelu"),
-    )
-    family = text.get("model_type", "qwen2")
-    check_llm_supported(family)
-    _check(family in _NATIVE_FAMILIES,
-           f"text model type {family!r} is not supported ({', '.join(_NATIVE_FAMILIES)})")
-    _check(not text.get("mlp_bias", False), "text_config.mlp_bias=True is not supported")
-    attention_bias = bool(text.get("attention_bias", False))
-    _check(not (family in ("llama", "internlm3") + QK_NORM_FAMILIES and attention_bias),
-           f"{family} attention_bias=True is not supported")
-    _check_no_sliding_window(text, "text_config")
-    theta, scaling = _rope(text)
-    heads = text.get("num_attention_heads", 32)
-    hidden = text.get("hidden_size", 4096)
-    head_dim = text.get("head_dim")
-    language = LanguageConfig(
-        family=family,
-        vocab_size=text.get("vocab_size", 151655),
-        hidden_size=hidden,
-        num_layers=text.get("num_hidden_layers", 32),
-        num_heads=heads,
-        num_kv_heads=text.get("num_key_value_heads") or heads,
-        ffn_hidden_size=text.get("intermediate_size", 11008),
-        rope_theta=theta,
-        rms_norm_eps=text.get("rms_norm_eps", 1e-6),
-        qkv_bias=family == "qwen2",
-        qk_norm=family in QK_NORM_FAMILIES,
-        tie_embeddings=bool(data.get("tie_word_embeddings", True)),
-        max_position_embeddings=text.get("max_position_embeddings", 32768),
-        head_dim=None if head_dim in (None, hidden // heads) else head_dim,
-        rope_scaling=scaling,
-        **moe_fields(text),
-    )
-    return InternVLConfig(
-        vision=vision,
-        language=language,
-        downsample_ratio=data.get("downsample_ratio", 0.5),
-        # Not stated: <IMG_CONTEXT> of the Qwen2 / Qwen2.5 tokenizer, or Qwen3's (after <think>).
-        img_context_token_id=data.get("image_token_id", 151671 if family in QK_NORM_FAMILIES else 151667),
-        projector_act=data.get("projector_hidden_act", "gelu"),
-        name=data.get("_name_or_path", "") or "",
-    ).validate()
-
-
-# transformers-native text model types (InternLM2 becomes llama in the native layout).
-_NATIVE_FAMILIES = tuple(sorted(set(NATIVE_TEXT_TYPE.values()), key=LANGUAGE_FAMILIES.index))
-
-
-# Hugging Face Qwen3-MoE config keys that are LanguageConfig fields of the same name, with
-# transformers' Qwen3MoeConfig defaults (for a config.json that leaves one out).
-MOE_FIELDS = {"num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768, "norm_topk_prob": False,
-              "decoder_sparse_step": 1, "mlp_only_layers": [], "router_aux_loss_coef": 0.001}
-
-
-def moe_fields(text: Mapping[str, Any]) -> dict:
-    """The mixture-of-experts fields of a Qwen3-MoE text / llm config ({} for a dense one)."""
-    if text.get("model_type") != "qwen3_moe" and "Qwen3MoeForCausalLM" not in (text.get("architectures") or []):
-        return {}
-    _check(not text.get("shared_expert_intermediate_size"),
-           "Qwen3-MoE with a shared expert (shared_expert_intermediate_size) is not supported")
-    text = dict(text)
-    if text.get("num_experts") is None:  # transformers >= 5 writes Qwen3MoeConfig.num_experts under this name
-        text["num_experts"] = text.get("num_local_experts")
-    out = {k: default if text.get(k) is None else text[k] for k, default in MOE_FIELDS.items()}
-    out["mlp_only_layers"] = [int(i) for i in out["mlp_only_layers"]]
-    return out
-
-
-def moe_layer_flags(text: Mapping[str, Any], num_layers: int) -> tuple:
-    """For each layer of a text / llm config, whether it has experts (all False when dense)."""
-    fields = moe_fields(text)
-    if not fields:
-        return (False,) * num_layers
-    lang = LanguageConfig(family="qwen3_moe", num_layers=num_layers, **fields)
-    return tuple(lang.is_moe_layer(i) for i in range(num_layers))
-
-
-def check_llm_supported(name: str) -> None:
-    """One line for an LLM InternVL ships that this project refuses (MoE, GPT-OSS)."""
-    if name in UNSUPPORTED_LLMS:
-        raise UserError(UNSUPPORTED_LLMS[name])
-
-
-def _check_no_sliding_window(text: Mapping[str, Any], where: str) -> None:
-    if text.get("use_sliding_window"):
-        raise UserError(f"{where}.use_sliding_window=True (sliding-window attention) is not supported")
-
-
-# Config keys / tensor name prefixes of InternVL3.5-Flash's visual resolution router (ViR).
-FLASH_CONFIG_KEYS = ("vir", "use_vir", "vir_config", "flash", "use_flash_mlp", "mlp2")
-FLASH_TENSOR_PREFIXES = ("mlp2.", "vir.", "router.", "vision_router.", "model.mlp2.", "model.vir.")
-FLASH_REFUSAL = (
-    "InternVL3.5-Flash checkpoints (ViR visual resolution router with a second compressing projector) "
-    "are not supported; use the non-Flash release"
-)
-
-
-def check_not_flash(config: Mapping[str, Any], tensor_names: Any = ()) -> None:
-    """Refuse an InternVL3.5-Flash checkpoint (by config keys or its router/projector tensors)."""
-    name = str(config.get("_name_or_path") or "")
-    keys = {k.lower() for k in config}
-    if keys & set(FLASH_CONFIG_KEYS) or "flash" in name.lower().rsplit("/", 1)[-1].split("-"):
-        raise UserError(FLASH_REFUSAL)
-    for key in tensor_names:
-        if key.startswith(FLASH_TENSOR_PREFIXES):
-            raise UserError(f"{FLASH_REFUSAL} (tensor {key!r})")
-
-
-def _explicit_head_dim(llm: Mapping[str, Any], family: str) -> Optional[int]:
-    """``head_dim`` when the LLM states one that differs from hidden / heads (InternLM2's
-    remote code has no such field)."""
-    if family == "internlm2" or not llm.get("head_dim"):
-        return None
-    head_dim = int(llm["head_dim"])
-    heads = int(llm.get("num_attention_heads", 32))
-    return None if head_dim * heads == int(llm.get("hidden_size", 4096)) else head_dim
-
-
-def _from_original_config(data: Mapping[str, Any]) -> InternVLConfig:
-    vis = data.get("vision_config") or {}
-    llm = data.get("llm_config") or {}
-    arch = (llm.get("architectures") or ["LlamaForCausalLM"])[0]
-    check_llm_supported(arch)
-    _check(arch in ORIGINAL_ARCHITECTURES, f"LLM architecture {arch!r} is not supported ({', '.join(ORIGINAL_ARCHITECTURES)})")
-    _check(data.get("select_layer", -1) == -1, "only select_layer -1 is supported")
-    family = ORIGINAL_ARCHITECTURES[arch]
-    _check(not llm.get("bias", False), "an LLM with biased linears (llm_config.bias=True) is not supported")
-    _check(not llm.get("qkv_bias", False) and not (family != "qwen2" and llm.get("attention_bias", False)),
-           f"{arch} with q/k/v biases (llm_config.qkv_bias / attention_bias) is not supported")
-    _check_no_sliding_window(llm, "llm_config")
-    image_size = data.get("force_image_size") or vis.get("image_size", 448)
-    theta, scaling = _rope(llm)
-    heads = llm.get("num_attention_heads", 32)
-    return InternVLConfig(
-        vision=VisionConfig(
-            image_size=int(image_size),
-            patch_size=int(vis.get("patch_size", 14)),
-            hidden_size=vis.get("hidden_size", 1024),
-            num_layers=vis.get("num_hidden_layers", 24),
-            num_heads=vis.get("num_attention_heads", 16),
-            ffn_hidden_size=vis.get("intermediate_size", 4096),
-            norm=_NORMS.get(vis.get("norm_type", "rms_norm"), vis.get("norm_type")),
-            norm_eps=vis.get("layer_norm_eps", 1e-6),
-            qkv_bias=bool(vis.get("qkv_bias", False)),
-            qk_norm=bool(vis.get("qk_normalization", False)),
-            layer_scale_init=vis.get("initializer_factor", 0.1),
-            act=vis.get("hidden_act", "gelu"),
-            pos_embed_image_size=int(vis.get("image_size", image_size)),
-        ),
-        language=LanguageConfig(
-            family=family,
-            vocab_size=llm.get("vocab_size", 92553),
-            hidden_size=llm.get("hidden_size", 4096),
-            num_layers=llm.get("num_hidden_layers", 32),
-            num_heads=heads,
-            num_kv_heads=llm.get("num_key_value_heads") or heads,
-            ffn_hidden_size=llm.get("intermediate_size", 11008),
-            rope_theta=theta,
-            rms_norm_eps=llm.get("rms_norm_eps", 1e-6),
-            qkv_bias=family == "qwen2",
-            qk_norm=family in QK_NORM_FAMILIES,
-            tie_embeddings=bool(llm.get("tie_word_embeddings", False)),
-            max_position_embeddings=llm.get("max_position_embeddings", 32768),
-            head_dim=_explicit_head_dim(llm, family),
-            rope_scaling=scaling,
-            **moe_fields(llm),
-        ),
-        downsample_ratio=data.get("downsample_ratio", 0.5),
-        ps_version=data.get("ps_version", "v2"),
-        img_context_token_id=data.get("img_context_token_id") or 0,
-        name=data.get("_name_or_path", "") or "",
-    ).validate()
