@@ -167,7 +167,7 @@ def make_prompt(megatron_dir: str, tok):
     """One question + one image of the model's tile size, by the training prompt rule."""
     from PIL import Image, ImageDraw
 
-    from megatron_mpo.conversion.megatron_dir import read_model_config
+    from megatron_mpo.training.model_dir import read_model_config
     from megatron_mpo.data import DataConfig
     from megatron_mpo.data.samples import build_pair_builder
     from megatron_mpo.generation.prompts import build_prompt
@@ -202,7 +202,7 @@ class OldGreedyLoop:
 
     def __init__(self, ckpt: str, tok) -> None:
         from megatron_mpo import parallel
-        from megatron_mpo.conversion.megatron_dir import read_model_config
+        from megatron_mpo.training.model_dir import read_model_config
         from megatron_mpo.models.internvl import build_model
         from megatron_mpo.training.checkpoint import load_model_weights
 

@@ -33,7 +33,7 @@ setup_console()  # at module level: dist_checkpointing's helper processes re-imp
 def _preference(args, rank: int) -> dict:
     """The checkpoint's log-probs of the held-out shards (reference tool's forward), compared."""
     from megatron_mpo.config import load_config
-    from megatron_mpo.conversion.megatron_dir import follow_latest, tokenizer_source
+    from megatron_mpo.training.model_dir import follow_latest, tokenizer_source
     from megatron_mpo.generation.evaluation import preference_accuracy
     from megatron_mpo.reference import precompute
 

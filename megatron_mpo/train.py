@@ -31,7 +31,7 @@ from megatron_mpo.parallel import Layout, all_ranks_true
 from megatron_mpo.processes import reap_helpers
 from megatron_mpo.training import checkpoint as ckpt_lib
 from megatron_mpo.training import run_report
-from megatron_mpo.training import data_setup, disk_space, model_setup, precision, preflight, schedule
+from megatron_mpo.training import data_setup, disk_space, model_setup, precision, preflight, row_layout, schedule
 from megatron_mpo.training.flops import FlopCounter
 from megatron_mpo.training.forward import StepContext, make_forward_step
 from megatron_mpo.training.metrics import MetricsLogger, StepCounter, global_sum, reduce_loss_metrics, router_aux_loss
@@ -138,8 +138,8 @@ def train(cfg: RunConfig) -> dict:
             template=template, template_source=template_source,
             precision=precision.training_precision(cfg).describe(),
             reference_precision=precision.reference_precision(cfg).describe(),
-            rows=data_setup.packing_layout(cfg), mfu_peak=flops.peak().describe()), flush=True)
-        for warning in (data_setup.packing_warning(cfg, model_config), warmup_warning(cfg.train, total_steps)):
+            rows=row_layout.packing_layout(cfg), mfu_peak=flops.peak().describe()), flush=True)
+        for warning in (row_layout.packing_warning(cfg, model_config), warmup_warning(cfg.train, total_steps)):
             if warning:
                 print(f"warning: {warning}", flush=True)
     batches = iter(loader)

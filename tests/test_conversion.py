@@ -241,7 +241,7 @@ def _expected_original_names(layers_v: int, layers_l: int) -> set:
 
 
 def test_internvl_chat_export_and_back(mdir, source):
-    from megatron_mpo.conversion.megatron_dir import read_model_dir
+    from megatron_mpo.training.model_dir import read_model_dir
 
     out = source["root"] / "chat"
     # In this process (the subprocess runs above already cover the spawn-safe entry points).
@@ -337,7 +337,7 @@ def test_export_training_checkpoint_of_a_preset_model(tmp_path):
     from transformers import InternVLForConditionalGeneration
 
     from megatron_mpo.conversion.convert import megatron_dir_to_hf
-    from megatron_mpo.conversion.megatron_dir import _single_process_model, init_model_dir, read_model_dir
+    from megatron_mpo.training.model_dir import _single_process_model, init_model_dir, read_model_dir
     from megatron_mpo.data.tiny_tokenizer import build_tiny_tokenizer
     from megatron_mpo.training.checkpoint import CheckpointManager
 
@@ -504,7 +504,7 @@ def test_new_families_convert_from_both_layouts_at_tp2_pp2(tmp_path, family):
     from transformers import InternVLForConditionalGeneration
 
     from megatron_mpo.conversion.convert import hf_to_megatron_dir, megatron_dir_to_hf
-    from megatron_mpo.conversion.megatron_dir import read_model_dir
+    from megatron_mpo.training.model_dir import read_model_dir
     from megatron_mpo.conversion.original import native_to_original
 
     model, tok = _tiny_internvl(tmp_path / "native", family, seed=11)

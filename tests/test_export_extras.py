@@ -22,7 +22,7 @@ RUN_MAX_TILES = 3  # the training run's data.max_tiles, kept in its checkpoints
 def exported(tmp_path_factory) -> dict:
     """A tiny model trained "twice" (steps 3 and 5 in one save dir), exported from the save dir."""
     from megatron_mpo.conversion.convert import megatron_dir_to_hf
-    from megatron_mpo.conversion.megatron_dir import _single_process_model, init_model_dir, read_model_dir
+    from megatron_mpo.training.model_dir import _single_process_model, init_model_dir, read_model_dir
     from megatron_mpo.data.tiny_tokenizer import build_tiny_tokenizer
     from megatron_mpo.training.checkpoint import CheckpointManager
 

@@ -177,7 +177,7 @@ def test_reference_fp8_needs_a_current_scaling_recipe():
 def test_fingerprint_records_the_reference_precision(workspace):
     """By default the reference values are bf16 whatever the training recipe; with
     reference_fp8 they are FP8 and the recipe is part of the fingerprint."""
-    from megatron_mpo.conversion.megatron_dir import read_model_config
+    from megatron_mpo.training.model_dir import read_model_config
     from megatron_mpo.data.refs import explain
     from megatron_mpo.training.data_setup import reference_fingerprint
 
@@ -279,11 +279,11 @@ def test_measured_peak_times_many_matmuls_per_sync(monkeypatch):
 
 def test_transformer_engine_defaults_to_causal_rows_and_packs_on_flex_attention(world, monkeypatch):
     from megatron_mpo import parallel
-    from megatron_mpo.training import data_setup, model_setup
+    from megatron_mpo.training import model_setup, row_layout
 
     te, local = _cfg(model={"spec": "transformer_engine"}), _cfg()
-    assert data_setup.packing_layout(te) == "unpacked" and data_setup.packing_layout(local) == "packed"
-    assert data_setup.packing_warning(te, get_preset("tiny")) is None
+    assert row_layout.packing_layout(te) == "unpacked" and row_layout.packing_layout(local) == "packed"
+    assert row_layout.packing_warning(te, get_preset("tiny")) is None
     seen = _capture_builds(monkeypatch)
     model_setup.build_model_chunks(te, get_preset("tiny"), parallel.current_layout())
     assert seen[0]["attention_mask"] == "causal"  # TE can pick FlashAttention
@@ -292,13 +292,13 @@ def test_transformer_engine_defaults_to_causal_rows_and_packs_on_flex_attention(
     packed = dict(data={"packing": True, "max_length": 12288}, parallel={"tensor": 4}, precision={"dtype": "bf16"})
     forced = _cfg(model={"spec": "transformer_engine"}, **packed)
     big = get_preset("InternVL2-8B")
-    assert data_setup.packing_layout(forced) == "packed" and data_setup.attention_kind(forced) == "flex"
-    assert data_setup.packing_warning(forced, big) is None
+    assert row_layout.packing_layout(forced) == "packed" and row_layout.attention_kind(forced) == "flex"
+    assert row_layout.packing_warning(forced, big) is None
     seen.clear()
     model_setup.build_model_chunks(forced, get_preset("tiny"), parallel.current_layout())
     assert (seen[0]["attention_mask"], seen[0]["attention"]) == ("arbitrary", "flex")
     # ... unless TE's own attention is asked for: its unfused path keeps the probabilities.
     unfused = _cfg(model={"spec": "transformer_engine", "attention": "te"}, **packed)
-    warning = data_setup.packing_warning(unfused, big)
+    warning = row_layout.packing_warning(unfused, big)
     # 8B at TP4, S = 12288: 8 heads x S^2 x 2 bytes x 32 layers = 72 GiB of probabilities.
     assert "72.0 GiB" in warning and "data.packing=false" in warning and "model.attention=flex" in warning

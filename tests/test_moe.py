@@ -53,7 +53,7 @@ def _hf_moe_model(seed: int = 5):
 
 @pytest.fixture(scope="module")
 def moe_ref(tmp_path_factory):
-    from megatron_mpo.conversion.megatron_dir import write_model_dir
+    from megatron_mpo.training.model_dir import write_model_dir
     from megatron_mpo.conversion.native import hf_to_megatron
     from megatron_mpo.conversion.hf_config import internvl_config_from_hf
 
@@ -235,7 +235,7 @@ def moe_workspace(workspace, tmp_path_factory):
     """The session workspace's tokenizer and samples with the tiny-moe preset, in shards of
     their own (:data:`MOE_SHARDS`), and their reference values computed at EP2 over 2
     processes (a hang fails in 2 minutes instead of the default 10)."""
-    from megatron_mpo.conversion.megatron_dir import init_model_dir
+    from megatron_mpo.training.model_dir import init_model_dir
     from megatron_mpo.data.shard_writer import MakeShardsConfig, make_shards
     from tests.conftest import base_config, write_config
     from tests.test_reference import add_empty_shard

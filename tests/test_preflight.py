@@ -160,12 +160,12 @@ def test_flex_attention_training_on_a_cpu_is_refused(workspace, tripwires):
     with pytest.raises(UserError, match="model.spec=transformer_engine"):
         _cfg(workspace, model={"attention": "te"})
     # Under flex, rows are padded to whole FlexAttention blocks (and TP x SP's multiple).
-    from megatron_mpo.training import data_setup, precision
+    from megatron_mpo.training import precision, row_layout
 
     flex = _cfg(workspace, model={"attention": "flex"}, parallel={"tensor": 2, "sequence": True})
     plan = precision.training_precision(flex)
-    assert data_setup.pad_multiple(flex, plan) == 128
-    assert data_setup.pad_multiple(_cfg(workspace, parallel={"tensor": 2, "sequence": True}), plan) == 2
+    assert row_layout.pad_multiple(flex, plan) == 128
+    assert row_layout.pad_multiple(_cfg(workspace, parallel={"tensor": 2, "sequence": True}), plan) == 2
 
 
 def test_output_dirs_that_cannot_take_a_file_stop_at_start_up(workspace, tripwires, tmp_path):

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from megatron_mpo.config import load_config
-from megatron_mpo.conversion.megatron_dir import check_layout
+from megatron_mpo.training.model_dir import check_layout
 from megatron_mpo.models.presets import get_preset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -313,7 +313,7 @@ def test_recipe_model_at_tiny_width_trains_one_step(path, world, tiny_tokenizer)
     from megatron_mpo.data.samples import build_pair_builder
     from megatron_mpo.losses import MPOLoss
     from megatron_mpo.models.internvl import pipeline_layout
-    from megatron_mpo.training import data_setup, model_setup, schedule
+    from megatron_mpo.training import data_setup, model_setup, row_layout, schedule
     from megatron_mpo.training.forward import StepContext, make_forward_step
     from megatron_mpo.training.metrics import reduce_loss_metrics, router_aux_loss
     from megatron_mpo.training.optim import build_optimizer, grads_are_finite, wrap_data_parallel
@@ -348,7 +348,7 @@ def test_recipe_model_at_tiny_width_trains_one_step(path, world, tiny_tokenizer)
 
     # One step of the recipe at TP1 / PP1 / EP1 on this process's CPU world, with the recipe's row
     # layout (TE: unpacked causal rows). lr is raised so that every parameter visibly moves.
-    packing = data_setup.packing_layout(recipe) == "packed"
+    packing = row_layout.packing_layout(recipe) == "packed"
     cfg = load_config(path, ["model.spec=local", "precision.dtype=fp32", "precision.fp8=null",
                              "parallel.tensor=1", "parallel.pipeline=1", "parallel.sequence=false",
                              "parallel.pipeline_layers=null", "parallel.expert=1", "train.device=cpu",

@@ -3,9 +3,11 @@ trainer refusing values computed with other settings."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -20,6 +22,17 @@ TOOL = "tools/precompute_ref_logps.py"
 
 def sidecars(directory: Path) -> dict[str, dict]:
     return {p.name: json.loads(p.read_text()) for p in sorted(directory.glob("*.ref.json"))}
+
+
+def add_empty_shard(folder: Path, name: str, position: int) -> None:
+    """A shard of no samples (a tar of no members) at ``position`` of a make_shards index."""
+    path = folder / f"{name}.tar"
+    tarfile.open(path, "w").close()
+    index = json.loads((folder / "index.json").read_text())
+    entry = {"name": path.name, "samples": 0, "bytes": path.stat().st_size,
+             "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    index["shards"].insert(position, entry)
+    (folder / "index.json").write_text(json.dumps(index))
 
 
 def test_reference_values_do_not_depend_on_the_layout(workspace, tmp_path):
@@ -52,8 +65,10 @@ def test_killed_run_resumes_without_recomputing_finished_shards(workspace, tmp_p
     shards = tmp_path / "small_shards"
     run_tool("tools/make_shards.py", "--meta", str(workspace / "raw" / "meta.json"), "--out", str(shards),
              "--samples-per-shard", "2")
+    # A shard with no sample in the middle gets an empty sidecar, and the shards after it theirs.
+    add_empty_shard(shards, "empty", 15)
     n_shards = len(list(shards.glob("*.tar")))
-    assert n_shards == 30
+    assert n_shards == 31
     cfg = base_config(workspace, data={"shards": str(shards), "ref_logps": str(tmp_path / "refs")})
     config = write_config(tmp_path / "c.yaml", cfg)
     proc = subprocess.Popen([sys.executable, str(REPO / TOOL), "--config", str(config)], cwd=REPO, env=worker_env(),
@@ -76,8 +91,17 @@ def test_killed_run_resumes_without_recomputing_finished_shards(workspace, tmp_p
 
     out = run_tool(TOOL, "--config", str(config)).stdout
     assert f"{len(finished)} of this rank's {n_shards} already complete" in out
+    assert f"warning: shard {shards / 'empty.tar'} holds no usable sample (skip counts: none)" in out
     after = sidecars(tmp_path / "refs")
     assert len(after) == n_shards
+    assert (after["empty.ref.json"]["pairs"], after["empty.ref.json"]["logps"]) == (0, {})
+    assert "empty.ref.json" not in finished  # computed by the rerun, after the kill
+    from megatron_mpo.config import from_dict
+    from megatron_mpo.training.model_dir import read_model_config
+    from megatron_mpo.training.data_setup import check_reference_values
+
+    # The trainer's start-up check takes the empty sidecar: every shard has one, nothing to warn of.
+    assert check_reference_values(from_dict(cfg).validate(), read_model_config(workspace / "init")) is None
     for name, mtime in finished.items():  # finished shards were not recomputed
         assert (tmp_path / "refs" / name).stat().st_mtime_ns == mtime
 

@@ -20,7 +20,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", required=True, help="new output directory")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    from megatron_mpo.conversion.megatron_dir import init_model_dir
+    from megatron_mpo.training.model_dir import init_model_dir
 
     print(init_model_dir(args.preset, args.tokenizer, args.out, seed=args.seed))
 

@@ -4,7 +4,7 @@
 transformers-native ``InternVLForConditionalGeneration`` or the original remote-code
 ``InternVLChatModel``), maps it to the native names (:mod:`.original`), then to the full
 megatron state dict (:mod:`.native`) and writes a model directory
-(:func:`~megatron_mpo.conversion.megatron_dir.write_model_dir`): dist_checkpointing
+(:func:`~megatron_mpo.training.model_dir.write_model_dir`): dist_checkpointing
 weights, ``model_config.json``, the tokenizer, and ``conversion.json``.
 
 **The weights do not depend on the parallel layout.** megatron-core dist_checkpointing
@@ -148,7 +148,7 @@ def _companions(hf_dir: Path) -> dict:
 
 
 def _check_layout(config, tp: int, pp: int, vision_padded_heads: Optional[int], log: Log) -> None:
-    from megatron_mpo.conversion.megatron_dir import check_layout
+    from megatron_mpo.training.model_dir import check_layout
     from megatron_mpo.models.internvl import _check_divisible
 
     check_layout(config, tp, pp)
@@ -186,7 +186,7 @@ def hf_to_megatron_dir(
     """
     from megatron_mpo.conversion import native
     from megatron_mpo.conversion.chat_template import checkpoint_template
-    from megatron_mpo.conversion.megatron_dir import remove_partial, tokenizer_files, write_model_dir
+    from megatron_mpo.training.model_dir import remove_partial, tokenizer_files, write_model_dir
 
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     hf_io.check_destination(out_dir)
@@ -231,7 +231,7 @@ def hf_to_megatron_dir(
 def model_home(ckpt: str | Path) -> Path:
     """The model directory behind ``ckpt``: itself, or a training checkpoint's ``model.init``
     (followed through chained MPO rounds)."""
-    from megatron_mpo.conversion.megatron_dir import model_dir_of
+    from megatron_mpo.training.model_dir import model_dir_of
 
     try:
         return model_dir_of(ckpt)
@@ -252,7 +252,7 @@ def _read_record(home: Path) -> dict:
 
 def _export_files(home: Path, tokenizer_dir: Path, fmt: str, record: dict, log: Log) -> tuple[dict, Optional[dict]]:
     """(files to write, generation config) for an export to ``fmt``."""
-    from megatron_mpo.conversion.megatron_dir import tokenizer_files
+    from megatron_mpo.training.model_dir import tokenizer_files
 
     files: dict = dict(tokenizer_files(tokenizer_dir))
     same_layout = record.get("source_format") == fmt
@@ -314,7 +314,7 @@ def megatron_dir_to_hf(
     ``bfloat16`` or ``float16``. Nothing appears at ``out`` unless the export succeeds.
     """
     from megatron_mpo.conversion import native, original
-    from megatron_mpo.conversion.megatron_dir import MODEL_CONFIG_FILE, follow_latest, read_model_dir, tokenizer_source
+    from megatron_mpo.training.model_dir import MODEL_CONFIG_FILE, follow_latest, read_model_dir, tokenizer_source
     from megatron_mpo.data.templates import family_template
 
     if fmt not in FORMATS:

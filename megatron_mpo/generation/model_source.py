@@ -37,7 +37,7 @@ class ModelSource:
 
 
 def _is_megatron(path: Path) -> bool:
-    from megatron_mpo.conversion.megatron_dir import MODEL_CONFIG_FILE
+    from megatron_mpo.training.model_dir import MODEL_CONFIG_FILE
 
     return (path / MODEL_CONFIG_FILE).is_file() or (path / "common.json").is_file() or (path / "latest").exists() \
         or any(path.glob("step_*"))
@@ -116,7 +116,7 @@ def resolve_model(path: str, engine: str, workdir: str, *, rank: int = 0, templa
     if not src.is_dir():
         raise UserError(f"model {path} does not exist")
     if _is_megatron(src):
-        from megatron_mpo.conversion.megatron_dir import follow_latest, read_model_config, tokenizer_source
+        from megatron_mpo.training.model_dir import follow_latest, read_model_config, tokenizer_source
         from megatron_mpo.training.data_setup import default_template
 
         ckpt = follow_latest(src, log)

@@ -6,8 +6,9 @@ On-disk layout of ``save_dir``::
     step_000000123/             one complete checkpoint (only ever appears by an atomic rename)
         metadata.json, common.pt, __*.distcp, ...   the dist_checkpointing tree
         common.json             {"format", "step", "world_size", "tensor", "pipeline", "data",
-                                 "virtual_pipeline", "has_optimizer", "common": <caller's dict>}
-        rank_00000.pt ...       per-rank extras (RNG states, loader position): tensors and
+                                 "virtual_pipeline", "expert", "has_optimizer",
+                                 "common": <caller's dict>}
+        rank_00000.pt ...       per-rank extras (RNG states): tensors and
                                 JSON values, torch.save'd, read back weights-only
     .tmp_step_000000124/        a save in progress (or a crashed one: removed on the next save)
 
@@ -26,11 +27,16 @@ checkpoint complete and ``latest`` naming it.
 Loads run nothing from the files: every pickle goes through the allow-lists of
 :mod:`megatron_mpo.training.safe_load` (a crafted file is refused with a UserError).
 
-The distributed optimizer is saved as ``dp_reshardable`` (Megatron-LM's default): its state
-resumes at the same TP/PP/VPP layout, with any data-parallel size. Three megatron-core
-0.16.1 defects on the torch-Adam path (no apex / Transformer Engine, e.g. on CPU) are worked
-around here; see :mod:`megatron_mpo.training.optimizer_state` and the
-``no_grad`` in :func:`_load_dist_checkpoint`.
+The distributed optimizer is saved in the format ``checkpoint.optimizer_format`` names,
+recorded in the tree's content metadata; a load follows the saved one. ``reshardable``
+(megatron-core's ``fully_reshardable``, the default) gathers each buffer over its
+data-parallel group at save and writes Adam state keyed and sharded like the weights, so
+it resumes at any TP / PP / EP / VPP / DP layout; it costs a gather and, while saving and
+loading, host memory for the whole optimizer state of the rank's model shard.
+``dp_reshardable`` (Megatron-LM's default) writes the buffers as they are: no gather, but
+it resumes only at the saved TP / PP / EP / VPP (any DP); another one is refused with one
+line naming the changed keys. The megatron-core 0.16.1 defects this meets (torch-Adam path,
+expert-parallel regrouping) are worked around in :mod:`megatron_mpo.training.optimizer_state`.
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ import torch
 from megatron_mpo.errors import UserError
 from megatron_mpo.fileio import TMP_PREFIX, fsync_path, fsync_tree, write_atomic
 from megatron_mpo.processes import init_helper_process
-from megatron_mpo.training.optimizer_state import prime_optimizer_state, restore_adam_steps
+from megatron_mpo.training.optimizer_state import load_optimizer_state, prime_optimizer_state, restore_adam_steps
 
 __all__ = [
     "CheckpointManager",
@@ -76,6 +82,13 @@ SHARDING_METADATA = {
     "singleton_local_shards": False,
     "chained_optim_avoid_prefix": True,
 }
+# ``checkpoint.optimizer_format`` -> megatron-core's sharding type (Megatron-LM's
+# ``--dist-ckpt-optim-fully-reshardable``). ``fully_reshardable`` gathers each buffer over
+# its data-parallel group at save and writes Adam state in the model's own sharding, so it
+# loads at any layout the weights load at.
+OPTIMIZER_FORMATS = {"reshardable": "fully_reshardable", "dp_reshardable": "dp_reshardable"}
+# The layout keys of common.json whose change a dp_reshardable optimizer cannot follow.
+MODEL_PARALLEL_KEYS = ("tensor", "pipeline", "virtual_pipeline", "expert")
 
 
 # --------------------------------------------------------------------------------------
@@ -244,6 +257,14 @@ def _save_strategy():
     return strategy
 
 
+def sharding_metadata(optimizer_format: str) -> dict:
+    """The content metadata a save with ``checkpoint.optimizer_format`` writes."""
+    if optimizer_format not in OPTIMIZER_FORMATS:
+        raise UserError(f"checkpoint.optimizer_format={optimizer_format!r} is not valid; "
+                        f"choose one of {', '.join(OPTIMIZER_FORMATS)}")
+    return {**SHARDING_METADATA, "distrib_optim_sharding_type": OPTIMIZER_FORMATS[optimizer_format]}
+
+
 def _layout_info() -> dict:
     from megatron.core import parallel_state as ps
 
@@ -253,7 +274,18 @@ def _layout_info() -> dict:
         "pipeline": ps.get_pipeline_model_parallel_world_size(),
         "data": ps.get_data_parallel_world_size(),
         "virtual_pipeline": ps.get_virtual_pipeline_model_parallel_world_size(),
+        "expert": ps.get_expert_model_parallel_world_size(),
     }
+
+
+def _saved_layout(info: dict, keys: Iterable[str]) -> dict:
+    """The layout a checkpoint was saved at (checkpoints from before EP was recorded: EP 1)."""
+    return {k: info.get(k, 1 if k == "expert" else None) for k in keys}
+
+
+def _model_parallel_change(saved: dict, now: dict) -> str:
+    """The model-parallel layout keys that differ, as "tensor 1 -> 2, ..."; "" if none."""
+    return ", ".join(f"{k} {saved[k]} -> {now[k]}" for k in MODEL_PARALLEL_KEYS if saved[k] != now[k])
 
 
 def _commit(tmp: Path, final: Path) -> None:
@@ -271,7 +303,8 @@ def _commit(tmp: Path, final: Path) -> None:
 
 
 def _write_dist_checkpoint(
-    tmp: Path, chunks: Sequence[torch.nn.Module], optimizer: Any, extra: Callable[[], None]
+    tmp: Path, chunks: Sequence[torch.nn.Module], optimizer: Any, extra: Callable[[], None],
+    metadata: dict = SHARDING_METADATA,
 ) -> None:
     """All ranks: write the dist_checkpointing tree (+ ``extra`` files) into a fresh ``tmp``."""
     from megatron.core import dist_checkpointing
@@ -280,14 +313,14 @@ def _write_dist_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()  # the writer expects the directory on every rank
-    state = _model_state(chunks, SHARDING_METADATA)
+    state = _model_state(chunks, metadata)
     if optimizer is not None:
         # A run whose every step so far was skipped (non-finite) has no Adam state yet.
         prime_optimizer_state(optimizer)
         restore_adam_steps(optimizer)
-        state["optimizer"] = optimizer.sharded_state_dict(state, metadata=dict(SHARDING_METADATA))
+        state["optimizer"] = optimizer.sharded_state_dict(state, metadata=dict(metadata))
     dist_checkpointing.save(
-        state, str(tmp), sharded_strategy=_save_strategy(), content_metadata=dict(SHARDING_METADATA)
+        state, str(tmp), sharded_strategy=_save_strategy(), content_metadata=dict(metadata)
     )
     extra()
 
@@ -302,10 +335,24 @@ def _first_problem_on_any_rank(problem: Optional[str]) -> Optional[str]:
     return next((p for p in problems if p is not None), None)
 
 
+def _refuse_unreshardable(path: Path, metadata: dict, layout_change: str) -> None:
+    """One line naming the changed layout keys when the saved optimizer cannot follow them."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    saved = metadata.get("distrib_optim_sharding_type", "dp_reshardable")
+    if layout_change and saved not in DistributedOptimizer.checkpoint_fully_reshardable_formats:
+        raise UserError(
+            f"optimizer state in {path} was saved as {saved}, which resumes only at the layout it was "
+            f"saved at, but {layout_change} here; resume at that layout, or start from its weights only "
+            f"(model.init={path}, no checkpoint.load), or save with checkpoint.optimizer_format=reshardable"
+        )
+
+
 def _load_dist_checkpoint(
-    path: Path, chunks: Sequence[torch.nn.Module], optimizer: Any = None
+    path: Path, chunks: Sequence[torch.nn.Module], optimizer: Any = None, layout_change: str = ""
 ) -> None:
-    """Load model chunks (any TP/PP layout) and, if given, the optimizer (same TP/PP)."""
+    """Load model chunks (any layout) and, if given, the optimizer (in the format it was saved
+    in; ``layout_change``: the model-parallel keys that changed since, refused for dp_reshardable)."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.core import CheckpointingException
     from megatron.core.dist_checkpointing.validation import StrictHandling
@@ -318,6 +365,7 @@ def _load_dist_checkpoint(
     metadata = dist_checkpointing.load_content_metadata(preloaded_state_dict=common) or {}
     state = _model_state(chunks, metadata)
     if optimizer is not None:
+        _refuse_unreshardable(path, metadata, layout_change)
         prime_optimizer_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=dict(metadata))
     try:
@@ -345,11 +393,7 @@ def _load_dist_checkpoint(
     if problem is not None:
         raise UserError(f"cannot load {path} into this model (other architecture?): {problem}")
     if optimizer is not None:
-        # no_grad: megatron-core 0.16.1's dp_reshardable loader copies into fp32 main params
-        # that are views of leaf parameters, which autograd refuses outside no_grad.
-        with torch.no_grad():
-            optimizer.load_state_dict(loaded["optimizer"])
-        restore_adam_steps(optimizer)
+        load_optimizer_state(optimizer, loaded["optimizer"])
 
 
 # --------------------------------------------------------------------------------------
@@ -441,11 +485,13 @@ class CheckpointManager:
     Construct it at startup on every rank (it removes the leftovers of a crashed save).
     """
 
-    def __init__(self, save_dir: str | Path, keep_last: Optional[int] = None):
+    def __init__(self, save_dir: str | Path, keep_last: Optional[int] = None,
+                 optimizer_format: str = "reshardable"):
         if keep_last is not None and keep_last < 1:
             raise UserError(f"keep_last must be at least 1 (or unset), got {keep_last}")
         self.save_dir = Path(save_dir).absolute()
         self.keep_last = keep_last
+        self.metadata = sharding_metadata(optimizer_format)  # how saves shard the optimizer
         # Test hook: called on every rank with the tmp dir after the tensors are written but
         # before the checkpoint is complete (used to simulate a crash mid-save).
         self._before_commit: Optional[Callable[[Path], None]] = None
@@ -520,7 +566,7 @@ class CheckpointManager:
                 f.flush()
                 os.fsync(f.fileno())
 
-        _write_dist_checkpoint(tmp, model, optimizer, extra)
+        _write_dist_checkpoint(tmp, model, optimizer, extra, self.metadata)
         if self._before_commit is not None:
             self._before_commit(tmp)
         _barrier()  # every rank has written its shards and extras
@@ -563,30 +609,24 @@ class CheckpointManager:
     def load(
         self, path: str | Path, model: Sequence[torch.nn.Module], optimizer: Any = None
     ) -> tuple[dict, Optional[dict]]:
-        """Restore model (any TP/PP) and optimizer (same TP/PP) from a training checkpoint.
+        """Restore model and optimizer from a training checkpoint, at any layout (the optimizer
+        at another tensor / pipeline / expert / virtual-pipeline one only if saved reshardable).
 
         Returns the saved ``common`` dict and this rank's ``per_rank`` extras, or None for
-        the extras when the world size changed (restart RNG / loader position from the step).
+        the extras when the layout changed (restart RNG streams from the step).
         """
         path = Path(path)
         if not is_training_checkpoint(path):
             raise UserError(f"checkpoint {path} is incomplete or not a training checkpoint")
         info = json.loads((path / COMMON).read_text())
-        if optimizer is not None:
-            if not info.get("has_optimizer"):
-                raise UserError(f"checkpoint {path} holds no optimizer state; load weights only")
-            now = _layout_info()
-            keys = ("tensor", "pipeline", "virtual_pipeline")
-            if any(info.get(k) != now[k] for k in keys):
-                saved = " x ".join(f"{k}={info.get(k)}" for k in keys)
-                raise UserError(
-                    f"optimizer state in {path} was saved at {saved}; resume with that layout "
-                    "(data-parallel size may change) or load weights only"
-                )
-        _load_dist_checkpoint(path, model, optimizer)
+        now = _layout_info()
+        saved = _saved_layout(info, now)
+        if optimizer is not None and not info.get("has_optimizer"):
+            raise UserError(f"checkpoint {path} holds no optimizer state; load weights only")
+        _load_dist_checkpoint(path, model, optimizer, _model_parallel_change(saved, now))
         per_rank, refused = None, None
         rank_file = path / f"rank_{_rank():05d}.pt"
-        if info["world_size"] == _world() and rank_file.is_file():
+        if saved == now and rank_file.is_file():
             from megatron_mpo.training.safe_load import load_plain
 
             try:

@@ -3,28 +3,26 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Optional
 
 from megatron_mpo.config import RunConfig
-from megatron_mpo.conversion.megatron_dir import MODEL_CONFIG_FILE
 from megatron_mpo.errors import UserError
 from megatron_mpo.parallel import Layout
-from megatron_mpo.training.data_setup import attention_kind, packing_layout
+from megatron_mpo.training.model_dir import MODEL_CONFIG_FILE
 from megatron_mpo.training.precision import PrecisionPlan, training_precision
+from megatron_mpo.training.row_layout import attention_kind, packing_layout
 
 __all__ = ["model_config", "build_model_chunks", "with_run_aux_loss_coef"]
 
 
 def model_config(cfg: RunConfig):
     """The InternVL architecture: from the init checkpoint, else from a preset."""
-    from megatron_mpo.models.config import InternVLConfig
     from megatron_mpo.models.presets import get_preset
 
     if cfg.model.init:
         # A model dir, or a training checkpoint (its run's model.init names the architecture):
         # the next MPO round of the pair pipeline starts from the last round's checkpoint.
-        from megatron_mpo.conversion.megatron_dir import read_model_config
+        from megatron_mpo.training.model_dir import read_model_config
 
         try:
             return read_model_config(cfg.model.init)

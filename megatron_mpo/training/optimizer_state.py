@@ -1,11 +1,16 @@
-"""Workarounds for megatron-core 0.16.1's DistributedOptimizer on the torch-Adam path.
+"""Saving and loading megatron-core 0.16.1's DistributedOptimizer state: what it leaves undone.
+
+Expert parallelism: megatron-core builds one sub-optimizer at expert-parallel size 1 and
+two (dense, expert) above it, so a resume across that line finds another number of saved
+param groups than it has; :func:`load_optimizer_state` regroups them.
 
 Without apex or Transformer Engine (e.g. on CPU) megatron-core falls back to torch's
-AdamW, and its checkpointing of that optimizer has two defects the checkpoint module
-works around: a never-stepped optimizer cannot build its load template
-(:func:`prime_optimizer_state`), and the loaded Adam ``step`` does not reach the
-per-parameter state the update reads (:func:`restore_adam_steps`). Both are no-ops when
-megatron-core uses apex's or TE's fused Adam.
+AdamW, and its checkpointing of that optimizer has three defects worked around here: a
+never-stepped optimizer cannot build its load template (:func:`prime_optimizer_state`),
+the loaded Adam ``step`` does not reach the per-parameter state the update reads
+(:func:`restore_adam_steps`), and the ``fully_reshardable`` loader fails on the
+per-parameter ``step`` it does not save (:func:`load_optimizer_state`). These are no-ops
+when megatron-core uses apex's or TE's fused Adam.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["distributed_optimizers", "prime_optimizer_state", "restore_adam_steps"]
+__all__ = ["distributed_optimizers", "load_optimizer_state", "prime_optimizer_state", "restore_adam_steps"]
 
 
 def distributed_optimizers(optimizer: Any) -> list:
@@ -22,6 +27,73 @@ def distributed_optimizers(optimizer: Any) -> list:
 
     subs = getattr(optimizer, "chained_optimizers", [optimizer])
     return [s for s in subs if isinstance(s, DistributedOptimizer)]
+
+
+def _subs(optimizer: Any) -> list:
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def _with_states(optimizer: Any, state: Any) -> list[tuple[Any, Any]]:
+    """(sub-optimizer, its part of ``state``) pairs, as ``ChainedOptimizer.load_state_dict``
+    splits a loaded state (a bare state for one optimizer, else one per index)."""
+    subs = _subs(optimizer)
+    return [(subs[0], state)] if len(subs) == 1 else [(sub, state[i]) for i, sub in enumerate(subs)]
+
+
+def _regrouped(optimizer: Any, loaded: dict) -> Any:
+    """``loaded`` shaped for this optimizer's sub-optimizers when it has another number of them.
+
+    dist_checkpointing returns the tensors (``param_state``) where this optimizer's load
+    template put them, but the non-tensor parts (param groups, sharding type) as they were
+    saved. Across expert-parallel size 1 <-> >1 the groups differ only in
+    ``is_expert_parallel``: every sub-optimizer gets all saved groups, each also with that
+    flag flipped (megatron-core picks its groups by flag, weight-decay and lr multipliers).
+    """
+    subs = _subs(optimizer)
+    saved = [loaded] if "optimizer" in loaded else [
+        loaded[k] for k in sorted(k for k in loaded if isinstance(k, int)) if "optimizer" in loaded[k]
+    ]
+    if len(saved) == len(subs):
+        return loaded
+    groups = [g for part in saved for g in part["optimizer"]["param_groups"]]
+    flipped = [{**g, "is_expert_parallel": not g["is_expert_parallel"]} for g in groups if "is_expert_parallel" in g]
+    groups = flipped + groups  # the saved group of the same kind, listed later, wins
+    common = {k: v for k, v in saved[0].items() if isinstance(k, str) and k not in ("optimizer", "param_state")}
+    tensors = [loaded["param_state"]] if len(subs) == 1 else [loaded[i]["param_state"] for i in range(len(subs))]
+    states = [{**common, "optimizer": {"param_groups": [dict(g) for g in groups]}, "param_state": t} for t in tensors]
+    return states[0] if len(subs) == 1 else dict(enumerate(states))
+
+
+def load_optimizer_state(optimizer: Any, loaded: Any) -> None:
+    """``optimizer.load_state_dict`` for the state dist_checkpointing loaded, in any saved
+    format and (``fully_reshardable``) at any layout.
+
+    megatron-core 0.16.1 with torch's Adam: ``fully_reshardable`` state holds no
+    per-parameter ``step`` (it is restored from the param groups), but its loader copies
+    every key of the live per-parameter state and so fails with ``KeyError: 'step'``. Its
+    parameter state is therefore loaded here, after the rest, with ``step`` set aside.
+    """
+    from megatron.core.optimizer import distrib_optimizer
+
+    state = _regrouped(optimizer, loaded)
+    deferred = []
+    if not distrib_optimizer.HAVE_APEX_OR_TE:
+        for sub, part in _with_states(optimizer, state):
+            if isinstance(part, dict) and part.get("param_state_sharding_type") == "fully_reshardable":
+                deferred.append((sub, part.pop("param_state")))
+    # no_grad: megatron-core 0.16.1's dp_reshardable loader copies into fp32 main params
+    # that are views of leaf parameters, which autograd refuses outside no_grad.
+    with torch.no_grad():
+        optimizer.load_state_dict(state)
+    for sub, param_state in deferred:
+        inner = sub.optimizer.state
+        steps = {param: inner[param].pop("step") for param in list(inner) if "step" in inner[param]}
+        try:
+            sub.load_parameter_state_from_fully_reshardable(param_state)
+        finally:
+            for param, step in steps.items():
+                inner[param]["step"] = step
+    restore_adam_steps(optimizer)
 
 
 def prime_optimizer_state(optimizer: Any) -> None:
@@ -50,8 +122,9 @@ def restore_adam_steps(optimizer: Any) -> None:
 
     megatron-core 0.16.1 with torch's Adam keeps ``step`` in the param groups of the
     checkpoint, but its dp_reshardable loader then copies the *pre-load* per-parameter step
-    over the loaded one, and the loaded value is one tensor object shared by all parameters
-    (AdamW would increment it once per parameter). Either breaks an exact resume.
+    over the loaded one, and in either format the loaded value is one tensor object shared
+    by all parameters (AdamW would increment it once per parameter). Either breaks an exact
+    resume.
 
     The group's ``step`` is removed once used: torch's ``load_state_dict`` leaves it in the
     live param groups, where it would go stale -- a later save (which calls this too, after

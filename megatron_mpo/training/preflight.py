@@ -23,7 +23,7 @@ from megatron_mpo import parallel, platform
 from megatron_mpo.config import RunConfig
 from megatron_mpo.errors import UserError
 from megatron_mpo.parallel import Layout
-from megatron_mpo.training import data_setup, model_setup, precision, schedule
+from megatron_mpo.training import data_setup, model_setup, precision, row_layout, schedule
 
 __all__ = ["check_training", "check_reference", "launch_layout"]
 
@@ -52,7 +52,7 @@ def _check_flex_trains_here(cfg: RunConfig) -> None:
     from megatron_mpo import platform
 
     on_cpu = cfg.train.device == "cpu" or (cfg.train.device == "auto" and not platform.cuda_available())
-    if on_cpu and data_setup.attention_kind(cfg) == "flex":
+    if on_cpu and row_layout.attention_kind(cfg) == "flex":
         raise UserError("model.attention=flex cannot train on a CPU (torch has no FlexAttention backward "
                         "there); use model.attention=sdpa (same result), or flex on a GPU")
 

@@ -131,7 +131,7 @@ def test_training_checkpoint_with_a_crafted_file_is_refused(saved, tmp_path):
 
 
 def test_model_dir_with_a_crafted_file_is_refused(saved, tmp_path):
-    from megatron_mpo.conversion.megatron_dir import read_model_dir
+    from megatron_mpo.training.model_dir import read_model_dir
     from megatron_mpo.training.checkpoint import load_model_weights
 
     chunks, _ = _model_and_optimizer(seed=4)

@@ -12,13 +12,14 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from megatron_mpo.config import from_dict
-from megatron_mpo.conversion.megatron_dir import read_model_config
+from megatron_mpo.training.model_dir import read_model_config
 from megatron_mpo.data import shard_writer
 from megatron_mpo.data.shard_writer import MakeShardsConfig, make_shards
 from megatron_mpo.errors import UserError
@@ -37,16 +38,16 @@ def copied(workspace, tmp_path) -> dict:
     return {"shards": tmp_path / "shards", "refs": tmp_path / "refs"}
 
 
-def _check(workspace: Path, copied: dict) -> None:
-    """The trainer's start-up check, in-process, over the copies."""
+def _check(workspace: Path, copied: dict, **data) -> Optional[str]:
+    """The trainer's start-up check, in-process, over the copies; its warning line."""
     cfg = from_dict(base_config(workspace, data={"shards": str(copied["shards"]),
-                                                 "ref_logps": str(copied["refs"])})).validate()
-    check_reference_values(cfg, read_model_config(workspace / "init"))
+                                                 "ref_logps": str(copied["refs"]), **data})).validate()
+    return check_reference_values(cfg, read_model_config(workspace / "init"))
 
 
-def _refused(workspace: Path, copied: dict, *words: str) -> str:
+def _refused(workspace: Path, copied: dict, *words: str, **data) -> str:
     with pytest.raises(UserError) as err:
-        _check(workspace, copied)
+        _check(workspace, copied, **data)
     message = str(err.value)
     assert "\n" not in message and all(w in message for w in words), message
     return message
@@ -66,7 +67,39 @@ def _first_key(body: dict) -> str:
 
 
 def test_intact_copies_pass(workspace, copied):
-    _check(workspace, copied)
+    assert _check(workspace, copied) is None  # no warning either
+
+
+def test_missing_sidecar_is_named_and_refused_past_a_tenth_of_the_pairs(workspace, copied):
+    """A deleted sidecar used to drop its shard in silence (issue 25, item 7): start-up names
+    it and the share of pairs it holds (the last shard: 12 of 60); past 10% only
+    ``on_missing_ref: skip`` trains without it, and ``error`` refuses any."""
+    (copied["refs"] / "shard-000003.ref.json").unlink()
+    held = "1 of 4 shards have no reference sidecar in {} (shard-000003): they hold 12 of 60 pairs (20.0%)"
+    held = held.format(copied["refs"])
+    _refused(workspace, copied, held, "more than 10%", "set data.on_missing_ref: skip")
+    skipped = _check(workspace, copied, on_missing_ref="skip")
+    assert skipped == f"{held}, skipped as missing_ref (data.on_missing_ref: skip)"
+    _refused(workspace, copied, held, "precompute_ref_logps", "on_missing_ref is error", on_missing_ref="error")
+
+
+def test_missing_sidecars_below_the_limit_warn_and_are_named_first_few():
+    from megatron_mpo.data.refs import Coverage
+    from megatron_mpo.training.missing_refs import verdict
+
+    samples = {"a": 500, "b": 400, "c": 10, "d": 10, "e": 10, "f": 70}
+    at_limit = Coverage(["c", "d", "e", "f"], samples)  # 100 of 1000 pairs: not more than 10%
+    assert verdict("warn", "refs", at_limit) == (
+        "4 of 6 shards have no reference sidecar in refs (c, d, e and 1 more): they hold 100 of 1000 pairs "
+        "(10.0%), skipped as missing_ref (data.on_missing_ref: warn)")
+    with pytest.raises(UserError, match=r"101 of 1001 pairs \(10.1%\), more than 10%"):
+        verdict("warn", "refs", Coverage(at_limit.missing, dict(samples, f=71)))
+    uncounted = Coverage(["b"], {"a": None, "b": None, "c": None, "d": None})  # no index.json: share of shards
+    assert verdict("skip", "refs", uncounted).endswith(": 25.0% of the shards (no index.json counts their pairs), "
+                                                       "skipped as missing_ref (data.on_missing_ref: skip)")
+    with pytest.raises(UserError, match="25.0% of the shards"):
+        verdict("warn", "refs", uncounted)
+    assert verdict("error", "refs", Coverage([], samples)) is None
 
 
 def test_edited_value_is_refused(workspace, copied):
@@ -232,7 +265,7 @@ def test_trainer_check_does_not_import_the_reference_tool(workspace):
         "import megatron_mpo.data.refs\n"
         "assert not [m for m in sys.modules if m.startswith(('megatron_mpo.training', 'megatron_mpo.reference'))]\n"
         "from megatron_mpo.config import from_dict\n"
-        "from megatron_mpo.conversion.megatron_dir import read_model_config\n"
+        "from megatron_mpo.training.model_dir import read_model_config\n"
         "from megatron_mpo.training.data_setup import check_reference_values\n"
         "from tests.conftest import base_config\n"
         f"ws = __import__('pathlib').Path({str(workspace)!r})\n"
