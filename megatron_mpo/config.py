@@ -337,9 +337,12 @@ class CheckpointSection:
                                   "if any (null: start from `model.init`)")
     keep_last: Optional[int] = setting(3, "checkpoints kept in `save` (null: all)")
     optimizer_format: str = setting("reshardable", "how Adam state is saved: `reshardable` (resumes at any "
-                                    "tensor / pipeline / expert / virtual-pipeline / data-parallel layout) "
-                                    "or `dp_reshardable` (no gather at save; resumes at another data-parallel "
-                                    "size only)", choices=("reshardable", "dp_reshardable"))
+                                    "tensor / pipeline / expert / virtual-pipeline / data-parallel layout; "
+                                    "gathered over data-parallel ranks at save: 12+ bytes per parameter of "
+                                    "the rank's model shard in host memory while saving and loading) or "
+                                    "`dp_reshardable` (no gather; resumes only at the saved tensor / pipeline "
+                                    "/ expert / virtual-pipeline layout, any data-parallel size)",
+                                    choices=("reshardable", "dp_reshardable"))
 
     def validate(self) -> None:
         _positive("checkpoint.interval", self.interval)

@@ -1,9 +1,11 @@
-"""Training checkpoints: exact resume, TP resharding, crash safety, pruning, errors, preemption.
+"""Training checkpoints: exact resume, resume at another TP / PP / EP layout, crash safety,
+pruning, errors, preemption.
 
 Three real gloo launches (tests/workers/ckpt_worker.py) with a megatron-core GPTModel in
 DDP and the distributed Adam optimizer; the rest runs in-process on fake directories.
 """
 
+import json
 import os
 import signal
 from pathlib import Path
@@ -47,10 +49,29 @@ def test_exact_resume_tp_reshard_and_preemption(tmp_path):
         for key in ("tp1_weights", "tp1_weights_standalone", "tp1_weights_model_only"):
             assert _equal_dicts(ref, res[key]) == [], key
         torch.testing.assert_close(res["tp1_logits"], res["tp2_logits"], atol=1e-5, rtol=0)
-        assert res["tp1_common"] == {"step": 1} and res["tp1_extras"] == {}
+        assert res["tp1_common"] == {"step": 1} and res["tp1_extras"] is None  # other layout: no RNG
         assert "info.json" in res["model_only_files"] and "common.json" not in res["model_only_files"]
-        kind, message = res["optim_layout_error"]
-        assert kind == "UserError" and "tensor=2" in message and "\n" not in message
+        # A dp_reshardable optimizer cannot follow a model-parallel change: one line naming it.
+        refusals = {"optim_layout_error": "tensor 2 -> 1", "tp2_refusal": "tensor 1 -> 2",
+                    "pp2_refusal": "pipeline 1 -> 2", "ep1_refusal": "expert 2 -> 1"}
+        for key, change in refusals.items():
+            kind, message = res[key]
+            assert kind == "UserError" and change in message and "dp_reshardable" in message, key
+            assert "optimizer_format=reshardable" in message and "\n" not in message, key
+        # (7) reshardable Adam state carried to another layout: TP1 -> TP2 and PP1 -> PP2 (from
+        # TP1 x DP2), EP2 -> EP1 -> EP2 (MoE): the whole state equal, and the loss curve of the
+        # next steps that of the straight run up to float32 reduction order.
+        for case, targets in {"dense": ("tp2", "pp2"), "moe": ("ep1", "ep2")}.items():
+            straight = res[f"{case}_state"]
+            assert straight.pop("steps") == {2.0} and len(straight) > 20
+            for target in targets:
+                moved = res[f"{target}_state"]
+                assert moved.pop("steps") == {2.0} and moved.keys() == straight.keys(), target
+                for name, tensors in straight.items():
+                    for key, value in tensors.items():
+                        assert torch.equal(moved[name][key], value), (target, name, key)
+                assert res[f"{target}_extras"] is None
+                torch.testing.assert_close(res[f"{target}_losses"], res[f"{case}_losses"], rtol=1e-5, atol=0)
         # (6) only rank 1 got SIGUSR1; both ranks decide to stop.
         assert res["stop_before"] is False and res["stop_after"] is True
         assert res["local_flag"] is (rank == 1)
@@ -71,7 +92,12 @@ def test_kill_during_save_keeps_previous_checkpoint_then_prunes(tmp_path):
     assert CheckpointManager(run).resolve("auto") == run / "step_000000002"
 
     # A 1-process job resumes: weights and (DP-resharded) optimizer state load; per-rank
-    # extras are None because the world size changed. Then keep_last=2 prunes.
+    # extras are None because the world size changed. Then keep_last=2 prunes. The
+    # checkpoint is made one from before EP was recorded: it counts as EP 1.
+    common_json = run / "step_000000002" / "common.json"
+    info = json.loads(common_json.read_text())
+    assert info.pop("expert") == 1
+    common_json.write_text(json.dumps(info))
     launch(WORKER, 1, "after_crash", tmp_path)
     res = torch.load(tmp_path / "result_after.pt", weights_only=False)
     assert ".tmp_step_000000004" not in res["entries_after_start"]  # stale tmp removed at startup

@@ -131,6 +131,19 @@ def test_resume_reproduces_the_uninterrupted_run(workspace, layout_runs, tmp_pat
     assert any(k.startswith("optimizer") for k in final_a)
 
 
+def test_resume_at_another_layout(workspace, straight_run, tmp_path):
+    """The TP1/PP1 run's step-4 checkpoint (reshardable Adam state) resumed at PP2 with 2
+    virtual stages: steps 5-8 retrace the straight run up to float32 reduction order."""
+    moved = tmp_path / "pp2vp2"
+    train(workspace, moved, 2, parallel={"pipeline": 2, "virtual_pipeline": 2},
+          checkpoint={"load": str(straight_run / "ckpt" / "step_000000004")})
+    straight, resumed = read_jsonl(straight_run / "metrics.jsonl")[4:], read_jsonl(moved / "metrics.jsonl")
+    assert [r["step"] for r in resumed] == [5, 6, 7, 8]
+    for key in ("loss", "loss_generation", "reward_margin", "delta", "grad_norm"):
+        torch.testing.assert_close(torch.tensor([r[key] for r in resumed]), torch.tensor([r[key] for r in straight]),
+                                   rtol=1e-5, atol=1e-6, msg=key)
+
+
 def _start_training(ws: Path, run_dir: Path, steps: int, nproc: int, **sections) -> subprocess.Popen:
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = base_config(ws, **sections)

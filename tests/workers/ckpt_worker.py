@@ -4,9 +4,10 @@ Modes (argv[1]), all writing ``result_rank{R}.pt`` into the work dir (argv[2]):
 
 * ``resume`` (2 procs): DP=2 -- train 2 steps, save, train 2 more (reference); fresh
   model + optimizer load the save and train 2 steps (must match exactly). Then TP=2 --
-  train 1 step, save; re-form as TP=1 x DP=2 and load the weights. Then SIGUSR1 on rank 1
-  only must make ``should_stop()`` true on both ranks.
-* ``crash`` (2 procs): save step 2, then die by SIGKILL inside the save of step 4.
+  train 1 step, save (dp_reshardable); re-form as TP=1 x DP=2 and load the weights (the
+  optimizer is refused). Then :func:`reshard`: reshardable Adam state carried to TP2, PP2
+  and (MoE) EP1 and back to EP2. Then SIGUSR1 on rank 1 only must make ``should_stop()`` true on both ranks.
+* ``crash`` (2 procs): save step 2 (dp_reshardable), then die by SIGKILL inside the save of step 4.
 * ``after_crash`` (1 proc): resume "auto" from the crashed run's directory (other world
   size: weights + optimizer load, per-rank extras come back None); then keep_last pruning.
 """
@@ -79,9 +80,12 @@ def train_scheduled(ddp, opt, layout, steps):
     ``PARTS`` sub-batches, split over data-parallel ranks; returns each step's global loss."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    def loss_func(output):
+        loss = output.float().mean()
+        return loss, {"loss": loss.detach().clone()}  # the schedule divides ``loss`` in place
+
     def forward_step(data_iterator, model):
-        output = model(**next(data_iterator))
-        return output, lambda out: (out.float().mean(), {"loss": out.float().mean().detach()})
+        return model(**next(data_iterator)), loss_func
 
     per_rank = PARTS // layout.data
     losses = []
@@ -143,7 +147,7 @@ def full_optim_state(ddp, opt, layout):
             group = ps.get_expert_data_parallel_group() if expert else ps.get_data_parallel_group()
             torch.distributed.all_reduce(joined, group=group)
             for (n, k), piece in zip(pieces, joined.split([flat[n][k].numel() for n, k in pieces])):
-                flat[n][k] = piece
+                flat[n][k] = piece.clone()  # a view would pickle all of ``joined`` below
     mine = {}
     for name, p in named:
         mine[_global_name(ddp, name, layout)] = {
@@ -298,36 +302,41 @@ def resume(work):
 
 
 def reshard(work, result):
-    """Adam state carried to another layout: dense TP1 x DP2 -> TP2 and -> PP2, MoE EP2 -> EP1.
+    """Adam state carried to another layout: dense TP1 x DP2 -> TP2 and -> PP2, MoE EP2 -> EP1
+    and back (megatron-core builds one sub-optimizer at EP1, two above).
 
-    Each layout trains 2 steps, saves, and goes on 2 steps (the straight run); the new layout
-    loads the save into a differently seeded model and trains the same 2 global batches.
+    Each case trains 2 steps, saves (reshardable, and dp_reshardable for the refusals), and
+    goes on 3 steps (the straight run); each target loads its source's save into a differently
+    seeded model (and saves it again for a later target) and trains the same 3 global batches.
     """
     from megatron_mpo import parallel
     from megatron_mpo.training.checkpoint import CheckpointManager
 
-    cases = {"dense": ((1, 1, 1, None), {"tp2": (2, 1, 1), "pp2": (1, 2, 1)}),
-             "moe": ((1, 1, 2, 4), {"ep1": (1, 1, 1)})}
+    cases = {"dense": ((1, 1, 1, None), {"tp2": ((2, 1, 1), "dense"), "pp2": ((1, 2, 1), "dense")}),
+             "moe": ((1, 1, 2, 4), {"ep1": ((1, 1, 1), "moe"), "ep2": ((1, 1, 2), "ep1")})}
     for case, ((tp, pp, ep, experts), targets) in cases.items():
         layout = parallel.initialize(tp, pp, seed=11, expert=ep)
         ddp, opt = build(layout, seed=11, experts=experts)
         train_scheduled(ddp, opt, layout, [0, 1])
-        saved = CheckpointManager(work / case).save(2, [ddp], opt, common={"step": 2}, per_rank={})
+        saved = {case: CheckpointManager(work / case).save(2, [ddp], opt, common={"step": 2}, per_rank={})}
         stiff = CheckpointManager(work / f"{case}_dp", optimizer_format="dp_reshardable")
         stiff_saved = stiff.save(2, [ddp], opt, common={"step": 2}, per_rank={})
         result[f"{case}_state"] = full_optim_state(ddp, opt, layout)
-        result[f"{case}_losses"] = train_scheduled(ddp, opt, layout, [2, 3])
-        for name, (tp, pp, ep) in targets.items():
-            layout = parallel.initialize(tp, pp, seed=12, expert=ep)
+        result[f"{case}_losses"] = train_scheduled(ddp, opt, layout, [2, 3, 4])
+        for name, (target, source) in targets.items():
+            layout = parallel.initialize(*target[:2], seed=12, expert=target[2])
             ddp, opt = build(layout, seed=12, experts=experts)
-            try:
-                stiff.load(stiff_saved, [ddp], opt)
-                result[f"{name}_refusal"] = None
-            except Exception as exc:  # noqa: BLE001 - the test checks the type
-                result[f"{name}_refusal"] = (type(exc).__name__, str(exc))
-            _, result[f"{name}_extras"] = CheckpointManager(work / case).load(saved, [ddp], opt)
+            if target != (tp, pp, ep):
+                try:
+                    stiff.load(stiff_saved, [ddp], opt)
+                    result[f"{name}_refusal"] = None
+                except Exception as exc:  # noqa: BLE001 - the test checks the type
+                    result[f"{name}_refusal"] = (type(exc).__name__, str(exc))
+            _, result[f"{name}_extras"] = CheckpointManager(work / source).load(saved[source], [ddp], opt)
             result[f"{name}_state"] = full_optim_state(ddp, opt, layout)
-            result[f"{name}_losses"] = train_scheduled(ddp, opt, layout, [2, 3])
+            if name in {s for _, s in targets.values()}:
+                saved[name] = CheckpointManager(work / name).save(2, [ddp], opt, common={"step": 2}, per_rank={})
+            result[f"{name}_losses"] = train_scheduled(ddp, opt, layout, [2, 3, 4])
 
 
 def crash(work):
@@ -336,7 +345,7 @@ def crash(work):
 
     layout = parallel.initialize(1, 1, seed=5)
     ddp, opt = build(layout, seed=5)
-    manager = CheckpointManager(work / "run", keep_last=None)
+    manager = CheckpointManager(work / "run", keep_last=None, optimizer_format="dp_reshardable")
     train(ddp, opt, layout, [0, 1])
     manager.save(2, [ddp], opt, common={"step": 2}, per_rank={"loader": 2})
     torch.save({"params": params(ddp), "optim": optim_by_param(ddp, opt)}, work / f"result_rank{layout.data_rank}.pt")

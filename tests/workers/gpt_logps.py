@@ -12,7 +12,8 @@ import sys
 import torch
 
 
-def build_gpt(layout):
+def build_gpt(layout, experts=None):
+    """The small GPTModel at ``layout``; ``experts``: that many MoE experts per layer (top-2)."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer import TransformerConfig
@@ -25,9 +26,10 @@ def build_gpt(layout):
         tensor_model_parallel_size=layout.tensor, pipeline_model_parallel_size=layout.pipeline,
         persist_layer_norm=False, masked_softmax_fusion=False, gradient_accumulation_fusion=False,
         variable_seq_lengths=True, moe_token_dispatcher_type="alltoall",
+        num_moe_experts=experts, expert_model_parallel_size=layout.expert,
     )
     return GPTModel(
-        config=cfg, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=96,
+        config=cfg, transformer_layer_spec=get_gpt_layer_local_spec(num_experts=experts), vocab_size=96,
         max_sequence_length=64, pre_process=layout.is_first_stage, post_process=layout.is_last_stage,
         position_embedding_type="rope",
     )
