@@ -123,14 +123,14 @@ def shutdown() -> None:
         torch.distributed.destroy_process_group()
 
 
-def any_rank_true(flag: bool) -> bool:
-    """True on every rank when ``flag`` holds on some rank (one all-reduce)."""
-    return not all_ranks_true(not flag)
-
-
 def all_ranks_true(flag: bool) -> bool:
     """True on every rank when ``flag`` holds on every rank (one all-reduce)."""
-    value = torch.tensor([0.0 if flag else 1.0], device=platform.device())
+    return max_over_ranks(0 if flag else 1) == 0
+
+
+def max_over_ranks(value: int) -> int:
+    """The largest of every rank's ``value``, on every rank (one all-reduce)."""
+    tensor = torch.tensor([float(value)], device=platform.device())
     if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
-    return float(value) == 0.0
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return int(tensor.item())

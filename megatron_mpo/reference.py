@@ -86,7 +86,7 @@ def precompute(cfg: RunConfig, log=print) -> dict:
     out_dir = cfg.data.ref_logps
     os.makedirs(out_dir, exist_ok=True)
 
-    urls = expand_shards(cfg.data.shards)
+    urls = expand_shards(cfg.data.shards, cfg.data.allow_outside_index)
     counts = read_index_counts(cfg.data.shards) if isinstance(cfg.data.shards, str) else {}
     mine = [u for i, u in enumerate(urls) if i % layout.data == layout.data_rank]
     contents = shard_contents(mine)
@@ -99,10 +99,13 @@ def precompute(cfg: RunConfig, log=print) -> dict:
 
     forward_step = make_forward_step(None)
     forward_backward = schedule.forward_backward_func()
-    # Expert parallelism exchanges tokens between data-parallel ranks inside every forward:
-    # those ranks must then run the same number of schedule calls of the same number of
-    # micro-batches, whatever their shards hold (fillers, whose results are dropped).
+    # Expert parallelism exchanges tokens between data-parallel ranks inside every forward,
+    # so those ranks must make the same collectives whatever their shards hold: each round
+    # every rank says where it stands (one all-reduce), and while any rank has micro-batches
+    # every rank runs one schedule call of MICRO_BATCHES_PER_CALL micro-batches, topped up
+    # with fillers whose results are dropped.
     lockstep = model_config.language.is_moe and cfg.parallel.expert > 1
+    through, no_micro_batches, micro_batches = 0, 1, 2  # a rank's state in a lockstep round
 
     def loader_for(url: str):
         import dataclasses
@@ -110,22 +113,29 @@ def precompute(cfg: RunConfig, log=print) -> dict:
         return build_loader(dataclasses.replace(data, shards=[url]), tok, dp_rank=0, dp_size=1)
 
     def work():
-        """(url, loader, micro-batch group) for this rank's shards, then (url, loader, None)
-        once a shard is through."""
+        """(url, loader, micro-batch group, last) for this rank's shards; ``last`` marks a
+        shard's final group, ``[]`` the one group of a shard without a usable sample."""
         for url in todo:
             loader = loader_for(url)
-            for group in _chunks(iter(loader), MICRO_BATCHES_PER_CALL):
-                yield url, loader, group
-            yield url, loader, None
+            groups = _chunks(iter(loader), MICRO_BATCHES_PER_CALL)
+            group = next(groups, [])
+            while group is not None:
+                following = next(groups, None)
+                yield url, loader, group, following is None
+                group = following
 
-    filler = None
-    if lockstep:
-        filler = next(_chunks(iter(loader_for(urls[0])), 1))  # any real micro-batch will do
+    fillers: list = []
+
+    def filler():
+        """Any real micro-batch (the first of the shard set), read once when first needed."""
+        if not fillers:
+            fillers.extend(next((g for u in urls for g in _chunks(iter(loader_for(u)), 1)), []))
+        return fillers[0]
 
     def forward(group: list) -> list:
         real = len(group)
         if lockstep:
-            group = group + [filler[0]] * (MICRO_BATCHES_PER_CALL - real)
+            group = group + [group[0] if group else filler()] * (MICRO_BATCHES_PER_CALL - real)
         with torch.no_grad():
             results = schedule.run_schedule(forward_backward, forward_step, chunks, group,
                                             tok.pad_id, forward_only=True)
@@ -138,24 +148,16 @@ def precompute(cfg: RunConfig, log=print) -> dict:
     items = work()
     while True:
         item = next(items, None)
-        if lockstep and not parallel.any_rank_true(item is not None):
-            break
-        if item is None:
-            if not lockstep:
+        url, loader, group, last = item or (None, None, [], False)
+        if lockstep:
+            state = parallel.max_over_ranks(micro_batches if group else no_micro_batches if item else through)
+            if state == through:
                 break
-            forward([])  # this rank is through; its peers are not
-            continue
-        url, loader, group = item
-        if group is None:
-            if is_writer:
-                write_ref_logps(
-                    out_dir, shard_name(url), values, fingerprint=expected, content=contents[url],
-                    extra={"complete": True, "skipped": loader.skip_counts},
-                )
-            computed.append(shard_name(url))
-            values = {}
-            continue
-        results = forward(group)
+            results = forward(group) if state == micro_batches else []
+        elif item is None:
+            break
+        else:
+            results = forward(group) if group else []
         if is_writer:
             for r in results:
                 for i, sample_id in enumerate(r["keys"]):
@@ -164,11 +166,24 @@ def precompute(cfg: RunConfig, log=print) -> dict:
                         float(r["policy_chosen_logps"][i]), float(r["policy_rejected_logps"][i]),
                         int(r["chosen_tokens"][i]), int(r["rejected_tokens"][i]),
                     )
-        done_pairs += sum(b.num_pairs for b in group)
-        if torch.distributed.get_rank() == 0:
-            rate = done_pairs / max(time.perf_counter() - started, 1e-9)
-            eta = (planned - done_pairs) / rate if planned > done_pairs and rate > 0 else 0.0
-            log(f"  {shard_name(url)}: {done_pairs} pairs done, {rate:.1f} pairs/s, ETA {eta:.0f}s")
+        if group:
+            done_pairs += sum(b.num_pairs for b in group)
+            if torch.distributed.get_rank() == 0:
+                rate = done_pairs / max(time.perf_counter() - started, 1e-9)
+                eta = (planned - done_pairs) / rate if planned > done_pairs and rate > 0 else 0.0
+                log(f"  {shard_name(url)}: {done_pairs} pairs done, {rate:.1f} pairs/s, ETA {eta:.0f}s")
+        if last:
+            if is_writer:
+                write_ref_logps(
+                    out_dir, shard_name(url), values, fingerprint=expected, content=contents[url],
+                    extra={"complete": True, "skipped": loader.skip_counts},
+                )
+                if not group:
+                    skips = ", ".join(f"{k}={v}" for k, v in sorted(loader.skip_counts.items())) or "none"
+                    log(f"warning: shard {url} holds no usable sample (skip counts: {skips}); "
+                        "its sidecar is empty, the trainer reads nothing from it")
+            computed.append(shard_name(url))
+            values = {}
     torch.distributed.barrier()
     elapsed = time.perf_counter() - started
     if torch.distributed.get_rank() == 0:

@@ -26,7 +26,7 @@ import os
 import re
 from collections import OrderedDict
 from pathlib import Path
-from typing import Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Dict, Iterable, List, Mapping, NamedTuple, Optional, Tuple
 
 from megatron_mpo.data.config import DataConfig
 from megatron_mpo.data.tokenizer import TOKENIZER_FILES
@@ -251,9 +251,17 @@ def check_sidecar(path: str, expected: Mapping, content: Optional[Mapping]) -> d
     return body
 
 
-def check_sidecars(directory: str, expected: Mapping, urls: List[str], require_all: bool = False) -> None:
+class Coverage(NamedTuple):
+    """Which shards of a run have a sidecar: those without one (in shard-list order) and the
+    sample count index.json gives every shard (None: not counted)."""
+
+    missing: List[str]
+    samples: Dict[str, Optional[int]]
+
+
+def check_sidecars(directory: str, expected: Mapping, urls: List[str]) -> Coverage:
     """Check every sidecar in ``directory`` (those of ``urls``' shards also against their
-    content); ``require_all``: each of ``urls`` needs one. UserError on the first fault."""
+    content): UserError on the first fault. Returns which of ``urls`` have none."""
     folder = Path(directory)
     found = sorted(folder.glob(f"*{SUFFIX}")) if folder.is_dir() else []
     old = sorted(folder.glob("*.ref.npz")) if folder.is_dir() else []
@@ -266,11 +274,8 @@ def check_sidecars(directory: str, expected: Mapping, urls: List[str], require_a
     contents = {shard_name(url): c for url, c in shard_contents(urls).items()}
     for path in found:
         check_sidecar(str(path), expected, contents.get(path.name[: -len(SUFFIX)]))
-    missing = sorted(set(contents) - {p.name[: -len(SUFFIX)] for p in found})
-    if require_all and missing:
-        raise UserError(f"data.ref_logps {directory} has no sidecar for {len(missing)} of {len(contents)} shards "
-                        f"(first: {missing[0]}) and data.on_missing_ref is error; run tools/precompute_ref_logps.py "
-                        "with this config")
+    have = {p.name[: -len(SUFFIX)] for p in found}
+    return Coverage([name for name in contents if name not in have], {n: c["samples"] for n, c in contents.items()})
 
 
 class RefLogps:

@@ -10,7 +10,8 @@ All ranks run the same data, so an expert that receives tokens from ``EP`` ident
 replicas accumulates ``EP`` times the single-replica gradient (the data-parallel reduction
 divides it back in training): the check divides expert gradients by EP. Finally it saves
 the EP2 x PP2 model as a distributed checkpoint and reloads it at TP1/PP1/EP1: the same
-full state dict.
+full state dict, and checks that a NaN in its expert-parallel gradient buffer fails the
+trainer's finiteness guard.
 
 Usage: python -m torch.distributed.run --nproc-per-node=4 tests/workers/moe_worker.py ARTIFACTS
 """
@@ -66,6 +67,21 @@ def check_grads(model, case: dict, ref_grads: dict, where: str, tp_group, tp: in
     return failures
 
 
+def check_expert_grad_guard(model, where: str) -> list:
+    """Wrapped in megatron-core DDP at EP2, the expert weights' gradients live in buffers of
+    their own (``expert_parallel_buffers``); a NaN there must fail the trainer's guard."""
+    from megatron_mpo.config import PrecisionSection
+    from megatron_mpo.training.optim import grads_are_finite, wrap_data_parallel
+
+    (wrapped,) = wrap_data_parallel([model], PrecisionSection())
+    if not wrapped.expert_parallel_buffers:
+        return [f"{where}: DDP made no expert-parallel gradient buffer"]
+    if not grads_are_finite([wrapped]):
+        return [f"{where}: zeroed gradient buffers reported non-finite"]
+    wrapped.expert_parallel_buffers[0].grad_data.fill_(float("nan"))
+    return [] if not grads_are_finite([wrapped]) else [f"{where}: a NaN expert gradient passed grads_are_finite"]
+
+
 def _run(artifacts: Path, checked: list) -> list:
     import torch
     import torch.distributed as dist
@@ -118,6 +134,8 @@ def _run(artifacts: Path, checked: list) -> list:
             checked.append(f"TP{tp}PP{pp}EP{ep}")
             if (tp, pp, ep) == (1, 2, 2):
                 common.save_dist_checkpoint(model, artifacts / "dist_ckpt")
+                failures += check_expert_grad_guard(model, where)
+                checked.append("EP2 expert-gradient guard")
         except Exception:
             failures.append(f"{where}: {traceback.format_exc()}")
             print(failures[-1], flush=True)
