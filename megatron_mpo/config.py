@@ -120,24 +120,16 @@ class ParallelSection:
 
     def validate(self) -> None:
         _positive("parallel.timeout_minutes", self.timeout_minutes)
-        _positive("parallel.tensor", self.tensor)
-        _positive("parallel.pipeline", self.pipeline)
-        _positive("parallel.expert", self.expert)
-        if self.expert > 1 and self.tensor > 1 and not self.sequence:
-            raise UserError("parallel.expert > 1 with parallel.tensor > 1 needs parallel.sequence: true "
-                            "(megatron-core's rule for expert + tensor parallelism)")
-        if self.virtual_pipeline is not None:
-            _positive("parallel.virtual_pipeline", self.virtual_pipeline)
-            if self.pipeline < 2:
-                raise UserError("parallel.virtual_pipeline needs parallel.pipeline >= 2")
-        if self.sequence and self.tensor < 2:
-            raise UserError("parallel.sequence (sequence parallel) needs parallel.tensor >= 2")
-        chunks = self.pipeline * (self.virtual_pipeline or 1)
-        if self.pipeline_layers is not None and len(self.pipeline_layers) != chunks:
-            raise UserError(
-                f"parallel.pipeline_layers has {len(self.pipeline_layers)} entries; it needs one per "
-                f"pipeline stage{' and virtual stage' if self.virtual_pipeline else ''} ({chunks})"
-            )
+        self.check()
+
+    def check(self, model: Any = None, world_size: Optional[int] = None) -> None:
+        """:func:`~megatron_mpo.parallel_layout.check_layout` of this section (with the
+        model and torchrun's world size once they are known)."""
+        from megatron_mpo.parallel_layout import check_layout
+
+        check_layout(model, self.tensor, self.pipeline, self.expert, sequence=self.sequence,
+                     virtual_pipeline=self.virtual_pipeline, pipeline_layers=self.pipeline_layers,
+                     world_size=world_size)
 
 
 @dataclass

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from megatron_mpo import platform
-from megatron_mpo.errors import UserError
+from megatron_mpo.parallel_layout import check_world
 
 
 @dataclass(frozen=True)
@@ -44,22 +44,6 @@ class Layout:
         return parallel_state.get_data_parallel_group()
 
 
-def check_divisible(world_size: int, tensor: int, pipeline: int, expert: int = 1) -> None:
-    """The world must be a whole number of TP x PP model replicas, and the expert-parallel
-    groups (TP x EP ranks per pipeline stage) must tile it too."""
-    if world_size % (tensor * pipeline) != 0:
-        raise UserError(
-            f"{world_size} processes cannot hold whole model replicas of tensor={tensor} x "
-            f"pipeline={pipeline}; launch a multiple of {tensor * pipeline} processes"
-        )
-    if world_size % (tensor * pipeline * expert) != 0:
-        raise UserError(
-            f"{world_size} processes cannot hold whole expert-parallel groups of parallel.expert={expert} "
-            f"(tensor x pipeline x expert = {tensor * pipeline * expert}); launch a multiple of "
-            f"{tensor * pipeline * expert} processes or lower parallel.expert"
-        )
-
-
 def initialize(
     tensor: int = 1,
     pipeline: int = 1,
@@ -80,7 +64,7 @@ def initialize(
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     world = torch.distributed.get_world_size()
-    check_divisible(world, tensor, pipeline, expert)
+    check_world(world, tensor, pipeline, expert)
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(

@@ -72,9 +72,7 @@ def precompute(cfg: RunConfig, log=print) -> dict:
         raise UserError("set data.ref_logps: the directory the reference sidecars go to")
     # Shards, template, model dir, tokenizer, precision, sidecars: before any group or model.
     model_config = preflight.check_reference(cfg)
-    layout = parallel.initialize(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.virtual_pipeline,
-                                 seed=cfg.train.seed, device=cfg.train.device, expert=cfg.parallel.expert,
-                                 timeout_minutes=cfg.parallel.timeout_minutes)
+    layout = model_setup.start_parallel(cfg)
     is_writer = layout.is_last_stage and layout.tensor_rank == 0
     chunks = model_setup.build_model_chunks(cfg, model_config, layout, precision.reference_precision(cfg))
     load_model_weights(cfg.model.init, chunks)

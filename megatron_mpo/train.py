@@ -74,11 +74,7 @@ def train(cfg: RunConfig) -> dict:
     """Run training to the configured end (or a preemption signal); returns a summary."""
     # Data, template, batch split, model dir, tokenizer, precision: before any group or model.
     model_config, total_steps = preflight.check_training(cfg)
-    layout = parallel.initialize(
-        cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.virtual_pipeline,
-        seed=cfg.train.seed, device=cfg.train.device, expert=cfg.parallel.expert,
-        timeout_minutes=cfg.parallel.timeout_minutes,
-    )
+    layout = model_setup.start_parallel(cfg)
     rank = torch.distributed.get_rank()
     is_writer = rank == 0
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from megatron_mpo.config import load_config
-from megatron_mpo.training.model_dir import check_layout
+from megatron_mpo.parallel_layout import check_layout
 from megatron_mpo.models.presets import get_preset
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -148,10 +148,10 @@ def _companions(hf_dir: Path) -> dict:
 
 
 def _check_layout(config, tp: int, pp: int, vision_padded_heads: Optional[int], log: Log) -> None:
-    from megatron_mpo.training.model_dir import check_layout
-    from megatron_mpo.models.internvl import _check_divisible
+    """Pad the vision heads for ``tp`` (when asked or needed), then refuse a layout the
+    architecture cannot be split into (training's sequence-parallel rule is the run's)."""
+    from megatron_mpo.parallel_layout import check_layout
 
-    check_layout(config, tp, pp)
     vis = config.vision
     if vision_padded_heads is not None:
         if vision_padded_heads < vis.num_heads:
@@ -162,7 +162,7 @@ def _check_layout(config, tp: int, pp: int, vision_padded_heads: Optional[int], 
         if vis.num_padded_heads:
             log(f"vision attention heads {vis.num_heads} zero-padded to {vis.num_padded_heads} for tensor parallelism")
     config.validate()
-    _check_divisible(config, tp)
+    check_layout(config, tp, pp, sequence=None)
 
 
 def hf_to_megatron_dir(

@@ -29,7 +29,6 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from megatron_mpo import platform
-from megatron_mpo.segments import causal_mask, is_segments, segment_mask
 from megatron_mpo.errors import UserError
 from megatron_mpo.models.config import InternVLConfig
 from megatron_mpo.models.specs import (
@@ -40,6 +39,8 @@ from megatron_mpo.models.specs import (
     vision_layer_spec,
 )
 from megatron_mpo.models.vision import InternViTModel, InternVLProjector, pixel_shuffle
+from megatron_mpo.parallel_layout import check_layout
+from megatron_mpo.segments import causal_mask, is_segments, segment_mask
 
 __all__ = [
     "InternVLModel",
@@ -610,9 +611,9 @@ def build_model(
     pg_collection = pg_collection or ProcessGroupCollection.use_mpu_process_groups()
     tp, pp, pp_rank = pg_collection.tp.size(), pg_collection.pp.size(), pg_collection.pp.rank()
     ep = pg_collection.ep.size() if config.language.is_moe else 1
-    _check_divisible(config, tp, ep)
-    if sequence_parallel and tp < 2:
-        raise UserError("sequence_parallel splits the sequence over tensor-parallel ranks: it needs tensor parallel size >= 2")
+    # The builder does not know whether the model trains: MoE under TP without sequence
+    # parallelism is a training rule, checked by the run (a forward-only model may do it).
+    check_layout(config, tp, pp, ep, sequence=True if sequence_parallel else None)
     vp = _virtual_stages(config, pp, pipeline_layers)
     if vp > 1 and vp_stage is None:
         raise UserError("an interleaved pipeline (virtual stages) needs vp_stage for each model chunk")
@@ -657,26 +658,3 @@ def _virtual_stages(config: InternVLConfig, pp: int, pipeline_layers: Optional[S
             "give pipeline_layers (layers per stage)"
         )
     return vp
-
-
-def _check_divisible(config: InternVLConfig, tp: int, ep: int = 1) -> None:
-    lang, vis = config.language, config.vision
-    problems = []
-    if lang.is_moe and lang.num_experts % ep:
-        raise UserError(f"expert parallel size {ep} does not divide the {lang.num_experts} experts")
-    if lang.is_moe and lang.moe_intermediate_size % tp:
-        problems.append(f"expert FFN size ({lang.moe_intermediate_size})")
-    if lang.num_heads % tp:
-        problems.append(f"LLM heads ({lang.num_heads})")
-    if lang.num_kv_heads % tp and tp % lang.num_kv_heads:
-        problems.append(f"LLM KV heads ({lang.num_kv_heads})")
-    if lang.ffn_hidden_size % tp or lang.hidden_size % tp:
-        problems.append("LLM hidden / FFN sizes")
-    if lang.padded_vocab_size % tp:
-        problems.append(f"padded vocabulary ({lang.padded_vocab_size}; raise vocab_size_divisible_by)")
-    if vis.heads % tp:
-        problems.append(f"vision heads ({vis.heads}; set vision.num_padded_heads to a multiple of {tp})")
-    if vis.ffn_hidden_size % tp:
-        problems.append(f"vision FFN size ({vis.ffn_hidden_size})")
-    if problems:
-        raise UserError(f"tensor parallel size {tp} does not divide: {'; '.join(problems)}")

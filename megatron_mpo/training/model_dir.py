@@ -30,22 +30,6 @@ def tokenizer_files(directory: str | Path) -> dict[str, bytes]:
     return found
 
 
-def check_layout(config, tensor: int, pipeline: int) -> None:
-    """Refuse a TP/PP layout the architecture cannot be split into (one line)."""
-    lang = config.language
-    if tensor < 1 or pipeline < 1:
-        raise UserError("--tp and --pp must be >= 1")
-    if lang.num_kv_heads % tensor and tensor % lang.num_kv_heads:
-        raise UserError(
-            f"tensor parallel size {tensor} does not divide the LLM's {lang.num_kv_heads} KV heads "
-            f"({lang.num_heads} attention heads); choose a divisor"
-        )
-    if lang.num_heads % tensor:
-        raise UserError(f"tensor parallel size {tensor} does not divide the LLM's {lang.num_heads} attention heads")
-    if lang.num_layers < pipeline:
-        raise UserError(f"pipeline size {pipeline} exceeds the LLM's {lang.num_layers} layers")
-
-
 def _single_process_model(config, seed: int = 0):
     """The full (TP=1, PP=1) model in this process (CPU: conversion needs no GPU)."""
     from megatron_mpo import parallel

@@ -12,7 +12,17 @@ from megatron_mpo.training.model_dir import MODEL_CONFIG_FILE
 from megatron_mpo.training.precision import PrecisionPlan, training_precision
 from megatron_mpo.training.row_layout import attention_kind, packing_layout
 
-__all__ = ["model_config", "build_model_chunks", "with_run_aux_loss_coef"]
+__all__ = ["model_config", "start_parallel", "build_model_chunks", "with_run_aux_loss_coef"]
+
+
+def start_parallel(cfg: RunConfig) -> Layout:
+    """Start torch.distributed and megatron-core's groups from ``cfg.parallel``: this
+    process's place in the run's layout (the trainer and the reference tool alike)."""
+    from megatron_mpo import parallel
+
+    p = cfg.parallel
+    return parallel.initialize(p.tensor, p.pipeline, p.virtual_pipeline, seed=cfg.train.seed,
+                               device=cfg.train.device, expert=p.expert, timeout_minutes=p.timeout_minutes)
 
 
 def model_config(cfg: RunConfig):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_mpo import parallel, platform
+from megatron_mpo import platform
 from megatron_mpo.config import RunConfig
 from megatron_mpo.errors import UserError
 from megatron_mpo.parallel import Layout
@@ -92,27 +92,14 @@ def check_reference(cfg: RunConfig):
 
 
 def launch_layout(cfg: RunConfig) -> Layout:
-    """The layout rank 0 of this launch will get (process groups need not exist yet):
-    tensor x pipeline must divide the world; the rest is data parallelism."""
+    """The layout rank 0 of this launch will get (process groups need not exist yet): the
+    processes left over by tensor x pipeline are data parallelism (the layout's rules were
+    checked with the model, see :func:`_check_common`)."""
     world = _world_size()
-    parallel.check_divisible(world, cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.expert)
     data = world // (cfg.parallel.tensor * cfg.parallel.pipeline)
     return Layout(tensor=cfg.parallel.tensor, pipeline=cfg.parallel.pipeline, data=data, tensor_rank=0,
                   pipeline_rank=0, data_rank=0, virtual_pipeline=cfg.parallel.virtual_pipeline,
                   expert=cfg.parallel.expert)
-
-
-def _check_experts(cfg: RunConfig, model_config) -> None:
-    """parallel.expert only for a mixture-of-experts LLM, dividing its experts; MoE under TP
-    needs sequence parallelism."""
-    lang, ep = model_config.language, cfg.parallel.expert
-    if ep > 1 and not lang.is_moe:
-        raise UserError(f"parallel.expert={ep} but the model's LLM ({lang.family}) has no experts; set parallel.expert: 1")
-    if lang.is_moe and lang.num_experts % ep:
-        raise UserError(f"parallel.expert={ep} does not divide the model's {lang.num_experts} experts")
-    if lang.is_moe and cfg.parallel.tensor > 1 and not cfg.parallel.sequence:
-        raise UserError("a mixture-of-experts LLM with parallel.tensor > 1 needs parallel.sequence: true "
-                        "(megatron-core trains MoE layers under tensor parallelism only with it)")
 
 
 def _check_common(cfg: RunConfig):
@@ -123,7 +110,7 @@ def _check_common(cfg: RunConfig):
         raise UserError(f"model.init {cfg.model.init} does not exist: point it at a model directory written by "
                         "tools/convert_hf_to_megatron.py or tools/init_checkpoint.py")
     model_config = model_setup.model_config(cfg)
-    _check_experts(cfg, model_config)
+    cfg.parallel.check(model_config, _world_size())  # every layout rule, before any process group
     data_setup.tokenizer(cfg)
     _check_shards(cfg)
     from megatron_mpo.data.templates import get_template
