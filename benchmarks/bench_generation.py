@@ -179,9 +179,8 @@ def make_prompt(megatron_dir: str, tok):
     ImageDraw.Draw(img).ellipse([px // 5, px // 5, 4 * px // 5, 4 * px // 5], fill=(200, 30, 30))
     png = io.BytesIO()
     img.save(png, format="PNG")
-    data = DataConfig(shards="unused", max_length=4096, max_tiles=6, template=default_template(config),
-                      image_size=px, tokens_per_tile=config.tokens_per_tile)
-    builder = build_pair_builder(data, tok)
+    data = DataConfig(max_length=4096, max_tiles=6, template=default_template(config))
+    builder = build_pair_builder(data, tok, image_size=px, tokens_per_tile=config.tokens_per_tile)
     return config, build_prompt(builder, "bench-q0", QUESTION, [png.getvalue()])
 
 

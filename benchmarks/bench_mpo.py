@@ -658,17 +658,17 @@ def ours_micro_batches(ws: Path, args, side: str) -> List[dict]:
     cfg = load_config(str(write_yaml(ws / "configs" / f"{side}_data.yaml",
                                      ours_config(ws, args, side, None, args.steps))), [])
     mc = InternVLConfig.from_json((ws / "megatron" / "model_config.json").read_text())
-    data = data_setup.data_config(cfg, mc)
+    data, loading = data_setup.loader_data(cfg, mc), data_setup.loader_plan(cfg, mc)
     records: List[dict] = []
     collate = pipeline.collate_pairs
 
     def recording(pairs, *rest, **kwargs):
         batch = collate(pairs, *rest, **kwargs)
-        records.append(pair_record(pairs, batch, data.layout))
+        records.append(pair_record(pairs, batch, loading.layout))
         return batch
 
     pipeline.collate_pairs = recording
-    batches = iter(build_loader(data, data_setup.tokenizer(cfg)))
+    batches = iter(build_loader(data, loading, data_setup.tokenizer(cfg)))
     try:
         for _ in range(args.steps * (args.global_batch // args.micro_batch)):
             next(batches)
@@ -1160,7 +1160,7 @@ def main(argv=None) -> None:
         return
     sides = usable_sides([s for s in args.sides.split(",") if s])
 
-    from megatron_mpo.config import DataSection
+    from megatron_mpo.data import DataConfig
 
     name = args.size + (f"-vocab{args.vocab}" if args.vocab else "")
     name += "" if args.profile == "fixed" else f"-{args.profile}"
@@ -1168,7 +1168,7 @@ def main(argv=None) -> None:
     info = build_workspace(ws, args.size, args.pairs, args.seed, args.vocab, args.profile)
     lengths = token_lengths(ws, args.max_tiles, args.max_length)
     log(f"model {info['params'] / 1e6:.1f}M params; {describe_lengths(lengths)}; data.packing default = "
-        f"{DataSection().packing}, data.pairs_per_row default = {DataSection().pairs_per_row}")
+        f"{DataConfig().packing}, data.pairs_per_row default = {DataConfig().pairs_per_row}")
     if not window_is_whole_epochs(args):
         log(f"note: warm-up ({args.warmup_steps} steps) and timed window ({args.steps - args.warmup_steps} steps) of "
             f"{args.global_batch} pairs are not whole passes over the {args.pairs} pairs: the sides may time "

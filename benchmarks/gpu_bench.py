@@ -272,7 +272,7 @@ class Bench:
         self.model = wrap_data_parallel(chunks, cfg.precision)
         self.optimizer = build_optimizer(self.model, cfg.train, cfg.precision)
         self.build_s = time.perf_counter() - started
-        self.mpo = MPOLoss(cfg.mpo.loss_config(), group=parallel_layout.data_group)
+        self.mpo = MPOLoss(cfg.mpo, group=parallel_layout.data_group)
         self.counted = StepCounter()
         self.forward_step = make_forward_step(self.mpo, on_batch=self.counted.add)
         self.schedule = forward_backward_func()

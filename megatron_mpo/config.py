@@ -2,62 +2,38 @@
 
 Every section is a dataclass; unknown keys, wrong types and bad values stop with one
 line (:class:`~megatron_mpo.errors.UserError`) before any process-group work starts.
-Each key is declared once with :func:`setting`: default, one-line help, allowed values,
-required mark. ``--print-config`` and the README table are generated from those
-(megatron_mpo.config_docs), and validation takes allowed values from there too.
+Each key is declared once with :func:`~megatron_mpo.settings.setting`: default, one-line
+help, allowed values, required mark. ``--print-config`` and the README table are generated
+from those (megatron_mpo.config_docs), and validation takes allowed values from there too.
+A component with its own settings owns its section, which this file only nests: ``data``
+is :class:`~megatron_mpo.data.config.DataConfig` (the loader's), ``mpo`` is
+:class:`~megatron_mpo.loss_config.MPOLossConfig` (the loss's): one default, one check.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import math
 import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Optional, Union
 
 import yaml
 
+from megatron_mpo.data.config import DataConfig
 from megatron_mpo.errors import UserError
-
-Choices = Union[tuple, Callable[[], tuple]]
-
-
-def setting(default: Any = None, text: str = "", *, choices: Optional[Choices] = None,
-            required: Union[bool, str] = False, factory: Optional[Callable[[], Any]] = None) -> Any:
-    """A config key with its one-line help: the one place keys are documented, read by
-    ``--print-config`` and the README table. ``choices`` (a tuple, or a function returning
-    the names another module validates) are also what validation accepts; ``required`` is
-    True or the key that may stand in for this one."""
-    metadata = {"help": text, "choices": choices, "required": required}
-    if factory is not None:
-        return field(default_factory=factory, metadata=metadata)
-    return field(default=default, metadata=metadata)
-
-
-def allowed(section: Any, name: str) -> tuple:
-    """The allowed values of ``section.name`` (a section class or instance); () if free."""
-    choices = next(f for f in dataclasses.fields(section) if f.name == name).metadata.get("choices")
-    return tuple(choices() if callable(choices) else choices or ())
-
-
-def _loss_names(constant: str) -> Callable[[], tuple]:
-    """Names the losses module validates (imported late: it pulls in torch)."""
-    return lambda: getattr(importlib.import_module("megatron_mpo.losses"), constant)
+from megatron_mpo.loss_config import MPOLossConfig
+from megatron_mpo.settings import allowed, setting
+from megatron_mpo.settings import one_of as _choice
+from megatron_mpo.settings import positive as _positive
 
 
 def _preset_names() -> tuple:
     from megatron_mpo.models.presets import preset_names
 
     return tuple(preset_names())
-
-
-def _template_names() -> tuple:
-    from megatron_mpo.data.templates import TEMPLATES
-
-    return tuple(sorted(TEMPLATES))
 
 
 @dataclass
@@ -161,120 +137,6 @@ class PrecisionSection:
 
 
 @dataclass
-class DataSection:
-    """Preference pairs: shards, reference values, tokenisation and loading."""
-
-    shards: Optional[str] = setting(None, "shards from tools/make_shards.py: a dir with index.json, a brace "
-                                    "pattern, an http(s) URL (or `pipe:`, see `allow_pipe_sources`)",
-                                    required=True)
-    ref_logps: Optional[str] = setting(None, "dir of reference sidecars written by "
-                                       "tools/precompute_ref_logps.py with this config", required=True)
-    on_missing_ref: str = setting("warn", "shards without a reference sidecar: `warn` names them at start-up "
-                                  "and refuses when they hold over 10% of the pairs, `skip` names them and "
-                                  "trains without them, `error` refuses any; a pair without a value is "
-                                  "skipped (counted `missing_ref`) unless `error`",
-                                  choices=("warn", "skip", "error"))
-    max_length: int = setting(8192, "tokens per pair (image tokens included); longer prompts are "
-                              "dropped, responses cut")
-    max_tiles: int = setting(6, "most image tiles per sample (plus a thumbnail when tiled)")
-    max_image_pixels: int = setting(64_000_000, "most pixels (width x height) of one image, read from its "
-                                    "header: a larger one is skipped as `bad_image` before it is decoded "
-                                    "(a small file can decode to gigabytes); 64e6 is 8000 x 8000")
-    template: Optional[str] = setting(None, "chat template; null: the model's own", choices=_template_names)
-    system_message: Optional[str] = setting(None, "system message of every prompt; null: the template's own; "
-                                            "`thinking`: InternVL3.5's thinking-mode (R1) prompt")
-    num_workers: int = setting(2, "loader worker processes per rank (0: load in the training process)")
-    shuffle_buffer: int = setting(1000, "samples each worker shuffles over (0: shard order only)")
-    seed: int = setting(1234, "seed of the shard and sample order")
-    allow_pipe_sources: bool = setting(False, "allow `pipe:` shard sources (they run a shell command); "
-                                       "http(s) shards are fetched in-process either way")
-    allow_outside_index: bool = setting(False, "let an index.json name shards outside its own folder "
-                                        "(absolute paths, `..`, symlinks out, `file:` URLs)")
-    allow_changed_data: bool = setting(False, "resume although the shards differ from those the checkpoint "
-                                       "consumed (index sha256 / sizes): the data position restarts at "
-                                       "epoch 0 of the new shards; otherwise such a resume is refused")
-    packing: Optional[bool] = setting(None, "packed rows: each pair's prompt shared by both responses, "
-                                      "several pairs per row; null: on for the local spec, off for "
-                                      "transformer_engine (FlashAttention on plain rows; not yet measured "
-                                      "against FlexAttention on a GPU)")
-    pairs_per_row: Optional[int] = setting(None, "packed rows: most pairs per row (first-fit within "
-                                           "`max_length` over each micro-batch); null: as many as fit; "
-                                           "a longer pair gets a row of its own")
-
-    def validate(self) -> None:
-        _positive("data.max_length", self.max_length)
-        _positive("data.max_tiles", self.max_tiles)
-        _positive("data.max_image_pixels", self.max_image_pixels)
-        if self.pairs_per_row is not None:
-            _positive("data.pairs_per_row", self.pairs_per_row)
-        _choice("data.on_missing_ref", self.on_missing_ref, allowed(self, "on_missing_ref"))
-        if self.template is not None:
-            from megatron_mpo.data.templates import REFUSED_TEMPLATES
-
-            if self.template in REFUSED_TEMPLATES:
-                raise UserError(f"data.template {self.template!r}: {REFUSED_TEMPLATES[self.template]}")
-        if self.template is not None and self.template not in allowed(self, "template"):
-            # Here, not at the first sample: a typo would otherwise show as a fingerprint mismatch.
-            raise UserError(f"data.template: unknown template {self.template!r}; "
-                            f"known: {', '.join(allowed(self, 'template'))}")
-        if self.num_workers < 0:
-            raise UserError("data.num_workers must be >= 0")
-        if self.shuffle_buffer < 0:
-            raise UserError("data.shuffle_buffer must be >= 0")
-
-
-@dataclass
-class LossWeightsSection:
-    """Weights of the three MPO terms (the paper's 0.8 / 0.2 / 1.0)."""
-
-    preference: float = setting(0.8, "weight of the preference (DPO) term")
-    quality: float = setting(0.2, "weight of the quality (BCO) term")
-    generation: float = setting(1.0, "weight of the generation (SFT on the chosen response) term")
-
-
-@dataclass
-class MPOSection:
-    """The MPO loss (megatron_mpo.losses checks these values)."""
-
-    beta: float = setting(0.1, "reward scale: r = beta * (log pi - log pi_ref)")
-    preference: str = setting("sigmoid", "preference loss (`sigmoid`: DPO)", choices=_loss_names("PREFERENCE_LOSSES"))
-    label_smoothing: float = setting(0.0, "assumed label noise in [0, 0.5) (`sigmoid` and `robust` only)")
-    weights: LossWeightsSection = field(default_factory=LossWeightsSection)
-    average_log_probs: bool = setting(False, "per-token average log-probs in the preference and quality "
-                                      "terms instead of sequence sums")
-    delta_update: str = setting("step", "BCO reward shift: mean over previous optimizer `step`s (paper) "
-                                "or a running mean per `micro_batch` (TRL)", choices=_loss_names("DELTA_UPDATES"))
-    router_aux_loss_coef: Optional[float] = setting(
-        None, "mixture-of-experts LLMs: coefficient of megatron-core's load-balancing loss (per MoE layer, "
-        "added to the MPO loss through its gradient, logged as `aux_loss`); null: the model's own "
-        "(`router_aux_loss_coef` of its config), 0: off")
-    generation_norm: str = setting("sequence", "SFT term: mean over pairs of per-`sequence` token means (paper) "
-                                   "or mean over all chosen `token`s of the step (InternVL/TRL)",
-                                   choices=_loss_names("GENERATION_NORMS"))
-
-    def validate(self) -> None:
-        if self.router_aux_loss_coef is not None and self.router_aux_loss_coef < 0:
-            raise UserError(f"mpo.router_aux_loss_coef must be >= 0 (or null), got {self.router_aux_loss_coef}")
-        try:
-            self.loss_config()  # the losses module owns these checks
-        except UserError as exc:
-            raise UserError(f"mpo section: {exc}") from None
-
-    def loss_config(self):
-        from megatron_mpo.losses import LossWeights, MPOLossConfig
-
-        return MPOLossConfig(
-            beta=self.beta,
-            preference=self.preference,
-            label_smoothing=self.label_smoothing,
-            weights=LossWeights(**dataclasses.asdict(self.weights)),
-            average_log_probs=self.average_log_probs,
-            delta_update=self.delta_update,
-            generation_norm=self.generation_norm,
-        )
-
-
-@dataclass
 class TrainSection:
     """Optimizer, schedule and run length."""
 
@@ -371,8 +233,8 @@ class RunConfig:
     model: ModelSection = field(default_factory=ModelSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
     precision: PrecisionSection = field(default_factory=PrecisionSection)
-    data: DataSection = field(default_factory=DataSection)
-    mpo: MPOSection = field(default_factory=MPOSection)
+    data: DataConfig = field(default_factory=DataConfig)
+    mpo: MPOLossConfig = field(default_factory=MPOLossConfig)
     train: TrainSection = field(default_factory=TrainSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
@@ -524,13 +386,3 @@ def _check_writable_dir(name: str, path: str, for_file: bool = False) -> None:
         raise UserError(f"{name} {path} cannot be created: {existing} is a file, not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"{name} {path} is not writable: no write permission on {existing}")
-
-
-def _positive(name: str, value: Any) -> None:
-    if value is None or value <= 0:
-        raise UserError(f"{name} must be a positive number, got {value!r}")
-
-
-def _choice(name: str, value: Any, choices: tuple) -> None:
-    if value not in choices:
-        raise UserError(f"{name}={value!r} is not valid; choose one of {', '.join(map(str, choices))}")

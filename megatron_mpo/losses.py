@@ -17,11 +17,8 @@ vocab-parallel token log-prob helper. The preference variants follow TRL's
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import sys
 import warnings
-from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
 import torch
@@ -29,6 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from megatron_mpo.errors import UserError
+from megatron_mpo.loss_config import DELTA_UPDATES, GENERATION_NORMS, PREFERENCE_LOSSES, LossWeights, MPOLossConfig
 from megatron_mpo.platform import collective_device
 
 __all__ = [
@@ -49,9 +47,6 @@ __all__ = [
     "token_log_probs_from_vocab_parallel_logits",
 ]
 
-PREFERENCE_LOSSES = ("sigmoid", "ipo", "hinge", "robust")
-DELTA_UPDATES = ("step", "micro_batch")
-GENERATION_NORMS = ("sequence", "token")
 METRIC_NAMES = (
     "loss",
     "loss_preference",
@@ -63,104 +58,6 @@ METRIC_NAMES = (
     "reward_accuracy",
     "delta",
 )
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-# --------------------------------------------------------------------------- config
-
-
-@dataclass
-class LossWeights:
-    """Weights of the three MPO terms; the paper / InternVL defaults are 0.8, 0.2, 1.0."""
-
-    preference: float = 0.8
-    quality: float = 0.2
-    generation: float = 1.0
-
-
-@dataclass
-class MPOLossConfig:
-    """Hyper-parameters of the MPO loss (names follow TRL's DPOConfig where one exists).
-
-    ``average_log_probs`` switches the preference and quality terms (and the reported
-    rewards) from per-sequence log-prob sums to per-token averages. ``generation_norm``
-    picks the generation term's average: ``sequence`` (default, the paper's
-    -log pi(y_c|x)/|y_c| per pair, then the mean over pairs) or ``token`` (chosen-token NLL
-    summed over the batch / its chosen tokens: TRL's ``sft`` loss, which InternVL's MPO
-    trainer uses; long responses weigh more). ``delta_update`` picks how the BCO reward
-    shift is kept, see :class:`RewardShift`.
-    """
-
-    beta: float = 0.1
-    preference: str = "sigmoid"
-    label_smoothing: float = 0.0
-    weights: LossWeights = field(default_factory=LossWeights)
-    average_log_probs: bool = False
-    delta_update: str = "step"
-    generation_norm: str = "sequence"
-
-    def __post_init__(self) -> None:
-        # Accept the weights as a mapping or a (preference, quality, generation) triple,
-        # which is what YAML / CLI layers naturally produce.
-        if isinstance(self.weights, Mapping):
-            unknown = sorted(set(self.weights) - {f.name for f in dataclasses.fields(LossWeights)})
-            if unknown:
-                raise UserError(
-                    f"unknown loss weight(s) {unknown}; the weights are preference, quality, generation"
-                )
-            self.weights = LossWeights(**self.weights)
-        elif isinstance(self.weights, (tuple, list)):
-            if len(self.weights) != 3:
-                raise UserError(
-                    f"loss weights must be 3 numbers (preference, quality, generation), got {list(self.weights)}"
-                )
-            self.weights = LossWeights(*self.weights)
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise :class:`UserError` (one line: what is wrong, how to fix it) on a bad value."""
-        if self.preference not in PREFERENCE_LOSSES:
-            raise UserError(
-                f"unknown preference loss {self.preference!r}; choose one of {', '.join(PREFERENCE_LOSSES)}"
-            )
-        if not _is_number(self.beta) or not math.isfinite(self.beta) or self.beta <= 0:
-            raise UserError(f"beta must be a positive number (the paper uses 0.1), got {self.beta!r}")
-        if not _is_number(self.label_smoothing) or not 0.0 <= self.label_smoothing < 0.5:
-            raise UserError(
-                f"label_smoothing must be in [0, 0.5), got {self.label_smoothing!r}; use 0 to turn it off"
-            )
-        if self.label_smoothing > 0 and self.preference not in ("sigmoid", "robust"):
-            raise UserError(
-                f"label_smoothing={self.label_smoothing} has no effect with preference {self.preference!r}; "
-                "set it to 0 or use preference sigmoid or robust"
-            )
-        if not isinstance(self.weights, LossWeights):
-            raise UserError(
-                f"loss weights must be LossWeights, a mapping or 3 numbers, got {type(self.weights).__name__}"
-            )
-        for name in ("preference", "quality", "generation"):
-            w = getattr(self.weights, name)
-            if not _is_number(w) or not math.isfinite(w) or w < 0:
-                raise UserError(f"loss weight {name} must be a number >= 0, got {w!r}")
-        if self.weights.preference == 0 and self.weights.quality == 0 and self.weights.generation == 0:
-            raise UserError(
-                "all loss weights (preference, quality, generation) are 0; set at least one above 0 "
-                "(the paper uses 0.8, 0.2, 1.0)"
-            )
-        if not isinstance(self.average_log_probs, bool):
-            raise UserError(f"average_log_probs must be true or false, got {self.average_log_probs!r}")
-        if self.delta_update not in DELTA_UPDATES:
-            raise UserError(
-                f"unknown delta_update {self.delta_update!r}; choose one of {', '.join(DELTA_UPDATES)}"
-            )
-        if self.generation_norm not in GENERATION_NORMS:
-            raise UserError(
-                f"unknown generation_norm {self.generation_norm!r}; choose one of {', '.join(GENERATION_NORMS)} "
-                "(token reproduces InternVL/TRL)"
-            )
 
 
 # --------------------------------------------------------------------------- reward shift
@@ -535,7 +432,6 @@ class MPOLoss:
     """
 
     def __init__(self, config: MPOLossConfig, group: Optional[dist.ProcessGroup] = None) -> None:
-        config.validate()
         self.config = config
         if group is None:
             group = default_shift_group(warn=config.weights.quality > 0)

@@ -79,7 +79,8 @@ def precompute(cfg: RunConfig, log=print) -> dict:
     for chunk in chunks:
         chunk.eval()
     tok = data_setup.tokenizer(cfg)
-    data = data_setup.data_config(cfg, model_config, for_reference=True)
+    data = data_setup.loader_data(cfg, model_config, for_reference=True)
+    loading = data_setup.loader_plan(cfg, model_config, for_reference=True)
     expected = data_setup.reference_fingerprint(cfg, model_config)
     out_dir = cfg.data.ref_logps
     os.makedirs(out_dir, exist_ok=True)
@@ -108,7 +109,7 @@ def precompute(cfg: RunConfig, log=print) -> dict:
     def loader_for(url: str):
         import dataclasses
 
-        return build_loader(dataclasses.replace(data, shards=[url]), tok, dp_rank=0, dp_size=1)
+        return build_loader(dataclasses.replace(data, shards=[url]), loading, tok, dp_rank=0, dp_size=1)
 
     def work():
         """(url, loader, micro-batch group, last) for this rank's shards; ``last`` marks a

@@ -95,7 +95,7 @@ def train(cfg: RunConfig) -> dict:
     loader = data_setup.build_loader(cfg, model_config, tokenizer, layout)
     micro_per_step = schedule.micro_batches_per_step(cfg, layout)
     scheduler = build_scheduler(optimizer, cfg.train, total_steps)
-    mpo = MPOLoss(cfg.mpo.loss_config(), group=layout.data_group)
+    mpo = MPOLoss(cfg.mpo, group=layout.data_group)
 
     # ---- resume -----------------------------------------------------------------------
     step = 0

@@ -105,17 +105,30 @@ def world():
         parallel.shutdown()
 
 
+def loader_settings(**keys) -> tuple:
+    """(data section, loader plan) for :func:`megatron_mpo.data.build_loader`: each keyword
+    goes to the one of the two that declares it."""
+    import dataclasses
+
+    from megatron_mpo.data import DataConfig, LoaderPlan
+
+    planned = {f.name for f in dataclasses.fields(LoaderPlan)}
+    return (DataConfig(**{k: v for k, v in keys.items() if k not in planned}),
+            LoaderPlan(**{k: v for k, v in keys.items() if k in planned}))
+
+
 def resumed_loader(cfg, tok, k: int):
-    """A loader restored from the JSON state another one had after ``k`` micro-batches."""
+    """A loader restored from the JSON state another one had after ``k`` micro-batches
+    (``cfg``: :func:`loader_settings`)."""
     from megatron_mpo.data import build_loader
 
-    first = build_loader(cfg, tok)
+    first = build_loader(*cfg, tok)
     it = iter(first)
     for _ in range(k):
         next(it)
     state = json.loads(json.dumps(first.state_dict()))
     del it
-    resumed = build_loader(cfg, tok)
+    resumed = build_loader(*cfg, tok)
     resumed.load_state_dict(state)
     return resumed
 

@@ -224,10 +224,10 @@ def test_conversion_stores_the_files_template_and_runtime_uses_it(tmp_path, caps
         assert json.loads((tmp_path / kind / "model_config.json").read_text())["template"] == expected[kind]
         cfg = _run_config(tmp_path / kind)
         model_config = model_setup.model_config(cfg)
-        assert data_setup.data_config(cfg, model_config).template == expected[kind]
+        assert data_setup.loader_data(cfg, model_config).template == expected[kind]
         assert data_setup.describe_template(cfg, model_config) == f"{expected[kind]} (from model_config.json)"
         cfg = _run_config(tmp_path / kind, "data.template=internlm2-chat")
-        assert data_setup.data_config(cfg, model_config).template == "internlm2-chat"
+        assert data_setup.loader_data(cfg, model_config).template == "internlm2-chat"
 
     # the export to the original layout writes the template back
     megatron_dir_to_hf(tmp_path / "native", tmp_path / "chat", "internvl-chat", log=lambda _: None)

@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from megatron_mpo.data import DataConfig, build_loader, bundle_states, load_tokenizer, write_ref_logps
+from megatron_mpo.data import build_loader, bundle_states, load_tokenizer, write_ref_logps
 from megatron_mpo.batch import pad_to_length
 from megatron_mpo.segments import segment_mask
 from megatron_mpo.data.collate import collate_pairs, pack_rows, packed_length
@@ -29,7 +29,7 @@ from megatron_mpo.data.templates import expand_image_placeholders, get_template,
 from megatron_mpo.data.tiling import choose_grid, count_tiles, dynamic_preprocess, image_to_tiles, tiles_per_image
 from megatron_mpo.data.tiny_tokenizer import build_tiny_tokenizer
 from megatron_mpo.errors import UserError
-from tests.conftest import resumed_loader
+from tests.conftest import loader_settings, resumed_loader
 
 SYS_25 = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
 SYS_2 = "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
@@ -133,9 +133,9 @@ def _all_members(shard_dir, index):
 
 def _cfg(shards, **kw):
     base = dict(shards=shards, image_size=56, tokens_per_tile=4, max_tiles=6, max_length=2048, num_workers=0,
-                micro_batch=1, shuffle_buffer=4, seed=3, epochs=1)
+                micro_batch=1, shuffle_buffer=4, seed=3, epochs=1, template="internvl2_5")
     base.update(kw)
-    return DataConfig(**base)
+    return loader_settings(**base)
 
 
 def _tool(name):
@@ -461,20 +461,20 @@ def test_packed_rows_are_balanced_so_the_longest_row_is_short():
 # ----------------------------------------------------------------------------- streaming loader
 def test_epoch_covers_all_samples_and_orders_are_seeded(data_shards, data_tok):
     shards = data_shards["dir"]
-    all_keys = _keys(build_loader(_cfg(shards), data_tok))
+    all_keys = _keys(build_loader(*_cfg(shards), data_tok))
     assert len(all_keys) == 11 and len(set(all_keys)) == 11
     assert {k.split("/")[1] for k in all_keys if "/beta" in k} == BETA_KEYS
-    again = _keys(build_loader(_cfg(shards), data_tok))
+    again = _keys(build_loader(*_cfg(shards), data_tok))
     assert again == all_keys
-    two = _keys(build_loader(_cfg(shards, epochs=2), data_tok))
+    two = _keys(build_loader(*_cfg(shards, epochs=2), data_tok))
     assert two[:11] == all_keys and sorted(two[11:]) == sorted(all_keys) and two[11:] != all_keys
-    other_seed = _keys(build_loader(_cfg(shards, seed=4), data_tok))
+    other_seed = _keys(build_loader(*_cfg(shards, seed=4), data_tok))
     assert sorted(other_seed) == sorted(all_keys) and other_seed != all_keys
 
 
 @pytest.mark.parametrize("dp_size, workers", [(2, 2), (3, 2)])  # 4 shards: shard split, then sample split
 def test_dp_and_worker_split_is_a_partition(data_shards, data_tok, dp_size, workers):
-    per_rank = [_keys(build_loader(_cfg(data_shards["dir"], num_workers=workers), data_tok, r, dp_size))
+    per_rank = [_keys(build_loader(*_cfg(data_shards["dir"], num_workers=workers), data_tok, r, dp_size))
                 for r in range(dp_size)]
     flat = [k for keys in per_rank for k in keys]
     assert len(flat) == 11 and len(set(flat)) == 11
@@ -485,14 +485,14 @@ def test_dp_and_worker_split_is_a_partition(data_shards, data_tok, dp_size, work
 
 def test_workers_are_read_round_robin(data_shards, data_tok):
     # 4 shards, 2 workers: each worker owns 2 shards; consecutive micro-batches alternate workers.
-    keys = _keys(build_loader(_cfg(data_shards["dir"], num_workers=2), data_tok))
+    keys = _keys(build_loader(*_cfg(data_shards["dir"], num_workers=2), data_tok))
     shard = [k.split("/")[0] for k in keys]
     assert not {shard[0], shard[2]} & {shard[1], shard[3]}
 
 
 def test_resume_reproduces_remaining_micro_batches(data_shards, data_tok):
     cfg = _cfg(data_shards["dir"], num_workers=2, micro_batch=2, epochs=2, shuffle_buffer=3)
-    full = [(b.keys, b.input_ids.clone(), b.pixel_values.clone()) for b in build_loader(cfg, data_tok)]
+    full = [(b.keys, b.input_ids.clone(), b.pixel_values.clone()) for b in build_loader(*cfg, data_tok)]
     assert sum(len(k) for k, _, _ in full) == 22
     for k in (1, 3, len(full) // 2 + 1):  # mid first epoch, and inside the second
         resumed = resumed_loader(cfg, data_tok, k)
@@ -501,7 +501,7 @@ def test_resume_reproduces_remaining_micro_batches(data_shards, data_tok):
         for (_, ids, px), (_, fids, fpx) in zip(rest, full[k:]):
             assert torch.equal(ids, fids) and torch.equal(px, fpx)
     with pytest.raises(UserError, match="dp_size"):
-        build_loader(cfg, data_tok, 0, 2).load_state_dict(resumed.state_dict())
+        build_loader(*cfg, data_tok, 0, 2).load_state_dict(resumed.state_dict())
 
 
 def _epoch_keys(loader, limit=None):
@@ -527,18 +527,18 @@ def _json(obj):
 def test_resume_at_another_dp_size_trains_every_pair_once_per_epoch(data_shards, data_tok, old, new, taken):
     (old_dp, old_workers), (new_dp, new_workers) = old, new
     cfg = _cfg(data_shards["dir"], epochs=2, shuffle_buffer=3, num_workers=old_workers)
-    every = sorted(_keys(build_loader(_cfg(data_shards["dir"]), data_tok)))
+    every = sorted(_keys(build_loader(*_cfg(data_shards["dir"]), data_tok)))
     assert len(every) == 11
     before, states = [], []
     for rank in range(old_dp):
-        loader = build_loader(cfg, data_tok, rank, old_dp)
+        loader = build_loader(*cfg, data_tok, rank, old_dp)
         before += _epoch_keys(loader, taken[rank])
         states.append(loader.state_dict())
     saved = _json(bundle_states(states))
     after, lines = [], []
     new_cfg = _cfg(data_shards["dir"], epochs=2, shuffle_buffer=2, num_workers=new_workers)
     for rank in range(new_dp):
-        loader = build_loader(new_cfg, data_tok, rank, new_dp)
+        loader = build_loader(*new_cfg, data_tok, rank, new_dp)
         lines.append(loader.resume(saved))
         after += _epoch_keys(loader)
     assert all("data layout changed" in line and "dp_size" in line for line in lines), lines
@@ -548,21 +548,21 @@ def test_resume_at_another_dp_size_trains_every_pair_once_per_epoch(data_shards,
 
 def test_resume_replays_split_over_processes_and_chains(data_shards, data_tok):
     cfg = _cfg(data_shards["dir"], epochs=1, shuffle_buffer=3, num_workers=2)
-    every = sorted(_keys(build_loader(_cfg(data_shards["dir"]), data_tok)))
+    every = sorted(_keys(build_loader(*_cfg(data_shards["dir"]), data_tok)))
     states, before = [], []
     for rank in range(2):
-        loader = build_loader(cfg, data_tok, rank, 2)
+        loader = build_loader(*cfg, data_tok, rank, 2)
         before += [k for _, k in _epoch_keys(loader, 2)]
         states.append(loader.state_dict())
     saved = _json(bundle_states(states))
     # Two processes split the replays and all-gather them: the same position as one process alone.
-    alone = build_loader(cfg, data_tok, 0, 1)
+    alone = build_loader(*cfg, data_tok, 0, 1)
     alone.resume(saved)
     parts = []
     for index in range(2):
-        split = build_loader(cfg, data_tok, 0, 1)
+        split = build_loader(*cfg, data_tok, 0, 1)
         split.resume(saved, share=(index, 2), gather=lambda part: parts.append(part) or [part])
-    joined = build_loader(cfg, data_tok, 0, 1)
+    joined = build_loader(*cfg, data_tok, 0, 1)
     joined.resume(saved, share=(0, 2), gather=lambda part: [part, parts[1]])
     assert joined.state_dict() == alone.state_dict() != split.state_dict()
     # A second stop after the change, resumed at yet another size: still every pair once.
@@ -570,19 +570,19 @@ def test_resume_replays_split_over_processes_and_chains(data_shards, data_tok):
     again = _json(bundle_states([alone.state_dict()]))
     after = []
     for rank in range(2):
-        loader = build_loader(_cfg(data_shards["dir"], epochs=1, num_workers=1), data_tok, rank, 2)
+        loader = build_loader(*_cfg(data_shards["dir"], epochs=1, num_workers=1), data_tok, rank, 2)
         loader.resume(again)
         after += _keys(loader)
     assert sorted(before + middle + after) == every
     # Same layout: the exact position, as load_state_dict gives.
-    same = build_loader(cfg, data_tok, 1, 2)
+    same = build_loader(*cfg, data_tok, 1, 2)
     assert same.resume(saved) == "data position restored exactly"
     assert same.state_dict()["positions"] == states[1]["positions"]
 
 
 def test_resume_on_rebuilt_shards_is_refused_or_restarts(data_src, data_shards, data_tok, tmp_path):
     cfg = _cfg(data_shards["dir"], num_workers=0)
-    loader = build_loader(cfg, data_tok)
+    loader = build_loader(*cfg, data_tok)
     _epoch_keys(loader, 3)
     saved = _json(bundle_states([loader.state_dict()]))
     # Same source re-sharded with another seed: same shard names and count, other contents.
@@ -590,7 +590,7 @@ def test_resume_on_rebuilt_shards_is_refused_or_restarts(data_src, data_shards, 
     make_shards(MakeShardsConfig(out=out, meta=data_src["meta"], samples_per_shard=3, seed=6, workers=1,
                                  progress=False), log=lambda m: None)
     assert sorted(os.listdir(out)) == sorted(os.listdir(data_shards["dir"]))
-    moved = build_loader(_cfg(out, num_workers=0), data_tok)
+    moved = build_loader(*_cfg(out, num_workers=0), data_tok)
     with pytest.raises(UserError, match=r"changed: shard-\d+ and \d+ more.*allow_changed_data") as exc:
         moved.resume(saved)
     assert "\n" not in str(exc.value)
@@ -652,7 +652,7 @@ def test_corrupt_data_is_skipped_and_counted(data_bad_shards, data_tok):
     d = data_bad_shards
     cfg = _cfg([str(d / "shard-000000.tar"), str(d / "shard-000001.tar")], shuffle_buffer=0, shuffle_shards=False,
                warn_bad_shards=False)
-    loader = build_loader(cfg, data_tok)
+    loader = build_loader(*cfg, data_tok)
     keys = []
     seen = {}
     for batch in loader:
@@ -665,8 +665,8 @@ def test_corrupt_data_is_skipped_and_counted(data_bad_shards, data_tok):
     # counts arrive with batches; the truncation is seen after ok3, at the end marker of its stream
     assert {k: v for k, v in seen.items()} == {"bad_image": 3, "bad_json": 1, "missing_field": 1, "missing_image": 1}
     with pytest.raises(UserError, match="no usable sample"):  # training's endless stream would spin
-        list(build_loader(_cfg(str(d / "only-bad.tar"), warn_bad_shards=False, epochs=None), data_tok))
-    once = build_loader(_cfg(str(d / "only-bad.tar"), warn_bad_shards=False), data_tok)  # the reference tool's pass
+        list(build_loader(*_cfg(str(d / "only-bad.tar"), warn_bad_shards=False, epochs=None), data_tok))
+    once = build_loader(*_cfg(str(d / "only-bad.tar"), warn_bad_shards=False), data_tok)  # the reference tool's pass
     assert list(once) == [] and once.skip_counts == {"bad_json": 1}
 
 
@@ -674,7 +674,7 @@ def test_long_prompts_dropped_and_long_responses_truncated_in_the_stream(data_sh
     # Every image sample needs >= 200 context tokens > 150: dropped. Both text-only occurrences
     # (beta line 2) are kept with the 200-word chosen response cut to fit.
     cfg = _cfg(data_shards["dir"], tokens_per_tile=200, max_length=150, system_message="Be brief.")
-    loader = build_loader(cfg, data_tok)
+    loader = build_loader(*cfg, data_tok)
     batches = list(loader)
     assert sorted(k.split("/")[1] for b in batches for k in b.keys) == ["beta-L2-r0", "beta-L2-r1"]
     assert loader.skip_counts == {"prompt_too_long": 9, "response_truncated": 2}
@@ -699,10 +699,10 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 
 def test_streaming_over_http_and_pipe_matches_local(data_shards, data_tok, data_http):
-    local = _keys(build_loader(_cfg(data_shards["dir"]), data_tok))
-    over_http = _keys(build_loader(_cfg(data_http + "/shard-{000000..000003}.tar", num_workers=2), data_tok))
-    from_index = _keys(build_loader(_cfg(data_http + "/index.json"), data_tok))
-    piped = _keys(build_loader(_cfg(f"pipe:cat {data_shards['dir']}/shard-{{000000..000003}}.tar",
+    local = _keys(build_loader(*_cfg(data_shards["dir"]), data_tok))
+    over_http = _keys(build_loader(*_cfg(data_http + "/shard-{000000..000003}.tar", num_workers=2), data_tok))
+    from_index = _keys(build_loader(*_cfg(data_http + "/index.json"), data_tok))
+    piped = _keys(build_loader(*_cfg(f"pipe:cat {data_shards['dir']}/shard-{{000000..000003}}.tar",
                                     allow_pipe_sources=True), data_tok))
     assert from_index == local and piped == local
     assert sorted(over_http) == sorted(local)
@@ -719,7 +719,7 @@ def test_reference_logps_join_and_missing_policy(data_shards, data_tok, tmp_path
             missing = f"{shard}/{keys[0]}"
             del table[keys[0]]
         write_ref_logps(str(refs), shard, table)
-    loader = build_loader(_cfg(data_shards["dir"], ref_logps=str(refs)), data_tok)
+    loader = build_loader(*_cfg(data_shards["dir"], ref_logps=str(refs)), data_tok)
     got = {}
     for b in loader:
         got[b.keys[0]] = (b.ref_chosen_logps.item(), b.ref_rejected_logps.item())
@@ -728,7 +728,7 @@ def test_reference_logps_join_and_missing_policy(data_shards, data_tok, tmp_path
     for key, (c, r) in got.items():
         assert r == c - 1.0 and c <= -1.0
     with pytest.raises(UserError, match="reference log-probs"):
-        list(build_loader(_cfg(data_shards["dir"], ref_logps=str(refs), on_missing_ref="error"), data_tok))
+        list(build_loader(*_cfg(data_shards["dir"], ref_logps=str(refs), on_missing_ref="error"), data_tok))
 
 
 def test_bench_loader_smoke(data_shards, data_tok_dir, capsys):

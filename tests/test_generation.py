@@ -33,8 +33,8 @@ def tok(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def builder(tok):
-    return build_pair_builder(DataConfig(shards="x", max_length=400, max_tiles=4, template="internvl2_5",
-                                         image_size=56, tokens_per_tile=4), tok)
+    return build_pair_builder(DataConfig(shards="x", max_length=400, max_tiles=4, template="internvl2_5"), tok,
+                              image_size=56, tokens_per_tile=4)
 
 
 def png(color=(200, 10, 10), size=(56, 56)) -> bytes:
@@ -80,8 +80,8 @@ def test_generation_prompt_is_the_training_prompt(builder):
 
 
 def test_prompt_over_max_length_is_counted_not_cut(tok):
-    short = build_pair_builder(DataConfig(shards="x", max_length=40, max_tiles=4, template="internvl2_5",
-                                          image_size=56, tokens_per_tile=4), tok)
+    short = build_pair_builder(DataConfig(shards="x", max_length=40, max_tiles=4, template="internvl2_5"), tok,
+                               image_size=56, tokens_per_tile=4)
     from megatron_mpo.data.samples import SampleError
 
     with pytest.raises(SampleError) as info:

@@ -96,12 +96,12 @@ def test_sequence_multiple_meets_sp_and_fp8_shape_rules(tp, sp, recipe):
 def test_data_pipeline_pads_to_the_rule(tp, sp, fp8, recipe, expected):
     """The trainer's micro-batches follow the rule; the reference tool's (no FP8 by default)
     only need the sequence-parallel split."""
-    from megatron_mpo.training.data_setup import data_config
+    from megatron_mpo.training.data_setup import loader_plan
 
     cfg = _cfg(model={"spec": "transformer_engine"}, parallel={"tensor": tp, "sequence": sp},
                precision={"dtype": "bf16", "fp8": fp8, "fp8_recipe": recipe})
-    assert data_config(cfg, get_preset("tiny")).pad_multiple == expected
-    assert data_config(cfg, get_preset("tiny"), for_reference=True).pad_multiple == (tp if sp else 1)
+    assert loader_plan(cfg, get_preset("tiny")).pad_multiple == expected
+    assert loader_plan(cfg, get_preset("tiny"), for_reference=True).pad_multiple == (tp if sp else 1)
 
 
 # ---- 4. the FP8 recipe reaches TransformerConfig, the machine check, the fingerprint ----

@@ -370,19 +370,19 @@ def test_recipe_model_at_tiny_width_trains_one_step(path, world, tiny_tokenizer)
     optimizer = build_optimizer(model, cfg.train, cfg.precision)
     before = {n: p.detach().clone() for n, p in chunks[0].named_parameters()}
 
-    data = data_setup.data_config(cfg, tiny)
+    data, loading = data_setup.loader_data(cfg, tiny), data_setup.loader_plan(cfg, tiny)
     assert data.template == recipe.data.template
-    builder = build_pair_builder(data, tok)
+    builder = build_pair_builder(data, tok, image_size=loading.image_size, tokens_per_tile=loading.tokens_per_tile)
     meta = {"question": "<image>\nWhat color is the circle?", "chosen": "The circle is blue.",
             "rejected": "The square is red, not blue."}
     # A 2:1 image (2 tiles + thumbnail) and a 12:1 one that fills the recipe's tile budget.
     pairs = [builder.build(f"s/{i}", meta, [_png(w, 56, i)], ref=(-40.0 - i, -45.0))
              for i, w in enumerate((112, 12 * 56))]
     assert [p.num_tiles for p in pairs] == [3, min(12, recipe.data.max_tiles) + 1]
-    batches = [collate_pairs([p], tok.pad_id, tok.img_context_id, data.tokens_per_tile, data.pad_multiple,
-                             data.layout) for p in pairs]
+    batches = [collate_pairs([p], tok.pad_id, tok.img_context_id, loading.tokens_per_tile, loading.pad_multiple,
+                             loading.layout) for p in pairs]
 
-    mpo = MPOLoss(cfg.mpo.loss_config(), group=layout.data_group)
+    mpo = MPOLoss(cfg.mpo, group=layout.data_group)
     step = StepContext()
     step.start(mpo, batches, layout.data_group)
     for chunk in model:

@@ -109,12 +109,12 @@ def test_thinking_system_message_from_the_run_config_reaches_prompts_and_sidecar
     from megatron_mpo.data import refs
     from megatron_mpo.errors import UserError
     from megatron_mpo.models.presets import get_preset
-    from megatron_mpo.training.data_setup import data_config
+    from megatron_mpo.training.data_setup import loader_data
 
     base = [f"model.init={tmp_path}", f"data.shards={tmp_path}", f"data.ref_logps={tmp_path}",
             "train.steps=1", "train.device=cpu", "data.template=internvl2_5"]
-    default = data_config(load_config(None, base), get_preset("tiny"))
-    thinking = data_config(load_config(None, base + ["data.system_message=thinking"]), get_preset("tiny"))
+    default = loader_data(load_config(None, base), get_preset("tiny"))
+    thinking = loader_data(load_config(None, base + ["data.system_message=thinking"]), get_preset("tiny"))
     assert default.system_message is None and thinking.system_message == "thinking"
     assert THINKING_SYSTEM_PROMPT in get_template("internvl2_5").render_prompt("q", thinking.system_message)
     old = {key: None for key in refs.FINGERPRINT_FIELDS if key != "system_message"}  # a pre-field sidecar

@@ -73,9 +73,8 @@ def builder(tok):
     from megatron_mpo.data import DataConfig
     from megatron_mpo.data.samples import build_pair_builder
 
-    config = DataConfig(shards="x", max_length=512, max_tiles=6, template="internvl2_5", image_size=TILE,
-                        tokens_per_tile=TOKENS_PER_TILE)
-    return build_pair_builder(config, tok)
+    config = DataConfig(shards="x", max_length=512, max_tiles=6, template="internvl2_5")
+    return build_pair_builder(config, tok, image_size=TILE, tokens_per_tile=TOKENS_PER_TILE)
 
 
 @pytest.fixture(scope="module")

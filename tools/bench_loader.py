@@ -20,11 +20,12 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_mpo.console import exit_on_user_error  # noqa: E402
-from megatron_mpo.data import DataConfig, build_loader, load_tokenizer  # noqa: E402
+from megatron_mpo.data import DataConfig, LoaderPlan, build_loader, load_tokenizer  # noqa: E402
 from megatron_mpo.errors import UserError  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    data = DataConfig()  # the data section's defaults
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shards", help="shard folder, index.json, pattern or URL")
     p.add_argument("--tokenizer", help="model/tokenizer directory")
@@ -34,11 +35,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--micro-batch", type=int, default=1)
     p.add_argument("--image-size", type=int, default=448)
     p.add_argument("--tokens-per-tile", type=int, default=256)
-    p.add_argument("--max-tiles", type=int, default=6)
-    p.add_argument("--max-length", type=int, default=8192)
+    p.add_argument("--max-tiles", type=int, default=data.max_tiles)
+    p.add_argument("--max-length", type=int, default=data.max_length)
     p.add_argument("--template", default="internvl2_5")
     p.add_argument("--layout", default="unpacked", choices=["unpacked", "packed"])
-    p.add_argument("--shuffle-buffer", type=int, default=1000)
+    p.add_argument("--shuffle-buffer", type=int, default=data.shuffle_buffer)
     p.add_argument("--synthetic", type=int, default=0, help="generate this many synthetic records first")
     p.add_argument("--synthetic-size", default="96x64", help="WxH of synthetic images")
     return p.parse_args(argv)
@@ -69,12 +70,14 @@ def main(argv=None) -> None:
             shards, tokenizer_dir = _synthetic(args, workdir)
         if not shards or not tokenizer_dir:
             raise UserError("give --shards and --tokenizer (or --synthetic N)")
-        config = DataConfig(
-            shards=shards, num_workers=args.workers, micro_batch=args.micro_batch, image_size=args.image_size,
-            tokens_per_tile=args.tokens_per_tile, max_tiles=args.max_tiles, max_length=args.max_length,
-            template=args.template, layout=args.layout, shuffle_buffer=args.shuffle_buffer,
+        config = DataConfig(  # packed rows hold one pair each, as the README's figure was measured
+            shards=shards, num_workers=args.workers, max_tiles=args.max_tiles, max_length=args.max_length,
+            template=args.template, shuffle_buffer=args.shuffle_buffer, pairs_per_row=1,
         )
-        loader = build_loader(config, load_tokenizer(tokenizer_dir))
+        config.validate()
+        loading = LoaderPlan(image_size=args.image_size, tokens_per_tile=args.tokens_per_tile,
+                             micro_batch=args.micro_batch, layout=args.layout)
+        loader = build_loader(config, loading, load_tokenizer(tokenizer_dir))
         it = iter(loader)
         start_all = time.perf_counter()
         for _ in range(args.warmup):

@@ -1,4 +1,9 @@
-"""The data pipeline's settings."""
+"""The ``data`` section: the user's keys of the data pipeline, declared and checked once.
+
+The run config nests :class:`DataConfig` as its ``data`` section and the loader takes it
+as is; what the model and the run decide instead (tile geometry, row layout, micro-batch,
+passes) travels beside it as a :class:`~megatron_mpo.data.plan.LoaderPlan`.
+"""
 
 from __future__ import annotations
 
@@ -6,69 +11,82 @@ from dataclasses import dataclass
 from typing import List, Optional, Union
 
 from megatron_mpo.data.samples import MAX_IMAGE_PIXELS
+from megatron_mpo.data.templates import REFUSED_TEMPLATES, TEMPLATES
 from megatron_mpo.data.tiling import MAX_TILES
 from megatron_mpo.errors import UserError
+from megatron_mpo.settings import allowed, one_of, positive, setting
+
+
+def _template_names() -> tuple:
+    return tuple(sorted(TEMPLATES))
 
 
 @dataclass
 class DataConfig:
-    """Where the shards are and how samples become micro-batches.
+    """Preference pairs: shards, reference values, tokenisation and loading.
 
-    ``micro_batch`` counts preference pairs (2 responses each). ``image_size`` and
-    ``tokens_per_tile`` must match the vision model (448 / 256 for released InternVL2).
     ``max_tiles`` is the per-sample tile budget (a sample's ``max_dynamic_patch``, set by
     make_shards from the meta file, can lower it, never raise it), split across the images
-    of a multi-image sample. ``epochs=None`` streams forever (epoch after epoch).
-    ``layout`` ``packed`` puts each micro-batch's pairs into rows of at most ``max_length``
-    positions (first-fit decreasing, at most ``pairs_per_row`` pairs per row).
-    ``allow_pipe_sources``: ``pipe:`` shard sources run a shell command, so they are
-    refused unless the user trusts the shard list (index.json files included);
-    ``allow_outside_index``: an index.json may otherwise name shards only inside its folder.
+    of a multi-image sample. ``template`` null is the model's own: the trainer resolves it
+    (``training.data_setup.loader_data``) before the loader reads it. ``shards`` may also
+    be a list of shard URLs (the reference tool reads one shard at a time).
     """
 
-    shards: Union[str, List[str]] = ""
-    ref_logps: Optional[str] = None  # folder of per-shard sidecars (megatron_mpo.data.refs)
-    on_missing_ref: str = "warn"  # "warn" / "skip": count a pair without a value as missing_ref; "error": stop
-    max_length: int = 4096
-    max_tiles: int = 6
-    min_tiles: int = 1
-    max_image_pixels: int = MAX_IMAGE_PIXELS  # an image over it (by its header) is bad_image, never decoded
-    use_thumbnail: bool = True
-    template: str = "internvl2_5"
-    system_message: Optional[str] = None  # None: the template's own
-    num_workers: int = 2
-    prefetch_factor: int = 2
-    shuffle_buffer: int = 1000  # samples; 0 or 1 keeps shard order
-    shuffle_shards: bool = True
-    seed: int = 1234
-    micro_batch: int = 1  # pairs per micro-batch
-    image_size: int = 448
-    tokens_per_tile: int = 256
-    pad_multiple: int = 1
-    layout: str = "unpacked"  # or "packed"
-    pairs_per_row: Optional[int] = 1  # packed rows: most pairs per row within max_length (None: any)
-    epochs: Optional[int] = None
-    drop_last: bool = False  # drop a worker's last, smaller micro-batch of an epoch
-    warn_bad_shards: bool = True
-    allow_pipe_sources: bool = False
-    allow_outside_index: bool = False  # index.json may name shards outside its folder
+    shards: Optional[Union[str, List[str]]] = setting(
+        None, "shards from tools/make_shards.py: a dir with index.json, a brace pattern, an http(s) URL (or "
+        "`pipe:`, see `allow_pipe_sources`)", required=True)
+    ref_logps: Optional[str] = setting(None, "dir of reference sidecars written by "
+                                       "tools/precompute_ref_logps.py with this config", required=True)
+    on_missing_ref: str = setting("warn", "shards without a reference sidecar: `warn` names them at start-up "
+                                  "and refuses when they hold over 10% of the pairs, `skip` names them and "
+                                  "trains without them, `error` refuses any; a pair without a value is "
+                                  "skipped (counted `missing_ref`) unless `error`",
+                                  choices=("warn", "skip", "error"))
+    max_length: int = setting(8192, "tokens per pair (image tokens included); longer prompts are "
+                              "dropped, responses cut")
+    max_tiles: int = setting(6, "most image tiles per sample (plus a thumbnail when tiled)")
+    max_image_pixels: int = setting(MAX_IMAGE_PIXELS, "most pixels (width x height) of one image, read from its "
+                                    "header: a larger one is skipped as `bad_image` before it is decoded "
+                                    "(a small file can decode to gigabytes); 64e6 is 8000 x 8000")
+    template: Optional[str] = setting(None, "chat template; null: the model's own", choices=_template_names)
+    system_message: Optional[str] = setting(None, "system message of every prompt; null: the template's own; "
+                                            "`thinking`: InternVL3.5's thinking-mode (R1) prompt")
+    num_workers: int = setting(2, "loader worker processes per rank (0: load in the training process)")
+    shuffle_buffer: int = setting(1000, "samples each worker shuffles over (0: shard order only)")
+    seed: int = setting(1234, "seed of the shard and sample order")
+    allow_pipe_sources: bool = setting(False, "allow `pipe:` shard sources (they run a shell command); "
+                                       "http(s) shards are fetched in-process either way")
+    allow_outside_index: bool = setting(False, "let an index.json name shards outside its own folder "
+                                        "(absolute paths, `..`, symlinks out, `file:` URLs)")
+    allow_changed_data: bool = setting(False, "resume although the shards differ from those the checkpoint "
+                                       "consumed (index sha256 / sizes): the data position restarts at "
+                                       "epoch 0 of the new shards; otherwise such a resume is refused")
+    packing: Optional[bool] = setting(None, "packed rows: each pair's prompt shared by both responses, "
+                                      "several pairs per row; null: on for the local spec, off for "
+                                      "transformer_engine (FlashAttention on plain rows; not yet measured "
+                                      "against FlexAttention on a GPU)")
+    pairs_per_row: Optional[int] = setting(None, "packed rows: most pairs per row (first-fit within "
+                                           "`max_length` over each micro-batch); null: as many as fit; "
+                                           "a longer pair gets a row of its own")
 
-    def __post_init__(self):
-        def need(cond: bool, msg: str) -> None:
-            if not cond:
-                raise UserError(f"data config: {msg}")
-
-        need(self.on_missing_ref in ("warn", "skip", "error"), "on_missing_ref must be 'warn', 'skip' or 'error'")
-        need(self.layout in ("unpacked", "packed"), "layout must be 'unpacked' or 'packed'")
-        need(self.max_length >= 2, "max_length must be >= 2")
-        need(1 <= self.min_tiles <= self.max_tiles, "need 1 <= min_tiles <= max_tiles")
-        need(self.max_tiles <= MAX_TILES, f"max_tiles must be <= {MAX_TILES}")
-        need(self.max_image_pixels >= 1, "max_image_pixels must be >= 1")
-        need(self.num_workers >= 0, "num_workers must be >= 0")
-        need(self.prefetch_factor >= 1, "prefetch_factor must be >= 1")
-        need(self.shuffle_buffer >= 0, "shuffle_buffer must be >= 0")
-        need(self.micro_batch >= 1, "micro_batch must be >= 1")
-        need(self.image_size >= 1 and self.tokens_per_tile >= 1, "image_size and tokens_per_tile must be >= 1")
-        need(self.pad_multiple >= 1, "pad_multiple must be >= 1")
-        need(self.pairs_per_row is None or self.pairs_per_row >= 1, "pairs_per_row must be None or >= 1")
-        need(self.epochs is None or self.epochs >= 1, "epochs must be None (forever) or >= 1")
+    def validate(self) -> None:
+        """Raise :class:`UserError` on the first bad value (the run config calls this)."""
+        if self.max_length is None or self.max_length < 2:
+            raise UserError(f"data.max_length must be >= 2, got {self.max_length!r}")
+        positive("data.max_tiles", self.max_tiles)
+        if self.max_tiles > MAX_TILES:
+            raise UserError(f"data.max_tiles must be <= {MAX_TILES}, got {self.max_tiles}")
+        positive("data.max_image_pixels", self.max_image_pixels)
+        if self.pairs_per_row is not None:
+            positive("data.pairs_per_row", self.pairs_per_row)
+        one_of("data.on_missing_ref", self.on_missing_ref, allowed(self, "on_missing_ref"))
+        if self.template in REFUSED_TEMPLATES:
+            raise UserError(f"data.template {self.template!r}: {REFUSED_TEMPLATES[self.template]}")
+        if self.template is not None and self.template not in allowed(self, "template"):
+            # Here, not at the first sample: a typo would otherwise show as a fingerprint mismatch.
+            raise UserError(f"data.template: unknown template {self.template!r}; "
+                            f"known: {', '.join(allowed(self, 'template'))}")
+        if self.num_workers < 0:
+            raise UserError("data.num_workers must be >= 0")
+        if self.shuffle_buffer < 0:
+            raise UserError("data.shuffle_buffer must be >= 0")

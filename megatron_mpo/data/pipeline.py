@@ -56,6 +56,7 @@ from megatron_mpo.data.consumed import (
     SampleSet, data_identity, epochs_from_json, epochs_to_json, identity_change, merge_epochs, refuse_changed_data,
     shard_keys, summed_counters,
 )
+from megatron_mpo.data.plan import LoaderPlan
 from megatron_mpo.data.refs import RefLogps
 from megatron_mpo.data.samples import PairBuilder, SampleError, TokenizedPair, build_pair_builder
 from megatron_mpo.data.shardlist import list_shards, refuse_pipes
@@ -65,6 +66,7 @@ from megatron_mpo.errors import UserError
 from megatron_mpo.processes import data_worker_init
 
 STATE_VERSION = 2
+PREFETCH_FACTOR = 2  # micro-batches each DataLoader worker keeps ready
 # Per-rank counters of a loader state (summed onto one rank when the layout changes).
 _COUNTERS = ("micro_batches", "pairs")
 
@@ -135,11 +137,12 @@ def stream_rng(seed: int, epoch: int, dp_rank: int, stream: int) -> random.Rando
     return random.Random(f"{seed}:samples:{epoch}:{dp_rank}:{stream}")
 
 
-def stream_samples(plan: StreamPlan, counter: SkipCounter, config: DataConfig, expected: Dict[str, int],
-                   consumed: Optional[SampleSet] = None, keys: Optional[Dict[str, str]] = None) -> Iterator[dict]:
+def stream_samples(plan: StreamPlan, counter: SkipCounter, config: DataConfig, loading: LoaderPlan,
+                   expected: Dict[str, int], consumed: Optional[SampleSet] = None,
+                   keys: Optional[Dict[str, str]] = None) -> Iterator[dict]:
     """Raw samples a stream reads, before its shuffle: its shards in order, samples
     ``consumed`` earlier in the epoch left out, then every ``stride``-th kept."""
-    samples = iter_shards(plan.urls, counter, warn=config.warn_bad_shards, expected=expected,
+    samples = iter_shards(plan.urls, counter, warn=loading.warn_bad_shards, expected=expected,
                           report=plan.offset == 0, allow_pipe=config.allow_pipe_sources)
     if consumed:
         samples = (s for s in samples if not consumed.has(keys[s["__url__"]], s["__index__"]))
@@ -151,11 +154,11 @@ def stream_samples(plan: StreamPlan, counter: SkipCounter, config: DataConfig, e
 class _EpochStreams(torch.utils.data.IterableDataset):
     """One epoch of one rank's streams; each DataLoader worker runs one stream."""
 
-    def __init__(self, config: DataConfig, builder: PairBuilder, plans: List[StreamPlan], epoch: int,
-                 dp_rank: int, start: List[int], done: List[bool], expected: Dict[str, int],
+    def __init__(self, config: DataConfig, loading: LoaderPlan, builder: PairBuilder, plans: List[StreamPlan],
+                 epoch: int, dp_rank: int, start: List[int], done: List[bool], expected: Dict[str, int],
                  consumed: Optional[SampleSet] = None, keys: Optional[Dict[str, str]] = None):
         super().__init__()
-        self.config, self.builder, self.plans = config, builder, plans
+        self.config, self.loading, self.builder, self.plans = config, loading, builder, plans
         self.epoch, self.dp_rank = epoch, dp_rank
         self.start, self.done = start, done
         self.expected = expected  # url -> samples promised by index.json
@@ -183,7 +186,7 @@ class _EpochStreams(torch.utils.data.IterableDataset):
         counter.muted = skip > 0
         pos = 0
         pairs: List[TokenizedPair] = []
-        raws = stream_samples(self.plans[w], counter, cfg, self.expected, self.consumed, self.keys)
+        raws = stream_samples(self.plans[w], counter, cfg, self.loading, self.expected, self.consumed, self.keys)
         for raw in shuffle_buffer(raws, cfg.shuffle_buffer, rng):
             pos += 1
             if pos <= skip:
@@ -194,12 +197,12 @@ class _EpochStreams(torch.utils.data.IterableDataset):
             if pair is None:
                 continue
             pairs.append(pair)
-            if len(pairs) == cfg.micro_batch:
+            if len(pairs) == self.loading.micro_batch:
                 yield _Item("batch", w, self.epoch, pos, self._collate(pairs), counter.pop())
                 pairs = []
         counter.muted = False
         if pairs:
-            if cfg.drop_last:
+            if self.loading.drop_last:
                 counter.add("incomplete_batch", len(pairs))
             else:
                 yield _Item("batch", w, self.epoch, pos, self._collate(pairs), counter.pop())
@@ -207,9 +210,9 @@ class _EpochStreams(torch.utils.data.IterableDataset):
 
     def _collate(self, pairs: List[TokenizedPair]) -> PairBatch:
         tok = self.builder.tokenizer
-        c = self.config
-        return collate_pairs(pairs, tok.pad_id, tok.img_context_id, c.tokens_per_tile, c.pad_multiple, c.layout,
-                             row_length=c.max_length, max_pairs_per_row=c.pairs_per_row)
+        c, rows = self.config, self.loading
+        return collate_pairs(pairs, tok.pad_id, tok.img_context_id, rows.tokens_per_tile, rows.pad_multiple,
+                             rows.layout, row_length=c.max_length, max_pairs_per_row=c.pairs_per_row)
 
     def _pair(self, raw: dict, refs: Optional[RefLogps], counter: SkipCounter) -> Optional[TokenizedPair]:
         shard, key = raw["__shard__"], raw["__key__"]
@@ -250,16 +253,17 @@ class PairLoader:
     """Iterable of :class:`PairBatch` for one data-parallel rank, resumable.
 
     ``state_dict()`` after a micro-batch and ``load_state_dict()`` on a fresh loader
-    (same config, tokenizer, dp_rank, dp_size) continue with the next micro-batch;
+    (same config, plan, tokenizer, dp_rank, dp_size) continue with the next micro-batch;
     :meth:`resume` takes the states of every rank (:func:`bundle_states`) and continues
     at any layout. ``last_skip_counts``: counts that arrived with the latest micro-batch
     (merged over streams since the previous one); ``skip_counts``: totals (kept in the state).
     """
 
-    def __init__(self, config: DataConfig, tokenizer: Tokenizer, dp_rank: int = 0, dp_size: int = 1):
+    def __init__(self, config: DataConfig, loading: LoaderPlan, tokenizer: Tokenizer, dp_rank: int = 0,
+                 dp_size: int = 1):
         if not 0 <= dp_rank < dp_size:
             raise UserError(f"dp_rank {dp_rank} is outside 0..{dp_size - 1}")
-        self.config = config
+        self.config, self.loading = config, loading
         self.tokenizer = tokenizer
         self.dp_rank, self.dp_size = dp_rank, dp_size
         sources = list_shards(config.shards, config.allow_outside_index)
@@ -270,7 +274,8 @@ class PairLoader:
         self.identity = data_identity(sources)
         # Samples consumed under an earlier layout, per epoch still in progress there.
         self.base: Dict[int, SampleSet] = {}
-        self.builder = build_pair_builder(config, tokenizer)
+        self.builder = build_pair_builder(config, tokenizer, image_size=loading.image_size,
+                                          tokens_per_tile=loading.tokens_per_tile)
         if config.ref_logps:
             RefLogps(config.ref_logps)  # fail early on a missing folder
         self.num_streams = max(1, config.num_workers)
@@ -292,7 +297,8 @@ class PairLoader:
         c = self.config
         return {
             "seed": c.seed, "dp_rank": self.dp_rank, "dp_size": self.dp_size, "num_streams": self.num_streams,
-            "micro_batch": c.micro_batch, "shuffle_buffer": c.shuffle_buffer, "shuffle_shards": c.shuffle_shards,
+            "micro_batch": self.loading.micro_batch, "shuffle_buffer": c.shuffle_buffer,
+            "shuffle_shards": self.loading.shuffle_shards,
             "shards": len(self.urls),
         }
 
@@ -422,7 +428,7 @@ class PairLoader:
 
         counter = SkipCounter()
         counter.muted = True
-        raws = watched(stream_samples(plan, counter, self.config, self.expected, before, self.keys))
+        raws = watched(stream_samples(plan, counter, self.config, self.loading, self.expected, before, self.keys))
         limit = None if full else int(state["positions"][stream])
         rng = stream_rng(fp["seed"], epoch, rank, stream)
         if limit != 0:
@@ -450,8 +456,8 @@ class PairLoader:
     def _epoch_items(self) -> Iterator[_Item]:
         consumed = self.base.get(self.epoch)
         plans = plan_streams(self.urls, self.epoch, self.config.seed, self.dp_rank, self.dp_size,
-                             self.num_streams, self.config.shuffle_shards, consumed, self.keys)
-        dataset = _EpochStreams(self.config, self.builder, plans, self.epoch, self.dp_rank,
+                             self.num_streams, self.loading.shuffle_shards, consumed, self.keys)
+        dataset = _EpochStreams(self.config, self.loading, self.builder, plans, self.epoch, self.dp_rank,
                                 list(self._pos), list(self._done), self.expected, consumed, self.keys)
         if self.config.num_workers == 0:
             return iter(dataset)
@@ -459,7 +465,7 @@ class PairLoader:
             dataset,
             batch_size=None,
             num_workers=self.config.num_workers,
-            prefetch_factor=self.config.prefetch_factor,
+            prefetch_factor=PREFETCH_FACTOR,
             collate_fn=_identity,
             persistent_workers=False,
             worker_init_fn=data_worker_init,  # survive job signals, die with the trainer
@@ -475,7 +481,7 @@ class PairLoader:
 
     def __iter__(self) -> Iterator[PairBatch]:
         pending: Counter = Counter()
-        while self.config.epochs is None or self.epoch < self.config.epochs:
+        while self.loading.epochs is None or self.epoch < self.loading.epochs:
             items = self._epoch_items()
             buffers = [deque() for _ in range(self.num_streams)]
             if self._done[self._next]:
@@ -509,7 +515,7 @@ class PairLoader:
             del items
             # An endless stream that finds nothing would spin; a finite read (the reference
             # tool's one pass over a shard) may be empty. A resumed epoch may have nothing left.
-            if self._epoch_batches == 0 and self.config.epochs is None and self.epoch not in self.base:
+            if self._epoch_batches == 0 and self.loading.epochs is None and self.epoch not in self.base:
                 counts = ", ".join(f"{k}={v}" for k, v in sorted(self._totals.items())) or "none"
                 raise UserError(
                     f"the shards yielded no usable sample for data-parallel rank {self.dp_rank}/{self.dp_size} "
@@ -528,6 +534,8 @@ def bundle_states(states: Sequence[dict]) -> dict:
             "ranks": [{k: v for k, v in s.items() if k not in shared} for s in states]}
 
 
-def build_loader(config: DataConfig, tokenizer: Tokenizer, dp_rank: int = 0, dp_size: int = 1) -> PairLoader:
-    """The micro-batch loader of data-parallel rank ``dp_rank`` of ``dp_size``."""
-    return PairLoader(config, tokenizer, dp_rank, dp_size)
+def build_loader(config: DataConfig, loading: LoaderPlan, tokenizer: Tokenizer, dp_rank: int = 0,
+                 dp_size: int = 1) -> PairLoader:
+    """The micro-batch loader of data-parallel rank ``dp_rank`` of ``dp_size``: the ``data``
+    section's shards read as ``loading`` (what the model and the run decide) says."""
+    return PairLoader(config, loading, tokenizer, dp_rank, dp_size)

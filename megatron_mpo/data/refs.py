@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, NamedTuple, Optional, Tuple
 
 from megatron_mpo.data.config import DataConfig
+from megatron_mpo.data.plan import LoaderPlan
 from megatron_mpo.data.tokenizer import TOKENIZER_FILES
 from megatron_mpo.errors import UserError
 from megatron_mpo.fileio import write_atomic
@@ -169,7 +170,7 @@ def _hash_files(root: Path, names: Optional[List[str]] = None, head_bytes: int =
     return digest.hexdigest()[:16]
 
 
-def fingerprint(checkpoint: str, tokenizer: str, data: DataConfig, precision: Mapping) -> dict:
+def fingerprint(checkpoint: str, tokenizer: str, data: DataConfig, loading: LoaderPlan, precision: Mapping) -> dict:
     """Every setting the reference numbers depend on; ``precision``: the reference forward's
     ``PrecisionPlan.fingerprint()`` (what the values are computed in)."""
     return {
@@ -181,8 +182,8 @@ def fingerprint(checkpoint: str, tokenizer: str, data: DataConfig, precision: Ma
         "system_message": data.system_message,
         "max_length": data.max_length,
         "max_tiles": data.max_tiles,
-        "image_size": data.image_size,
-        "tokens_per_tile": data.tokens_per_tile,
+        "image_size": loading.image_size,
+        "tokens_per_tile": loading.tokens_per_tile,
         **precision,
     }
 

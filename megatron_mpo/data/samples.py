@@ -239,8 +239,9 @@ class PairBuilder:
         return pair
 
 
-def build_pair_builder(config, tokenizer: Tokenizer) -> PairBuilder:
-    """A PairBuilder from a DataConfig."""
+def build_pair_builder(config, tokenizer: Tokenizer, *, image_size: int, tokens_per_tile: int) -> PairBuilder:
+    """A PairBuilder from the ``data`` section (a DataConfig, its template resolved) and the
+    vision model's tile geometry."""
     from megatron_mpo.data.templates import get_template
 
     return PairBuilder(
@@ -248,10 +249,8 @@ def build_pair_builder(config, tokenizer: Tokenizer) -> PairBuilder:
         template=get_template(config.template),
         max_length=config.max_length,
         max_tiles=config.max_tiles,
-        image_size=config.image_size,
-        tokens_per_tile=config.tokens_per_tile,
-        min_tiles=config.min_tiles,
-        use_thumbnail=config.use_thumbnail,
+        image_size=image_size,
+        tokens_per_tile=tokens_per_tile,
         system_message=config.system_message,
         max_image_pixels=config.max_image_pixels,
     )

@@ -14,6 +14,9 @@ SAMPLING_DEFAULTS = {"n": 8, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "max
 
 
 def add_model_args(parser: argparse.ArgumentParser, model: bool = True) -> None:
+    from megatron_mpo.data.config import DataConfig
+
+    data = DataConfig()  # prompts are cut and tiled as training's defaults say
     if model:
         parser.add_argument("--model", required=True, help="HF InternVL dir (native or original layout), Megatron "
                             "model dir, training checkpoint (save/step_N) or a run's save dir (exported first)")
@@ -21,9 +24,10 @@ def add_model_args(parser: argparse.ArgumentParser, model: bool = True) -> None:
                         help="transformers: generate with a KV cache, anywhere; vllm: CUDA clusters")
     parser.add_argument("--template", help="chat template (default: the model's own)")
     parser.add_argument("--system-message", help="system message (default: the template's; 'thinking' = R1)")
-    parser.add_argument("--max-length", type=int, default=8192,
+    parser.add_argument("--max-length", type=int, default=data.max_length,
                         help="longest prompt in tokens, image tokens included (longer: counted prompt_too_long)")
-    parser.add_argument("--max-tiles", type=int, default=6, help="tile budget per question (InternVL's pipeline: 6)")
+    parser.add_argument("--max-tiles", type=int, default=data.max_tiles,
+                        help="tile budget per question (InternVL's pipeline: 6)")
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     parser.add_argument("--dtype", default="auto", help="transformers engine dtype: auto, float32, bfloat16")
     parser.add_argument("--tensor-parallel", type=int, default=1, help="vllm: GPUs per engine (inside a node)")

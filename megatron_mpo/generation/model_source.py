@@ -142,10 +142,10 @@ def prompt_builder(model: ModelSource, tokenizer, *, max_length: int, max_tiles:
     from megatron_mpo.data import DataConfig
     from megatron_mpo.data.samples import build_pair_builder
 
-    data = DataConfig(shards="unused", max_length=max_length, max_tiles=max_tiles, template=model.template,
-                      system_message=system_message, image_size=model.config.vision.image_size,
-                      tokens_per_tile=model.config.tokens_per_tile)
-    return build_pair_builder(data, tokenizer)
+    data = DataConfig(max_length=max_length, max_tiles=max_tiles, template=model.template,
+                      system_message=system_message)
+    return build_pair_builder(data, tokenizer, image_size=model.config.vision.image_size,
+                              tokens_per_tile=model.config.tokens_per_tile)
 
 
 if __name__ == "__main__":  # the export process of _export (spawn-safe entry point)

@@ -1,5 +1,6 @@
-"""From the run config to the data side: tokenizer, chat template, data-pipeline settings,
-the loader, and the reference values it joins.
+"""From the run config to the data side: tokenizer, chat template, what the loader reads
+(the ``data`` section, its template resolved) and how (a LoaderPlan of the model's and the
+run's decisions), the loader, and the reference values it joins.
 
 Shared by the trainer and the reference tool, so both tokenise, tile, pad and pack alike.
 """
@@ -9,6 +10,8 @@ from __future__ import annotations
 from typing import Optional
 
 from megatron_mpo.config import RunConfig
+from megatron_mpo.data.config import DataConfig
+from megatron_mpo.data.plan import LoaderPlan
 from megatron_mpo.errors import UserError
 from megatron_mpo.parallel import Layout
 from megatron_mpo.training import precision
@@ -20,7 +23,8 @@ __all__ = [
     "model_template",
     "run_template",
     "describe_template",
-    "data_config",
+    "loader_data",
+    "loader_plan",
     "build_loader",
     "reference_fingerprint",
     "check_reference_values",
@@ -90,39 +94,35 @@ def describe_template(cfg: RunConfig, model_config) -> str:
     return f"{name} ({source})"
 
 
-def data_config(cfg: RunConfig, model_config, *, for_reference: bool = False):
-    """The data pipeline's settings; the reference tool reads shards in order, once."""
-    from megatron_mpo.data import DataConfig
+def loader_data(cfg: RunConfig, model_config, *, for_reference: bool = False) -> DataConfig:
+    """The ``data`` section as the loader reads it: the chat template resolved (``data.template``
+    or the model's own); the reference pass reads without reference values, workers or
+    shuffle."""
+    import dataclasses
 
-    d = cfg.data
-    if not d.shards:
+    if not cfg.data.shards:
         raise UserError("set data.shards (a shard directory with index.json, a brace pattern or URL)")
+    data = dataclasses.replace(cfg.data, template=run_template(cfg, model_config)[0])
+    if for_reference:
+        data = dataclasses.replace(data, ref_logps=None, num_workers=0, shuffle_buffer=0)
+    return data
+
+
+def loader_plan(cfg: RunConfig, model_config, *, for_reference: bool = False) -> LoaderPlan:
+    """What the model and the run decide about the loader's rows and passes; the reference
+    tool reads the shards in order, once."""
     plan = precision.reference_precision(cfg) if for_reference else precision.training_precision(cfg)
-    return DataConfig(
-        shards=d.shards,
-        ref_logps=None if for_reference else d.ref_logps,
-        on_missing_ref=d.on_missing_ref,
-        max_length=d.max_length,
-        max_tiles=d.max_tiles,
-        max_image_pixels=d.max_image_pixels,
-        template=run_template(cfg, model_config)[0],
-        system_message=d.system_message,
-        num_workers=0 if for_reference else d.num_workers,
-        shuffle_buffer=0 if for_reference else d.shuffle_buffer,
-        shuffle_shards=not for_reference,
-        seed=d.seed,
-        allow_pipe_sources=d.allow_pipe_sources,
-        allow_outside_index=d.allow_outside_index,
-        micro_batch=cfg.train.micro_batch,
+    return LoaderPlan(
         image_size=model_config.vision.image_size,
         tokens_per_tile=model_config.tokens_per_tile,
+        micro_batch=cfg.train.micro_batch,
         pad_multiple=pad_multiple(cfg, plan),
         layout=packing_layout(cfg),
-        pairs_per_row=d.pairs_per_row,
         epochs=1 if for_reference else None,
         # Training micro-batches all hold micro_batch pairs (equal weight per micro-batch);
         # the reference tool must see every sample.
         drop_last=not for_reference,
+        shuffle_shards=not for_reference,
     )
 
 
@@ -134,7 +134,8 @@ def build_loader(cfg: RunConfig, model_config, tok, layout: Layout):
             "set data.ref_logps: MPO needs reference log-probs; compute them with "
             "tools/precompute_ref_logps.py first"
         )
-    return build(data_config(cfg, model_config), tok, dp_rank=layout.data_rank, dp_size=layout.data)
+    return build(loader_data(cfg, model_config), loader_plan(cfg, model_config), tok, dp_rank=layout.data_rank,
+                 dp_size=layout.data)
 
 
 def reference_fingerprint(cfg: RunConfig, model_config) -> dict:
@@ -144,8 +145,9 @@ def reference_fingerprint(cfg: RunConfig, model_config) -> dict:
 
     if not cfg.model.init:
         raise UserError("reference values need model.init: the initial policy checkpoint")
-    data = data_config(cfg, model_config, for_reference=True)
-    return fingerprint(cfg.model.init, cfg.model.tokenizer or cfg.model.init, data,
+    return fingerprint(cfg.model.init, cfg.model.tokenizer or cfg.model.init,
+                       loader_data(cfg, model_config, for_reference=True),
+                       loader_plan(cfg, model_config, for_reference=True),
                        precision.reference_precision(cfg).fingerprint())
 
 

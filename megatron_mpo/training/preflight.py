@@ -115,7 +115,7 @@ def _check_common(cfg: RunConfig):
     _check_shards(cfg)
     from megatron_mpo.data.templates import get_template
 
-    get_template(data_setup.data_config(cfg, model_config).template)
+    get_template(data_setup.loader_data(cfg, model_config).template)
     return model_config
 
 

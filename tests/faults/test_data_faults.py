@@ -29,7 +29,7 @@ from megatron_mpo.data.synthetic import draw_image
 from megatron_mpo.data.tiling import candidate_grids, choose_grid
 from megatron_mpo.errors import UserError
 from megatron_mpo.training import data_setup, model_setup
-from tests.conftest import base_config, resumed_loader
+from tests.conftest import base_config, loader_settings, resumed_loader
 from tests.test_data import _tar_bytes
 
 
@@ -39,11 +39,11 @@ def tok(workspace):
     return load_tokenizer(str(workspace / "tok"))
 
 
-def _cfg(shards, **kw) -> DataConfig:
+def _cfg(shards, **kw) -> tuple:
     base = dict(shards=shards, image_size=56, tokens_per_tile=4, max_tiles=4, max_length=2048, num_workers=0,
-                micro_batch=1, shuffle_buffer=0, shuffle_shards=False, seed=3, epochs=1)
+                micro_batch=1, shuffle_buffer=0, shuffle_shards=False, seed=3, epochs=1, template="internvl2_5")
     base.update(kw)
-    return DataConfig(**base)
+    return loader_settings(**base)
 
 
 def _tiles(loader) -> dict:
@@ -107,11 +107,11 @@ def _without(counts: dict, reason: str) -> dict:
 
 
 def test_shard_cut_at_a_header_counts_the_missing_samples(workspace, tok, tmp_path, capfd):
-    baseline = build_loader(_cfg(str(workspace / "shards")), tok)
+    baseline = build_loader(*_cfg(str(workspace / "shards")), tok)
     full_keys = set(_tiles(baseline))
     name, lost = _cut_copy(workspace, tmp_path / "shards", keep=5)
     capfd.readouterr()
-    loader = build_loader(_cfg(str(tmp_path / "shards")), tok)
+    loader = build_loader(*_cfg(str(tmp_path / "shards")), tok)
     keys = set(_tiles(loader))
     assert len(full_keys - keys) == lost == 11
     assert loader.skip_counts.get("truncated_shard") == lost, loader.skip_counts
@@ -125,7 +125,7 @@ def test_truncated_shard_is_counted_once_across_workers_ranks_and_resume(workspa
     folder = str(tmp_path / "shards")
     # whole shards per worker, two epochs; resumed loaders end with the same totals
     cfg = _cfg(folder, num_workers=2, micro_batch=2, epochs=2, shuffle_buffer=3, shuffle_shards=True)
-    full = build_loader(cfg, tok)
+    full = build_loader(*cfg, tok)
     batches = len(list(full))
     assert full.skip_counts["truncated_shard"] == 2 * lost
     for k in (1, batches // 2, batches - 1):
@@ -139,12 +139,12 @@ def test_truncated_shard_is_counted_once_across_workers_ranks_and_resume(workspa
     first_shard = index["shards"][0]
     shutil.copy(tmp_path / "shards" / first_shard["name"], single)
     (single / "index.json").write_text(json.dumps({"shards": [first_shard]}))
-    two_workers = build_loader(_cfg(str(single), num_workers=2), tok)
+    two_workers = build_loader(*_cfg(str(single), num_workers=2), tok)
     list(two_workers)
     assert two_workers.skip_counts.get("truncated_shard") == lost
     per_rank = []
     for rank in range(2):
-        loader = build_loader(_cfg(str(single)), tok, dp_rank=rank, dp_size=2)
+        loader = build_loader(*_cfg(str(single)), tok, dp_rank=rank, dp_size=2)
         list(loader)
         per_rank.append(loader.skip_counts.get("truncated_shard", 0))
     assert sum(per_rank) == lost
@@ -176,7 +176,7 @@ def test_corrupt_images_that_still_decode_are_counted(tok, tmp_path, monkeypatch
     (tmp_path / "s.tar").write_bytes(_tar_bytes(members))
     # another library in the process turned truncated-image loading on
     monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
-    loader = build_loader(_cfg(str(tmp_path / "s.tar")), tok)
+    loader = build_loader(*_cfg(str(tmp_path / "s.tar")), tok)
     assert sorted(_tiles(loader)) == ["intact", "okjpg"]
     assert loader.skip_counts == {"bad_image": 2}
     assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # left as the process had it
@@ -203,7 +203,7 @@ def test_max_dynamic_patch_is_validated_and_clamped_end_to_end(tok, tmp_path):
     members += _sample("huge", wide, json_text=json.dumps(_meta(max_dynamic_patch=10**12)))
     members += _sample("float", wide, json_text=json.dumps(_meta()).replace("}", ', "max_dynamic_patch": 1e9}'))
     (tmp_path / "s.tar").write_bytes(_tar_bytes(members))
-    loader = build_loader(_cfg(str(tmp_path / "s.tar"), max_tiles=4), tok)
+    loader = build_loader(*_cfg(str(tmp_path / "s.tar"), max_tiles=4), tok)
     with _deadline(60):
         tiles = _tiles(loader)
     # data.max_tiles=4: a 4x1 grid plus the thumbnail; max_dynamic_patch=2 lowers it to 2x1 + 1
@@ -218,7 +218,7 @@ def test_tile_grid_search_is_bounded_and_unchanged():
         for max_num in range(min_num, 41):
             assert candidate_grids(min_num, max_num) == _internvl_grids(min_num, max_num), (min_num, max_num)
     with pytest.raises(UserError, match="max_tiles"):
-        DataConfig(shards="x", max_tiles=10**6)
+        DataConfig(shards="x", max_tiles=10**6).validate()
 
 
 def _internvl_grids(min_num: int, max_num: int) -> tuple:
@@ -237,7 +237,7 @@ def _one_line(exc: pytest.ExceptionInfo) -> str:
 
 
 def test_pipe_sources_need_the_opt_in(workspace, tok, tmp_path):
-    local = list(_tiles(build_loader(_cfg(str(workspace / "shards")), tok)))
+    local = list(_tiles(build_loader(*_cfg(str(workspace / "shards")), tok)))
     index = json.loads((workspace / "shards" / "index.json").read_text())
     pwned = tmp_path / "pwned"
     pipes = [f"pipe:touch {pwned}; cat {workspace / 'shards' / s['name']}" for s in index["shards"]]
@@ -247,10 +247,10 @@ def test_pipe_sources_need_the_opt_in(workspace, tok, tmp_path):
         {"shards": [{"name": p, "samples": s["samples"]} for p, s in zip(pipes, index["shards"])]}))
     for spec in (pipes, str(folder), str(folder / "index.json")):
         with pytest.raises(UserError, match="allow_pipe_sources") as exc:
-            list(build_loader(_cfg(spec), tok))
+            list(build_loader(*_cfg(spec), tok))
         assert "pipe:" in _one_line(exc)
         assert not pwned.exists(), spec
-        assert sorted(_tiles(build_loader(_cfg(spec, allow_pipe_sources=True), tok))) == sorted(local)
+        assert sorted(_tiles(build_loader(*_cfg(spec, allow_pipe_sources=True), tok))) == sorted(local)
         assert pwned.exists()
         pwned.unlink()
 
@@ -277,9 +277,9 @@ def test_index_entries_stay_in_the_index_folder_unless_allowed(workspace, tok, t
     for name, why in escapes.items():
         (folder / "index.json").write_text(json.dumps({"shards": [{"name": name, "samples": first["samples"]}]}))
         with pytest.raises(UserError, match="allow_outside_index") as exc:
-            list(build_loader(_cfg(str(folder)), tok))
+            list(build_loader(*_cfg(str(folder)), tok))
         assert why in _one_line(exc) and "index.json" in _one_line(exc), name
-        assert len(list(build_loader(_cfg(str(folder), allow_outside_index=True), tok))) == first["samples"]
+        assert len(list(build_loader(*_cfg(str(folder), allow_outside_index=True), tok))) == first["samples"]
     # Inside the folder (a sub-folder included) needs no opt-in.
     (folder / "index.json").write_text(json.dumps({"shards": [{"name": f"inside/{first['name']}"}]}))
     assert [s.url for s in list_shards(str(folder))] == [str(folder / "inside" / first["name"])]
@@ -288,7 +288,7 @@ def test_index_entries_stay_in_the_index_folder_unless_allowed(workspace, tok, t
 def test_run_config_maps_allow_pipe_sources(workspace):
     for value in (False, True):
         cfg = from_dict(base_config(workspace, data={"allow_pipe_sources": value}))
-        assert data_setup.data_config(cfg, model_setup.model_config(cfg)).allow_pipe_sources is value
+        assert data_setup.loader_data(cfg, model_setup.model_config(cfg)).allow_pipe_sources is value
     assert from_dict(base_config(workspace)).data.allow_pipe_sources is False
 
 
@@ -302,7 +302,7 @@ def test_http_shards_are_fetched_without_a_process(workspace, tok, monkeypatch):
     import subprocess
 
     gopen_module = importlib.import_module("webdataset.gopen")  # the package re-exports a function of that name
-    local = _tiles(build_loader(_cfg(str(workspace / "shards")), tok))
+    local = _tiles(build_loader(*_cfg(str(workspace / "shards")), tok))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(workspace / "shards")))
     threading.Thread(target=server.serve_forever, daemon=True).start()
 
@@ -313,7 +313,7 @@ def test_http_shards_are_fetched_without_a_process(workspace, tok, monkeypatch):
     monkeypatch.setattr(gopen_module, "Popen", no_process)
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/index.json"
-        loader = build_loader(_cfg(url), tok)
+        loader = build_loader(*_cfg(url), tok)
         assert _tiles(loader) == local and "bad_tar" not in loader.skip_counts
     finally:
         server.shutdown()
@@ -349,7 +349,7 @@ def test_a_shard_with_a_repeated_key_is_refused_naming_it(tmp_path, tok, adjacen
     order = [samples[0], samples[2], samples[1]] if adjacent else samples
     (tmp_path / "s.tar").write_bytes(_tar_bytes([m for s in order for m in s]))
     with pytest.raises(UserError, match="x-L1-r0") as err:
-        list(build_loader(_cfg(str(tmp_path / "s.tar")), tok, dp_rank=0, dp_size=1))
+        list(build_loader(*_cfg(str(tmp_path / "s.tar")), tok, dp_rank=0, dp_size=1))
     assert "rebuild the shards" in str(err.value) and "\n" not in str(err.value)
 
 
@@ -397,13 +397,13 @@ def test_loader_counts_images_over_the_pixel_budget_as_bad_image(workspace, tok,
     members = _sample("small", small) + _sample("huge", _bilevel_png(12000, 12000))
     (tmp_path / "s.tar").write_bytes(_tar_bytes(members))
     with _deadline(20):
-        loader = build_loader(_cfg(str(tmp_path / "s.tar")), tok)
+        loader = build_loader(*_cfg(str(tmp_path / "s.tar")), tok)
         assert list(_tiles(loader)) == ["small"]
         assert loader.skip_counts == {"bad_image": 1}
-        loader = build_loader(_cfg(str(tmp_path / "s.tar"), max_image_pixels=6271), tok)
+        loader = build_loader(*_cfg(str(tmp_path / "s.tar"), max_image_pixels=6271), tok)
         assert list(_tiles(loader)) == []
         assert loader.skip_counts == {"bad_image": 2}
     cfg = from_dict(base_config(workspace, data={"max_image_pixels": 6271}))
-    assert data_setup.data_config(cfg, model_setup.model_config(cfg)).max_image_pixels == 6271
+    assert data_setup.loader_data(cfg, model_setup.model_config(cfg)).max_image_pixels == 6271
     with pytest.raises(UserError, match="data.max_image_pixels must be a positive number"):
         from_dict(base_config(workspace, data={"max_image_pixels": 0})).validate()

@@ -418,7 +418,7 @@ def test_frozen_parts_stay_on_the_device_through_a_training_step(world, freeze):
     optimizer = build_optimizer(model, cfg.train, cfg.precision)
     assert all(off_device(c) == [] for c in chunks)
 
-    mpo = MPOLoss(cfg.mpo.loss_config(), group=world.data_group)
+    mpo = MPOLoss(cfg.mpo, group=world.data_group)
     batch = collate(config, tiny_pairs(config, 2, seed=1), layout="packed")
     for chunk in model:
         chunk.zero_grad_buffer()
@@ -556,7 +556,7 @@ def test_fp8_hybrid_runs_forward_and_backward(world, gpu_workspace, recipe):
     # Transformer Engine's FP8 GEMMs need 16-aligned token counts (megatron-core's
     # get_fp8_align_size); the data pipeline must pad to it.
     assert multiple % 16 == 0
-    assert data_setup.data_config(cfg, config).pad_multiple == multiple
+    assert data_setup.loader_plan(cfg, config).pad_multiple == multiple
 
     model = build_model(config, spec="transformer_engine", fp8="hybrid", fp8_recipe=recipe,
                         params_dtype=torch.bfloat16)

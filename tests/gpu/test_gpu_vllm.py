@@ -75,9 +75,8 @@ def _prompts(hf: Path):
     from megatron_mpo.generation.prompts import build_prompt
 
     tok = load_tokenizer(str(hf))
-    config = DataConfig(shards="x", max_length=1024, max_tiles=6, template="internvl2_5", image_size=TILE,
-                        tokens_per_tile=TOKENS_PER_TILE)
-    builder = build_pair_builder(config, tok)
+    config = DataConfig(shards="x", max_length=1024, max_tiles=6, template="internvl2_5")
+    builder = build_pair_builder(config, tok, image_size=TILE, tokens_per_tile=TOKENS_PER_TILE)
     compared = [
         build_prompt(builder, "q/text", "Name three prime numbers.", []),
         build_prompt(builder, "q/one", "What is in the picture?", [_png(56, 56, 1)]),

@@ -39,7 +39,7 @@ def _run(cfg, batches, tok) -> dict:
     model = wrap_data_parallel(chunks, cfg.precision)
     for chunk in model:
         chunk.zero_grad_buffer()
-    mpo = MPOLoss(cfg.mpo.loss_config(), group=layout.data_group)
+    mpo = MPOLoss(cfg.mpo, group=layout.data_group)
     results = schedule.run_schedule(schedule.forward_backward_func(), make_forward_step(mpo), model, batches,
                                     tok.pad_id, forward_only=False)
     grads = {name: p.main_grad.detach().clone() for name, p in chunks[0].named_parameters() if p.requires_grad}
@@ -70,12 +70,13 @@ def main() -> int:
         sp_cfg = dataclasses.replace(base, parallel=dataclasses.replace(base.parallel, sequence=True))
         tok = data_setup.tokenizer(base)
         # One set of micro-batches for both runs, padded to the sequence-parallel multiple.
-        data = data_setup.data_config(sp_cfg, model_setup.model_config(sp_cfg))
-        data = dataclasses.replace(data, num_workers=0, shuffle_buffer=0, shuffle_shards=False)
-        loader = iter(build_loader(data, tok))
+        model_config = model_setup.model_config(sp_cfg)
+        data = dataclasses.replace(data_setup.loader_data(sp_cfg, model_config), num_workers=0, shuffle_buffer=0)
+        loading = dataclasses.replace(data_setup.loader_plan(sp_cfg, model_config), shuffle_shards=False)
+        loader = iter(build_loader(data, loading, tok))
         batches = [next(loader) for _ in range(MICRO_BATCHES)]
         loader.close()
-        result = {"pad_multiple": data.pad_multiple}
+        result = {"pad_multiple": loading.pad_multiple}
         for name, cfg in (("plain", base), ("sp", sp_cfg)):
             result[name] = _run(cfg, batches, tok)  # re-forms the model-parallel groups each time
         torch.save(result, out_dir / f"{'packed' if packing else 'unpacked'}_rank{rank}.pt")

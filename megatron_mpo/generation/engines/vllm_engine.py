@@ -275,7 +275,7 @@ class VLLMEngine(Engine):
     Options: ``tensor_parallel_size`` (GPUs per engine, inside a node), ``max_model_len``
     (prompt + answer tokens; default the model's), ``max_images`` (per prompt), ``dtype``,
     ``gpu_memory_utilization``, ``seed`` (vLLM's global seed; samples use per-prompt
-    seeds), ``min_tiles`` (training's ``data.min_tiles``), ``gpus_per_node`` (default: the
+    seeds), ``min_tiles`` (training's ``PairBuilder.min_tiles``), ``gpus_per_node`` (default: the
     GPUs this process sees); anything else goes to ``vllm.LLM``.
     """
 
