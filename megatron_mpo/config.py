@@ -25,9 +25,7 @@ import yaml
 from megatron_mpo.data.config import DataConfig
 from megatron_mpo.errors import UserError
 from megatron_mpo.loss_config import MPOLossConfig
-from megatron_mpo.settings import allowed, setting
-from megatron_mpo.settings import one_of as _choice
-from megatron_mpo.settings import positive as _positive
+from megatron_mpo.settings import allowed, one_of, positive, setting
 
 
 def _preset_names() -> tuple:
@@ -67,11 +65,11 @@ class ModelSection:
             raise UserError(f"model.freeze: unknown part(s) {bad}; choose from {', '.join(parts)}")
         if len(set(self.freeze)) == len(parts):
             raise UserError("model.freeze freezes every part: nothing would train; drop one of them")
-        _choice("model.spec", self.spec, allowed(self, "spec"))
+        one_of("model.spec", self.spec, allowed(self, "spec"))
         if self.recompute is not None:
-            _choice("model.recompute", self.recompute, allowed(self, "recompute"))
+            one_of("model.recompute", self.recompute, allowed(self, "recompute"))
         if self.attention is not None:
-            _choice("model.attention", self.attention, allowed(self, "attention"))
+            one_of("model.attention", self.attention, allowed(self, "attention"))
             if self.attention == "te" and self.spec != "transformer_engine":
                 raise UserError("model.attention=te is Transformer Engine's attention: set "
                                 "model.spec=transformer_engine or pick sdpa / flex")
@@ -95,7 +93,7 @@ class ParallelSection:
                                      "the job fails (and can be requeued); raise it if a save takes longer")
 
     def validate(self) -> None:
-        _positive("parallel.timeout_minutes", self.timeout_minutes)
+        positive("parallel.timeout_minutes", self.timeout_minutes)
         self.check()
 
     def check(self, model: Any = None, world_size: Optional[int] = None) -> None:
@@ -122,10 +120,10 @@ class PrecisionSection:
                                   "false: in `dtype`")
 
     def validate(self) -> None:
-        _choice("precision.dtype", self.dtype, allowed(self, "dtype"))
+        one_of("precision.dtype", self.dtype, allowed(self, "dtype"))
         if self.fp8 is not None:
-            _choice("precision.fp8", self.fp8, allowed(self, "fp8"))
-        _choice("precision.fp8_recipe", self.fp8_recipe, allowed(self, "fp8_recipe"))
+            one_of("precision.fp8", self.fp8, allowed(self, "fp8"))
+        one_of("precision.fp8_recipe", self.fp8_recipe, allowed(self, "fp8_recipe"))
         if self.reference_fp8 and self.fp8 is None:
             raise UserError("precision.reference_fp8 needs precision.fp8; turn it off or set fp8")
         if self.reference_fp8 and self.fp8_recipe == "delayed":
@@ -159,12 +157,12 @@ class TrainSection:
     device: str = setting("auto", "`auto`: CUDA when present, else CPU (gloo)", choices=("auto", "cuda", "cpu"))
 
     def validate(self) -> None:
-        _positive("train.global_batch", self.global_batch)
-        _positive("train.micro_batch", self.micro_batch)
+        positive("train.global_batch", self.global_batch)
+        positive("train.micro_batch", self.micro_batch)
         if self.steps is None and self.epochs is None:
             raise UserError("set train.steps or train.epochs")
         if self.steps is not None:
-            _positive("train.steps", self.steps)
+            positive("train.steps", self.steps)
         if self.epochs is not None and self.epochs <= 0:
             raise UserError("train.epochs must be > 0")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
@@ -172,11 +170,11 @@ class TrainSection:
         for name in ("adam_beta1", "adam_beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise UserError(f"train.{name} must be in [0, 1), got {getattr(self, name)!r}")
-        _positive("train.max_bad_steps", self.max_bad_steps)
+        positive("train.max_bad_steps", self.max_bad_steps)
         if self.warmup < 0:
             raise UserError("train.warmup must be >= 0 (a fraction < 1 or a step count)")
-        _choice("train.schedule", self.schedule, allowed(self, "schedule"))
-        _choice("train.device", self.device, allowed(self, "device"))
+        one_of("train.schedule", self.schedule, allowed(self, "schedule"))
+        one_of("train.device", self.device, allowed(self, "device"))
         if self.weight_decay < 0 or self.clip_grad < 0:
             raise UserError("train.weight_decay and train.clip_grad must be >= 0")
 
@@ -199,12 +197,12 @@ class CheckpointSection:
                                     choices=("reshardable", "dp_reshardable"))
 
     def validate(self) -> None:
-        _positive("checkpoint.interval", self.interval)
-        _choice("checkpoint.optimizer_format", self.optimizer_format, allowed(self, "optimizer_format"))
+        positive("checkpoint.interval", self.interval)
+        one_of("checkpoint.optimizer_format", self.optimizer_format, allowed(self, "optimizer_format"))
         if self.save:
             _check_writable_dir("checkpoint.save", self.save)
         if self.keep_last is not None:
-            _positive("checkpoint.keep_last", self.keep_last)
+            positive("checkpoint.keep_last", self.keep_last)
         if self.load == "auto" and not self.save:
             raise UserError("checkpoint.load=auto looks in checkpoint.save: set checkpoint.save")
 
@@ -221,7 +219,7 @@ class LoggingSection:
                                         "trained (dp00000.jsonl ...: step, applied, epoch, keys)")
 
     def validate(self) -> None:
-        _positive("logging.interval", self.interval)
+        positive("logging.interval", self.interval)
         if self.metrics:
             _check_writable_dir("logging.metrics", self.metrics, for_file=True)
         if self.tensorboard:
