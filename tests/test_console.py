@@ -218,8 +218,10 @@ def test_torch_collective_deprecations_from_megatron_core_are_dropped():
         warnings.showwarning = lambda message, *rest: (seen.append(str(message)), keep(message, *rest))
         mappings._gather_along_first_dim(torch.ones(2, 3), _StandInGroup())
         mappings._reduce_scatter_along_first_dim(torch.ones(2, 3), _StandInGroup())
-        with pytest.raises(ValueError, match="process group"):  # no default group: the warning comes first
+        try:  # the deprecation warning comes first, whether or not an earlier test left a default group
             torch.distributed.all_reduce_coalesced([torch.ones(1)])
+        except ValueError:  # no default process group
+            pass
     assert any(m.startswith("`torch.distributed.all_gather_into_tensor` is deprecated") for m in seen), seen
     assert any(m.startswith("`torch.distributed.reduce_scatter_tensor` is deprecated") for m in seen), seen
     assert shown and all(m.startswith("`torch.distributed.all_reduce_coalesced` will be deprecated")

@@ -64,15 +64,19 @@ def losses(records: list[dict]) -> list[float]:
 @pytest.fixture(scope="module")
 def layout_runs(workspace, straight_run, tmp_path_factory):
     """8 steps from the same checkpoint and data at TP1/PP1 (the session's straight run,
-    saving at 4 and 8), TP2, PP2, TP2xPP2 and PP2 with the interleaved schedule (2 virtual
-    stages). TP2xPP2 also packs its rows (micro-batches of 2 pairs, several pairs per row):
-    the same pairs per step as the one-pair unpacked micro-batches of the others."""
+    saving at 4 and 8), TP2, PP2 and TP2xPP2; PP2 with the interleaved schedule (2 virtual
+    stages) resumes the straight run's step-4 checkpoint (weights and reshardable Adam
+    state) and runs steps 5-8. TP2xPP2 also packs its rows (micro-batches of 2 pairs,
+    several pairs per row): the same pairs per step as the one-pair unpacked micro-batches
+    of the others."""
     root = tmp_path_factory.mktemp("layouts")
     runs = {(1, 1, None): straight_run}
     for tp, pp, vp in ((2, 1, None), (1, 2, None), (2, 2, None), (1, 2, 2)):
         run = root / f"tp{tp}pp{pp}vp{vp}"
         packed = {"data": {"packing": True, "pairs_per_row": None}, "train": {"micro_batch": 2}} if tp == pp == 2 else {}
-        train(workspace, run, tp * pp, parallel={"tensor": tp, "pipeline": pp, "virtual_pipeline": vp}, **packed)
+        resumed = {"checkpoint": {"load": str(straight_run / "ckpt" / "step_000000004")}} if vp else {}
+        train(workspace, run, tp * pp, parallel={"tensor": tp, "pipeline": pp, "virtual_pipeline": vp}, **packed,
+              **resumed)
         runs[(tp, pp, vp)] = run
     return runs
 
@@ -87,12 +91,15 @@ def test_parallel_layouts_give_the_same_losses(layout_runs):
     assert "ref_logratio_step0" not in reference[1]
     for layout, run in layout_runs.items():
         records = read_jsonl(run / "metrics.jsonl")
-        assert records[0]["ref_logratio_step0"] < 1e-4, layout  # policy == TP1 reference values at step 0
-        torch.testing.assert_close(torch.tensor(losses(records)), torch.tensor(losses(reference)), rtol=1e-4, atol=1e-6,
+        same = reference[records[0]["step"] - 1:]  # the resumed interleaved run starts at step 5
+        assert [r["step"] for r in records] == [r["step"] for r in same], layout
+        if records[0]["step"] == 1:
+            assert records[0]["ref_logratio_step0"] < 1e-4, layout  # policy == TP1 reference values at step 0
+        torch.testing.assert_close(torch.tensor(losses(records)), torch.tensor(losses(same)), rtol=1e-4, atol=1e-6,
                                    msg=f"layout TP{layout[0]}xPP{layout[1]}xVP{layout[2]}")
         for key in ("reward_margin", "loss_generation", "delta"):
             torch.testing.assert_close(torch.tensor([r[key] for r in records]),
-                                       torch.tensor([r[key] for r in reference]), rtol=1e-4, atol=1e-5)
+                                       torch.tensor([r[key] for r in same]), rtol=1e-4, atol=1e-5)
 
 
 def test_data_parallel_with_and_without_tensor_parallel(workspace, tmp_path):
@@ -131,13 +138,11 @@ def test_resume_reproduces_the_uninterrupted_run(workspace, layout_runs, tmp_pat
     assert any(k.startswith("optimizer") for k in final_a)
 
 
-def test_resume_at_another_layout(workspace, straight_run, tmp_path):
+def test_resume_at_another_layout(layout_runs):
     """The TP1/PP1 run's step-4 checkpoint (reshardable Adam state) resumed at PP2 with 2
     virtual stages: steps 5-8 retrace the straight run up to float32 reduction order."""
-    moved = tmp_path / "pp2vp2"
-    train(workspace, moved, 2, parallel={"pipeline": 2, "virtual_pipeline": 2},
-          checkpoint={"load": str(straight_run / "ckpt" / "step_000000004")})
-    straight, resumed = read_jsonl(straight_run / "metrics.jsonl")[4:], read_jsonl(moved / "metrics.jsonl")
+    straight = read_jsonl(layout_runs[(1, 1, None)] / "metrics.jsonl")[4:]
+    resumed = read_jsonl(layout_runs[(1, 2, 2)] / "metrics.jsonl")
     assert [r["step"] for r in resumed] == [5, 6, 7, 8]
     for key in ("loss", "loss_generation", "reward_margin", "delta", "grad_norm"):
         torch.testing.assert_close(torch.tensor([r[key] for r in resumed]), torch.tensor([r[key] for r in straight]),
