@@ -36,7 +36,8 @@ loading, host memory for the whole optimizer state of the rank's model shard.
 ``dp_reshardable`` (Megatron-LM's default) writes the buffers as they are: no gather, but
 it resumes only at the saved TP / PP / EP / VPP (any DP); another one is refused with one
 line naming the changed keys. The megatron-core 0.16.1 defects this meets (torch-Adam path,
-expert-parallel regrouping) are worked around in :mod:`megatron_mpo.training.optimizer_state`.
+expert-parallel regrouping) are worked around in :mod:`megatron_mpo.training.optimizer_state`;
+its forked file writers are replaced by threads (:mod:`megatron_mpo.training.dcp_writes`).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ import torch
 from megatron_mpo.errors import UserError
 from megatron_mpo.fileio import TMP_PREFIX, fsync_path, fsync_tree, write_atomic
 from megatron_mpo.processes import init_helper_process
+from megatron_mpo.training import dcp_writes
 from megatron_mpo.training.optimizer_state import load_optimizer_state, prime_optimizer_state, restore_adam_steps
 
 __all__ = [
@@ -250,6 +252,7 @@ def _save_strategy():
     )
 
     _ensure_writer_queue()
+    dcp_writes.install()  # no fork from the (threaded) trainer
     strategy = get_default_save_sharded_strategy()
     if parallel_state.model_parallel_is_initialized():
         group = parallel_state.get_data_parallel_group(with_context_parallel=True)

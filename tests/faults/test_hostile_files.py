@@ -208,3 +208,26 @@ def test_crafted_transformer_engine_extra_state_is_refused(world, tmp_path):
     assert all(torch.equal(loaded[k], fp8_meta[k]) and loaded[k].dtype == fp8_meta[k].dtype
                for k in ("scale_fwd", "amax_history_fwd"))
     _assert_refused(lambda: load_model_weights(tmp_path / "crafted", [model]), marker, "TE-style extra state")
+
+
+def test_a_save_forks_no_writer_process(world, tmp_path, monkeypatch):
+    """megatron-core 0.16.1 forks a writer per bucket from the trainer at every save; a fork
+    from a threaded process now and then hangs or dies in the child (a rank then waits
+    forever). Saves write from threads of the trainer instead: no fork, same checkpoint."""
+    import os
+
+    from megatron_mpo.training.checkpoint import CheckpointManager, load_model_weights
+
+    chunks, optimizer = _model_and_optimizer(seed=3)
+
+    def no_fork():
+        raise AssertionError("a checkpoint save forked a process")
+
+    monkeypatch.setattr(os, "fork", no_fork)
+    step = CheckpointManager(tmp_path / "run").save(1, chunks, optimizer, common={"step": 1}, per_rank={})
+    monkeypatch.undo()
+    fresh, _ = _model_and_optimizer(seed=4)
+    load_model_weights(step, fresh)
+    for a, b in zip(chunks[0].state_dict().values(), fresh[0].state_dict().values()):
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, b)
