@@ -4,7 +4,7 @@ Modules: ``config`` (the run config's ``data`` section), ``plan`` (what the mode
 run decide: tile geometry, rows, micro-batch, passes), ``templates`` (chat templates),
 ``tokenizer`` (model-directory tokenizers), ``tiling`` (InternVL dynamic tiling),
 ``samples`` (sample -> pair), ``collate`` (pairs -> PairBatch), ``pipeline`` (streaming,
-resumable loader), ``consumed`` (what an epoch consumed and which data it was, for
+resumable loader), ``streams`` (what each stream reads, and its replay), ``consumed`` (what an epoch consumed and which data it was, for
 resumes at another layout), ``refs`` (reference log-prob sidecars), ``mmpr`` /
 ``shard_writer`` (make_shards), ``tiny_tokenizer`` and ``synthetic`` (test helpers).
 """

@@ -41,11 +41,10 @@ micro-batches and reach the loader's ``last_skip_counts`` / ``skip_counts``.
 from __future__ import annotations
 
 import json
-import random
 import re
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -60,7 +59,10 @@ from megatron_mpo.data.plan import LoaderPlan
 from megatron_mpo.data.refs import RefLogps
 from megatron_mpo.data.samples import PairBuilder, SampleError, TokenizedPair, build_pair_builder
 from megatron_mpo.data.shardlist import list_shards, refuse_pipes
-from megatron_mpo.data.tar_reader import SkipCounter, iter_shards
+from megatron_mpo.data.streams import (
+    ShardSet, StreamPlan, plan_streams, replay_stream, shuffle_buffer, stream_rng, stream_samples,
+)
+from megatron_mpo.data.tar_reader import SkipCounter
 from megatron_mpo.data.tokenizer import Tokenizer
 from megatron_mpo.errors import UserError
 from megatron_mpo.processes import data_worker_init
@@ -69,50 +71,6 @@ STATE_VERSION = 2
 PREFETCH_FACTOR = 2  # micro-batches each DataLoader worker keeps ready
 # Per-rank counters of a loader state (summed onto one rank when the layout changes).
 _COUNTERS = ("micro_batches", "pairs")
-
-
-@dataclass
-class StreamPlan:
-    """What one stream reads in one epoch."""
-
-    urls: List[str]
-    stride: int = 1  # keep samples whose index % stride == offset
-    offset: int = 0
-
-
-def plan_streams(
-    urls: List[str], epoch: int, seed: int, dp_rank: int, dp_size: int, num_streams: int, shuffle_shards: bool = True,
-    consumed: Optional[SampleSet] = None, keys: Optional[Dict[str, str]] = None,
-) -> List[StreamPlan]:
-    """The epoch's reading plan of each stream of ``dp_rank``; shards ``consumed`` entirely
-    (by their ``keys``) earlier in the epoch are left out."""
-    order = list(urls)
-    if shuffle_shards:
-        random.Random(f"{seed}:shards:{epoch}").shuffle(order)
-    if consumed:
-        order = [u for u in order if not consumed.is_whole(keys[u])]
-    total = dp_size * num_streams
-    if len(order) >= total:
-        mine = order[dp_rank::dp_size]
-        return [StreamPlan(mine[w::num_streams]) for w in range(num_streams)]
-    return [StreamPlan(order, total, dp_rank * num_streams + w) for w in range(num_streams)]
-
-
-def shuffle_buffer(samples: Iterator, size: int, rng: random.Random) -> Iterator:
-    """Seeded buffer shuffle: each output is a random pick among the next ``size`` inputs."""
-    if size <= 1:
-        yield from samples
-        return
-    buf: list = []
-    for sample in samples:
-        if len(buf) < size:
-            buf.append(sample)
-            continue
-        i = rng.randrange(size)
-        yield buf[i]
-        buf[i] = sample
-    rng.shuffle(buf)
-    yield from buf
 
 
 @dataclass
@@ -130,25 +88,6 @@ class _Item:
 
 def _identity(x):
     return x
-
-
-def stream_rng(seed: int, epoch: int, dp_rank: int, stream: int) -> random.Random:
-    """The sample shuffle of one stream in one epoch."""
-    return random.Random(f"{seed}:samples:{epoch}:{dp_rank}:{stream}")
-
-
-def stream_samples(plan: StreamPlan, counter: SkipCounter, config: DataConfig, loading: LoaderPlan,
-                   expected: Dict[str, int], consumed: Optional[SampleSet] = None,
-                   keys: Optional[Dict[str, str]] = None) -> Iterator[dict]:
-    """Raw samples a stream reads, before its shuffle: its shards in order, samples
-    ``consumed`` earlier in the epoch left out, then every ``stride``-th kept."""
-    samples = iter_shards(plan.urls, counter, warn=loading.warn_bad_shards, expected=expected,
-                          report=plan.offset == 0, allow_pipe=config.allow_pipe_sources)
-    if consumed:
-        samples = (s for s in samples if not consumed.has(keys[s["__url__"]], s["__index__"]))
-    if plan.stride > 1:
-        samples = (s for i, s in enumerate(samples) if i % plan.stride == plan.offset)
-    return samples
 
 
 class _EpochStreams(torch.utils.data.IterableDataset):
@@ -372,7 +311,9 @@ class PairLoader:
         start = min(int(s["epoch"]) for s in ranks)
         tasks = [(s, w, e) for s in ranks for e in range(start, int(s["epoch"]) + 1)
                  for w in range(int(s["fingerprint"]["num_streams"]))]
-        found = [{e: self._replayed(s, base, w, e)} for s, w, e in tasks[share[0]::share[1]]]
+        shards = ShardSet(self.urls, self.expected, self.keys)
+        found = [{e: replay_stream(shards, self.config, self.loading, s, base, w, e)}
+                 for s, w, e in tasks[share[0]::share[1]]]
         mine = epochs_to_json(merge_epochs(found))
         parts = gather(mine) if gather is not None else [mine]
         consumed = merge_epochs([base] + [epochs_from_json(p) for p in parts])
@@ -395,52 +336,6 @@ class PairLoader:
         self.pairs = int(totals.get("pairs", 0))
         self._totals = Counter(totals.get("skip_counts", {}))
         self._last = {}
-
-    def _replayed(self, state: dict, base: Dict[int, SampleSet], stream: int, epoch: int) -> SampleSet:
-        """The samples that stream ``stream`` of the old rank with ``state`` consumed in ``epoch``:
-        its plan and shuffle run again over the raw samples (read, not decoded)."""
-        fp = state["fingerprint"]
-        rank = int(fp["dp_rank"])
-        full = int(state["epoch"]) > epoch or bool(state["done"][stream])
-        before = base.get(epoch)
-        plan = plan_streams(self.urls, epoch, fp["seed"], rank, fp["dp_size"], fp["num_streams"],
-                            fp["shuffle_shards"], before, self.keys)[stream]
-        out = SampleSet()
-        if full and plan.stride == 1:  # whole shards: nothing to read
-            for url in plan.urls:
-                out.add_shard(self.keys[url])
-            return out
-        seen: Dict[str, Set[int]] = {}
-        ended: List[str] = []
-
-        def watched(samples: Iterator[dict]) -> Iterator[dict]:
-            current = None
-            for sample in samples:
-                key = self.keys[sample["__url__"]]
-                if key != current:
-                    if current is not None:
-                        ended.append(current)
-                    current = key
-                seen.setdefault(key, set()).add(sample["__index__"])
-                yield sample
-            if current is not None:
-                ended.append(current)
-
-        counter = SkipCounter()
-        counter.muted = True
-        raws = watched(stream_samples(plan, counter, self.config, self.loading, self.expected, before, self.keys))
-        limit = None if full else int(state["positions"][stream])
-        rng = stream_rng(fp["seed"], epoch, rank, stream)
-        if limit != 0:
-            for i, raw in enumerate(shuffle_buffer(raws, fp["shuffle_buffer"], rng), start=1):
-                out.add(self.keys[raw["__url__"]], raw["__index__"])
-                if i == limit:
-                    break
-        if plan.stride == 1:  # a shard read to its end with every sample consumed
-            for key in ended:
-                if seen[key] <= out.ordinals(key):
-                    out.add_shard(key)
-        return out
 
     @property
     def skip_counts(self) -> Dict[str, int]:
