@@ -131,15 +131,14 @@ def identity_change(saved: Mapping[str, Optional[str]], now: Mapping[str, Option
     return "; ".join(parts)
 
 
-def refuse_changed_data(saved: Mapping[str, Optional[str]], now: Mapping[str, Optional[str]]) -> None:
-    """One line when a checkpoint's data position refers to other shards than these."""
-    change = identity_change(saved, now)
-    if change is not None:
-        raise UserError(
-            f"the shards differ from those the checkpoint's data position refers to ({change}); resuming "
-            "would train some pairs twice and others never. Point data.shards at the original shards, or "
-            "set data.allow_changed_data: true to restart the data position at epoch 0 of these shards"
-        )
+def changed_data_error(change: str) -> UserError:
+    """The one line for a checkpoint whose data position refers to other shards
+    (``change``: :func:`identity_change`'s phrase)."""
+    return UserError(
+        f"the shards differ from those the checkpoint's data position refers to ({change}); resuming "
+        "would train some pairs twice and others never. Point data.shards at the original shards, or "
+        "set data.allow_changed_data: true to restart the data position at epoch 0 of these shards"
+    )
 
 
 def epochs_from_json(data: Mapping[str, Mapping]) -> Dict[int, SampleSet]:

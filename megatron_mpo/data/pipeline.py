@@ -52,7 +52,7 @@ from megatron_mpo.batch import PairBatch
 from megatron_mpo.data.collate import collate_pairs
 from megatron_mpo.data.config import DataConfig
 from megatron_mpo.data.consumed import (
-    SampleSet, data_identity, epochs_from_json, epochs_to_json, identity_change, merge_epochs, refuse_changed_data,
+    SampleSet, changed_data_error, data_identity, epochs_from_json, epochs_to_json, identity_change, merge_epochs,
     shard_keys, summed_counters,
 )
 from megatron_mpo.data.plan import LoaderPlan
@@ -262,7 +262,9 @@ class PairLoader:
         """Continue from ``state``; UserError if it was taken with other settings."""
         if state.get("version") != STATE_VERSION:
             raise UserError(f"data loader state version {state.get('version')} is not {STATE_VERSION}")
-        refuse_changed_data(state.get("identity", {}), self.identity)
+        change = identity_change(state.get("identity", {}), self.identity)
+        if change is not None:
+            raise changed_data_error(change)
         mine = self._fingerprint()
         theirs = state.get("fingerprint", {})
         diff = [f"{k}: {theirs.get(k)} -> {v}" for k, v in mine.items() if theirs.get(k) != v]
@@ -298,7 +300,7 @@ class PairLoader:
         change = identity_change(saved["identity"], self.identity)
         if change is not None:
             if not allow_changed_data:
-                refuse_changed_data(saved["identity"], self.identity)
+                raise changed_data_error(change)
             self._take_counters(ranks)
             return (f"the shards changed since the checkpoint ({change}); data.allow_changed_data: "
                     "the data position restarts at epoch 0")
