@@ -15,18 +15,20 @@ trainer (``model.attention``) over the two row layouts (``data.packing``):
 * ``te/packed``: the Transformer Engine spec with TE's own core attention, which takes the
   packed rows as a dense mask (its unfused path: [rows, heads, S, S] per layer; may run
   out of memory at long rows, which is reported as such, not as a failure).
-* ``sdpa/unpacked`` and ``te/unpacked``: plain causal rows (prompt + one response each;
-  FlashAttention through SDPA's causal mode or TE's fused kernel), the same pairs split
-  into micro-batches of ``--micro-batch`` pairs.
+* ``flex/unpacked``, ``sdpa/unpacked`` and ``te/unpacked``: plain causal rows (prompt + one
+  response each; FlexAttention's causal block mask -- the rows carry no mask, and the local
+  spec builds none for FlexAttention -- FlashAttention through SDPA's causal mode, or TE's
+  fused kernel), the same pairs split into micro-batches of ``--micro-batch`` pairs, padded
+  to FlexAttention's block size under ``flex`` as the trainer pads them.
 
 For each row length ``S`` the pairs are drawn once (same seed for every attention) and
 packed first-fit into ``--rows`` rows of exactly ``S`` positions (padded at the end); an
 optimizer step is those rows as micro-batches (packed), or the same pairs as unpacked
 micro-batches. FlexAttention is skipped on a CPU, with a note: torch has no FlexAttention
 backward there (the model would silently take the SDPA path). ``te`` is skipped, with a
-note, without Transformer Engine or a GPU. ``flex/unpacked`` is not run: causal rows of the
-local spec carry a dense causal mask, which FlexAttention hands to the SDPA path (the same
-numbers as ``sdpa/unpacked``).
+note, without Transformer Engine or a GPU. Every attention and layout runs the first row
+length before any runs a second, so a spent ``--budget-s`` still leaves each of them one
+measurement (a model is then built once more per attention for the later lengths).
 
 ``--size 2b`` (the default) is a randomly initialised InternVL2-2B (InternViT-300M +
 InternLM2-1.8B; no checkpoint, nothing to download) in bf16 with fp32 master weights at
@@ -177,11 +179,14 @@ def fill_rows(model_config, size: Size, row_length: int, rows: int, seed: int) -
     return groups
 
 
-def micro_batches(groups: list[list], model_config, layout: str, row_length: int, micro_batch: int) -> list:
+def micro_batches(groups: list[list], model_config, layout: str, row_length: int, micro_batch: int,
+                  attention: str = "sdpa") -> list:
     """The step's micro-batches: one packed row of exactly ``row_length`` positions per
-    group, or the groups' pairs as unpacked micro-batches of ``micro_batch`` pairs."""
+    group, or the groups' pairs as unpacked micro-batches of ``micro_batch`` pairs (under
+    ``flex`` padded to its block size, as the trainer's ``row_layout.pad_multiple`` does)."""
     from megatron_mpo.batch import pad_to_length
     from megatron_mpo.data.collate import collate_pairs
+    from megatron_mpo.models.packed_attention import FLEX_BLOCK_SIZE
 
     context, per_tile = model_config.img_context_token_id, model_config.tokens_per_tile
     if layout == "packed":
@@ -194,7 +199,8 @@ def micro_batches(groups: list[list], model_config, layout: str, row_length: int
             out.append(pad_to_length(batch, row_length, PAD_ID))
         return out
     pairs = [p for group in groups for p in group]
-    return [collate_pairs(pairs[i:i + micro_batch], PAD_ID, context, per_tile, layout="unpacked")
+    pad = FLEX_BLOCK_SIZE if attention == "flex" else 1
+    return [collate_pairs(pairs[i:i + micro_batch], PAD_ID, context, per_tile, layout="unpacked", pad_multiple=pad)
             for i in range(0, len(pairs), micro_batch)]
 
 
@@ -223,13 +229,18 @@ def model_key(plan: Plan) -> tuple[str, str]:
     return (plan.attention, "any")
 
 
+def ordered_plans(attentions: list[str], layouts: list[str], row_lengths: list[int]) -> list[Plan]:
+    """Every (attention, layout) at the first row length, then each attention's (and
+    layout's) longer rows: a spent time budget cuts the long rows, not whole attentions."""
+    first, rest = row_lengths[:1], row_lengths[1:]
+    return [Plan(a, layout, s) for lengths in (first, rest) for a in attentions for layout in layouts for s in lengths]
+
+
 def skip_reason(attention: str, layout: str, on_cuda: bool) -> Optional[str]:
     from megatron_mpo.models.specs import te_available
 
     if attention == "flex" and not on_cuda:
         return "FlexAttention has no backward on a CPU (torch raises NotImplementedError; the model would take the SDPA path)"
-    if attention == "flex" and layout == "unpacked":
-        return "causal rows of the local spec carry a dense causal mask, which FlexAttention hands to SDPA (= sdpa/unpacked)"
     if attention == "te" and not te_available():
         return "Transformer Engine is not installed"
     if attention == "te" and not on_cuda:
@@ -299,7 +310,7 @@ class Bench:
         from megatron_mpo import platform
 
         args = self.args
-        mbs = micro_batches(groups, self.model_config, plan.layout, plan.row_length, args.micro_batch)
+        mbs = micro_batches(groups, self.model_config, plan.layout, plan.row_length, args.micro_batch, plan.attention)
         step_flops = sum(
             self.flops.step_flops(b.num_tokens(), b.input_ids.shape[1], tiles=b.pixel_values.shape[0],
                                   scored=int(b.response_mask().sum()), attended=b.attended_keys())
@@ -498,15 +509,16 @@ def main(argv: Optional[list[str]] = None) -> dict:
         f"row lengths {','.join(map(str, args.row_lengths))}; {args.rows} packed row(s) per step, unpacked "
         f"micro-batches of {args.micro_batch} pairs; {args.warmup} warm-up + {args.steps} measured steps each")
 
-    plans, skipped = [], []
+    skipped = []
     for attention in args.attentions:
         for layout in args.layouts:
             reason = skip_reason(attention, layout, on_cuda)
             if reason:
                 skipped.append({"attention": attention, "layout": layout, "reason": reason})
                 log(f"skipped {attention}/{layout}: {reason}")
-                continue
-            plans.extend(Plan(attention, layout, s) for s in args.row_lengths)
+    refused = {(e["attention"], e["layout"]) for e in skipped}
+    plans = [p for p in ordered_plans(args.attentions, args.layouts, args.row_lengths)
+             if (p.attention, p.layout) not in refused]
 
     started = time.perf_counter()
     report = {

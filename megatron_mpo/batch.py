@@ -17,7 +17,9 @@ pair. Trailing padding is one more "pair" of prompt positions (causal among itse
 no softmax row is empty). This [R, S] tensor is all the attention needs: the SDPA path
 splits rows at pair boundaries, FlexAttention builds its block mask from it, and
 :func:`segment_mask` gives the dense mask where one is wanted. Nothing of size S x S
-travels with a micro-batch.
+travels with a micro-batch. ``padding`` ([R, S] bool) marks the positions past a row's
+tokens in either layout: mixture-of-experts routers leave them out of their load-balancing
+loss.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class PairBatch:
     pixel_values: torch.Tensor  # [T, 3, H, W] float; T may be 0 (text-only micro-batch)
     num_pairs: int  # P
     segments: Optional[torch.Tensor] = None  # [R, S] int32 packed-row layout (see module doc); None = causal
+    padding: Optional[torch.Tensor] = None  # [R, S] bool, True past a row's tokens; None = no padding
     ref_chosen_logps: Optional[torch.Tensor] = None  # [P] float64/float32 reference sums
     ref_rejected_logps: Optional[torch.Tensor] = None  # [P]
     keys: list = field(default_factory=list)  # sample keys, for joins and debugging
@@ -86,9 +89,9 @@ def pad_to_length(batch: PairBatch, seq_len: int, pad_id: int = 0) -> PairBatch:
     """``batch`` with every row padded at the end to ``seq_len`` positions.
 
     Padding is invisible: it adds no log-prob (``response_index`` -1), no image features,
-    and no real position attends to it (causal order, or a segment of its own). Used
-    where the schedule needs one shape for all micro-batches of a step (interleaved
-    pipeline).
+    no real position attends to it (causal order, or a segment of its own), and no router
+    counts it (``padding``). Used where the schedule needs one shape for all micro-batches
+    of a step (interleaved pipeline).
     """
     rows, length = batch.input_ids.shape
     extra = seq_len - length
@@ -104,6 +107,7 @@ def pad_to_length(batch: PairBatch, seq_len: int, pad_id: int = 0) -> PairBatch:
         last = batch.segments[:, -1:]
         pad_segment = torch.where(last % BRANCHES == PROMPT, last, (last // BRANCHES + 1) * BRANCHES)
         segments = torch.cat([batch.segments, pad_segment.expand(rows, extra)], dim=1)
+    padding = batch.padding if batch.padding is not None else torch.zeros(rows, length, dtype=torch.bool)
     return PairBatch(
         input_ids=grow(batch.input_ids, pad_id),
         position_ids=torch.cat([batch.position_ids, positions], dim=1),
@@ -113,6 +117,7 @@ def pad_to_length(batch: PairBatch, seq_len: int, pad_id: int = 0) -> PairBatch:
         pixel_values=batch.pixel_values,
         num_pairs=batch.num_pairs,
         segments=segments,
+        padding=grow(padding, True),
         ref_chosen_logps=batch.ref_chosen_logps,
         ref_rejected_logps=batch.ref_rejected_logps,
         keys=batch.keys,

@@ -25,7 +25,7 @@ import yaml
 from megatron_mpo.data.config import DataConfig
 from megatron_mpo.errors import UserError
 from megatron_mpo.loss_config import MPOLossConfig
-from megatron_mpo.settings import allowed, one_of, positive, setting
+from megatron_mpo.settings import allowed, below_one, one_of, positive, setting
 
 
 def _preset_names() -> tuple:
@@ -57,8 +57,12 @@ class ModelSection:
                                        "trains on GPUs only), `te` (Transformer Engine's; packed rows unfused, "
                                        "S x S); null: sdpa for local, te for transformer_engine (flex "
                                        "with packed rows)", choices=("sdpa", "flex", "te"))
+    drop_path_rate: float = setting(0.0, "stochastic depth on the vision tower in training, in [0, 1): "
+                                    "InternVL's per-layer rates 0 .. this, per image tile (its MPO scripts: "
+                                    "0.1, or 0.4 for 26B / 38B / 78B / 241B; 0 for InternVL3.5 1B-4B)")
 
     def validate(self) -> None:
+        below_one("model.drop_path_rate", self.drop_path_rate)
         parts = allowed(self, "freeze")
         bad = sorted(set(self.freeze) - set(parts))
         if bad:
@@ -114,10 +118,12 @@ class PrecisionSection:
                          choices=("fp32", "bf16"))
     fp8: Optional[str] = setting(None, "FP8 LLM layers (needs `model.spec: transformer_engine`, "
                                  "compute capability >= 8.9; null: off)", choices=("hybrid", "e4m3"))
-    fp8_recipe: str = setting("delayed", "FP8 scaling recipe (`mxfp8` needs Blackwell)",
-                              choices=("delayed", "tensorwise", "mxfp8"))
-    reference_fp8: bool = setting(False, "reference values in FP8 too (current-scaling recipes only); "
-                                  "false: in `dtype`")
+    fp8_recipe: str = setting("tensorwise", "FP8 scaling recipe: `tensorwise` (current scaling, Hopper and newer) "
+                              "lets the reference run in the same FP8 numerics as training; `mxfp8` needs "
+                              "Blackwell", choices=("delayed", "tensorwise", "mxfp8"))
+    reference_fp8: Optional[bool] = setting(None, "reference values in FP8 too; null: exactly when training "
+                                            "uses a current-scaling FP8 recipe (`tensorwise`, `mxfp8`), so "
+                                            "policy and reference share numerics; false: in `dtype`")
 
     def validate(self) -> None:
         one_of("precision.dtype", self.dtype, allowed(self, "dtype"))
@@ -227,6 +233,22 @@ class LoggingSection:
 
 
 @dataclass
+class EvalSection:
+    """Held-out preference pairs scored during training (no optimizer state, no effect on training)."""
+
+    shards: Optional[str] = setting(None, "held-out shards (a make_shards dir, as data.shards; null: no evaluation)")
+    ref_logps: Optional[str] = setting(None, "reference sidecars of eval.shards (precompute_ref_logps with "
+                                       "data.shards and data.ref_logps set to these two)")
+    interval: int = setting(500, "evaluate every this many steps, and at the last step")
+
+    def validate(self) -> None:
+        positive("eval.interval", self.interval)
+        if bool(self.shards) != bool(self.ref_logps):
+            raise UserError("eval.shards and eval.ref_logps go together: set both (held-out pairs and their "
+                            "reference values) or neither")
+
+
+@dataclass
 class RunConfig:
     model: ModelSection = field(default_factory=ModelSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
@@ -236,6 +258,7 @@ class RunConfig:
     train: TrainSection = field(default_factory=TrainSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
+    eval: EvalSection = field(default_factory=EvalSection)
 
     def validate(self) -> "RunConfig":
         """Check every section; raise UserError on the first problem."""

@@ -121,7 +121,9 @@ def readiness(cfg: RunConfig) -> str:
         cfg.validate()  # reads only
     except UserError as exc:
         return f"not ready to train: {exc}"
-    return "ok, this config passes the start-up checks of its settings"
+    return ("ok, this config passes the start-up checks of its settings; not checked here (they run at "
+            "start): that model.init, data.shards and data.ref_logps exist and match each other, a test write "
+            "into the save and log dirs, and the parallel layout against the model and the process count")
 
 
 # ---- README table ---------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
     [torchrun --nproc-per-node N] python -m megatron_mpo.evaluate --ckpt DIR --out DIR
         [--questions meta.json [-k 8]] [--shards DIR --ref-logps DIR [--tensor-parallel T]]
-        [--max-length 8192] [--max-tiles 6]
+        [--max-length 8192] [--max-tiles N]
 
 - ``--questions``: a question set (MMPR-style meta.json whose records carry ``answer``;
   images under each dataset's ``root``). The generation engine answers (greedy, and
@@ -41,7 +41,8 @@ def _preference(args, rank: int) -> dict:
     policy_dir = os.path.join(args.out, "policy_logps")
     overrides = [f"model.init={ckpt}", f"model.tokenizer={tokenizer_source(ckpt)}", f"data.shards={args.shards}",
                  f"data.ref_logps={policy_dir}", f"data.max_length={args.max_length}",
-                 f"data.max_tiles={args.max_tiles}", f"parallel.tensor={args.tensor_parallel}",
+                 *([f"data.max_tiles={args.max_tiles}"] if args.max_tiles is not None else []),
+                 f"parallel.tensor={args.tensor_parallel}",
                  f"parallel.pipeline={args.pipeline_parallel}", f"train.device={args.device}",
                  f"train.micro_batch={args.micro_batch}", "train.global_batch=1", "train.steps=1"]
     if args.template:

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from megatron_mpo.errors import UserError
-from megatron_mpo.settings import setting
+from megatron_mpo.models.moe_balance import AUX_LOSS_CONVENTIONS
+from megatron_mpo.settings import one_of, setting
 
 __all__ = ["PREFERENCE_LOSSES", "DELTA_UPDATES", "GENERATION_NORMS", "LossWeights", "MPOLossConfig"]
 
@@ -42,9 +43,11 @@ class MPOLossConfig:
     preference and quality terms (and the reported rewards) from per-sequence log-prob
     sums to per-token averages. ``generation_norm`` picks the generation term's average:
     ``sequence`` (default, the paper's -log pi(y_c|x)/|y_c| per pair, then the mean over
-    pairs) or ``token`` (chosen-token NLL summed over the batch / its chosen tokens: TRL's
-    ``sft`` loss, which InternVL's MPO trainer uses; long responses weigh more).
-    ``delta_update`` picks how the BCO reward shift is kept (``losses.RewardShift``).
+    pairs; also what InternVL's released runs optimise: TRL's ``sft`` token mean over a
+    micro-batch of 1 pair per GPU, averaged over micro-batches and ranks) or ``token``
+    (chosen-token NLL summed over the step / its chosen tokens: TRL's ``sft`` with many pairs
+    per micro-batch; long responses weigh more). ``delta_update`` picks how the BCO reward
+    shift is kept (``losses.RewardShift``; README "Losses" says which layout each matches).
     Checked by :meth:`validate`, which the run config calls with every section's.
     """
 
@@ -55,19 +58,27 @@ class MPOLossConfig:
     average_log_probs: bool = setting(False, "per-token average log-probs in the preference and quality "
                                       "terms instead of sequence sums")
     delta_update: str = setting("step", "BCO reward shift: mean over previous optimizer `step`s (paper) "
-                                "or a running mean per `micro_batch` (TRL)", choices=DELTA_UPDATES)
+                                "or TRL's running mean per `micro_batch` (InternVL's released runs when "
+                                "global_batch = DP x micro_batch)", choices=DELTA_UPDATES)
     router_aux_loss_coef: Optional[float] = setting(
-        None, "mixture-of-experts LLMs: coefficient of megatron-core's load-balancing loss (per MoE layer, "
-        "added to the MPO loss through its gradient, logged as `aux_loss`); null: the model's own "
-        "(`router_aux_loss_coef` of its config), 0: off")
-    generation_norm: str = setting("sequence", "SFT term: mean over pairs of per-`sequence` token means (paper) "
-                                   "or mean over all chosen `token`s of the step (InternVL/TRL)",
+        None, "mixture-of-experts LLMs: coefficient of the routers' load-balancing loss, read as "
+        "`router_aux_loss_convention` says (added to the MPO loss through its gradient, padding left out, "
+        "logged as `aux_loss`); null: the model's own (`router_aux_loss_coef` of its config), 0: off")
+    router_aux_loss_convention: str = setting(
+        "transformers", "what the coefficient weighs: `transformers` (the checkpoint's meaning: its "
+        "`load_balancing_loss_func`, `top_k` at balance; megatron-core gets coefficient x top_k / MoE layers "
+        "per layer) or `megatron` (megatron-core's own: the coefficient on each MoE layer's loss, 1 at balance)",
+        choices=AUX_LOSS_CONVENTIONS)
+    generation_norm: str = setting("sequence", "SFT term: mean over pairs of per-`sequence` token means (paper, "
+                                   "and InternVL's released runs: 1 pair per GPU) or mean over all chosen "
+                                   "`token`s of the step (TRL with several pairs per micro-batch)",
                                    choices=GENERATION_NORMS)
 
     def validate(self) -> None:
         """Raise :class:`UserError` (one line: what is wrong, how to fix it) on a bad value."""
         if self.router_aux_loss_coef is not None and self.router_aux_loss_coef < 0:
             raise UserError(f"mpo.router_aux_loss_coef must be >= 0 (or null), got {self.router_aux_loss_coef}")
+        one_of("mpo.router_aux_loss_convention", self.router_aux_loss_convention, AUX_LOSS_CONVENTIONS)
         problem = self._loss_problem()
         if problem:
             raise UserError(f"mpo section: {problem}")
@@ -98,5 +109,5 @@ class MPOLossConfig:
             return f"unknown delta_update {self.delta_update!r}; choose one of {', '.join(DELTA_UPDATES)}"
         if self.generation_norm not in GENERATION_NORMS:
             return (f"unknown generation_norm {self.generation_norm!r}; choose one of {', '.join(GENERATION_NORMS)} "
-                    "(token reproduces InternVL/TRL)")
+                    "(sequence reproduces InternVL's released runs)")
         return None

@@ -63,6 +63,8 @@ def initialize(
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
+    from megatron_mpo.models import drop_path
+
     world = torch.distributed.get_world_size()
     check_world(world, tensor, pipeline, expert)
     if parallel_state.model_parallel_is_initialized():
@@ -75,9 +77,11 @@ def initialize(
         distributed_timeout_minutes=timeout_minutes,
     )
     # Same seed on every rank for replicated weights; megatron-core offsets the
-    # tensor-parallel stream per TP rank inside the tracker.
+    # tensor-parallel stream per TP rank inside the tracker, the vision tower's drop-path
+    # stream is offset per data-parallel rank.
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
+    drop_path.seed_rng(seed)
     return current_layout()
 
 

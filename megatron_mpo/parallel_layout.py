@@ -10,6 +10,10 @@ module checks layouts without importing torch.
 
 from __future__ import annotations
 
+import os
+import shlex
+import sys
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from megatron_mpo.errors import UserError
@@ -64,6 +68,13 @@ def check_layout(
 def check_world(world_size: int, tensor: int, pipeline: int, expert: int = 1) -> None:
     """The world must be a whole number of TP x PP model replicas, and the expert-parallel
     groups (TP x EP ranks per pipeline stage) must tile it too."""
+    if world_size == 1 and tensor * pipeline * expert > 1 and "LOCAL_RANK" not in os.environ:
+        need = tensor * pipeline * expert
+        command = _this_command()
+        raise UserError(
+            f"this layout (tensor={tensor} x pipeline={pipeline} x expert={expert}) needs {need} processes, but "
+            f"this one was started without torchrun; start it as: torchrun --nproc-per-node {need} {command}"
+        )
     if world_size % (tensor * pipeline) != 0:
         raise UserError(
             f"{world_size} processes cannot hold whole model replicas of tensor={tensor} x "
@@ -77,6 +88,20 @@ def check_world(world_size: int, tensor: int, pipeline: int, expert: int = 1) ->
         )
 
 
+def _this_command() -> str:
+    """This process's command line as torchrun takes it (``-m module`` for the package's own
+    entry points, which ``python -m`` reports as a file path)."""
+    if not sys.argv or not sys.argv[0]:
+        return "<your command and its arguments>"
+    program = Path(sys.argv[0]).resolve()
+    package = Path(__file__).resolve().parent
+    head = [sys.argv[0]]
+    if program.suffix == ".py" and package in program.parents:
+        module = program.relative_to(package.parent).with_suffix("")
+        head = ["-m", ".".join(module.parts)]
+    return " ".join(shlex.quote(a) for a in head + sys.argv[1:])
+
+
 def _check_model(model: Any, tensor: int, pipeline: int, expert: int) -> None:
     """What the architecture can be split into: experts over EP, layers over PP, every
     split dimension over TP."""
@@ -88,20 +113,32 @@ def _check_model(model: Any, tensor: int, pipeline: int, expert: int) -> None:
         raise UserError(f"parallel.expert={expert} does not divide the model's {lang.num_experts} experts")
     if lang.num_layers < pipeline:
         raise UserError(f"pipeline size {pipeline} exceeds the LLM's {lang.num_layers} layers")
+    problems = _tensor_problems(model, tensor)
+    if problems:
+        fits = [str(t) for t in range(1, 17) if not _tensor_problems(model, t)]
+        raise UserError(f"parallel.tensor={tensor} does not fit the model: {'; '.join(problems)}; tensor sizes "
+                        f"that fit: {', '.join(fits)}")
+
+
+def _tensor_problems(model: Any, tensor: int) -> list[str]:
+    """Each rule of megatron-core's tensor-parallel split that ``tensor`` breaks, in words."""
+    lang, vis = model.language, model.vision
     problems = []
     if lang.num_heads % tensor:
-        problems.append(f"LLM heads ({lang.num_heads})")
+        problems.append(f"the LLM's {lang.num_heads} attention heads must be a multiple of it")
     if lang.num_kv_heads % tensor and tensor % lang.num_kv_heads:
-        problems.append(f"LLM KV heads ({lang.num_kv_heads}; or be a multiple of them)")
+        problems.append(f"the LLM's {lang.num_kv_heads} KV heads must be a multiple of it, or it a multiple of "
+                        "them (each KV head is then shared by several tensor ranks)")
     if lang.ffn_hidden_size % tensor or lang.hidden_size % tensor:
-        problems.append("LLM hidden / FFN sizes")
+        problems.append("the LLM's hidden and FFN sizes must be multiples of it")
     if lang.is_moe and lang.moe_intermediate_size % tensor:
-        problems.append(f"expert FFN size ({lang.moe_intermediate_size})")
+        problems.append(f"the expert FFN size {lang.moe_intermediate_size} must be a multiple of it")
     if lang.padded_vocab_size % tensor:
-        problems.append(f"padded vocabulary ({lang.padded_vocab_size}; raise vocab_size_divisible_by)")
+        problems.append(f"the padded vocabulary {lang.padded_vocab_size} must be a multiple of it "
+                        "(raise vocab_size_divisible_by)")
     if vis.heads % tensor:
-        problems.append(f"vision heads ({vis.heads}; set vision.num_padded_heads to a multiple of {tensor})")
+        problems.append(f"the vision tower's {vis.heads} heads must be a multiple of it "
+                        f"(or set vision.num_padded_heads to a multiple of {tensor})")
     if vis.ffn_hidden_size % tensor:
-        problems.append(f"vision FFN size ({vis.ffn_hidden_size})")
-    if problems:
-        raise UserError(f"tensor parallel size {tensor} does not divide: {'; '.join(problems)}")
+        problems.append(f"the vision FFN size {vis.ffn_hidden_size} must be a multiple of it")
+    return problems

@@ -1,11 +1,17 @@
 """The one place that knows which device the job runs on.
 
-On a GPU machine this module is inert: CUDA + NCCL, megatron-core unchanged.
+On a GPU machine this module is inert: CUDA + NCCL, megatron-core unchanged -- except that it
+says whether torch.compile can run there (:func:`torch_compile_problem`: Triton builds its
+launchers with a C compiler), which decides megatron-core's jit fusions and FlexAttention.
 
-On a CPU machine (development boxes, CI) it selects gloo and redirects the handful of
-CUDA-only calls megatron-core makes, so that real megatron-core code -- parallel_state,
-tensor-parallel layers, the pipeline schedules, the RNG tracker, DDP, the optimizer and
-dist_checkpointing -- runs unchanged:
+On a CPU machine (development boxes, CI), or with ``device=cpu`` on a GPU machine, it selects
+gloo and redirects the handful of CUDA-only calls megatron-core makes, so that real
+megatron-core code -- parallel_state, tensor-parallel layers, the pipeline schedules, the RNG
+tracker, DDP, the optimizer and dist_checkpointing -- runs unchanged:
+
+* visible GPUs are hidden: ``torch.cuda.is_available()`` is False and ``device_count()`` 0
+  (megatron-core branches on them, some at import), and processes started from then on get
+  ``CUDA_VISIBLE_DEVICES=""``, so the run behaves as on a machine without a GPU;
 
 * a ``TorchFunctionMode`` maps any tensor factory / ``.to`` / ``.cuda`` asking for a CUDA
   device onto the CPU (covers ``device="cuda"`` and ``device=torch.cuda.current_device()``);
@@ -29,8 +35,12 @@ from __future__ import annotations
 import datetime
 import functools
 import importlib
+import logging
 import os
+import shutil
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -47,6 +57,9 @@ __all__ = [
     "init_distributed",
     "cuda_available",
     "require_gpu_feature",
+    "c_compiler",
+    "torch_compile_problem",
+    "jit_fusions",
 ]
 
 
@@ -64,6 +77,7 @@ class Platform:
 
 _PLATFORM: Optional[Platform] = None
 _CPU_MODE: Optional[TorchFunctionMode] = None
+_COMPILE_PROBLEM: Optional[str] = None  # "" once probed without a problem
 
 
 def cuda_available() -> bool:
@@ -207,6 +221,64 @@ def require_gpu_feature(feature: str, *, min_capability: tuple[int, int] = (0, 0
         )
 
 
+def c_compiler() -> Optional[str]:
+    """The C compiler Triton builds its GPU launchers with, looked up as Triton does (``$CC``
+    as given, else gcc, else clang), or None when that lookup finds nothing runnable."""
+    cc = os.environ.get("CC")
+    if cc is not None:
+        return shutil.which(cc)
+    return shutil.which("gcc") or shutil.which("clang")
+
+
+def torch_compile_problem() -> Optional[str]:
+    """Why torch.compile cannot run in this process (one line), or None when it can.
+
+    Only the GPU path compiles (megatron-core's ``jit_fuser`` is torch.compile; FlexAttention),
+    and there Triton needs a C compiler for every kernel: without one the first layer fails.
+    The CPU path runs eager, so there is nothing to probe. Probed once per process: the
+    compiler lookup, then a one-line compile on the GPU.
+    """
+    global _COMPILE_PROBLEM
+    if not current().is_cuda:
+        return None
+    if _COMPILE_PROBLEM is None:
+        _COMPILE_PROBLEM = _probe_compile() or ""
+    return _COMPILE_PROBLEM or None
+
+
+def jit_fusions() -> bool:
+    """Whether megatron-core's torch.compile'd fusions (bias-dropout-add, bias-SwiGLU) may be
+    switched on: on a GPU where torch.compile runs."""
+    return current().is_cuda and torch_compile_problem() is None
+
+
+def _probe_compile() -> Optional[str]:
+    if c_compiler() is None:
+        cc = os.environ.get("CC")
+        where = f"CC={cc} is not a program on PATH" if cc is not None else \
+            "CC is unset and neither gcc nor clang is on PATH"
+        return f"Triton finds no C compiler ({where})"
+    return _compile_smoke()
+
+
+def _compile_smoke() -> Optional[str]:
+    """Compile and run a one-line function on the GPU: a compiler can be present and still
+    fail to build Triton's launcher (no Python headers, a broken toolchain)."""
+    try:
+        got = torch.compile(_smoke)(torch.ones(4, device=device()))
+        synchronize()
+        return None if bool((got == 3).all()) else "torch.compile gave a wrong result for a one-line function"
+    except Exception as exc:  # noqa: BLE001 -- whatever failed, compiled code cannot run here
+        while exc.__cause__ is not None:
+            exc = exc.__cause__
+        text = (str(exc).strip().splitlines() or [""])[0][:200]
+        return f"torch.compile failed: {type(exc).__name__}: {text}"
+
+
+def _smoke(x: torch.Tensor) -> torch.Tensor:
+    return x * 2 + 1
+
+
 def synchronize() -> None:
     """Wait for queued device work (no-op on CPU)."""
     if current().is_cuda:
@@ -214,12 +286,31 @@ def synchronize() -> None:
 
 
 def max_memory_allocated() -> int:
-    """Peak bytes held by tensors on the device (CPU: process peak RSS)."""
+    """Peak bytes held by tensors on the device since the last :func:`reset_peak_memory`
+    (CPU: the process's peak resident set, Linux's VmHWM, which the reset clears; the
+    lifetime peak where /proc is missing)."""
     if current().is_cuda:
         return int(torch.cuda.max_memory_allocated())
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     import resource
 
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def reset_peak_memory() -> None:
+    """Start a new peak for :func:`max_memory_allocated` (per logging interval)."""
+    if current().is_cuda:
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:  # Linux >= 4.0: "5" resets the peak resident set size of the process
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
 
 
 # --------------------------------------------------------------------------------------
@@ -335,11 +426,31 @@ def _backward_on_cpu(backward: Any) -> Any:
     return run
 
 
+def _hide_cuda() -> None:
+    """Make this process, and those it starts, see no GPU (``device=cpu`` on a GPU machine).
+
+    megatron-core branches on ``torch.cuda.is_available()`` -- at import in
+    ``dist_checkpointing.strategies.torch`` (whether it handles Transformer Engine's FP8
+    tensors) -- and a started process (data worker, tool) would otherwise see the GPUs and
+    could open a CUDA context on one. ``CUDA_VISIBLE_DEVICES`` only binds CUDA initialised
+    after it, hence the patched answers for this process.
+    """
+    if torch.backends.cuda.is_built():  # a CPU-only torch has nothing to hide
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    torch.cuda.is_available = lambda: False
+    torch.cuda.device_count = lambda: 0
+    strategy = sys.modules.get("megatron.core.dist_checkpointing.strategies.torch")
+    if strategy is not None:  # imported before the platform was set up
+        strategy.HAVE_TE = False
+
+
 def _install_cpu_redirects() -> None:
-    """Point megatron-core's CUDA-only calls at the CPU. Called once, only without CUDA."""
+    """Point megatron-core's CUDA-only calls at the CPU. Called once, in CPU mode."""
     global _CPU_MODE
     if _CPU_MODE is not None:
         return
+
+    _hide_cuda()
 
     torch.cuda.current_device = lambda: 0  # used as a device index; mapped to CPU above
     torch.cuda.synchronize = lambda *a, **k: None
@@ -361,6 +472,10 @@ def _install_cpu_redirects() -> None:
 
     mcore_random._get_cuda_rng_state = get_rng_state
     mcore_random._set_cuda_rng_state = set_rng_state
+    # Every draw under the tracker's fork() moves "the CPU state" (here the one generator)
+    # and megatron-core logs a warning for it: once per drop-path mask, per layer and step.
+    logging.getLogger(mcore_random.__name__).addFilter(
+        lambda record: record.getMessage() != "CPU RNG state changed within GPU RNG context")
 
     for module in _MODULES_WITH_CUDA_BACKWARD:
         _redirect_autograd_backwards(importlib.import_module(module))

@@ -35,16 +35,22 @@ def read_metrics(path: str | Path) -> list[dict]:
     return records
 
 
-def plot_runs(paths: Sequence[str | Path], out: str | Path, labels: Sequence[str] | None = None) -> Path:
-    """Draw every panel for every run into one PNG; returns its path."""
+def draw_runs(runs: Sequence[list[dict]], labels: Sequence[str]):
+    """The figure of :func:`plot_runs`: a panel per metric group, every run overlaid.
+
+    Legends go below their panel, outside the axes, so that overlaid runs (up to one line
+    per run and key) never hide the curves they name.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [read_metrics(p) for p in paths]
-    labels = list(labels) if labels else [Path(p).stem for p in paths]
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(4 * len(PANELS), 3.4))
+    entries = max(len(keys) for _, keys in PANELS) * len(runs) if len(runs) > 1 else max(len(k) for _, k in PANELS)
+    columns = 1 if entries <= 4 else 2
+    legend_rows = -(-entries // columns)
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(4 * len(PANELS), 3.0 + 0.17 * legend_rows),
+                             layout="constrained")
     for ax, (title, keys) in zip(axes, PANELS):
         for label, records in zip(labels, runs):
             for key in keys:
@@ -56,8 +62,17 @@ def plot_runs(paths: Sequence[str | Path], out: str | Path, labels: Sequence[str
         ax.set_title(title)
         ax.set_xlabel("step")
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-    fig.tight_layout()
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False, ncols=columns)
+    return fig
+
+
+def plot_runs(paths: Sequence[str | Path], out: str | Path, labels: Sequence[str] | None = None) -> Path:
+    """Draw every panel for every run into one PNG; returns its path."""
+    import matplotlib.pyplot as plt
+
+    runs = [read_metrics(p) for p in paths]
+    labels = list(labels) if labels else [Path(p).stem for p in paths]
+    fig = draw_runs(runs, labels)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.stem + ".tmp.png")

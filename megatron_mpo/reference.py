@@ -24,8 +24,9 @@ from megatron_mpo import parallel
 from megatron_mpo.config import RunConfig
 from megatron_mpo.data.refs import StaleSidecar, check_sidecar, shard_contents, shard_name, sidecar_path, write_ref_logps
 from megatron_mpo.errors import UserError
-from megatron_mpo.training import data_setup, model_setup, precision, preflight, schedule
+from megatron_mpo.training import data_setup, model_setup, precision, preflight
 from megatron_mpo.training.forward import make_forward_step
+from megatron_mpo.training.forward_only import ForwardOnly, groups_of, needs_lockstep
 
 MICRO_BATCHES_PER_CALL = 8  # micro-batches per schedule call (bounds memory on long shards)
 
@@ -49,17 +50,6 @@ def _is_complete(path: str, expected: dict, content: dict) -> bool:
 
 
 # ---- computation -----------------------------------------------------------------------
-
-
-def _chunks(iterator, size: int):
-    chunk = []
-    for item in iterator:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
 
 
 def precompute(cfg: RunConfig, log=print) -> dict:
@@ -93,18 +83,9 @@ def precompute(cfg: RunConfig, log=print) -> dict:
     planned = sum(counts.get(os.path.basename(u), 0) for u in todo)
     if torch.distributed.get_rank() == 0:
         log(f"reference log-probs in {precision.reference_precision(cfg).describe()}, template "
-            f"{data_setup.describe_template(cfg, model_config)}: {len(urls)} shards, {len(mine) - len(todo)} of this rank's "
-            f"{len(mine)} already complete, {len(todo)} to compute")
-
-    forward_step = make_forward_step(None)
-    forward_backward = schedule.forward_backward_func()
-    # Expert parallelism exchanges tokens between data-parallel ranks inside every forward,
-    # so those ranks must make the same collectives whatever their shards hold: each round
-    # every rank says where it stands (one all-reduce), and while any rank has micro-batches
-    # every rank runs one schedule call of MICRO_BATCHES_PER_CALL micro-batches, topped up
-    # with fillers whose results are dropped.
-    lockstep = model_config.language.is_moe and cfg.parallel.expert > 1
-    through, no_micro_batches, micro_batches = 0, 1, 2  # a rank's state in a lockstep round
+            f"{data_setup.describe_template(cfg, model_config)}, tiling {data_setup.describe_tiling(cfg, model_config)}: "
+            f"{len(urls)} shards, {len(mine) - len(todo)} of this rank's {len(mine)} already complete, "
+            f"{len(todo)} to compute")
 
     def loader_for(url: str):
         import dataclasses
@@ -116,7 +97,7 @@ def precompute(cfg: RunConfig, log=print) -> dict:
         shard's final group, ``[]`` the one group of a shard without a usable sample."""
         for url in todo:
             loader = loader_for(url)
-            groups = _chunks(iter(loader), MICRO_BATCHES_PER_CALL)
+            groups = groups_of(iter(loader), MICRO_BATCHES_PER_CALL)
             group = next(groups, [])
             while group is not None:
                 following = next(groups, None)
@@ -128,35 +109,19 @@ def precompute(cfg: RunConfig, log=print) -> dict:
     def filler():
         """Any real micro-batch (the first of the shard set), read once when first needed."""
         if not fillers:
-            fillers.extend(next((g for u in urls for g in _chunks(iter(loader_for(u)), 1)), []))
+            fillers.extend(next((g for u in urls for g in groups_of(iter(loader_for(u)), 1)), []))
         return fillers[0]
 
-    def forward(group: list) -> list:
-        real = len(group)
-        if lockstep:
-            group = group + [group[0] if group else filler()] * (MICRO_BATCHES_PER_CALL - real)
-        with torch.no_grad():
-            results = schedule.run_schedule(forward_backward, forward_step, chunks, group,
-                                            tok.pad_id, forward_only=True)
-        return results[:real] if results else results
-
+    passes = ForwardOnly(chunks, make_forward_step(None), tok.pad_id, per_call=MICRO_BATCHES_PER_CALL,
+                         lockstep=needs_lockstep(model_config, cfg.parallel.expert), filler=filler)
     started = time.perf_counter()
     done_pairs = 0
     computed = []
     values: dict[str, tuple] = {}
-    items = work()
-    while True:
-        item = next(items, None)
-        url, loader, group, last = item or (None, None, [], False)
-        if lockstep:
-            state = parallel.max_over_ranks(micro_batches if group else no_micro_batches if item else through)
-            if state == through:
-                break
-            results = forward(group) if state == micro_batches else []
-        elif item is None:
-            break
-        else:
-            results = forward(group) if group else []
+    for item, results in passes.rounds(work(), group_of=lambda item: item[2]):
+        if item is None:  # a lockstep round after this rank's last shard
+            continue
+        url, loader, group, last = item
         if is_writer:
             for r in results:
                 for i, sample_id in enumerate(r["keys"]):

@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional, Union
 
 from megatron_mpo.errors import UserError
 
-__all__ = ["Choices", "setting", "allowed", "positive", "one_of"]
+__all__ = ["Choices", "setting", "allowed", "positive", "below_one", "one_of"]
 
 Choices = Union[tuple, Callable[[], tuple]]
 
@@ -41,6 +41,12 @@ def positive(name: str, value: Any) -> None:
     """Refuse a key whose value is not above 0."""
     if value is None or value <= 0:
         raise UserError(f"{name} must be a positive number, got {value!r}")
+
+
+def below_one(name: str, value: Any) -> None:
+    """Refuse a key whose value is not in [0, 1) (a rate or a fraction)."""
+    if value is None or not 0 <= value < 1:
+        raise UserError(f"{name} must be in [0, 1), got {value!r}")
 
 
 def one_of(name: str, value: Any, choices: tuple) -> None:

@@ -28,18 +28,23 @@ from megatron_mpo.console import exit_on_user_error, setup_console
 from megatron_mpo.errors import UserError
 from megatron_mpo.losses import MPOLoss
 from megatron_mpo.parallel import Layout, all_ranks_true
+from megatron_mpo.plan import startup as plan_startup
 from megatron_mpo.processes import reap_helpers
 from megatron_mpo.training import checkpoint as ckpt_lib
 from megatron_mpo.training import run_report
 from megatron_mpo.training import data_setup, disk_space, model_setup, precision, preflight, row_layout, schedule
 from megatron_mpo.training.flops import FlopCounter
 from megatron_mpo.training.forward import StepContext, make_forward_step
-from megatron_mpo.training.metrics import MetricsLogger, StepCounter, global_sum, reduce_loss_metrics, router_aux_loss
+from megatron_mpo.training.metrics import (MetricsLogger, StepCounter, global_sum, interval_peak_memory_gib,
+                                          reduce_loss_metrics, router_aux_loss)
+from megatron_mpo.training.heldout import HeldOutEval
 from megatron_mpo.training.preemption import PreemptionFlag
+from megatron_mpo.training.reference_gap import reference_gap_warning
 from megatron_mpo.training.rng_state import capture_rng_state, restore_rng_state
 from megatron_mpo.training.sample_log import SampleLog
 from megatron_mpo.training.optim import (build_optimizer, build_scheduler, grads_are_finite, warmup_warning,
-                                         wrap_data_parallel)
+                                         whole_weights, wrap_data_parallel)
+from megatron_mpo.training.perf_settings import for_run as perf_settings_for_run
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -79,7 +84,8 @@ def train(cfg: RunConfig) -> dict:
     is_writer = rank == 0
 
     # ---- model ------------------------------------------------------------------------
-    chunks = model_setup.build_model_chunks(cfg, model_config, layout)
+    speed = perf_settings_for_run(cfg, layout, model_config, training=True)  # Megatron-LM's fast paths
+    chunks = model_setup.build_model_chunks(cfg, model_config, layout, speed=speed)
     manager = ckpt_lib.CheckpointManager(cfg.checkpoint.save, cfg.checkpoint.keep_last,
                                          cfg.checkpoint.optimizer_format) if cfg.checkpoint.save else None
     if manager is not None:
@@ -87,7 +93,7 @@ def train(cfg: RunConfig) -> dict:
     resume_from = resolve_resume(cfg, manager)
     if cfg.model.init and resume_from is None:  # a resumed run loads its weights below
         ckpt_lib.load_model_weights(cfg.model.init, chunks)
-    model = wrap_data_parallel(chunks, cfg.precision)
+    model = wrap_data_parallel(chunks, cfg.precision, speed)
     optimizer = build_optimizer(model, cfg.train, cfg.precision)
 
     # ---- data -------------------------------------------------------------------------
@@ -96,6 +102,7 @@ def train(cfg: RunConfig) -> dict:
     micro_per_step = schedule.micro_batches_per_step(cfg, layout)
     scheduler = build_scheduler(optimizer, cfg.train, total_steps)
     mpo = MPOLoss(cfg.mpo, group=layout.data_group)
+    heldout = HeldOutEval(cfg, model_config, tokenizer, layout, model, mpo) if cfg.eval.shards else None
 
     # ---- resume -----------------------------------------------------------------------
     step = 0
@@ -132,12 +139,17 @@ def train(cfg: RunConfig) -> dict:
         print(run_report.banner(
             cfg, layout, total_steps=total_steps, start_step=step, pairs=data_setup.shard_total(cfg),
             template=template, template_source=template_source,
+            tiling=data_setup.describe_tiling(cfg, model_config),
             precision=precision.training_precision(cfg).describe(),
             reference_precision=precision.reference_precision(cfg).describe(),
-            rows=row_layout.packing_layout(cfg), mfu_peak=flops.peak().describe()), flush=True)
+            rows=row_layout.packing_layout(cfg), mfu_peak=flops.peak().describe(), speed=speed.describe()),
+            flush=True)
         for warning in (row_layout.packing_warning(cfg, model_config), warmup_warning(cfg.train, total_steps)):
             if warning:
                 print(f"warning: {warning}", flush=True)
+    memory_plan = plan_startup.estimate(cfg, model_config, layout.data) if is_writer else None
+    if memory_plan is not None:
+        print(memory_plan.line(), flush=True)
     batches = iter(loader)
 
     checkpoint_bytes = 0
@@ -217,14 +229,18 @@ def train(cfg: RunConfig) -> dict:
             elapsed = time.perf_counter() - started
             sample_log.write(step, micro_batches, applied=finite)
 
-            if step % cfg.logging.interval == 0 or step == total_steps or step == 1:
+            evaluated = None
+            if heldout is not None and heldout.due(step, total_steps):
+                with whole_weights(model):  # overlap_param_gather: no all-gathers inside evaluation
+                    evaluated = heldout.run()
+            if step % cfg.logging.interval == 0 or step == total_steps or step == 1 or evaluated is not None:
                 first = layout.tensor_rank == 0 and layout.pipeline_rank == 0
                 names = ("tokens", "tiles", "scored", "attended")
                 counts = global_sum({n: getattr(counted, n) if first else 0 for n in names})
                 tokens = counts["tokens"]
                 skipped = global_sum(loader.skip_counts if first else {})
                 record = {
-                    **{k: v for k, v in losses.items() if k != "abs_logratio"},
+                    **{k: v for k, v in losses.items() if not k.startswith("abs_logratio")},
                     **({"aux_loss": aux_loss} if aux_loss is not None else {}),
                     "lr": lr,
                     "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
@@ -233,10 +249,22 @@ def train(cfg: RunConfig) -> dict:
                     "mfu": flops.mfu(tokens, elapsed, torch.distributed.get_world_size(), seq_len=seq_len,
                                      tiles=counts["tiles"], scored=counts["scored"], attended=counts["attended"]),
                     "skipped": {**{k: int(v) for k, v in skipped.items()}, "nonfinite_steps": bad_total},
+                    "peak_memory_gib": interval_peak_memory_gib(),  # the largest rank's, this interval
                 }
+                if evaluated:
+                    record["eval"] = evaluated
                 if step == 1 and resume_from is None:
                     record["ref_logratio_step0"] = losses["abs_logratio"]
+                    record["ref_logratio_step0_per_token"] = losses["abs_logratio_per_token"]
+                    gap = reference_gap_warning(losses["abs_logratio"], losses["abs_logratio_per_token"],
+                                                cfg.mpo.beta, precision.training_precision(cfg).describe(),
+                                                precision.reference_precision(cfg).describe())
+                    if gap and is_writer:
+                        print(f"warning: {gap}", flush=True)
                 logger.log(step, record)
+                if memory_plan is not None:  # this process's first logged step: the real peak next to the plan
+                    print(memory_plan.after_step(record["peak_memory_gib"], step), flush=True)
+                    memory_plan = None
             if bad_in_a_row >= cfg.train.max_bad_steps:
                 raise UserError(
                     f"{bad_in_a_row} steps in a row had a non-finite loss or gradient (step {step}); "

@@ -8,6 +8,9 @@ through megatron-core's real pipeline schedules, compares logits, per-token loss
 (for the image pair case and a row packed with three pairs) gradients with the
 transformers reference, and finally saves
 a TP=2/PP=2 distributed checkpoint and reloads it at TP=1 (sharded_state_dict check).
+At TP=2/PP=1 (two data-parallel replicas) it also trains the qwen2 model with drop path on
+the vision tower: each replica's losses and gradients must equal the TP=1 run seeded for its
+data-parallel rank (same masks on the TP ranks of a replica, the replica's own masks).
 
 Usage: python -m torch.distributed.run --nproc-per-node=4 tests/_model_worker.py ARTIFACTS
 """
@@ -23,6 +26,9 @@ LOGIT_ATOL = 1e-5
 GRAD_ATOL = 1e-4
 GRAD_RTOL = 1e-4
 GROUPINGS = ((2, 1, 1), (1, 2, 1), (2, 2, 1), (1, 2, 2))  # (TP, PP, virtual stages)
+DROP_PATH_RATE = 0.4
+DROP_PATH_CASES = ("pair", "several_tiles")
+DROP_PATH_SEED = 1234
 
 
 # ---- helpers shared with the in-process test ------------------------------------------
@@ -177,6 +183,35 @@ def check_grads(
     return failures
 
 
+def drop_path_run(model, cases: list, tp_group, tp_size: int, data_rank=None) -> dict:
+    """Training forward + backward of ``DROP_PATH_CASES`` from a freshly seeded drop-path
+    stream (``data_rank`` None: this rank's); per-token losses and every full gradient."""
+    from megatron_mpo.models import drop_path
+
+    drop_path.seed_rng(DROP_PATH_SEED, data_rank=data_rank)
+    model.train()
+    model.zero_grad(set_to_none=True)
+    losses = [run_schedule(model, next(c for c in cases if c["name"] == name), labels=True, forward_only=False)
+              for name in DROP_PATH_CASES]
+    grads = {_global_name(model, n): gather_full_grad(n, p, tp_group, tp_size) for n, p in model.named_parameters()}
+    return dict(losses=losses, grads=grads)
+
+
+def check_drop_path(run: dict, expected: dict, where: str) -> list[str]:
+    """A drop-path run against the TP=1 run of the same data-parallel rank."""
+    import torch
+
+    failures = []
+    for name, loss, ref in zip(DROP_PATH_CASES, run["losses"], expected["losses"]):
+        if not torch.allclose(loss, ref, atol=LOGIT_ATOL, rtol=0):
+            failures.append(f"{where} {name}: losses differ by {(loss - ref).abs().max().item():.3g}")
+    for name, grad in run["grads"].items():
+        ref = expected["grads"][name]
+        if not torch.allclose(grad, ref, atol=GRAD_ATOL, rtol=GRAD_RTOL):
+            failures.append(f"{where}: grad of {name} differs by {(grad - ref).abs().max().item():.3g}")
+    return failures
+
+
 # ---- the multi-rank run ---------------------------------------------------------------
 
 
@@ -205,6 +240,7 @@ def _run(artifacts: Path, checked: list) -> list[str]:
             grads=torch.load(d / "grads.pt"),
             packed_grads=torch.load(d / "packed_grads.pt"),
         )
+    drop_path_tp1 = torch.load(artifacts / "drop_path.pt")  # TP=1 runs per data-parallel rank
     failures: list[str] = []
     ckpt_dir = artifacts / "dist_ckpt"
     for tp, pp, vp in GROUPINGS:
@@ -241,6 +277,13 @@ def _run(artifacts: Path, checked: list) -> list[str]:
                 failures += check_grads(model, packed, d["packed_grads"], f"{where} packed_pairs", tp_group, tp,
                                         emb_group)
                 checked.append(f"TP{tp}PP{pp}VP{vp} {kind}")
+                if (tp, pp, vp) == (2, 1, 1) and kind == "qwen2":
+                    dropping = build_model(cfg, drop_path_rate=DROP_PATH_RATE)
+                    load_full(dropping, d["full"], tp_rank, tp)
+                    dp_rank = parallel_state.get_data_parallel_rank()
+                    failures += check_drop_path(drop_path_run(dropping, d["cases"], tp_group, tp),
+                                                drop_path_tp1[dp_rank], f"{where} drop path DP{dp_rank}")
+                    checked.append(f"TP{tp}PP{pp}VP{vp} {kind} drop path")
                 if (tp, pp, vp) == (2, 2, 1):
                     save_dist_checkpoint(model, ckpt_dir / kind)
             except Exception:

@@ -58,6 +58,7 @@ def test_exact_resume_tp_reshard_and_preemption(tmp_path):
             kind, message = res[key]
             assert kind == "UserError" and change in message and "dp_reshardable" in message, key
             assert "optimizer_format=reshardable" in message and "\n" not in message, key
+            assert "weights only with model.init=" in message and "checkpoint.load unset" in message, key
         # (7) reshardable Adam state carried to another layout: TP1 -> TP2 and PP1 -> PP2 (from
         # TP1 x DP2), EP2 -> EP1 -> EP2 (MoE): the whole state equal, and the loss curve of the
         # next steps that of the straight run up to float32 reduction order.

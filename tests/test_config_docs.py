@@ -112,7 +112,8 @@ def test_print_config_has_every_key_with_help_and_reads_back(capsys, monkeypatch
     assert f"[{' | '.join(PREFERENCE_LOSSES)}]" in comment_above["mpo.preference"]
     assert f"[{' | '.join(DELTA_UPDATES)}]" in comment_above["mpo.delta_update"]
     assert "[auto | cuda | cpu]" in comment_above["train.device"]
-    assert lines[-1] == "# check: ok, this config passes the start-up checks of its settings"
+    assert lines[-1].startswith("# check: ok, this config passes the start-up checks of its settings; "
+                                "not checked here (they run at start): that model.init, data.shards")
 
 
 def test_print_config_shows_an_unfinished_config_and_what_it_lacks(capsys, monkeypatch):

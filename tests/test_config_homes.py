@@ -71,16 +71,20 @@ def test_every_component_built_from_run_config_defaults_carries_the_sections_val
     model_config = get_preset("tiny")
     # The trainer's loader: the data section itself (its template resolved) and the plan.
     data = data_setup.loader_data(cfg, model_config)
-    for name in _names(DataConfig) - {"shards", "template"}:
+    tiling = {"dynamic_tiling": True, "thumbnail": True, "min_tiles": 1, "max_tiles": 6}  # null: the model's (none)
+    for name in _names(DataConfig) - {"shards", "template", *tiling}:
         assert getattr(data, name) == getattr(defaults, name), name
     assert data.template == data_setup.run_template(cfg, model_config)[0]
+    assert {name: getattr(data, name) for name in tiling} == tiling
     plan = data_setup.loader_plan(cfg, model_config)
     assert (plan.micro_batch, plan.image_size, plan.tokens_per_tile) == (
         cfg.train.micro_batch, model_config.vision.image_size, model_config.tokens_per_tile)
     builder = build_pair_builder(data, load_tokenizer(build_tiny_tokenizer(str(tmp_path / "tok"))),
                                  image_size=plan.image_size, tokens_per_tile=plan.tokens_per_tile)
-    assert (builder.max_length, builder.max_tiles, builder.max_image_pixels, builder.system_message) == (
-        defaults.max_length, defaults.max_tiles, defaults.max_image_pixels, defaults.system_message)
+    assert (builder.max_length, builder.max_image_pixels, builder.system_message) == (
+        defaults.max_length, defaults.max_image_pixels, defaults.system_message)
+    assert (builder.dynamic_tiling, builder.use_thumbnail, builder.min_tiles, builder.max_tiles) == tuple(
+        tiling.values())
     # The loss takes its section as is.
     assert MPOLoss(cfg.mpo).config is cfg.mpo
     # Generation and evaluate.py (add_model_args), and the loader benchmark, cut and tile prompts

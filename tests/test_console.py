@@ -28,10 +28,12 @@ def check_run_console(stdout: str, stderr: str, steps: int, saves: list[int], ch
     assert stderr.strip() == "", stderr[-3000:]
     banners = [line for line in stdout.splitlines() if line.startswith("MPO training: ")]
     assert len(banners) == 1, stdout[-3000:]
-    for part in ("  layout: ", "  template: ", "  precision: ", "  reference values: "):
+    for part in ("  layout: ", "  template: ", "  tiling: ", "  precision: ", "  reference values: "):
         assert sum(line.startswith(part) for line in stdout.splitlines()) == 1, (part, stdout[:2000])
     # every step once (only rank 0 prints), numbered against the total
     assert STEP_LINE.findall(stdout) == [(str(s), str(steps)) for s in range(1, steps + 1)], stdout[-3000:]
+    assert "warning: reference gap" not in stdout  # the sidecars are this policy's own
+    assert all(" | peak_memory_gib " in line for line in stdout.splitlines() if STEP_LINE.match(line))
     assert [int(s) for s in SAVED_LINE.findall(stdout)] == saves, stdout[-3000:]
     last = stdout.strip().splitlines()[-1]
     assert last.startswith(f"finished at step {steps}/{steps}: {steps} steps, "), last
@@ -250,6 +252,7 @@ def test_step_line_shows_the_router_aux_loss_when_logged():
     moe = console_line(3, {"loss": 1.5, "aux_loss": 0.01234, "lr": 1e-3}, 10)
     assert moe == "step 3/10 | loss 1.5000 | aux_loss 0.01234 | lr 0.001", moe
     assert "aux_loss" not in console_line(3, {"loss": 1.5, "lr": 1e-3}, 10)  # a dense LLM logs none
+    assert console_line(3, {"loss": 1.5, "peak_memory_gib": 12.345}, 10) == "step 3/10 | loss 1.5000 | peak_memory_gib 12.35"
 
 
 # ---- skip counts -------------------------------------------------------------------------

@@ -6,6 +6,8 @@ Transformer Engine."""
 from __future__ import annotations
 
 import itertools
+import math
+
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
@@ -94,14 +96,17 @@ def test_sequence_multiple_meets_sp_and_fp8_shape_rules(tp, sp, recipe):
     (4, False, "hybrid", "tensorwise", 16),
 ])
 def test_data_pipeline_pads_to_the_rule(tp, sp, fp8, recipe, expected):
-    """The trainer's micro-batches follow the rule; the reference tool's (no FP8 by default)
+    """The trainer's micro-batches follow the rule; the reference tool's follow it too with a
+    current-scaling recipe (the reference shares the policy's FP8 numerics), and otherwise
     only need the sequence-parallel split."""
     from megatron_mpo.training.data_setup import loader_plan
 
     cfg = _cfg(model={"spec": "transformer_engine"}, parallel={"tensor": tp, "sequence": sp},
                precision={"dtype": "bf16", "fp8": fp8, "fp8_recipe": recipe})
     assert loader_plan(cfg, get_preset("tiny")).pad_multiple == expected
-    assert loader_plan(cfg, get_preset("tiny"), for_reference=True).pad_multiple == (tp if sp else 1)
+    same_fp8 = fp8 is not None and recipe != "delayed"
+    assert loader_plan(cfg, get_preset("tiny"), for_reference=True).pad_multiple == (
+        expected if same_fp8 else (tp if sp else 1))
 
 
 # ---- 4. the FP8 recipe reaches TransformerConfig, the machine check, the fingerprint ----
@@ -121,13 +126,15 @@ def test_fp8_recipe_reaches_the_transformer_config(world, monkeypatch, recipe):
     built = internvl.language_transformer_config(
         get_preset("tiny"), fp8=kwargs["fp8"], fp8_recipe=kwargs["fp8_recipe"], params_dtype=kwargs["params_dtype"])
     assert (built.fp8, built.fp8_recipe, built.params_dtype) == ("hybrid", recipe, torch.bfloat16)
-    # The reference tool builds its own chunks without FP8 (default): no recipe at all.
+    # The reference tool builds its own chunks: in the same FP8 numerics with a current-scaling
+    # recipe, without FP8 (no recipe at all) with delayed scaling.
     seen.clear()
     from megatron_mpo.training.precision import reference_precision
 
     model_setup.build_model_chunks(cfg, model_setup.model_config(cfg), parallel.current_layout(),
                                    reference_precision(cfg))
-    assert seen[0]["fp8"] is None and seen[0]["params_dtype"] == torch.bfloat16
+    want = (None, None) if recipe == "delayed" else ("hybrid", recipe)
+    assert (seen[0]["fp8"], seen[0]["fp8_recipe"]) == want and seen[0]["params_dtype"] == torch.bfloat16
 
 
 class _Chunk(torch.nn.Module):
@@ -169,7 +176,10 @@ def test_mxfp8_is_refused_below_blackwell(monkeypatch):
 
 def test_reference_fp8_needs_a_current_scaling_recipe():
     with pytest.raises(UserError, match="reference_fp8 with fp8_recipe=delayed"):
-        _cfg(model={"spec": "transformer_engine"}, precision={"fp8": "hybrid", "reference_fp8": True})
+        _cfg(model={"spec": "transformer_engine"},
+             precision={"fp8": "hybrid", "fp8_recipe": "delayed", "reference_fp8": True})
+    with pytest.raises(UserError, match="reference_fp8 must be true or false"):
+        _cfg(precision={"reference_fp8": "yes"})
     with pytest.raises(UserError, match="reference_fp8 needs precision.fp8"):
         _cfg(precision={"reference_fp8": True})
 
@@ -188,12 +198,15 @@ def test_fingerprint_records_the_reference_precision(workspace):
                                     precision={"dtype": "bf16", "fp8": "hybrid", **precision})).validate()
         return reference_fingerprint(cfg, model_config)
 
-    default = fp(fp8_recipe="delayed")
-    assert (default["dtype"], default["fp8"], default["fp8_recipe"]) == ("bf16", None, None)
-    assert fp(fp8_recipe="tensorwise") == default
+    delayed = fp(fp8_recipe="delayed")
+    assert (delayed["dtype"], delayed["fp8"], delayed["fp8_recipe"]) == ("bf16", None, None)
+    assert fp(fp8_recipe="tensorwise", reference_fp8=False) == delayed
     tensorwise, mx = fp(fp8_recipe="tensorwise", reference_fp8=True), fp(fp8_recipe="mxfp8", reference_fp8=True)
     assert (tensorwise["fp8"], tensorwise["fp8_recipe"]) == ("hybrid", "tensorwise")
-    assert tensorwise != mx and tensorwise != default
+    assert tensorwise != mx and tensorwise != delayed
+    # The default (issue 27, item 8): a current-scaling recipe, and the reference in the same FP8
+    # numerics as the policy (it used to be delayed scaling with a bf16 reference, always).
+    assert fp() == tensorwise and fp(fp8_recipe="mxfp8") == mx
     assert "fp8_recipe='tensorwise'" in explain(tensorwise, mx)
 
 
@@ -212,7 +225,7 @@ def test_reference_tool_builds_with_the_reference_precision(world, monkeypatch, 
     monkeypatch.setattr("megatron_mpo.parallel.shutdown", lambda: None)
     cfg = from_dict(base_config(workspace, model={"spec": "transformer_engine"},
                                 data={"ref_logps": str(tmp_path / "refs")},
-                                precision={"dtype": "bf16", "fp8": "hybrid"})).validate()
+                                precision={"dtype": "bf16", "fp8": "hybrid", "fp8_recipe": "delayed"})).validate()
     with pytest.raises(Built) as built:
         reference.precompute(cfg, log=lambda *_: None)
     plan = built.value.args[0]
@@ -229,6 +242,13 @@ def test_reference_tool_builds_with_the_reference_precision(world, monkeypatch, 
     ("NVIDIA GH200 480GB", False, 989.4),
     ("NVIDIA A100-SXM4-80GB", True, 312.0),  # no FP8 units: its bf16 peak
     ("NVIDIA B200", False, 2250.0),
+    # Exact names (issue 27): "L4" is also a part of "NVIDIA L40", "H800" of "NVIDIA H800 PCIe".
+    ("NVIDIA L40", False, 181.05),
+    ("NVIDIA L40", True, 362.0),
+    ("NVIDIA L40S", False, 362.05),
+    ("NVIDIA L4", False, 121.0),
+    ("NVIDIA H800 PCIe", False, 756.0),
+    ("NVIDIA H800 80GB HBM3", False, 989.4),
 ])
 def test_nominal_peak_by_device_name(name, fp8, tflops):
     from megatron_mpo.training.flops import nominal_peak
@@ -248,6 +268,37 @@ def test_known_gpu_uses_the_nominal_peak_unknown_one_is_measured(monkeypatch):
     peak = flops.device_peak()
     assert peak.flops == 1.0e12 and "measured" in peak.source
     assert "TFLOP/s" in peak.describe()
+
+
+@pytest.mark.parametrize("name", ["NVIDIA A10G", "NVIDIA L20", "NVIDIA GeForce RTX 4090"])
+def test_a_name_not_in_the_table_is_measured_not_matched_by_a_part(name):
+    from megatron_mpo.training.flops import nominal_peak
+
+    assert nominal_peak(name) is None and nominal_peak(name, fp8=True) is None
+
+
+def test_a_measured_peak_is_never_zero(monkeypatch):
+    """A loaded CPU printed "mfu against 0.0 TFLOP/s" (issue 27): a measurement of 0 (a
+    timer that did not move) is taken again, never used; small peaks print in GFLOP/s."""
+    from megatron_mpo.training import flops
+
+    calls = []
+    monkeypatch.setattr(flops, "measure_matmul_peak", lambda **kw: calls.append(kw) or 0.0)
+    peak = flops.device_peak()
+    assert len(calls) > 1 and peak.flops > 0 and math.isfinite(peak.flops), (calls, peak)
+    counter = flops.FlopCounter(get_preset("tiny"))
+    counter._peak = peak
+    assert counter.mfu(tokens=100, seconds=1.0, world_size=1) > 0
+    assert flops.Peak(4.2e10, "measured").describe() == "42.0 GFLOP/s (measured)"
+    assert flops.Peak(9.894e14, "nominal").describe() == "989.4 TFLOP/s (nominal)"
+
+
+def test_a_timer_that_does_not_move_gives_no_zero_or_infinite_peak(monkeypatch):
+    from megatron_mpo.training import flops
+
+    monkeypatch.setattr(flops.time, "perf_counter", lambda: 12.5)
+    peak = flops.device_peak()
+    assert 0 < peak.flops < float("inf"), peak
 
 
 class _CountMatmuls(TorchFunctionMode):
@@ -302,3 +353,23 @@ def test_transformer_engine_defaults_to_causal_rows_and_packs_on_flex_attention(
     warning = row_layout.packing_warning(unfused, big)
     # 8B at TP4, S = 12288: 8 heads x S^2 x 2 bytes x 32 layers = 72 GiB of probabilities.
     assert "72.0 GiB" in warning and "data.packing=false" in warning and "model.attention=flex" in warning
+
+
+def test_step1_reference_gap_warns_above_the_reward_offset_bound():
+    """Issue 27, item 8: a reference in other numerics (or from another checkpoint) is an
+    offset in every pair's reward before any update; above beta * gap = 0.1 the run says so,
+    naming the two precisions when they differ."""
+    import math
+
+    from megatron_mpo.training.reference_gap import REWARD_OFFSET_BOUND, reference_gap_warning
+
+    assert REWARD_OFFSET_BOUND == 0.1
+    assert reference_gap_warning(0.9, 0.003, 0.1, "bf16", "bf16") is None  # beta * gap = 0.09
+    fp8 = reference_gap_warning(2.0, 0.02, 0.1, "bf16 + fp8 hybrid (delayed scaling)", "bf16")
+    assert fp8 is not None and "\n" not in fp8
+    assert "beta*gap = 0.2 above 0.1" in fp8 and "0.02 per token" in fp8
+    assert "computes in bf16 + fp8 hybrid (delayed scaling)" in fp8 and "fp8_recipe: tensorwise" in fp8
+    assert f"to {1 / (1 + math.exp(0.2)):.3f}" in fp8  # sigmoid(-0.2) = 0.450
+    same = reference_gap_warning(30.0, 0.3, 0.1, "fp32", "fp32")
+    assert "another checkpoint" in same and "tensorwise" not in same
+    assert reference_gap_warning(float("nan"), float("nan"), 0.1, "fp32", "fp32") is None

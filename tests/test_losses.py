@@ -560,3 +560,86 @@ def test_vocab_parallel_token_log_probs_match_log_softmax(megatron_tp1):
 
     with pytest.raises(ValueError):
         token_log_probs_from_vocab_parallel_logits(logits.transpose(0, 1), labels)
+
+
+# ---- InternVL's released MPO runs (issue 28, items 1 and 2) ------------------------------------
+# Every released script (InternVL 2.0 / 2.5 / 3.0 / 3.5 MPO shell scripts) trains 1 pair per GPU
+# through TRL's DPOTrainer (loss_type sigmoid + bco_pair, rpo_alpha 1) under the HF Trainer. Written
+# out below (TRL itself is not needed): per device micro-batch the SFT term is TRL's token mean of
+# the chosen NLL, HF divides each micro-batch loss by the accumulation steps, DDP averages the
+# gradient over ranks; the bco_pair shift is RunningMoments fed with every rank's micro-batch mean.
+
+
+def _released_generation_objective(token_nll: list[list[torch.Tensor]]) -> torch.Tensor:
+    """token_nll[rank][micro_batch]: the per-token NLL of that micro-batch's one chosen response."""
+    per_rank = []
+    for micro_batches in token_nll:
+        accumulation = len(micro_batches)
+        per_rank.append(sum(nll.sum() / nll.numel() / accumulation for nll in micro_batches))  # TRL's mean
+    return sum(per_rank) / len(per_rank)  # DDP: the mean of the ranks' gradients
+
+
+def test_sequence_generation_norm_reproduces_the_released_runs():
+    """``generation_norm: sequence`` is what InternVL's released runs optimise (1 pair per
+    micro-batch makes TRL's token mean a per-sequence mean, then averaged over micro-batches
+    and ranks), at any split of the step's pairs; ``token`` is not."""
+    gen = torch.Generator().manual_seed(0)
+    ranks, accumulation = 4, 2
+    lengths = [[int(torch.randint(3, 40, (1,), generator=gen)) for _ in range(accumulation)] for _ in range(ranks)]
+    nll = [[torch.rand(n, generator=gen, dtype=torch.float64).requires_grad_() for n in row] for row in lengths]
+    _released_generation_objective(nll).backward()
+    flat = [x for row in nll for x in row]
+    want = torch.stack([x.grad[0] for x in flat])  # d objective / d token NLL: the same for each token of a pair
+    assert all(torch.allclose(x.grad, x.grad[0].expand_as(x.grad)) for x in flat)
+
+    def ours(norm: str, split: list[int]) -> torch.Tensor:
+        logps = torch.stack([-x.detach().sum() for x in flat]).requires_grad_()
+        n = torch.tensor([float(x.numel()) for x in flat], dtype=torch.float64)
+        cfg = MPOLossConfig(generation_norm=norm, weights=LossWeights(0.0, 0.0, 1.0))
+        start, total_tokens = 0, float(n.sum())
+        for size in split:  # the step's pairs split into micro-batches, losses averaged by the schedule
+            part = slice(start, start + size)
+            loss, _ = mpo_loss(logps[part], logps[part], logps[part].detach(), logps[part].detach(), n[part], n[part],
+                               cfg, RewardShift(), step_pairs=len(flat) / len(split),
+                               generation_tokens=total_tokens / len(split))
+            (loss / len(split)).backward()
+            start += size
+        return -logps.grad  # d loss / d (-log p) of each sequence = d loss / d token NLL per token
+
+    for split in ([8], [1] * 8, [3, 5]):
+        torch.testing.assert_close(ours("sequence", split), want, rtol=1e-12, atol=1e-15)
+    assert (ours("token", [8]) - want).abs().max() > 1e-3  # the released runs are not token-normalised
+
+
+def test_which_delta_update_reproduces_the_released_shift():
+    """The released runs' BCO shift at step t is the mean of every reward of steps 1..t, the
+    current one included (each of the N GPUs pushes its one pair's mean; N equal weights).
+    ``micro_batch`` gives exactly that whenever a step is one micro-batch per rank (no
+    accumulation) of equal pair counts, at any data-parallel size; ``step`` uses steps < t
+    only; ``micro_batch`` with accumulation includes only the step's micro-batches so far."""
+    gen = torch.Generator().manual_seed(1)
+    beta, pairs, steps = 0.5, 8, 4
+    data = [[torch.randn(pairs, generator=gen, dtype=torch.float64) * 3 for _ in range(4)] for _ in range(steps)]
+    cfg = dict(beta=beta, weights=LossWeights(0.0, 1.0, 0.0))
+    seen: list[torch.Tensor] = []
+    released, step_mode, accumulated, one_batch = [], [], [], []
+    shifts = {m: MPOLoss(MPOLossConfig(delta_update=m, **cfg)) for m in ("step", "micro_batch")}
+    accumulating = MPOLoss(MPOLossConfig(delta_update="micro_batch", **cfg))
+    for pc, pr, rc, rr in data:
+        seen.append(torch.cat([beta * (pc - rc), beta * (pr - rr)]))
+        released.append(float(torch.cat(seen).mean()))  # N GPUs x 1 pair: every reward so far, equal weight
+        n = torch.ones(pairs, dtype=torch.float64)
+        _, m = shifts["micro_batch"](pc, pr, rc, rr, n, n)  # the step as one micro-batch
+        one_batch.append(float(m["delta"]))
+        _, m = shifts["step"](pc, pr, rc, rr, n, n)
+        step_mode.append(float(m["delta"]))
+        shifts["step"].end_step()
+        accumulated.append([])
+        for half in (slice(0, pairs // 2), slice(pairs // 2, pairs)):  # accumulation 2
+            _, m = accumulating(pc[half], pr[half], rc[half], rr[half], n[half], n[half])
+            accumulated[-1].append(float(m["delta"]))
+    assert one_batch == pytest.approx(released, abs=1e-12)
+    assert step_mode[0] == 0.0 and step_mode[1:] == pytest.approx(released[:-1], abs=1e-12)
+    # With accumulation the step's first micro-batch sees only its own half of the step.
+    assert all(abs(first - want) > 1e-3 for (first, _), want in zip(accumulated, released))
+    assert [last for _, last in accumulated] == pytest.approx(released, abs=1e-12)  # equal halves

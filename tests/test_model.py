@@ -11,7 +11,7 @@ Two reference models, both built from scratch on CPU (no download):
 The megatron model is loaded from ``hf_to_megatron`` and must reproduce the logits, the
 per-token losses and (for an image pair) every gradient, at TP=1/PP=1 in this process and
 at TP=2/PP=1, TP=1/PP=2, TP=2/PP=2 and TP=1/PP=2 interleaved (2 virtual stages, qwen2)
-in one 4-process gloo launch (tests/_model_worker.py).
+in one 4-process gloo launch (tests/_model_worker.py), which also checks drop path at TP=2.
 """
 
 from __future__ import annotations
@@ -695,13 +695,27 @@ def test_image_index_out_of_range_is_reported(reference, megatron_tp1):
 # ---- TP=2 / PP=2 on real processes ----------------------------------------------------
 
 
-def test_tp2_pp1_tp1_pp2_tp2_pp2_and_interleaved_match_transformers(reference):
+def test_tp2_pp1_tp1_pp2_tp2_pp2_and_interleaved_match_transformers(reference, megatron_tp1):
+    """... and, with drop path on the vision tower, each TP=2 data-parallel replica trains as
+    the TP=1 model seeded for its data-parallel rank, while the two ranks' masks differ."""
+    from megatron_mpo.models.internvl import build_model
+
     root = reference["root"]
+    ref = reference["qwen2"]
+    drop_path_tp1 = []
+    for data_rank in (0, 1):
+        model = build_model(ref["config"], drop_path_rate=worker.DROP_PATH_RATE)
+        worker.load_full(model, ref["full"])
+        drop_path_tp1.append(worker.drop_path_run(model, ref["cases"], None, 1, data_rank=data_rank))
+    first, second = (run["losses"][0] for run in drop_path_tp1)
+    assert not torch.equal(first, second)  # other masks on another data-parallel rank
+    torch.save(drop_path_tp1, root / "drop_path.pt")
     launch(REPO / "tests" / "_model_worker.py", 4, root, timeout=600)
     result = json.loads((root / "failures.json").read_text())
     assert not result["failures"], "\n".join(result["failures"][:20])
     expected = [f"TP{g} {kind}" for g in ("2PP1VP1", "1PP2VP1", "2PP2VP1") for kind in KINDS]
-    assert result["checked"] == sorted(expected + ["TP1PP2VP2 qwen2"])  # every grouping ran
+    expected += ["TP1PP2VP2 qwen2", "TP2PP1VP1 qwen2 drop path"]
+    assert result["checked"] == sorted(expected)  # every grouping ran
 
 
 def test_flex_attention_forward_matches_sdpa_on_packed_rows(reference, megatron_tp1, monkeypatch):

@@ -31,14 +31,15 @@ MOE_TEXT = dict(model_type="qwen3_moe", vocab_size=300, hidden_size=64, num_hidd
                 max_position_embeddings=256, rms_norm_eps=1e-6)
 
 
-def _hf_moe_model(seed: int = 5):
+def _hf_moe_model(seed: int = 5, **text):
+    """The tiny transformers model (``text``: MOE_TEXT keys to change)."""
     from transformers import InternVLConfig as HFInternVLConfig
     from transformers import InternVLForConditionalGeneration
 
     vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                   attention_bias=True, norm_type="layer_norm", use_qk_norm=False, image_size=56, patch_size=14,
                   layer_scale_init_value=0.5)
-    config = HFInternVLConfig(vision_config=vision, text_config=dict(MOE_TEXT), image_token_id=IMG_ID,
+    config = HFInternVLConfig(vision_config=vision, text_config=dict(MOE_TEXT, **text), image_token_id=IMG_ID,
                               image_seq_length=4, downsample_ratio=0.5, tie_word_embeddings=False)
     torch.manual_seed(seed)
     model = InternVLForConditionalGeneration(config).eval()
@@ -219,7 +220,7 @@ def test_ep2_tp2_and_ep2_pp2_load_the_converted_dir_and_match_transformers(moe_r
     result = json.loads((root / "failures.json").read_text())
     assert not result["failures"], "\n".join(result["failures"][:10])
     assert result["checked"] == sorted(["TP2PP1EP1 forward", "TP1PP2EP2", "EP2PP2->EP1 checkpoint",
-                                        "EP2 expert-gradient guard"])
+                                        "EP2 expert-gradient guard", "TP2 sequence-parallel load balancing"])
 
 
 # ---- the trainer at EP2: same steps as EP1, exact resume --------------------------------------
@@ -303,3 +304,200 @@ def test_ep2_trains_like_ep1_and_resumes_exactly(workspace, moe_workspace, tmp_p
     for x, y in zip(b[2:], c):
         for key in ("loss", "aux_loss", "reward_margin", "grad_norm", "lr"):
             assert x[key] == y[key], (key, x["step"], x[key], y[key])
+
+
+# ---- load balancing as the model was trained (issue 27, items 9 and 10) -------------------
+# Three MoE layers and top-2, so megatron-core's per-layer convention (coefficient x the sum
+# over layers of terms that are 1 at balance) and transformers' (coefficient x one term that
+# is top_k at balance) differ by num_moe_layers / top_k = 1.5.
+
+
+@pytest.fixture(scope="module")
+def balance_model(megatron_tp1):
+    """The tiny MoE (all three layers with experts, coefficient 0.01 from its config.json) in
+    megatron-core, training mode, with transformers' weights."""
+    from megatron_mpo.conversion.hf_config import internvl_config_from_hf
+    from megatron_mpo.conversion.native import hf_to_megatron
+    from megatron_mpo.models.internvl import build_model
+
+    hf, hf_config = _hf_moe_model(mlp_only_layers=[])
+    config = internvl_config_from_hf(hf_config)
+    assert config.language.router_aux_loss_coef == 0.01
+    model = build_model(config, attention_mask="arbitrary")
+    worker.load_full(model, hf_to_megatron(hf.state_dict(), config))
+    return model.train(), config
+
+
+def _batches(layout: str) -> list:
+    """Three pairs of unequal lengths (natural padding), then the same with 7 more padded positions."""
+    from megatron_mpo.batch import pad_to_length
+    from megatron_mpo.data.collate import collate_pairs
+    from tests.test_model import _packed_pairs
+
+    pairs = _packed_pairs(torch.Generator().manual_seed(11))
+    batch = collate_pairs(pairs, 0, IMG_ID, 4, layout=layout, row_length=40, max_pairs_per_row=2)
+    return [batch, pad_to_length(batch, batch.input_ids.shape[1] + 7)]
+
+
+def _real_positions(batch) -> torch.Tensor:
+    """[R, S] True where a row holds a pair's token (from the collate contract, not the code
+    under test): unpacked rows end one position after their last scored label; packed rows
+    end with their last pair's rejected branch (the trailing segment has no response)."""
+    index = batch.response_index
+    last = torch.where(index >= 0, torch.arange(index.shape[1]), -1).max(dim=1).values
+    return torch.arange(index.shape[1]) <= (last + 1).unsqueeze(1)
+
+
+def _forward_with_router_inputs(model, batch):
+    """(real-token logits' source output [R, S, V], [(router, its input [S, R, H])...]) of one
+    training-mode forward through the trainer's model inputs, graph kept."""
+    from megatron_mpo.training.forward import model_inputs
+
+    seen = []
+    hooks = [layer.mlp.router.register_forward_pre_hook(lambda m, args: seen.append((m, args[0])))
+             for layer in model.language_model.decoder.layers if hasattr(layer.mlp, "router")]
+    try:
+        kwargs = dict(model_inputs(model, batch), labels=None, loss_mask=None)
+        output = model(**kwargs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return output, seen
+
+
+def _transformers_term(seen, lang, valid: torch.Tensor) -> torch.Tensor:
+    """coef x transformers' load_balancing_loss_func, one call per MoE layer (padding out
+    through its attention_mask), averaged over the layers."""
+    import torch.nn.functional as F
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
+
+    mask = valid.transpose(0, 1).reshape(-1)  # megatron-core's rows are sequence-major
+    terms = [load_balancing_loss_func((F.linear(x.float(), router.weight.float()).reshape(-1, lang.num_experts),),
+                                      lang.num_experts, lang.num_experts_per_tok, mask) for router, x in seen]
+    return lang.router_aux_loss_coef * torch.stack(terms).mean()
+
+
+def _added_term(model) -> float:
+    from megatron_mpo.training.metrics import router_aux_loss
+
+    return router_aux_loss([model], micro_batches=1, pipeline_rank=0)
+
+
+def test_aux_loss_is_transformers_load_balancing_times_coef(balance_model):
+    """Value and gradient of the load-balancing term the trainer adds = coef x transformers'
+    formula (per MoE layer, averaged over layers) on the same router logits, real tokens only."""
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, clear_aux_losses_tracker
+
+    model, config = balance_model
+    clear_aux_losses_tracker()
+    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
+    batch = _batches("unpacked")[0]
+    output, seen = _forward_with_router_inputs(model, batch)
+    assert len(seen) == 3
+    expected = _transformers_term(seen, config.language, _real_positions(batch))
+    got = _added_term(model)
+    assert got == pytest.approx(float(expected), rel=1e-5), (got, float(expected))
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    model.zero_grad(set_to_none=True)
+    (output.float().sum() * 0.0).backward(retain_graph=True)  # only the load-balancing term's gradient
+    # megatron-core's scaler nodes on the routers' outputs add their layer's loss gradient
+    # whenever a backward passes them: off while the transformers term's gradient is taken.
+    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(0.0))
+    theirs = torch.autograd.grad(expected, [p for _, p in named], allow_unused=True)
+    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
+    for (name, p), b in zip(named, theirs):
+        a = p.grad if p.grad is not None else torch.zeros_like(p)
+        b = torch.zeros_like(p) if b is None else b
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-10, msg=lambda m: f"{name}: {m}")
+    routers = [p for n, p in named if "router" in n]
+    assert len(routers) == 3 and all(float(p.grad.abs().sum()) > 0 for p in routers)
+    model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("layout", ["unpacked", "packed"])
+def test_padding_neither_counts_in_the_aux_loss_nor_changes_real_logits(balance_model, layout):
+    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+
+    model, config = balance_model
+    clear_aux_losses_tracker()
+    terms, logits = [], []
+    for batch in _batches(layout):
+        output, seen = _forward_with_router_inputs(model, batch)  # with grad: the router adds its loss
+        real = _real_positions(batch)
+        assert not real.all() and torch.equal(batch.padding, ~real)  # padding, marked by the collation
+        terms.append((_added_term(model), float(_transformers_term(seen, config.language, real))))
+        logits.append(output.detach()[real])
+    (plain, plain_expected), (padded, padded_expected) = terms
+    assert plain_expected == pytest.approx(padded_expected, rel=1e-6)  # the same real tokens
+    torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=1e-5)
+    assert padded == pytest.approx(plain, rel=1e-6), "7 more padded positions changed the load-balancing term"
+    assert plain == pytest.approx(plain_expected, rel=1e-5)  # real tokens only, as transformers' attention_mask
+
+
+def test_30b_a3b_term_at_perfect_balance_is_transformers_coef_times_top_k(megatron_tp1):
+    """A router of InternVL3.5-30B-A3B's shape (128 experts, top-8; 48 MoE layers) at
+    perfect balance: transformers' term x coef is 0.001 x 8; megatron-core's per-layer loss
+    with the default convention sums to that over the 48 layers, and to 6x that with
+    ``megatron``."""
+    from megatron.core.transformer.moe.moe_utils import (clear_aux_losses_tracker, get_default_pg_collection,
+                                                         get_moe_layer_wise_logging_tracker)
+    from megatron.core.transformer.moe.router import TopKRouter
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
+
+    from megatron_mpo.models.internvl import language_transformer_config
+    from megatron_mpo.models.moe_balance import num_moe_layers
+    from megatron_mpo.models.presets import get_preset
+
+    config = get_preset("InternVL3_5-30B-A3B")
+    lang = config.language
+    E, k, layers = lang.num_experts, lang.num_experts_per_tok, num_moe_layers(lang)
+    assert (E, k, layers, lang.router_aux_loss_coef) == (128, 8, 48, 0.001)
+    tokens = 64  # token t prefers experts 8t .. 8t+7 (mod 128): every expert gets 4 of the 512 routes
+    logits = torch.zeros(tokens, E)
+    for t in range(tokens):
+        logits[t, [(k * t + j) % E for j in range(k)]] = 0.5
+    theirs = lang.router_aux_loss_coef * float(load_balancing_loss_func((logits,) * layers, E, k))
+    assert theirs == pytest.approx(0.001 * 8, rel=1e-6)
+    added = {}
+    for convention in ("transformers", "megatron"):
+        tc = language_transformer_config(config, aux_loss_convention=convention)
+        router = TopKRouter(tc, pg_collection=get_default_pg_collection()).train()
+        router.set_layer_number(1)
+        with torch.no_grad():
+            router.weight.zero_()
+            router.weight[:, :E] = torch.eye(E)  # logits = the first E hidden features
+        hidden = torch.zeros(tokens, 1, lang.hidden_size)
+        hidden[:, 0, :E] = logits
+        clear_aux_losses_tracker()
+        router(hidden)
+        per_layer = float(get_moe_layer_wise_logging_tracker()["load_balancing_loss"]["values"].sum())
+        clear_aux_losses_tracker()
+        added[convention] = tc.moe_aux_loss_coeff * per_layer * layers
+        print(f"30B-A3B at balance, {convention}: per-layer loss {per_layer:.6f}, coefficient "
+              f"{tc.moe_aux_loss_coeff:.6g}, term over {layers} layers {added[convention]:.6g}")
+        assert per_layer == pytest.approx(1.0, rel=1e-6)
+    assert added["transformers"] == pytest.approx(theirs, rel=1e-6)
+    assert added["megatron"] == pytest.approx(6 * theirs, rel=1e-6)
+
+
+def test_run_config_picks_the_convention_and_refuses_an_unknown_one(megatron_tp1):
+    """tiny-moe (3 MoE layers, top-2, coef 0.001): what the trainer's chunks give megatron-core."""
+    from megatron_mpo import parallel
+    from megatron_mpo.config import from_dict
+    from megatron_mpo.training import model_setup
+
+    def run_config(**mpo):
+        return from_dict({"model": {"preset": "tiny-moe"}, "data": {"shards": "unused", "ref_logps": "unused"},
+                          "train": {"steps": 1, "global_batch": 1}, "mpo": mpo}).validate()
+
+    def coefficient(**mpo):
+        cfg = run_config(**mpo)
+        (chunk,) = model_setup.build_model_chunks(cfg, model_setup.model_config(cfg), parallel.current_layout())
+        return chunk.config.moe_aux_loss_coeff
+
+    assert coefficient() == pytest.approx(0.001 * 2 / 3, rel=1e-12)
+    assert coefficient(router_aux_loss_convention="megatron") == pytest.approx(0.001, rel=1e-12)
+    assert coefficient(router_aux_loss_coef=0.03) == pytest.approx(0.02, rel=1e-12)
+    with pytest.raises(UserError, match="mpo.router_aux_loss_convention") as exc:
+        run_config(router_aux_loss_convention="hf")
+    assert "\n" not in str(exc.value) and "transformers" in str(exc.value)

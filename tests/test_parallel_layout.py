@@ -55,5 +55,29 @@ def test_architecture_rules():
     lang = tiny.language
     _refused(f"pipeline size {lang.num_layers + 1} exceeds", tiny, 1, lang.num_layers + 1)
     odd = dataclasses.replace(tiny, language=dataclasses.replace(lang, num_heads=6, num_kv_heads=3))
-    text = _refused("tensor parallel size 4 does not divide", odd, 4)
-    assert "LLM heads (6)" in text and "LLM KV heads (3" in text
+    text = _refused("parallel.tensor=4 does not fit the model", odd, 4)
+    assert "the LLM's 6 attention heads must be a multiple of it" in text
+    assert "the LLM's 3 KV heads must be a multiple of it, or it a multiple of them" in text
+    # The rule as megatron-core has it (issue 28, item 12): TP 4 with 2 KV heads trains (each KV head
+    # shared by two tensor ranks), TP 3 does not; the message lists the sizes that fit.
+    two_kv = dataclasses.replace(tiny, language=dataclasses.replace(lang, num_heads=12, num_kv_heads=2,
+                                                                     hidden_size=48, ffn_hidden_size=96))
+    check_layout(two_kv, 4, sequence=None)
+    text = _refused("the LLM's 2 KV heads must be a multiple of it, or it a multiple of them", two_kv, 3)
+    from megatron_mpo.parallel_layout import _tensor_problems
+
+    fits = [t for t in range(1, 17) if not _tensor_problems(two_kv, t)]
+    assert 4 in fits and 3 not in fits and text.endswith(f"tensor sizes that fit: {', '.join(map(str, fits))}")
+
+
+def test_a_layout_started_without_torchrun_names_the_command(monkeypatch):
+    """Issue 28, item 12: one process (no torchrun) with a TP2 config says to use torchrun,
+    with this process's own command line."""
+    import sys
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setattr(sys, "argv", [str(__import__("megatron_mpo.train").train.__file__), "--config", "a b.yaml"])
+    text = _refused("needs 2 processes, but this one was started without torchrun", None, 2, world_size=1)
+    assert text.endswith("start it as: torchrun --nproc-per-node 2 -m megatron_mpo.train --config 'a b.yaml'"), text
+    monkeypatch.setenv("LOCAL_RANK", "0")  # under torchrun with one process: the world-size rule speaks
+    _refused("launch a multiple of 2", None, 2, world_size=1)

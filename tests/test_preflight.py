@@ -122,6 +122,37 @@ def test_missing_sidecars_are_named_at_start_up(workspace, tripwires, tmp_path, 
     assert len(lines) == 1 and lines[0].startswith("warning: 1 of 4 shards have no reference sidecar"), lines
 
 
+@pytest.mark.parametrize("entry", [_train, _reference], ids=["train", "reference"])
+def test_a_max_length_that_cuts_responses_is_warned_at_start_up(workspace, tripwires, tmp_path, capsys, monkeypatch,
+                                                               entry):
+    """One line naming the shares, the p90 response length and the report tool when
+    data.max_length would cut over 5% of the responses or drop over 5% of the pairs (issue
+    28, item 7: a probe at max_length 512 had every response cut, shown only by a counter)."""
+    from megatron_mpo.data import build_loader
+    from megatron_mpo.training import data_setup, model_setup
+
+    monkeypatch.setattr(data_setup, "check_reference_values", lambda cfg, model_config: None)  # sidecars: 512
+    for max_length in (215, 512):  # 215: 8 of the 60 prompts do not fit, 40 pairs are cut (the loader's counts)
+        cfg = _cfg(workspace, data={"max_length": max_length, "ref_logps": str(tmp_path / "refs")})
+        with pytest.raises(Tripwire):
+            entry(cfg)
+        lines = [line for line in capsys.readouterr().out.splitlines() if "data.max_length" in line]
+        if max_length == 512:
+            assert lines == []
+            continue
+        model_config = model_setup.model_config(cfg)
+        loader = build_loader(data_setup.loader_data(cfg, model_config, for_reference=True),
+                              data_setup.loader_plan(cfg, model_config, for_reference=True),
+                              data_setup.tokenizer(cfg))
+        pairs = sum(b.num_pairs for b in loader)
+        dropped = loader.skip_counts["prompt_too_long"]
+        assert (pairs + dropped, dropped, loader.skip_counts["response_truncated"]) == (60, 8, 40)
+        assert len(lines) == 1, lines
+        assert lines[0].startswith("warning: at data.max_length 215, ") and "p90 response " in lines[0], lines
+        assert f"{100 * dropped / 60:.0f}% of the pairs dropped" in lines[0], lines
+        assert "tools/data_lengths.py --config" in lines[0], lines
+
+
 def test_layout_faults_stop_before_process_groups(workspace, tripwires, monkeypatch):
     """torchrun's WORLD_SIZE is known before any process group: TP x PP must divide it and
     the global batch must split over micro-batch x data-parallel size."""
@@ -166,6 +197,24 @@ def test_flex_attention_training_on_a_cpu_is_refused(workspace, tripwires):
     plan = precision.training_precision(flex)
     assert row_layout.pad_multiple(flex, plan) == 128
     assert row_layout.pad_multiple(_cfg(workspace, parallel={"tensor": 2, "sequence": True}), plan) == 2
+
+
+@pytest.mark.parametrize("entry", [_train, _reference], ids=["train", "reference"])
+def test_a_gpu_without_c_compiler_refuses_flex_and_runs_without_jit_fusions(workspace, tripwires, monkeypatch,
+                                                                            capsys, entry):
+    """No C compiler on a GPU machine (issue 27 item 1): torch.compile cannot run, so
+    FlexAttention (compiled there) is refused in one line, and every other attention starts
+    with one line saying megatron-core's jit fusions are off."""
+    from tests.test_platform import _fake_gpu_without_c_compiler
+
+    _fake_gpu_without_c_compiler(monkeypatch)
+    _refused(entry, _cfg(workspace, model={"attention": "flex"}, train={"device": "auto"}),
+             "model.attention=flex", "no C compiler", "gcc", "model.attention=sdpa")
+    capsys.readouterr()
+    with pytest.raises(Tripwire):
+        entry(_cfg(workspace, train={"device": "auto"}))
+    lines = [line for line in capsys.readouterr().out.splitlines() if "compile" in line]
+    assert len(lines) == 1 and "fusion" in lines[0] and "no C compiler" in lines[0], lines
 
 
 def test_output_dirs_that_cannot_take_a_file_stop_at_start_up(workspace, tripwires, tmp_path):

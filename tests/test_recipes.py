@@ -57,6 +57,13 @@ RELEASED = {
     "internvl3_5_30b_a3b": dict(lr=2e-7, global_batch=256, max_length=16384, max_tiles=12),
     "internvl3_5_241b_a28b": dict(lr=2e-7, global_batch=256, max_length=16384, max_tiles=12),
 }
+# drop_path_rate on the vision tower in InternVL's released MPO scripts: InternVL2-8B from the 2.0
+# script, the other InternVL2 sizes from the InternVL2.5 script of the same size (26B, 78B for 76B).
+DROP_PATH_RATES = {
+    "internvl2_1b": 0.1, "internvl2_2b": 0.1, "internvl2_8b": 0.1, "internvl2_26b": 0.4, "internvl2_76b": 0.4,
+    "internvl3_8b": 0.1, "internvl3_78b": 0.4,
+    "internvl3_5_8b": 0.1, "internvl3_5_38b": 0.4, "internvl3_5_30b_a3b": 0.1, "internvl3_5_241b_a28b": 0.4,
+}
 LAUNCHERS = ["torchrun_multinode.sh", "torchrun_single_node.sh", "slurm_mpo.sbatch"]
 SHELL_SCRIPTS = sorted([*LAUNCH_DIR.glob("*.sh"), *LAUNCH_DIR.glob("*.sbatch")])
 GPUS_PER_NODE = 8
@@ -98,7 +105,7 @@ def _header(path: Path) -> str:
 
 def test_every_expected_model_has_a_recipe():
     assert {p.stem for p in RECIPES} >= set(EXPECTED_RECIPES)
-    assert set(RELEASED) <= set(EXPECTED_RECIPES)
+    assert set(RELEASED) <= set(EXPECTED_RECIPES) == set(DROP_PATH_RATES)
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
@@ -131,6 +138,7 @@ def test_recipe_loads_with_the_paper_hyperparameters(path):
         assert cfg.data.max_length == 6144 and cfg.data.max_tiles == 6
     if path.stem == "internvl2_8b":
         assert t.lr == pytest.approx(5e-6)
+    assert cfg.model.drop_path_rate == DROP_PATH_RATES[path.stem]
 
     assert cfg.precision.dtype == "bf16"
     # FP8 for the dense LLMs; the mixture-of-experts recipes leave it off (small per-expert GEMMs,
@@ -195,6 +203,20 @@ def test_recipe_header_gives_the_full_flow(path):
     assert re.search(r"(megatron_mpo\.train --config|slurm_mpo\.sbatch) " + re.escape(rel), header)
     export = re.search(r"tools/convert_megatron_to_hf\.py --ckpt (.+?) --out \S+", header)
     assert export and export.group(1).startswith(cfg.checkpoint.save + "/")
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_recipe_header_says_what_differs_from_the_released_run(path):
+    """Issue 28, items 1, 2 and 5: each header lists what differs from InternVL's released run,
+    never advises generation_norm=token (the released runs, 1 pair per GPU, are `sequence`),
+    and names FP8 as a difference exactly when the recipe turns it on."""
+    cfg = load_config(path)
+    header = _header(path)
+    assert "# Differs from the released run, and why:" in header
+    assert "generation_norm=token" not in header and cfg.mpo.generation_norm == "sequence"
+    assert ("released run trained in bf16" in header) == (cfg.precision.fp8 is not None)
+    assert "delta_update" in header.split("# Differs from the released run")[1]
+    assert cfg.model.drop_path_rate in (0.0, 0.1, 0.4)
 
 
 # ---- each recipe's model at tiny width: one MPO step --------------------------------------------
@@ -393,8 +415,11 @@ def test_recipe_model_at_tiny_width_trains_one_step(path, world, tiny_tokenizer)
     losses = reduce_loss_metrics(results, layout.is_last_stage, layout.tensor_rank)
     assert math.isfinite(losses["loss"]) and losses["loss"] > 0, losses
     aux = router_aux_loss(model, len(batches), layout.pipeline_rank)
-    if tiny.language.is_moe:  # mpo.router_aux_loss_coef null: the model's own coefficient
-        assert chunks[0].language_model.config.moe_aux_loss_coeff == pytest.approx(preset.language.router_aux_loss_coef)
+    if tiny.language.is_moe:  # mpo.router_aux_loss_coef null: the model's own, as transformers weighs it
+        lang = tiny.language
+        per_layer = preset.language.router_aux_loss_coef * lang.num_experts_per_tok / sum(
+            map(lang.is_moe_layer, range(lang.num_layers)))
+        assert chunks[0].language_model.config.moe_aux_loss_coeff == pytest.approx(per_layer)
         assert aux is not None and math.isfinite(aux) and aux > 0
     else:
         assert aux is None

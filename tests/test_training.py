@@ -75,8 +75,10 @@ def layout_runs(workspace, straight_run, tmp_path_factory):
         run = root / f"tp{tp}pp{pp}vp{vp}"
         packed = {"data": {"packing": True, "pairs_per_row": None}, "train": {"micro_batch": 2}} if tp == pp == 2 else {}
         resumed = {"checkpoint": {"load": str(straight_run / "ckpt" / "step_000000004")}} if vp else {}
+        heldout = {"eval": {"shards": str(workspace / "shards"), "ref_logps": str(workspace / "refs"),
+                            "interval": 8}} if pp == 2 and (tp == 2 or vp) else {}
         train(workspace, run, tp * pp, parallel={"tensor": tp, "pipeline": pp, "virtual_pipeline": vp}, **packed,
-              **resumed)
+              **resumed, **heldout)
         runs[(tp, pp, vp)] = run
     return runs
 
@@ -100,29 +102,46 @@ def test_parallel_layouts_give_the_same_losses(layout_runs):
         for key in ("reward_margin", "loss_generation", "delta"):
             torch.testing.assert_close(torch.tensor([r[key] for r in records]),
                                        torch.tensor([r[key] for r in same]), rtol=1e-4, atol=1e-5)
+    # The held-out evaluation at step 8 (issue 28, item 6) on two layouts: TP2 x PP2 (packed rows)
+    # and PP2 with two virtual stages give the same numbers.
+    a, b = (read_jsonl(layout_runs[key] / "metrics.jsonl")[-1]["eval"] for key in ((2, 2, None), (1, 2, 2)))
+    assert a["pairs"] == b["pairs"] > 40
+    for key in ("loss", "loss_preference", "loss_quality", "reward_margin", "reward_accuracy", "chosen_logp_per_token",
+                "delta"):
+        assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
 
 
 def test_data_parallel_with_and_without_tensor_parallel(workspace, tmp_path):
     dp_tp1 = tmp_path / "dp2_tp1"
     dp_tp2 = tmp_path / "dp2_tp2"
-    train(workspace, dp_tp1, 2, train={"steps_override": 4})
+    first = train(workspace, dp_tp1, 2, train={"steps_override": 4})
     train(workspace, dp_tp2, 4, parallel={"tensor": 2}, train={"steps_override": 4})
+    # Start-up says which of Megatron-LM's speed settings run: here (the vision tower trains on
+    # this only stage, text-only pairs skip it) the overlap stays off, and says why.
+    assert ("  speed: none; off: overlap_grad_reduce (this stage trains the vision tower or projector, which "
+            "text-only micro-batches skip)") in first.stdout
     a, b = read_jsonl(dp_tp1 / "metrics.jsonl"), read_jsonl(dp_tp2 / "metrics.jsonl")
     assert len(a) == len(b) == 4
     torch.testing.assert_close(torch.tensor(losses(b)), torch.tensor(losses(a)), rtol=1e-4, atol=1e-6)
 
 
 def test_resume_reproduces_the_uninterrupted_run(workspace, layout_runs, tmp_path):
+    """Also the held-out evaluation (issue 28, item 6): on in the resumed run (every 2 steps),
+    it changes nothing the run trains (the straight run had none), and its numbers are the
+    policy's (the evaluate tool's own forward of the straight run's step-8 weights agrees)."""
     straight = layout_runs[(1, 1, None)]
     resumed = tmp_path / "resumed"
     # Saving every 2 steps puts a save (step 6) between the resume and steps 7 and 8.
-    train(workspace, resumed, 1,
-          checkpoint={"load": str(straight / "ckpt" / "step_000000004"), "save": str(resumed / "ckpt"), "interval": 2})
+    heldout = {"shards": str(workspace / "shards"), "ref_logps": str(workspace / "refs"), "interval": 2}
+    proc = train(workspace, resumed, 1, eval=heldout,
+                 checkpoint={"load": str(straight / "ckpt" / "step_000000004"), "save": str(resumed / "ckpt"),
+                             "interval": 2})
     first, second = read_jsonl(straight / "metrics.jsonl"), read_jsonl(resumed / "metrics.jsonl")
     assert [r["step"] for r in second] == [5, 6, 7, 8]
     for x, y in zip(first[4:], second):
         for key in ("loss", "loss_preference", "loss_quality", "loss_generation", "reward_margin", "delta", "lr", "grad_norm"):
             assert x[key] == y[key], (key, x["step"], x[key], y[key])
+    _check_heldout_eval(workspace, second, proc.stdout, straight / "ckpt" / "step_000000008", tmp_path)
     final_a = checkpoint_tensors(straight / "ckpt" / "step_000000008", tmp_path)
     final_b = checkpoint_tensors(resumed / "ckpt" / "step_000000008", tmp_path)
     assert final_a.keys() == final_b.keys() and len(final_a) > 10
@@ -303,3 +322,28 @@ def test_interleaved_schedule_needs_whole_pipeline_groups_per_step():
         micro_batches_per_step(odd, layout)
     plain = from_dict({**odd.to_dict(), "parallel": {"pipeline": 2}})
     assert micro_batches_per_step(plain, layout) == 3
+
+
+
+def _check_heldout_eval(workspace: Path, records: list[dict], stdout: str, weights: Path, tmp_path: Path) -> None:
+    """Evaluations at steps 6 and 8 with every metric, the step-8 one equal to the evaluate
+    tool's reading of ``weights`` (the step-8 weights)."""
+    import math
+
+    from tests.conftest import run_tool
+
+    assert [r["step"] for r in records if "eval" in r] == [6, 8]
+    ev = records[-1]["eval"]
+    names = ("loss", "loss_preference", "loss_quality", "loss_generation", "reward_accuracy", "reward_margin",
+             "chosen_logp_per_token", "rejected_logp_per_token", "delta", "pairs")
+    assert all(math.isfinite(ev[k]) for k in names), ev
+    assert ev["pairs"] > 40 and ev["chosen_logp_per_token"] < 0 and ev["rejected_logp_per_token"] < 0
+    assert records[1]["eval"]["loss"] != ev["loss"]  # the policy moved between the two evaluations
+    assert f"eval_loss {ev['loss']:.4f}" in stdout
+    run_tool("-m megatron_mpo.evaluate", "--ckpt", str(weights), "--out", str(tmp_path / "evaluated"),
+             "--shards", str(workspace / "shards"), "--ref-logps", str(workspace / "refs"),
+             "--max-length", "512", "--max-tiles", "4")
+    want = json.loads((tmp_path / "evaluated" / "eval.json").read_text())["preference"]
+    assert want["pairs"] == ev["pairs"]
+    assert want["reward_accuracy"] == pytest.approx(ev["reward_accuracy"], abs=1e-9)
+    assert 0.1 * want["mean_logp_margin"] == pytest.approx(ev["reward_margin"], rel=1e-4, abs=1e-6)

@@ -184,9 +184,10 @@ def _got_ocr2_processor():
     import transformers
 
     from megatron_mpo.conversion.processor import image_processor_config
+    from megatron_mpo.data.tile_settings import Tiling
 
     cls = getattr(transformers, "GotOcr2ImageProcessorPil", None) or transformers.GotOcr2ImageProcessor
-    config = {k: v for k, v in image_processor_config(TILE, 12).items()
+    config = {k: v for k, v in image_processor_config(TILE, Tiling(max_tiles=12)).items()
               if k not in ("image_processor_type", "processor_class")}
     return cls(**config)
 

@@ -33,6 +33,13 @@ Sources, the first one that says something wins:
    converter says so.
 
 A refusal names the known templates; ``--template`` on the converter chooses one instead.
+
+The other way, for a native export whose source had no chat template:
+:func:`jinja_template` writes a template as Jinja for transformers' ``apply_chat_template``,
+rendering what training's PairBuilder renders (the template's system message unless the
+conversation starts with its own, ``<IMG_CONTEXT>\n`` per image, which InternVL's processor
+expands to ``<img>`` + tiles x ``<IMG_CONTEXT>`` + ``</img>``), and reads back as the same
+template here.
 """
 
 from __future__ import annotations
@@ -41,15 +48,17 @@ import json
 from pathlib import Path
 from typing import Mapping, Optional
 
-from megatron_mpo.data.templates import (IM_END, IM_START, INTERNVL2_5_SYSTEM, INTERNVL2_SYSTEM, REFUSED_TEMPLATES,
-                                         TEMPLATES, family_template)
+from megatron_mpo.data.templates import (IM_END, IM_START, IMAGE_PLACEHOLDER, IMG_CONTEXT, INTERNVL2_5_SYSTEM,
+                                         INTERNVL2_SYSTEM, REFUSED_TEMPLATES, TEMPLATES, family_template, get_template)
 from megatron_mpo.errors import UserError
 
-__all__ = ["JINJA_SOURCES", "checkpoint_template", "template_from_jinja"]
+__all__ = ["JINJA_SOURCES", "JINJA_FILE", "checkpoint_template", "template_from_jinja", "jinja_template",
+           "has_chat_template"]
 
+JINJA_FILE = "chat_template.jinja"
 # (file, key in it or None for the raw file), in the order they are consulted.
 JINJA_SOURCES = (
-    ("chat_template.jinja", None),
+    (JINJA_FILE, None),
     ("chat_template.json", "chat_template"),
     ("processor_config.json", "chat_template"),
     ("tokenizer_config.json", "chat_template"),
@@ -97,9 +106,17 @@ def _jinja_text(path: Path, key: Optional[str]) -> Optional[str]:
     if not path.is_file():
         return None
     try:
-        raw = path.read_text(encoding="utf-8")
-        value = raw if key is None else json.loads(raw).get(key)
-    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return _stored_jinja(path.read_bytes(), key)
+    except OSError:
+        return None
+
+
+def _stored_jinja(raw: bytes, key: Optional[str]) -> Optional[str]:
+    """The default chat template in a file's content (``key``: where in its JSON)."""
+    try:
+        text = raw.decode("utf-8")
+        value = text if key is None else json.loads(text).get(key)
+    except (UnicodeDecodeError, ValueError, AttributeError):
         return None
     if isinstance(value, list):  # [{"name": "default", "template": ...}, ...]
         named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
@@ -145,3 +162,46 @@ def checkpoint_template(hf_dir: str | Path, config: Mapping, family: str,
             )
         return found[0], f"{name}: {found[1]}"
     return family_template(family), f"the checkpoint names none: by its {family} LLM"
+
+
+def has_chat_template(files: Mapping[str, bytes]) -> bool:
+    """Whether a directory's files (name -> content) carry a chat template anywhere
+    transformers reads one."""
+    return any(name in files and _stored_jinja(files[name], key) is not None for name, key in JINJA_SOURCES)
+
+
+def _literal(text: str) -> str:
+    """``text`` as a Jinja string literal."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
+
+def jinja_template(name: str, bos: bool = False) -> str:
+    """Template ``name`` as a Jinja chat template for transformers; ``bos``: the tokenizer adds
+    a BOS (the template then starts with ``bos_token`` where training's prompt does). Every
+    tag trims the whitespace around it, so the lines between them render as nothing."""
+    template = get_template(name)
+    image = _literal(IMG_CONTEXT + "\n")
+    text = f"| replace({_literal(IMAGE_PLACEHOLDER)}, {_literal(IMG_CONTEXT)})"
+    return "\n".join([
+        f"{{%- set sep = {_literal(template.sep)} -%}}",
+        f"{{%- set ns = namespace(system={_literal(template.system_message)}) -%}}",
+        "{%- if messages and messages[0]['role'] == 'system' -%}",
+        "{%- if messages[0]['content'] is string -%}{%- set ns.system = messages[0]['content'] -%}",
+        "{%- else -%}{%- set ns.system = '' -%}",
+        "{%- for part in messages[0]['content'] if part['type'] == 'text' -%}",
+        "{%- set ns.system = ns.system + part['text'] -%}{%- endfor -%}",
+        "{%- endif -%}{%- endif -%}",
+        *(["{{- bos_token -}}"] if bos and template.bos else []),
+        f"{{{{- {_literal(IM_START + 'system' + chr(10))} + ns.system + sep -}}}}",
+        "{%- for message in messages if message['role'] != 'system' -%}",
+        f"{{{{- {_literal(IM_START)} + message['role'] + {_literal(chr(10))} -}}}}",
+        f"{{%- if message['content'] is string -%}}{{{{- message['content'] {text} -}}}}",
+        "{%- else -%}{%- for part in message['content'] -%}",
+        f"{{%- if part['type'] == 'image' -%}}{{{{- {image} -}}}}",
+        f"{{%- elif part['type'] == 'video' -%}}{{{{- {_literal('<video>' + chr(10))} -}}}}",
+        f"{{%- elif part['type'] == 'text' -%}}{{{{- part['text'] {text} -}}}}",
+        "{%- endif -%}{%- endfor -%}{%- endif -%}",
+        "{{- sep -}}",
+        "{%- endfor -%}",
+        f"{{%- if add_generation_prompt -%}}{{{{- {_literal(IM_START + 'assistant' + chr(10))} -}}}}{{%- endif -%}}",
+    ])

@@ -30,7 +30,15 @@ processor files the source did not ship (:mod:`.processor`), so ``AutoProcessor`
 
 Chat template: read from the checkpoint's own files (never its folder name, see
 :mod:`.chat_template`), stored as ``template`` in ``model_config.json`` and written back as
-``template`` in an ``internvl-chat`` export's ``config.json``.
+``template`` in an ``internvl-chat`` export's ``config.json``; a native export of a source
+without a chat template gets one made from it (``chat_template.jinja``).
+
+Tiling (:mod:`megatron_mpo.data.tile_settings`): what the checkpoint states
+(``config.json``'s ``dynamic_image_size`` / ``use_thumbnail`` / ``min/max_dynamic_patch``,
+a native source's image processor config) is stored in ``model_config.json``; an export
+writes the tiling of what it exports -- a training checkpoint's run's, else the model
+dir's, the defaults filling in -- as those keys (``internvl-chat``) or the image processor's
+(native, :mod:`.processor`).
 
 Every user mistake (another architecture, a TP size that does not divide the heads, a
 missing file, an existing non-empty destination) raises :class:`UserError` with one line,
@@ -51,7 +59,7 @@ from megatron_mpo.conversion.hf_config import (
     to_native_hf_config,
 )
 from megatron_mpo.conversion.hf_io import NATIVE, ORIGINAL, FORMATS
-from megatron_mpo.conversion.processor import export_max_tiles, processor_files
+from megatron_mpo.conversion.processor import processor_files, stated_image_processor_tiling, tiling_warnings
 from megatron_mpo.errors import UserError
 
 __all__ = [
@@ -72,7 +80,6 @@ _MAX_COMPANION_BYTES = 64 * 1024 * 1024
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".gguf", ".index.json")
 # Kept with any export format: what the tokenizer needs besides the TOKENIZER_FILES.
 _TOKENIZER_COMPANIONS = ("tokenization_", "chat_template")
-_CHAT_OVERRIDES = ("template", "dynamic_image_size", "use_thumbnail", "min_dynamic_patch", "max_dynamic_patch")
 
 Log = Callable[[str], None]
 
@@ -105,9 +112,19 @@ def hf_model_config(hf: hf_io.HFDir, log: Log = print) -> tuple:
                 f"warning: config.json says image_token_id {config.img_context_token_id} but the tokenizer's "
                 f"<IMG_CONTEXT> is {token_id}; keeping the config's"
             )
+        _state_tiling(config, *stated_image_processor_tiling(hf.path))
     if not config.name:
         config.name = hf.path.name
     return config, native_cfg
+
+
+def _state_tiling(config, stated: dict, where: Optional[str]) -> None:
+    """Let ``config`` state the tiling a native checkpoint's image processor config states."""
+    from megatron_mpo.data.tile_settings import check_stated_tiling
+
+    for name, value in stated.items():
+        setattr(config, name, value)
+    check_stated_tiling(config, f"{where} " if where else "")
 
 
 def read_hf_model(hf: hf_io.HFDir, log: Log = print) -> dict:
@@ -186,6 +203,7 @@ def hf_to_megatron_dir(
     """
     from megatron_mpo.conversion import native
     from megatron_mpo.conversion.chat_template import checkpoint_template
+    from megatron_mpo.data.tile_settings import describe_tiling, resolve_tiling, stated_tiling
     from megatron_mpo.training.model_dir import remove_partial, tokenizer_files, write_model_dir
 
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
@@ -198,6 +216,8 @@ def hf_to_megatron_dir(
     log(f"{hf_dir}: {hf.layout} InternVL ({config.language.family} LLM), {len(hf.weight_files)} weight file(s), "
         f"{hf_io._human(hf.total_bytes)}")
     log(f"chat template {config.template} ({template_source}); data.template overrides it")
+    log(f"tiling {describe_tiling(*resolve_tiling(None, stated_tiling(config)))}; data.dynamic_tiling, "
+        "data.thumbnail, data.min_tiles and data.max_tiles override it")
     hf_state = read_hf_model(hf, log)
     dtype = hf_io.dominant_dtype(hf_state)
     state = native.hf_to_megatron(hf_state, config)
@@ -280,6 +300,17 @@ def _export_files(home: Path, tokenizer_dir: Path, fmt: str, record: dict, log: 
     return files, generation
 
 
+def _with_chat_template(files: dict, template: str, tokenizer_dir: Path, log: Log) -> None:
+    """Add a chat template made from ``template`` when ``files`` carry none."""
+    from megatron_mpo.conversion.chat_template import JINJA_FILE, has_chat_template, jinja_template
+    from megatron_mpo.data import load_tokenizer
+
+    if has_chat_template(files):
+        return
+    files[JINJA_FILE] = jinja_template(template, bos=load_tokenizer(str(tokenizer_dir)).add_bos).encode("utf-8")
+    log(f"the source has no chat template: {JINJA_FILE} renders {template}, as training does")
+
+
 def _default_generation_config(tokenizer_dir: Path) -> Optional[dict]:
     """Stop on the chat turn end (and the tokenizer's EOS); None when the tokenizer cannot say."""
     from megatron_mpo.data import load_tokenizer
@@ -314,8 +345,9 @@ def megatron_dir_to_hf(
     ``bfloat16`` or ``float16``. Nothing appears at ``out`` unless the export succeeds.
     """
     from megatron_mpo.conversion import native, original
+    from megatron_mpo.data.tile_settings import checkpoint_values, model_tiling
+    from megatron_mpo.training.data_setup import default_template
     from megatron_mpo.training.model_dir import MODEL_CONFIG_FILE, follow_latest, read_model_dir, tokenizer_source
-    from megatron_mpo.data.templates import family_template
 
     if fmt not in FORMATS:
         raise UserError(f"format must be one of {', '.join(FORMATS)}, not {fmt!r}")
@@ -335,10 +367,18 @@ def megatron_dir_to_hf(
         dtype = record.get("source_dtype") or "float32"
         if dtype not in hf_io.DTYPES:
             dtype = "float32"
+    # A training checkpoint's config states the template and tiling its run used.
     config, state = read_model_dir(ckpt)
+    source = record.get("original_config") or {}
+    # Model dirs older than the stored template: the source's, else the old rule.
+    template = config.template or source.get("template") or default_template(config)
+    tiling = model_tiling(config)
     files, generation = _export_files(home, tokenizer_dir, fmt, record, log)
-    if fmt == NATIVE:  # what AutoProcessor needs, where the source did not ship it
-        files.update(processor_files(files, config, export_max_tiles(ckpt, record)))
+    if fmt == NATIVE:  # what AutoProcessor needs, where the source did not ship it; the run's tiling
+        files.update(processor_files(files, config, tiling))
+        _with_chat_template(files, template, tokenizer_dir, log)
+        for warning in tiling_warnings(tiling):
+            log(f"warning: {warning}")
     torch_dtype = hf_io.DTYPES[dtype]
     state = {k: (v.to(torch_dtype) if v.is_floating_point() else v) for k, v in state.items()}
     native_cfg = to_native_hf_config(config, base=record.get("native_config"), dtype=dtype)
@@ -347,13 +387,9 @@ def megatron_dir_to_hf(
         hf_config = native_cfg
     else:
         module_state = native.megatron_to_hf(state, config, layout="module")
-        source = record.get("original_config") or {}
-        overrides = {k: source[k] for k in _CHAT_OVERRIDES if k in source}
-        # The template the model was converted (and trained) with; older model dirs lack it.
-        overrides["template"] = config.template or overrides.get("template") or family_template(config.language.family)
         hf_state, hf_config = original.native_to_original(
-            module_state, native_cfg, llm_family=config.language.family, **overrides
-        )
+            module_state, native_cfg, llm_family=config.language.family, template=template,
+            **checkpoint_values(tiling))
         if source.get("auto_map"):
             hf_config["auto_map"] = source["auto_map"]
     del state

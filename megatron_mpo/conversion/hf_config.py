@@ -20,7 +20,8 @@ Best effort where a form lacks a field: the native config has no home for the or
 there and decoded back by :func:`internvl_config_from_native`; ``template``,
 ``dynamic_image_size``, ``use_thumbnail``, ``min/max_dynamic_patch`` are not part of the
 native config and get InternVL2.5 defaults on the way back (override with keyword
-arguments). ``image_token_id`` is not stored in an original config.json (the remote code
+arguments; the exporter passes the run's). The tiling keys an original config states are
+kept in ours (``InternVLConfig.dynamic_image_size`` ...), outside the architecture. ``image_token_id`` is not stored in an original config.json (the remote code
 reads it from the tokenizer): pass it, or it is taken from ``img_context_token_id`` when
 present, else guessed by family -- check it against
 ``tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")``. With ``base`` (the config.json the
@@ -191,11 +192,19 @@ def internvl_config_from_hf(hf: Any) -> InternVLConfig:
 
 def internvl_config_from_original(original: Any, *,
                                   image_token_id: Optional[int] = None) -> tuple[InternVLConfig, dict]:
-    """(ours, the native config dict) of an original ``InternVLChatConfig`` dict."""
+    """(ours, the native config dict) of an original ``InternVLChatConfig`` dict; ours also
+    states the tiling the dict states (``dynamic_image_size``, ``use_thumbnail``,
+    ``min/max_dynamic_patch``: InternVL's trainer writes what it trained with)."""
+    from megatron_mpo.data.tile_settings import CHECKPOINT_NAMES, check_stated_tiling
+
     cfg = as_dict(original)
     check_not_flash(cfg)
     native = native_config_from_original(cfg, image_token_id=image_token_id)
-    return internvl_config_from_native(native, family=detect_llm_family(cfg)), native
+    config = internvl_config_from_native(native, family=detect_llm_family(cfg))
+    for name in CHECKPOINT_NAMES.values():
+        setattr(config, name, cfg.get(name))
+    check_stated_tiling(config, "config.json ")
+    return config, native
 
 
 def internvl_config_from_native(native: Mapping[str, Any], family: Optional[str] = None) -> InternVLConfig:
@@ -373,7 +382,8 @@ def to_native_hf_config(config: InternVLConfig, base: Optional[Mapping[str, Any]
     return out
 
 
-_ARCH_FIELDS_IGNORED = ("name", "template", "vision.num_padded_heads", "language.vocab_size_divisible_by")
+_ARCH_FIELDS_IGNORED = ("name", "template", "vision.num_padded_heads", "language.vocab_size_divisible_by",
+                        "dynamic_image_size", "use_thumbnail", "min_dynamic_patch", "max_dynamic_patch")
 
 
 def _flat_arch(config: InternVLConfig) -> dict:

@@ -3,7 +3,8 @@
 Modules: ``config`` (the run config's ``data`` section), ``plan`` (what the model and the
 run decide: tile geometry, rows, micro-batch, passes), ``templates`` (chat templates),
 ``tokenizer`` (model-directory tokenizers), ``tiling`` (InternVL dynamic tiling),
-``samples`` (sample -> pair), ``collate`` (pairs -> PairBatch), ``pipeline`` (streaming,
+``samples`` (sample -> pair), ``lengths`` (token lengths of a sample of the shards and
+what max_length does to them), ``collate`` (pairs -> PairBatch), ``pipeline`` (streaming,
 resumable loader), ``streams`` (what each stream reads, and its replay), ``consumed`` (what an epoch consumed and which data it was, for
 resumes at another layout), ``refs`` (reference log-prob sidecars), ``mmpr`` /
 ``shard_writer`` (make_shards), ``tiny_tokenizer`` and ``synthetic`` (test helpers).

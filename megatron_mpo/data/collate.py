@@ -81,8 +81,10 @@ def _batch(
     image_token_index: torch.Tensor,
     *,
     segments: Optional[torch.Tensor],
+    ends: Sequence[int],
 ) -> PairBatch:
-    """The filled rows + what every layout takes from the pairs alike (pixels, refs, keys)."""
+    """The filled rows + what every layout takes from the pairs alike (pixels, refs, keys);
+    row ``r`` holds tokens up to ``ends[r]``, padding after."""
     ref_c, ref_r = _refs(pairs)
     return PairBatch(
         input_ids=input_ids,
@@ -93,6 +95,7 @@ def _batch(
         pixel_values=_pixels(pairs),
         num_pairs=len(pairs),
         segments=segments,
+        padding=torch.arange(input_ids.shape[1]) >= torch.tensor(list(ends)).unsqueeze(1),
         ref_chosen_logps=ref_c,
         ref_rejected_logps=ref_r,
         keys=[p.key for p in pairs],
@@ -119,7 +122,8 @@ def collate_unpacked(
         where, feature_rows = images[r % P]
         image_token_index[r, where] = feature_rows
     position_ids = torch.arange(S, dtype=torch.long).unsqueeze(0).expand(2 * P, S).contiguous()
-    return _batch(pairs, input_ids, position_ids, labels, response_index, image_token_index, segments=None)
+    return _batch(pairs, input_ids, position_ids, labels, response_index, image_token_index, segments=None,
+                  ends=lengths)
 
 
 def packed_length(pair: TokenizedPair) -> int:
@@ -203,6 +207,7 @@ def collate_packed(
     position_ids = torch.zeros((R, S), dtype=torch.long)
     segments = torch.zeros((R, S), dtype=torch.int32)
     images = _image_rows(pairs, context_id, tokens_per_tile)
+    ends = []
     for r, members in enumerate(rows):
         start = 0
         for k, i in enumerate(members):
@@ -228,7 +233,9 @@ def collate_packed(
         # Trailing padding: a segment of its own, positions running on (causal among itself).
         segments[r, start:] = BRANCHES * len(members) + PROMPT
         position_ids[r, start:] = torch.arange(S - start)
-    return _batch(pairs, input_ids, position_ids, labels, response_index, image_token_index, segments=segments)
+        ends.append(start)
+    return _batch(pairs, input_ids, position_ids, labels, response_index, image_token_index, segments=segments,
+                  ends=ends)
 
 
 def collate_pairs(

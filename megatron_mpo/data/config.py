@@ -12,7 +12,7 @@ from typing import List, Optional, Union
 
 from megatron_mpo.data.samples import MAX_IMAGE_PIXELS
 from megatron_mpo.data.templates import REFUSED_TEMPLATES, TEMPLATES
-from megatron_mpo.data.tiling import MAX_TILES
+from megatron_mpo.data.tile_settings import check_data_tiling
 from megatron_mpo.errors import UserError
 from megatron_mpo.settings import allowed, one_of, positive, setting
 
@@ -27,8 +27,10 @@ class DataConfig:
 
     ``max_tiles`` is the per-sample tile budget (a sample's ``max_dynamic_patch``, set by
     make_shards from the meta file, can lower it, never raise it), split across the images
-    of a multi-image sample. ``template`` null is the model's own: the trainer resolves it
-    (``training.data_setup.loader_data``) before the loader reads it. ``shards`` may also
+    of a multi-image sample. ``template`` and the tiling keys (``dynamic_tiling``,
+    ``thumbnail``, ``min_tiles``, ``max_tiles``) null are the model's own: the trainer
+    resolves them (``training.data_setup.loader_data``, :mod:`.tile_settings`) before the
+    loader reads them. ``shards`` may also
     be a list of shard URLs (the reference tool reads one shard at a time).
     """
 
@@ -44,7 +46,14 @@ class DataConfig:
                                   choices=("warn", "skip", "error"))
     max_length: int = setting(8192, "tokens per pair (image tokens included); longer prompts are "
                               "dropped, responses cut")
-    max_tiles: int = setting(6, "most image tiles per sample (plus a thumbnail when tiled)")
+    max_tiles: Optional[int] = setting(None, "most image tiles per sample (plus a thumbnail when tiled); null: "
+                                       "the checkpoint's `max_dynamic_patch`, else 6")
+    min_tiles: Optional[int] = setting(None, "fewest tiles an image is cut into; null: the checkpoint's "
+                                       "`min_dynamic_patch`, else 1")
+    thumbnail: Optional[bool] = setting(None, "add a thumbnail of the whole image after its tiles (when it has "
+                                        "more than one); null: the checkpoint's `use_thumbnail`, else true")
+    dynamic_tiling: Optional[bool] = setting(None, "cut images into tiles (false: each image is one tile, "
+                                             "resized); null: the checkpoint's `dynamic_image_size`, else true")
     max_image_pixels: int = setting(MAX_IMAGE_PIXELS, "most pixels (width x height) of one image, read from its "
                                     "header: a larger one is skipped as `bad_image` before it is decoded "
                                     "(a small file can decode to gigabytes); 64e6 is 8000 x 8000")
@@ -73,9 +82,7 @@ class DataConfig:
         """Raise :class:`UserError` on the first bad value (the run config calls this)."""
         if self.max_length is None or self.max_length < 2:
             raise UserError(f"data.max_length must be >= 2, got {self.max_length!r}")
-        positive("data.max_tiles", self.max_tiles)
-        if self.max_tiles > MAX_TILES:
-            raise UserError(f"data.max_tiles must be <= {MAX_TILES}, got {self.max_tiles}")
+        check_data_tiling(self)
         positive("data.max_image_pixels", self.max_image_pixels)
         if self.pairs_per_row is not None:
             positive("data.pairs_per_row", self.pairs_per_row)

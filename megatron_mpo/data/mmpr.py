@@ -58,6 +58,16 @@ def _resolve(base: str, path: str) -> str:
     return beside
 
 
+def _looks_like_jsonl(path: str) -> bool:
+    """True when the first two non-empty lines each hold a JSON object (a JSONL file)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [line for line in (f.readline() for _ in range(50)) if line.strip()][:2]
+        return len(lines) == 2 and all(isinstance(json.loads(line), dict) for line in lines)
+    except (OSError, ValueError):
+        return False
+
+
 def load_meta(path: str) -> List[SourceSpec]:
     """Datasets of an MMPR ``meta.json``, in file order; UserError on a bad file.
 
@@ -70,6 +80,9 @@ def load_meta(path: str) -> List[SourceSpec]:
         with open(path, encoding="utf-8") as f:
             meta = json.load(f)
     except (OSError, ValueError) as exc:
+        if _looks_like_jsonl(path):
+            raise UserError(f"{path} is one JSON record per line (an annotation file), not a meta file: "
+                            f"use --jsonl {path} (with --image-root and --name) instead of --meta") from None
         raise UserError(f"cannot read meta file {path}: {exc}") from None
     if not isinstance(meta, dict) or not meta:
         raise UserError(f"meta file {path} must be a JSON object {{name: {{root, annotation, repeat_time}}}}")

@@ -90,6 +90,25 @@ def _identity(x):
     return x
 
 
+def sample_parts(raw: dict) -> Tuple[dict, List[bytes]]:
+    """(the sample's JSON, its image bytes in placeholder order) of a raw shard sample;
+    SampleError when they cannot be read."""
+    if "json" not in raw:
+        raise SampleError("missing_field", "json")
+    try:
+        meta = json.loads(raw["json"].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise SampleError("bad_json", str(exc)) from None
+    if not isinstance(meta, dict):
+        raise SampleError("bad_json", "not an object")
+    names = meta.get("images")
+    if names is None:  # shards written elsewhere: take img{i}.* members
+        names = sorted((k for k in raw if re.fullmatch(r"img\d+\.\w+", k)), key=lambda k: int(k[3:].split(".")[0]))
+    if not isinstance(names, list) or any(not isinstance(n, str) or n not in raw for n in names):
+        raise SampleError("missing_image", str(names))
+    return meta, [raw[n] for n in names]
+
+
 class _EpochStreams(torch.utils.data.IterableDataset):
     """One epoch of one rank's streams; each DataLoader worker runs one stream."""
 
@@ -156,19 +175,7 @@ class _EpochStreams(torch.utils.data.IterableDataset):
     def _pair(self, raw: dict, refs: Optional[RefLogps], counter: SkipCounter) -> Optional[TokenizedPair]:
         shard, key = raw["__shard__"], raw["__key__"]
         try:
-            if "json" not in raw:
-                raise SampleError("missing_field", "json")
-            try:
-                meta = json.loads(raw["json"].decode("utf-8"))
-            except (UnicodeDecodeError, ValueError) as exc:
-                raise SampleError("bad_json", str(exc)) from None
-            if not isinstance(meta, dict):
-                raise SampleError("bad_json", "not an object")
-            names = meta.get("images")
-            if names is None:  # shards written elsewhere: take img{i}.* members
-                names = sorted((k for k in raw if re.fullmatch(r"img\d+\.\w+", k)), key=lambda k: int(k[3:].split(".")[0]))
-            if not isinstance(names, list) or any(not isinstance(n, str) or n not in raw for n in names):
-                raise SampleError("missing_image", str(names))
+            meta, images = sample_parts(raw)
             ref = None
             if refs is not None:
                 ref = refs.lookup(shard, key)
@@ -179,7 +186,7 @@ class _EpochStreams(torch.utils.data.IterableDataset):
                             "recompute them or set on_missing_ref: skip"
                         )
                     raise SampleError("missing_ref", key)
-            pair = self.builder.build(f"{shard}/{key}", meta, [raw[n] for n in names], ref)
+            pair = self.builder.build(f"{shard}/{key}", meta, images, ref)
         except SampleError as exc:
             counter.add(exc.reason)
             return None

@@ -36,8 +36,11 @@ from megatron_mpo.fileio import write_atomic
 
 REF_FORMAT = "megatron_mpo.ref_logps/2"
 SUFFIX = ".ref.json"
-FINGERPRINT_FIELDS = ("checkpoint", "tokenizer", "template", "system_message", "max_length", "max_tiles",
-                      "image_size", "tokens_per_tile", "dtype", "fp8", "fp8_recipe")
+FINGERPRINT_FIELDS = ("checkpoint", "tokenizer", "template", "system_message", "max_length", "dynamic_tiling",
+                      "thumbnail", "min_tiles", "max_tiles", "image_size", "tokens_per_tile", "dtype", "fp8",
+                      "fp8_recipe")
+# Fields added after sidecars were first written: such a sidecar was computed with these values.
+_FINGERPRINT_BEFORE = {"dynamic_tiling": True, "thumbnail": True, "min_tiles": 1}
 FIX = "delete it and recompute with tools/precompute_ref_logps.py"
 
 
@@ -172,7 +175,8 @@ def _hash_files(root: Path, names: Optional[List[str]] = None, head_bytes: int =
 
 def fingerprint(checkpoint: str, tokenizer: str, data: DataConfig, loading: LoaderPlan, precision: Mapping) -> dict:
     """Every setting the reference numbers depend on; ``precision``: the reference forward's
-    ``PrecisionPlan.fingerprint()`` (what the values are computed in)."""
+    ``PrecisionPlan.fingerprint()`` (what the values are computed in). ``data``'s tiling keys
+    are resolved (the run's, see :mod:`.tile_settings`)."""
     return {
         "checkpoint": _hash_files(Path(checkpoint)),
         "tokenizer": _hash_files(Path(tokenizer), list(TOKENIZER_FILES)),
@@ -181,6 +185,9 @@ def fingerprint(checkpoint: str, tokenizer: str, data: DataConfig, loading: Load
         # existed still match a run that leaves it unset.
         "system_message": data.system_message,
         "max_length": data.max_length,
+        "dynamic_tiling": data.dynamic_tiling,
+        "thumbnail": data.thumbnail,
+        "min_tiles": data.min_tiles,
         "max_tiles": data.max_tiles,
         "image_size": loading.image_size,
         "tokens_per_tile": loading.tokens_per_tile,
@@ -188,8 +195,14 @@ def fingerprint(checkpoint: str, tokenizer: str, data: DataConfig, loading: Load
     }
 
 
+def complete_fingerprint(found: Mapping) -> dict:
+    """A sidecar's fingerprint with the fields it predates set to what it was computed with."""
+    return {**_FINGERPRINT_BEFORE, **found}
+
+
 def explain(found: Mapping, expected: Mapping) -> Optional[str]:
     """The first setting in which two fingerprints differ, in words (None when equal)."""
+    found = complete_fingerprint(found)
     for key in FINGERPRINT_FIELDS:
         if found.get(key) != expected.get(key):
             if key == "checkpoint":

@@ -40,6 +40,38 @@ class SampleError(Exception):
         self.reason = reason
 
 
+@dataclass(frozen=True)
+class LengthFit:
+    """What ``max_length`` does to a pair of given token counts: the one length rule, applied
+    by the loader (:meth:`PairBuilder.fit`) and by the length report (:mod:`.lengths`)."""
+
+    room: int  # tokens each response may keep after the prompt; < 1: the pair is dropped
+    chosen_cut: bool
+    rejected_cut: bool
+
+    @property
+    def dropped(self) -> bool:
+        """The prompt alone leaves no room for a response token (``prompt_too_long``)."""
+        return self.room < 1
+
+
+def fit_lengths(prompt: int, chosen: int, rejected: int, max_length: int) -> LengthFit:
+    """The length rule: a pair whose prompt leaves no room for a response token within
+    ``max_length`` is dropped (an image is never cut); a response that does not fit after
+    the prompt is cut from the end."""
+    room = max_length - prompt
+    return LengthFit(room, room >= 1 and chosen > room, room >= 1 and rejected > room)
+
+
+def pair_texts(meta: dict) -> Tuple[str, str, str]:
+    """(question, chosen, rejected) of a sample's JSON; ``missing_field`` when one is absent or empty."""
+    texts = meta.get("question"), meta.get("chosen"), meta.get("rejected")
+    for name, value in zip(("question", "chosen", "rejected"), texts):
+        if not isinstance(value, str) or not value:
+            raise SampleError("missing_field", name)
+    return texts
+
+
 def tile_limit(value: object, max_tiles: int) -> int:
     """A sample's ``max_dynamic_patch`` clamped to ``max_tiles`` (absent: ``max_tiles``).
 
@@ -98,6 +130,28 @@ def _check_pixels(width: int, height: int, max_pixels: int) -> None:
 
 
 @dataclass
+class PromptPlan:
+    """A prompt built from image headers alone: its ids and what decoding the tiles needs."""
+
+    ids: List[int]
+    images: List[Image.Image]  # opened, not decoded
+    tiles: List[int]  # per image, thumbnail included
+    budget: int  # most tiles of each image
+    low: int  # fewest tiles of each image
+
+
+@dataclass
+class PairLengths:
+    """Token counts of one sample (responses uncut) and what ``max_length`` does to it."""
+
+    prompt: int  # image tokens included
+    image: int  # <IMG_CONTEXT> tokens: tiles x tokens_per_tile
+    chosen: int
+    rejected: int
+    fit: LengthFit
+
+
+@dataclass
 class TokenizedPair:
     """A preference pair ready for collation; both responses share prompt and tiles."""
 
@@ -129,6 +183,7 @@ class PairBuilder:
     use_thumbnail: bool = True
     system_message: Optional[str] = None
     max_image_pixels: int = MAX_IMAGE_PIXELS
+    dynamic_tiling: bool = True  # False: each image is one tile (resized), as InternVL without dynamic_image_size
 
     def __post_init__(self):
         # The text after the prompt's last special token ("assistant\n"): responses are
@@ -163,11 +218,15 @@ class PairBuilder:
 
     def fit(self, prompt: List[int], chosen: List[int], rejected: List[int]) -> Tuple[List[int], List[int], bool]:
         """Cut responses so prompt + response <= max_length; SampleError if none fits."""
-        room = self.max_length - len(prompt)
-        if room < 1:
-            raise SampleError("prompt_too_long", f"prompt {len(prompt)} tokens, max_length {self.max_length}")
-        truncated = len(chosen) > room or len(rejected) > room
-        return chosen[:room], rejected[:room], truncated
+        fit = self._fit(len(prompt), len(chosen), len(rejected))
+        return chosen[:fit.room], rejected[:fit.room], fit.chosen_cut or fit.rejected_cut
+
+    def _fit(self, prompt: int, chosen: int = 0, rejected: int = 0) -> LengthFit:
+        """:func:`fit_lengths` at this ``max_length``; ``prompt_too_long`` when the pair is dropped."""
+        fit = fit_lengths(prompt, chosen, rejected, self.max_length)
+        if fit.dropped:
+            raise SampleError("prompt_too_long", f"prompt {prompt} tokens, max_length {self.max_length}")
+        return fit
 
     @property
     def _image_ids(self) -> Tuple[int, int, int]:
@@ -185,35 +244,49 @@ class PairBuilder:
         if any(i in self._image_ids for ids in responses for i in ids):
             raise SampleError("image_token_in_text", "the text contains <img>, </img> or <IMG_CONTEXT>")
 
+    def tile_range(self, max_dynamic_patch: object, num_images: int) -> Tuple[int, int]:
+        """(most, fewest) tiles of each image of a sample: the per-sample budget (lowered by the
+        sample's ``max_dynamic_patch``) split over its images; (1, 1) without dynamic tiling."""
+        limit = tile_limit(max_dynamic_patch, self.max_tiles)
+        if not self.dynamic_tiling:
+            return 1, 1
+        return tiles_per_image(limit, num_images), self.min_tiles
+
     # -- whole sample ---------------------------------------------------------------------
     def prompt(self, question: str, image_bytes: Sequence[bytes], max_dynamic_patch: object = None,
                ) -> Tuple[List[int], torch.Tensor]:
         """(prompt ids, pixel values) of a question and its images: the one prompt rule that
         training, the reference tool and generation share. SampleError on bad data or a
         prompt that leaves no room for a response within ``max_length``."""
-        question = normalize_placeholders(question, len(image_bytes))
-        if question is None:
-            raise SampleError("placeholder_mismatch", f"{len(image_bytes)} images")
-        budget = tiles_per_image(tile_limit(max_dynamic_patch, self.max_tiles), len(image_bytes))
-        images = [open_image(data, self.max_image_pixels) for data in image_bytes]
-        tiles = [count_tiles(img.width, img.height, self.image_size, budget, self.min_tiles, self.use_thumbnail)
-                 for img in images]
-        prompt = self.prompt_ids(question, tiles)
-        self._check_image_tokens(prompt, tiles)
-        if len(prompt) >= self.max_length:
-            raise SampleError("prompt_too_long", f"prompt {len(prompt)} tokens, max_length {self.max_length}")
+        plan = self.prompt_plan(question, image_bytes, max_dynamic_patch)
+        self._fit(len(plan.ids))  # before any pixel is decoded
         pixel = []
-        for img, n in zip(images, tiles):
+        for img, n in zip(plan.images, plan.tiles):
             try:
                 with strict_decoding():
                     img.load()
-                t = image_to_tiles(img, self.image_size, budget, self.min_tiles, self.use_thumbnail)
+                t = image_to_tiles(img, self.image_size, plan.budget, plan.low, self.use_thumbnail)
             except Exception as exc:
                 raise SampleError("bad_image", str(exc)) from None
             assert t.shape[0] == n, (t.shape, n)
             pixel.append(t)
         pixel_values = torch.cat(pixel) if pixel else torch.zeros(0, 3, self.image_size, self.image_size)
-        return prompt, pixel_values
+        return plan.ids, pixel_values
+
+    def prompt_plan(self, question: str, image_bytes: Sequence[bytes], max_dynamic_patch: object = None,
+                    ) -> PromptPlan:
+        """The prompt from the image headers alone (tile counts follow from the image size),
+        with no length limit: :meth:`prompt` goes on to decode the tiles, :meth:`measure` stops here."""
+        question = normalize_placeholders(question, len(image_bytes))
+        if question is None:
+            raise SampleError("placeholder_mismatch", f"{len(image_bytes)} images")
+        budget, low = self.tile_range(max_dynamic_patch, len(image_bytes))
+        images = [open_image(data, self.max_image_pixels) for data in image_bytes]
+        tiles = [count_tiles(img.width, img.height, self.image_size, budget, low, self.use_thumbnail)
+                 for img in images]
+        prompt = self.prompt_ids(question, tiles)
+        self._check_image_tokens(prompt, tiles)
+        return PromptPlan(prompt, images, tiles, budget, low)
 
     def build(
         self,
@@ -223,10 +296,7 @@ class PairBuilder:
         ref: Optional[Tuple[float, float]] = None,
     ) -> TokenizedPair:
         """A pair from a sample's JSON and its image bytes; SampleError on bad data."""
-        question, chosen, rejected = meta.get("question"), meta.get("chosen"), meta.get("rejected")
-        for name, value in (("question", question), ("chosen", chosen), ("rejected", rejected)):
-            if not isinstance(value, str) or not value:
-                raise SampleError("missing_field", name)
+        question, chosen, rejected = pair_texts(meta)
         prompt, pixel_values = self.prompt(question, image_bytes, meta.get("max_dynamic_patch"))
         chosen_ids, rejected_ids = self.response_ids(chosen), self.response_ids(rejected)
         self._refuse_image_tokens(chosen_ids, rejected_ids)
@@ -238,20 +308,38 @@ class PairBuilder:
             pair.flags.append("response_truncated")
         return pair
 
+    def measure(self, meta: dict, image_bytes: Sequence[bytes]) -> PairLengths:
+        """:meth:`build`'s token counts without decoding an image, and what ``max_length`` does
+        to them; SampleError on what :meth:`build` refuses, except ``prompt_too_long`` (``fit.dropped``)
+        and what only decoding finds (a corrupt image body)."""
+        question, chosen, rejected = pair_texts(meta)
+        plan = self.prompt_plan(question, image_bytes, meta.get("max_dynamic_patch"))
+        chosen_ids, rejected_ids = self.response_ids(chosen), self.response_ids(rejected)
+        fit = fit_lengths(len(plan.ids), len(chosen_ids), len(rejected_ids), self.max_length)
+        if not fit.dropped:  # build() refuses a too-long prompt before it looks at the responses
+            self._refuse_image_tokens(chosen_ids, rejected_ids)
+        return PairLengths(len(plan.ids), sum(plan.tiles) * self.tokens_per_tile, len(chosen_ids),
+                           len(rejected_ids), fit)
+
 
 def build_pair_builder(config, tokenizer: Tokenizer, *, image_size: int, tokens_per_tile: int) -> PairBuilder:
-    """A PairBuilder from the ``data`` section (a DataConfig, its template resolved) and the
-    vision model's tile geometry."""
+    """A PairBuilder from the ``data`` section (a DataConfig, its template resolved; tiling keys
+    left null take the defaults) and the vision model's tile geometry."""
     from megatron_mpo.data.templates import get_template
+    from megatron_mpo.data.tile_settings import resolve_tiling
 
+    tiling, _ = resolve_tiling(config, {})
     return PairBuilder(
         tokenizer=tokenizer,
         template=get_template(config.template),
         max_length=config.max_length,
-        max_tiles=config.max_tiles,
+        max_tiles=tiling.max_tiles,
         image_size=image_size,
         tokens_per_tile=tokens_per_tile,
+        min_tiles=tiling.min_tiles,
+        use_thumbnail=tiling.thumbnail,
         system_message=config.system_message,
         max_image_pixels=config.max_image_pixels,
+        dynamic_tiling=tiling.dynamic_tiling,
     )
 

@@ -27,7 +27,7 @@ def add_model_args(parser: argparse.ArgumentParser, model: bool = True) -> None:
     parser.add_argument("--max-length", type=int, default=data.max_length,
                         help="longest prompt in tokens, image tokens included (longer: counted prompt_too_long)")
     parser.add_argument("--max-tiles", type=int, default=data.max_tiles,
-                        help="tile budget per question (InternVL's pipeline: 6)")
+                        help="tile budget per question (default: the model's own, as training's data.max_tiles)")
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     parser.add_argument("--dtype", default="auto", help="transformers engine dtype: auto, float32, bfloat16")
     parser.add_argument("--tensor-parallel", type=int, default=1, help="vllm: GPUs per engine (inside a node)")
@@ -63,7 +63,8 @@ def open_engine(args, out_dir: str, log):
     if args.engine == "transformers":
         options = {"device": args.device, "dtype": args.dtype}
     else:  # the engine's context holds the prompt and the answer
-        options = {"tensor_parallel_size": args.tensor_parallel, "max_model_len": args.max_length + args.max_new_tokens}
+        options = {"tensor_parallel_size": args.tensor_parallel, "max_model_len": args.max_length + args.max_new_tokens,
+                   "min_tiles": builder.min_tiles}
     engine = make_engine(args.engine, model.hf_dir, tok, **options)
     return model, tok, builder, engine
 

@@ -110,7 +110,7 @@ def preference_accuracy(policy_dir: str, reference_dir: str) -> dict:
     The two sets must share shards and every setting but the checkpoint (same tokenizer,
     template, max_length, tiling): a pair is compared only when both computed it.
     """
-    from megatron_mpo.data.refs import load_sidecar
+    from megatron_mpo.data.refs import complete_fingerprint, load_sidecar
     from megatron_mpo.errors import UserError
 
     policy_files = sorted(Path(policy_dir).glob("*.ref.json"))
@@ -124,8 +124,8 @@ def preference_accuracy(policy_dir: str, reference_dir: str) -> dict:
             raise UserError(f"no reference values for {path.name} in {reference_dir}: run "
                             "tools/precompute_ref_logps.py with the initial model on these shards")
         policy, ref = load_sidecar(str(path)), load_sidecar(str(ref_path))
-        fp_p = {k: v for k, v in policy["fingerprint"].items() if k != "checkpoint"}
-        fp_r = {k: v for k, v in ref["fingerprint"].items() if k != "checkpoint"}
+        fp_p = {k: v for k, v in complete_fingerprint(policy["fingerprint"]).items() if k != "checkpoint"}
+        fp_r = {k: v for k, v in complete_fingerprint(ref["fingerprint"]).items() if k != "checkpoint"}
         if fp_p != fp_r:
             diff = sorted(k for k in set(fp_p) | set(fp_r) if fp_p.get(k) != fp_r.get(k))
             raise UserError(f"{ref_path} was computed with other settings ({', '.join(diff)} differ); "

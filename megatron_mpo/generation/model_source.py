@@ -136,14 +136,19 @@ def resolve_model(path: str, engine: str, workdir: str, *, rank: int = 0, templa
     return ModelSource(str(src), hf.layout, config, chosen, str(src), path)
 
 
-def prompt_builder(model: ModelSource, tokenizer, *, max_length: int, max_tiles: int,
+def prompt_builder(model: ModelSource, tokenizer, *, max_length: int, max_tiles: Optional[int] = None,
                    system_message: Optional[str] = None):
-    """The training prompt rule (template, tiling, image tokens) for this model."""
+    """The training prompt rule (template, tiling, image tokens) for this model; the tiling is
+    the model's own (``max_tiles`` overrides its tile budget)."""
+    import dataclasses
+
     from megatron_mpo.data import DataConfig
     from megatron_mpo.data.samples import build_pair_builder
+    from megatron_mpo.data.tile_settings import resolve_tiling, stated_tiling
 
     data = DataConfig(max_length=max_length, max_tiles=max_tiles, template=model.template,
                       system_message=system_message)
+    data = dataclasses.replace(data, **dataclasses.asdict(resolve_tiling(data, stated_tiling(model.config))[0]))
     return build_pair_builder(data, tokenizer, image_size=model.config.vision.image_size,
                               tokens_per_tile=model.config.tokens_per_tile)
 

@@ -100,5 +100,5 @@ def build_prompt(builder: PairBuilder, key: str, question: str, images: Sequence
         text += prefix
         if len(ids) >= builder.max_length:
             raise SampleError("prompt_too_long", f"prompt {len(ids)} tokens, max_length {builder.max_length}")
-    return GenerationPrompt(key, ids, pixel_values, text, list(images),
-                            tile_limit(max_dynamic_patch, builder.max_tiles), prefix)
+    budget = tile_limit(max_dynamic_patch, builder.max_tiles) if builder.dynamic_tiling else 1
+    return GenerationPrompt(key, ids, pixel_values, text, list(images), budget, prefix)

@@ -6,6 +6,7 @@
     layers.py            layer scale, cross-head qk-norm, bias-free linears, packed-row attention
     packed_attention.py  attention over packed preference rows (SDPA per pair, FlexAttention)
     vision.py            InternViT, pixel shuffle, the mlp1 projector
+    moe_balance.py       the routers' load-balancing loss as the checkpoint means it (scale, padding)
     internvl.py          InternVLModel (one pipeline chunk) and build_model
 
 Submodules import megatron-core; import them directly (this package imports nothing).

@@ -113,7 +113,8 @@ class LanguageConfig:
     # ``moe_intermediate_size``, ``num_experts_per_tok`` of them per token, weighted by the
     # router's softmax over all experts (renormalised over the chosen ones when
     # ``norm_topk_prob``). ``router_aux_loss_coef``: the load-balancing loss coefficient the
-    # model was trained with (the trainer's default, see ``mpo.router_aux_loss_coef``).
+    # model was trained with, in transformers' sense (the trainer's default, see
+    # ``mpo.router_aux_loss_coef`` and models/moe_balance.py for megatron-core's reading).
     num_experts: int = 0
     num_experts_per_tok: int = 0
     moe_intermediate_size: int = 0
@@ -171,6 +172,13 @@ class InternVLConfig:
     # Chat template the checkpoint was trained with, read from its own files at conversion
     # (megatron_mpo.conversion.chat_template); None in older model dirs (see data_setup).
     template: Optional[str] = None
+    # How the checkpoint tiles images, under InternVL's config.json names (read at conversion;
+    # a training checkpoint: what its run used). None = not stated; the run's data.* tiling
+    # keys default to these (megatron_mpo.data.tile_settings).
+    dynamic_image_size: Optional[bool] = None
+    use_thumbnail: Optional[bool] = None
+    min_dynamic_patch: Optional[int] = None
+    max_dynamic_patch: Optional[int] = None
 
     @property
     def shuffle_factor(self) -> int:
@@ -199,6 +207,9 @@ class InternVLConfig:
 
             _check(self.template in TEMPLATES,
                    f"unknown template {self.template!r}; known: {', '.join(sorted(TEMPLATES))}")
+        from megatron_mpo.data.tile_settings import check_stated_tiling
+
+        check_stated_tiling(self)
         _check(
             abs(1 / self.shuffle_factor - self.downsample_ratio) < 1e-9
             and self.vision.grid % self.shuffle_factor == 0,

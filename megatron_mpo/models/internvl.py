@@ -12,6 +12,7 @@ the chosen and rejected rows of a preference pair read one vision pass.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 from typing import Optional, Sequence
 
@@ -31,6 +32,7 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 from megatron_mpo import platform
 from megatron_mpo.errors import UserError
 from megatron_mpo.models.config import InternVLConfig
+from megatron_mpo.models.moe_balance import megatron_aux_loss_coeff, sequence_parallel_padding
 from megatron_mpo.models.specs import (
     check_backend,
     default_attention,
@@ -41,6 +43,7 @@ from megatron_mpo.models.specs import (
 from megatron_mpo.models.vision import InternViTModel, InternVLProjector, pixel_shuffle
 from megatron_mpo.parallel_layout import check_layout
 from megatron_mpo.segments import causal_mask, is_segments, segment_mask
+from megatron_mpo.settings import below_one
 
 __all__ = [
     "InternVLModel",
@@ -71,7 +74,7 @@ def _runtime_kwargs(tp: int, params_dtype: torch.dtype) -> dict:
         use_cpu_initialization=not on_gpu,
         perform_initialization=True,
         masked_softmax_fusion=False,  # megatron's fused softmax kernels are not shipped
-        bias_dropout_fusion=on_gpu,
+        bias_dropout_fusion=platform.jit_fusions(),  # torch.compile'd: a GPU where it runs
         apply_rope_fusion=False,  # RoPE follows position_ids (per-row freqs), see below
         persist_layer_norm=False,
         init_method_std=0.02,
@@ -92,7 +95,8 @@ _EXACT_GELU_MLP = dict(
 _FULL_RECOMPUTE = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
 
 
-def moe_kwargs(config: InternVLConfig, ep: int = 1, spec: str = "local") -> dict:
+def moe_kwargs(config: InternVLConfig, ep: int = 1, spec: str = "local",
+               aux_loss_convention: str = "transformers") -> dict:
     """The TransformerConfig fields of a mixture-of-experts LLM ({} for a dense one).
 
     Qwen3-MoE's router: softmax over all experts, top-k, renormalised over the k when
@@ -100,7 +104,9 @@ def moe_kwargs(config: InternVLConfig, ep: int = 1, spec: str = "local") -> dict
     False); without renormalisation, softmax-then-top-k. The router runs in fp32 (Qwen3-MoE
     takes its softmax in fp32). Dropless (no capacity factor): a token's experts do not
     depend on what else is in the batch, so packed and unpacked rows route alike. Experts
-    are dispatched with all-to-all over the ``ep`` expert-parallel ranks.
+    are dispatched with all-to-all over the ``ep`` expert-parallel ranks. The load-balancing
+    coefficient is the model's read in ``aux_loss_convention``
+    (:func:`~megatron_mpo.models.moe_balance.megatron_aux_loss_coeff`).
     """
     lang = config.language
     if not lang.is_moe:
@@ -111,7 +117,7 @@ def moe_kwargs(config: InternVLConfig, ep: int = 1, spec: str = "local") -> dict
         moe_router_topk=lang.num_experts_per_tok,
         moe_router_pre_softmax=not lang.norm_topk_prob,
         moe_router_load_balancing_type="aux_loss" if lang.router_aux_loss_coef > 0 else "none",
-        moe_aux_loss_coeff=lang.router_aux_loss_coef,
+        moe_aux_loss_coeff=megatron_aux_loss_coeff(lang, aux_loss_convention),
         moe_router_dtype="fp32",
         moe_token_dispatcher_type="alltoall",
         moe_layer_freq=[int(lang.is_moe_layer(i)) for i in range(lang.num_layers)],
@@ -135,6 +141,7 @@ def language_transformer_config(
     recompute: Optional[str] = None,
     dropout: float = 0.0,
     overrides: Optional[dict] = None,
+    aux_loss_convention: str = "transformers",
 ) -> TransformerConfig:
     """The LLM's TransformerConfig (Llama-style GPT: RMSNorm, SwiGLU, GQA, RoPE).
 
@@ -156,13 +163,13 @@ def language_transformer_config(
         activation_func=F.silu,
         add_bias_linear=False,
         add_qkv_bias=lang.qkv_bias,
-        bias_activation_fusion=platform.current().is_cuda,  # SwiGLU fusion is exact
+        bias_activation_fusion=platform.jit_fusions(),  # SwiGLU fusion is exact; torch.compile'd
         hidden_dropout=dropout,
         attention_dropout=dropout,
         pipeline_model_parallel_size=pp,
         sequence_parallel=sequence_parallel,
         **_runtime_kwargs(tp, params_dtype),
-        **moe_kwargs(config, ep, spec),
+        **moe_kwargs(config, ep, spec, aux_loss_convention),
     )
     if pipeline_layers is not None:
         kwargs["pipeline_model_parallel_layout"] = pipeline_layout(pipeline_layers, pp, lang.num_layers)
@@ -380,7 +387,9 @@ class InternVLModel(MegatronModule):
     ``[R, S]`` (``-log p(labels)``, fp32, vocab-parallel cross entropy; with a bool
     ``loss_mask [R, S]`` computed only where it is True, 0 elsewhere) when ``labels`` is given,
     else the logits ``[R, S, V/TP]`` (``[R, S, V]`` with ``runtime_gather_output=True``;
-    ignored with labels). Other stages return hidden states ``[S, R, H]``.
+    ignored with labels). Other stages return hidden states ``[S, R, H]``. ``padding_mask``
+    ``[R, S]`` (True = padding) keeps padded positions out of a mixture-of-experts LLM's
+    load-balancing loss.
     """
 
     def __init__(
@@ -397,6 +406,7 @@ class InternVLModel(MegatronModule):
         pg_collection: Optional[ProcessGroupCollection] = None,
         vp_stage: Optional[int] = None,
         attention: Optional[str] = None,
+        drop_path_rate: float = 0.0,
     ):
         super().__init__(config=language_config)
         pg_collection = pg_collection or ProcessGroupCollection.use_mpu_process_groups()
@@ -424,6 +434,7 @@ class InternVLModel(MegatronModule):
                 patch_size=vis.patch_size,
                 num_positions=vis.num_positions,
                 pg_collection=pg_collection,
+                drop_path_rate=drop_path_rate,
             )
             self.vision_projection = InternVLProjector(
                 projector_config, projector_spec(spec), config.projector_input_size,
@@ -520,6 +531,7 @@ class InternVLModel(MegatronModule):
         image_token_index: Optional[Tensor] = None,
         runtime_gather_output: Optional[bool] = None,
         loss_mask: Optional[Tensor] = None,
+        padding_mask: Optional[Tensor] = None,
     ) -> Tensor:
         decoder_input = None
         if self.pre_process:
@@ -528,6 +540,9 @@ class InternVLModel(MegatronModule):
             attention_mask = causal_mask(position_ids.shape[-1]).to(position_ids.device)
         elif self._dense_packed_mask and is_segments(attention_mask):
             attention_mask = segment_mask(attention_mask)
+        # Padding stays out of the routers' load-balancing statistics (MoE LLMs only).
+        padding_mask = (sequence_parallel_padding(padding_mask, self.config, self.language_model.pg_collection.tp)
+                        if self.config.num_moe_experts else None)
         output = self.language_model(
             input_ids=input_ids,
             position_ids=position_ids,
@@ -537,6 +552,7 @@ class InternVLModel(MegatronModule):
             loss_mask=loss_mask if labels is not None else None,
             # The loss is a vocab-parallel cross entropy: it must see the TP-split logits.
             runtime_gather_output=runtime_gather_output if labels is None else False,
+            padding_mask=padding_mask,
         )
         if self.post_process and labels is None and output.shape[-1] == self.arch.language.padded_vocab_size:
             output = output[..., : self.arch.language.vocab_size]
@@ -582,6 +598,9 @@ def build_model(
     vp_stage: Optional[int] = None,
     pg_collection: Optional[ProcessGroupCollection] = None,
     language_overrides: Optional[dict] = None,
+    aux_loss_convention: str = "transformers",
+    model_overrides: Optional[dict] = None,
+    drop_path_rate: float = 0.0,
 ) -> InternVLModel:
     """The InternVL model chunk for this rank (megatron-core parallel_state must be set up).
 
@@ -603,8 +622,16 @@ def build_model(
     which the pipeline schedules read), e.g. ``{"deallocate_pipeline_outputs": True}``.
     (megatron-core 0.16.1 refuses ``variable_seq_lengths`` unless
     ``moe_token_dispatcher_type="alltoall"`` is set too, even without MoE.)
+    ``aux_loss_convention``: how a mixture-of-experts LLM's ``router_aux_loss_coef`` is read,
+    ``transformers`` or ``megatron`` (:mod:`~megatron_mpo.models.moe_balance`).
+    ``model_overrides``: fields of every sub-model's TransformerConfig (LLM, vision tower,
+    projector), e.g. ``{"gradient_accumulation_fusion": True}``.
+    ``drop_path_rate``: InternViT's stochastic depth in training, in [0, 1)
+    (:mod:`~megatron_mpo.models.drop_path`; its RNG stream is seeded by
+    :func:`megatron_mpo.parallel.initialize`).
     """
     config.validate()
+    below_one("drop_path_rate", drop_path_rate)  # 1 would drop every branch (and divide by 0)
     check_backend(spec, fp8)
     if attention_mask not in ("causal", "arbitrary"):
         raise UserError(f"attention_mask must be causal or arbitrary, not {attention_mask!r}")
@@ -619,24 +646,27 @@ def build_model(
         raise UserError("an interleaved pipeline (virtual stages) needs vp_stage for each model chunk")
     pre_process = pp_rank == 0 and (vp_stage or 0) == 0
     post_process = pp_rank == pp - 1 and (vp_stage is None or vp_stage == vp - 1)
-    overrides = dict(language_overrides or {})
+    overrides = {**(model_overrides or {}), **(language_overrides or {})}
     if vp > 1:
         overrides.setdefault("virtual_pipeline_model_parallel_size", vp)
     language_config = language_transformer_config(
         config, tp=tp, pp=pp, ep=ep, spec=spec, params_dtype=params_dtype, fp8=fp8, fp8_recipe=fp8_recipe,
         sequence_parallel=sequence_parallel, pipeline_layers=pipeline_layers,
-        recompute=recompute, dropout=dropout, overrides=overrides,
+        recompute=recompute, dropout=dropout, overrides=overrides, aux_loss_convention=aux_loss_convention,
     )
     vision_config = projector_config = None
     if pre_process:
         common = dict(tp=tp, params_dtype=params_dtype)
         vision_config = vision_transformer_config(config, recompute=recompute, **common)
         projector_config = projector_transformer_config(config, **common)
+        if model_overrides:
+            vision_config = dataclasses.replace(vision_config, **model_overrides)
+            projector_config = dataclasses.replace(projector_config, **model_overrides)
     mask_type = AttnMaskType.causal if attention_mask == "causal" else AttnMaskType.arbitrary
     model = InternVLModel(
         config, language_config, vision_config, projector_config, spec=spec,
         pre_process=pre_process, post_process=post_process, attn_mask_type=mask_type,
-        pg_collection=pg_collection, vp_stage=vp_stage, attention=attention,
+        pg_collection=pg_collection, vp_stage=vp_stage, attention=attention, drop_path_rate=drop_path_rate,
     )
     return platform.to_device(model)
 

@@ -1,6 +1,7 @@
 """The few building blocks InternViT needs that megatron-core does not have.
 
-* :class:`LayerScaleTransformerLayer` -- ``x += ls1 * attn(norm1(x)); x += ls2 * mlp(norm2(x))``.
+* :class:`LayerScaleTransformerLayer` -- ``x += ls1 * attn(norm1(x)); x += ls2 * mlp(norm2(x))``,
+  each branch under stochastic depth in training (:mod:`~megatron_mpo.models.drop_path`).
 * :class:`CrossHeadRMSNorm` -- InternViT-6B's qk-norm: one RMSNorm over the full width of
   all heads (not per head), correct under tensor parallelism.
 * :func:`without_bias` -- a linear class that ignores ``add_bias_linear`` (InternViT-6B has
@@ -36,16 +37,18 @@ from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 from megatron_mpo import platform
 from megatron_mpo.segments import is_segments
 from megatron_mpo.models import packed_attention
+from megatron_mpo.models.drop_path import drop_path
 
 __all__ = ["LayerScaleTransformerLayer", "CrossHeadRMSNorm", "SDPAttention", "FlexAttention", "RMSNorm", "SwiGLUMLP",
            "without_bias"]
 
 
 class LayerScaleTransformerLayer(TransformerLayer):
-    """A megatron-core TransformerLayer with per-channel layer scale (``ls1``, ``ls2``).
+    """A megatron-core TransformerLayer with per-channel layer scale (``ls1``, ``ls2``) and
+    InternVL's stochastic depth (``drop_path_rate``, set per layer by InternViT).
 
-    The scale is applied inside the bias-dropout-add, which TransformerLayer builds from
-    its spec, so every other part of the layer (norms, TP attention, MLP, recompute) is
+    Both are applied inside the bias-dropout-add, which TransformerLayer builds from its
+    spec, so every other part of the layer (norms, TP attention, MLP, recompute) is
     megatron-core's own.
     """
 
@@ -54,6 +57,7 @@ class LayerScaleTransformerLayer(TransformerLayer):
         shape = (config.hidden_size,)
         self.ls1 = torch.nn.Parameter(torch.full(shape, float(layer_scale_init), dtype=config.params_dtype))
         self.ls2 = torch.nn.Parameter(torch.full(shape, float(layer_scale_init), dtype=config.params_dtype))
+        self.drop_path_rate = 0.0
         # TransformerLayer calls ``self.<x>_bda(training, fused)(out_with_bias, residual, p)``.
         self.self_attn_bda = functools.partial(_scaled_bda, self.self_attn_bda, self, "ls1")
         self.mlp_bda = functools.partial(_scaled_bda, self.mlp_bda, self, "ls2")
@@ -66,7 +70,10 @@ def _scaled_bda(make_bda: Callable, layer: torch.nn.Module, scale_name: str, tra
         out, bias = x_with_bias
         if bias is not None:
             out = out + bias
-        return inner((out * getattr(layer, scale_name), None), residual, prob)
+        out = out * getattr(layer, scale_name)
+        if training and layer.drop_path_rate > 0.0:  # InternViT: x + drop_path(branch * ls)
+            out = drop_path(out, layer.drop_path_rate)
+        return inner((out, None), residual, prob)
 
     return bias_dropout_add
 

@@ -18,6 +18,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_mpo.models.drop_path import layer_rates
 from megatron_mpo.models.specs import ProjectorSubmodules
 
 __all__ = ["InternViTModel", "InternVLProjector", "pixel_shuffle", "interpolate_pos_embed"]
@@ -61,6 +62,8 @@ class InternViTModel(MegatronModule):
 
     Returns the last layer's patch features ``[T, N, C]`` with the class token dropped;
     there is no final norm (InternVL uses ``use_mean_pooling`` = identity).
+    ``drop_path_rate``: stochastic depth in training (:mod:`~megatron_mpo.models.drop_path`);
+    each tile is a sample.
     """
 
     def __init__(
@@ -71,6 +74,7 @@ class InternViTModel(MegatronModule):
         patch_size: int,
         num_positions: int,
         pg_collection=None,
+        drop_path_rate: float = 0.0,
     ):
         super().__init__(config=config)
         hidden = config.hidden_size
@@ -86,6 +90,9 @@ class InternViTModel(MegatronModule):
         self.decoder = TransformerBlock(
             config=config, spec=layer_spec, pre_process=True, post_process=False, pg_collection=pg_collection
         )
+        # InternVL's stochastic depth: 0 for the first layer up to drop_path_rate for the last.
+        for layer, rate in zip(self.decoder.layers, layer_rates(drop_path_rate, len(self.decoder.layers))):
+            layer.drop_path_rate = rate
 
     def set_input_tensor(self, input_tensor: Optional[Tensor]) -> None:
         self.decoder.set_input_tensor(input_tensor)

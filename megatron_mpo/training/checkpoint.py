@@ -55,6 +55,7 @@ from megatron_mpo.errors import UserError
 from megatron_mpo.fileio import TMP_PREFIX, fsync_path, fsync_tree, write_atomic
 from megatron_mpo.processes import init_helper_process
 from megatron_mpo.training import dcp_writes
+from megatron_mpo.training.optim import sync_params
 from megatron_mpo.training.optimizer_state import load_optimizer_state, prime_optimizer_state, restore_adam_steps
 
 __all__ = [
@@ -316,6 +317,7 @@ def _write_dist_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()  # the writer expects the directory on every rank
+    sync_params(chunks)  # overlap_param_gather: other ranks' shards of the last update
     state = _model_state(chunks, metadata)
     if optimizer is not None:
         # A run whose every step so far was skipped (non-finite) has no Adam state yet.
@@ -347,7 +349,7 @@ def _refuse_unreshardable(path: Path, metadata: dict, layout_change: str) -> Non
         raise UserError(
             f"optimizer state in {path} was saved as {saved}, which resumes only at the layout it was "
             f"saved at, but {layout_change} here; resume at that layout, or start from its weights only "
-            f"(model.init={path}, no checkpoint.load), or save with checkpoint.optimizer_format=reshardable"
+            f"with model.init={path} and checkpoint.load unset, or save with checkpoint.optimizer_format=reshardable"
         )
 
 
@@ -625,7 +627,8 @@ class CheckpointManager:
         now = _layout_info()
         saved = _saved_layout(info, now)
         if optimizer is not None and not info.get("has_optimizer"):
-            raise UserError(f"checkpoint {path} holds no optimizer state; load weights only")
+            raise UserError(f"checkpoint {path} holds no optimizer state, so it cannot be resumed; start from its "
+                            f"weights only with model.init={path} and checkpoint.load unset")
         _load_dist_checkpoint(path, model, optimizer, _model_parallel_change(saved, now))
         per_rank, refused = None, None
         rank_file = path / f"rank_{_rank():05d}.pt"

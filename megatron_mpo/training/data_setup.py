@@ -23,6 +23,8 @@ __all__ = [
     "model_template",
     "run_template",
     "describe_template",
+    "run_tiling",
+    "describe_tiling",
     "loader_data",
     "loader_plan",
     "build_loader",
@@ -94,15 +96,31 @@ def describe_template(cfg: RunConfig, model_config) -> str:
     return f"{name} ({source})"
 
 
+def run_tiling(cfg: RunConfig, model_config):
+    """(the tiling this run uses, where each value came from): ``data.*`` wins, else what the
+    checkpoint states, else the defaults (:mod:`megatron_mpo.data.tile_settings`)."""
+    from megatron_mpo.data.tile_settings import resolve_tiling, stated_tiling
+
+    return resolve_tiling(cfg.data, stated_tiling(model_config))
+
+
+def describe_tiling(cfg: RunConfig, model_config) -> str:
+    """For the start-up banner: the run's tiling and where each value came from."""
+    from megatron_mpo.data.tile_settings import describe_tiling as describe
+
+    return describe(*run_tiling(cfg, model_config))
+
+
 def loader_data(cfg: RunConfig, model_config, *, for_reference: bool = False) -> DataConfig:
-    """The ``data`` section as the loader reads it: the chat template resolved (``data.template``
-    or the model's own); the reference pass reads without reference values, workers or
-    shuffle."""
+    """The ``data`` section as the loader reads it: the chat template and the tiling resolved
+    (``data.*`` or the model's own); the reference pass reads without reference values,
+    workers or shuffle."""
     import dataclasses
 
     if not cfg.data.shards:
         raise UserError("set data.shards (a shard directory with index.json, a brace pattern or URL)")
-    data = dataclasses.replace(cfg.data, template=run_template(cfg, model_config)[0])
+    tiling = dataclasses.asdict(run_tiling(cfg, model_config)[0])
+    data = dataclasses.replace(cfg.data, template=run_template(cfg, model_config)[0], **tiling)
     if for_reference:
         data = dataclasses.replace(data, ref_logps=None, num_workers=0, shuffle_buffer=0)
     return data

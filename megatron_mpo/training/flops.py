@@ -8,6 +8,7 @@ the measured peak is the only one there is.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -18,26 +19,41 @@ from megatron_mpo import platform
 
 __all__ = ["FlopCounter", "Peak", "device_peak", "nominal_peak", "measure_matmul_peak", "NOMINAL_PEAKS"]
 
-# Dense (no sparsity) tensor-core TFLOP/s from NVIDIA's data sheets: (name fragment, bf16, fp8).
-# Checked in order, so more specific names come first ("GH200" contains "H200").
-NOMINAL_PEAKS: tuple[tuple[str, float, Optional[float]], ...] = (
-    ("GB200", 2500.0, 5000.0),
-    ("B200", 2250.0, 4500.0),
-    ("B100", 1750.0, 3500.0),
-    ("GH200", 989.4, 1978.9),
-    ("H200 NVL", 835.0, 1671.0),
-    ("H100 NVL", 835.0, 1671.0),
-    ("H100 PCIe", 756.0, 1513.0),
-    ("H200", 989.4, 1978.9),
-    ("H100", 989.4, 1978.9),
-    ("H800", 989.4, 1978.9),
-    ("H20", 148.0, 296.0),
-    ("L40S", 362.05, 733.0),
-    ("L4", 121.0, 242.5),
-    ("A100", 312.0, None),
-    ("A800", 312.0, None),
-    ("A10", 125.0, None),
-)
+# Dense (no sparsity) tensor-core TFLOP/s from NVIDIA's data sheets, by the exact name
+# torch.cuda.get_device_name reports: (bf16, fp8 or None without FP8 units). Exact, because
+# names nest ("NVIDIA L4" / "NVIDIA L40" / "NVIDIA L40S", "NVIDIA H800" / "... PCIe") and a
+# part of a name would give a variant the wrong peak; a name not listed is measured.
+NOMINAL_PEAKS: dict[str, tuple[float, Optional[float]]] = {
+    "NVIDIA GB200": (2500.0, 5000.0),
+    "NVIDIA B200": (2250.0, 4500.0),
+    "NVIDIA B100": (1750.0, 3500.0),
+    "NVIDIA GH200 480GB": (989.4, 1978.9),
+    "NVIDIA GH200 144G HBM3e": (989.4, 1978.9),
+    "NVIDIA H200": (989.4, 1978.9),
+    "NVIDIA H200 NVL": (835.0, 1671.0),
+    "NVIDIA H100 80GB HBM3": (989.4, 1978.9),
+    "NVIDIA H100 NVL": (835.0, 1671.0),
+    "NVIDIA H100 PCIe": (756.0, 1513.0),
+    "NVIDIA H800": (989.4, 1978.9),
+    "NVIDIA H800 80GB HBM3": (989.4, 1978.9),
+    "NVIDIA H800 PCIe": (756.0, 1513.0),
+    "NVIDIA H20": (148.0, 296.0),
+    "NVIDIA L40S": (362.05, 733.0),
+    "NVIDIA L40": (181.05, 362.0),
+    "NVIDIA L4": (121.0, 242.5),
+    "NVIDIA A100-SXM4-80GB": (312.0, None),
+    "NVIDIA A100-SXM4-40GB": (312.0, None),
+    "NVIDIA A100 80GB PCIe": (312.0, None),
+    "NVIDIA A100-PCIE-40GB": (312.0, None),
+    "NVIDIA A800-SXM4-80GB": (312.0, None),
+    "NVIDIA A800 80GB PCIe": (312.0, None),
+    "NVIDIA A10": (125.0, None),
+}
+
+# A measured peak below this is a failed measurement (a timer that did not move, a machine
+# busy with other work), not a device: MFU against it would be meaningless or a division by 0.
+MIN_MEASURED_PEAK = 1e9
+MEASURE_TRIES = 3
 
 
 @dataclass(frozen=True)
@@ -48,17 +64,19 @@ class Peak:
     source: str
 
     def describe(self) -> str:
-        return f"{self.flops / 1e12:.1f} TFLOP/s ({self.source})"
+        if self.flops >= 1e12:
+            return f"{self.flops / 1e12:.1f} TFLOP/s ({self.source})"
+        return f"{self.flops / 1e9:.1f} GFLOP/s ({self.source})"  # a CPU: 0.0 TFLOP/s says nothing
 
 
 def nominal_peak(device_name: str, fp8: bool = False) -> Optional[Peak]:
-    """The data-sheet dense peak of a GPU named ``device_name``, or None when unknown."""
-    for fragment, bf16, fp8_peak in NOMINAL_PEAKS:
-        if fragment.lower() in device_name.lower():
-            if fp8 and fp8_peak is not None:
-                return Peak(fp8_peak * 1e12, f"nominal dense fp8 peak of {device_name}")
-            return Peak(bf16 * 1e12, f"nominal dense bf16 peak of {device_name}")
-    return None
+    """The data-sheet dense peak of a GPU named exactly ``device_name``, or None when unknown."""
+    if device_name not in NOMINAL_PEAKS:
+        return None
+    bf16, fp8_peak = NOMINAL_PEAKS[device_name]
+    if fp8 and fp8_peak is not None:
+        return Peak(fp8_peak * 1e12, f"nominal dense fp8 peak of {device_name}")
+    return Peak(bf16 * 1e12, f"nominal dense bf16 peak of {device_name}")
 
 
 def device_peak(fp8: bool = False) -> Peak:
@@ -67,15 +85,27 @@ def device_peak(fp8: bool = False) -> Peak:
         found = nominal_peak(torch.cuda.get_device_name(), fp8)
         if found is not None:
             return found
-        return Peak(measure_matmul_peak(size=8192), f"measured bf16 matmul on {torch.cuda.get_device_name()}")
-    return Peak(measure_matmul_peak(trials=2, warmup=1), "measured fp32 matmul on this CPU")
+        return _measured_peak(dict(size=8192), f"measured bf16 matmul on {torch.cuda.get_device_name()}")
+    return _measured_peak(dict(trials=2, warmup=1), "measured fp32 matmul on this CPU")
+
+
+def _measured_peak(settings: dict, source: str) -> Peak:
+    """A measured peak, taken again while it is not a positive finite rate; floored at
+    :data:`MIN_MEASURED_PEAK` (and said so) when every try failed."""
+    flops = 0.0
+    for _ in range(MEASURE_TRIES):
+        flops = measure_matmul_peak(**settings)
+        if math.isfinite(flops) and flops >= MIN_MEASURED_PEAK:
+            return Peak(flops, source)
+    return Peak(MIN_MEASURED_PEAK, f"{source} gave {flops:.3g} FLOP/s {MEASURE_TRIES} times; floored")
 
 
 def measure_matmul_peak(size: int = 1024, repeats: int = 10, trials: int = 3, warmup: int = 3) -> float:
     """FLOP/s of ``repeats`` back-to-back square matmuls between two syncs (best of ``trials``).
 
     bf16 on a GPU, fp32 on a CPU. Timing many matmuls per sync keeps launch latency out
-    of the figure; the warm-up lets clocks and kernel selection settle.
+    of the figure; the warm-up lets clocks and kernel selection settle. 0.0 when no trial
+    took measurable time (the caller measures again).
     """
     dev = platform.device()
     dtype = torch.bfloat16 if platform.current().is_cuda else torch.float32
@@ -92,8 +122,10 @@ def measure_matmul_peak(size: int = 1024, repeats: int = 10, trials: int = 3, wa
         for _ in range(repeats):
             torch.matmul(a, b, out=out)
         platform.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 * repeats / best
+        elapsed = time.perf_counter() - start
+        if elapsed > 0:
+            best = min(best, elapsed)
+    return 2 * size**3 * repeats / best if math.isfinite(best) else 0.0
 
 
 class FlopCounter:

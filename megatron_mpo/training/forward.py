@@ -75,8 +75,8 @@ class StepContext:
         self.generation_tokens = means["tokens"] if token_norm else None
 
 
-def _takes_images(model: torch.nn.Module) -> bool:
-    return "pixel_values" in inspect.signature(unwrap_model(model).forward).parameters
+def _takes(model: torch.nn.Module, name: str) -> bool:
+    return name in inspect.signature(unwrap_model(model).forward).parameters
 
 
 def _is_first_chunk(model: torch.nn.Module) -> bool:
@@ -93,8 +93,10 @@ def model_inputs(model: torch.nn.Module, batch: PairBatch) -> dict:
         labels=batch.labels,
         loss_mask=batch.response_mask(),  # the output layer runs on response tokens only
     )
-    if _takes_images(model):
+    if _takes(model, "pixel_values"):
         kwargs.update(pixel_values=batch.pixel_values, image_token_index=batch.image_token_index)
+    if batch.padding is not None and _takes(model, "padding_mask"):
+        kwargs.update(padding_mask=batch.padding)  # out of MoE load balancing
     return kwargs
 
 
@@ -131,6 +133,8 @@ def make_forward_step(
                 "rejected_tokens": n_rejected.detach(),
                 "keys": batch.keys,
             }
+            if batch.ref_chosen_logps is not None:  # the reference values the loader joined
+                collected.update(ref_chosen_logps=batch.ref_chosen_logps, ref_rejected_logps=batch.ref_rejected_logps)
             if mpo is None:
                 return torch.zeros((), device=sums.device), collected
             loss, metrics = mpo(
@@ -146,8 +150,10 @@ def make_forward_step(
             ref_c = batch.ref_chosen_logps.to(sums.device).float()
             ref_r = batch.ref_rejected_logps.to(sums.device).float()
             # Before any update policy == reference: this is ~0 when the sidecars are right.
-            abs_logratio = torch.cat([(chosen - ref_c).abs(), (rejected - ref_r).abs()]).mean()
-            metrics = {**metrics, **collected, "abs_logratio": abs_logratio.detach()}
+            gaps = torch.cat([(chosen - ref_c).abs(), (rejected - ref_r).abs()])
+            tokens = torch.cat([n_chosen, n_rejected]).float().clamp(min=1)
+            metrics = {**metrics, **collected, "abs_logratio": gaps.mean().detach(),
+                       "abs_logratio_per_token": (gaps / tokens).mean().detach()}
             return loss, metrics
 
         return output, loss_func

@@ -27,8 +27,9 @@ from megatron_mpo.losses import METRIC_NAMES
 from megatron_mpo.training.run_report import KEPT_REASONS, NOT_SAMPLES, Progress, split_skips
 
 # Per-step scalars averaged over micro-batches and data-parallel replicas: the metrics of
-# mpo_loss, and abs_logratio, the mean |log pi - log pi_0| (logged once as ref_logratio_step0).
-LOSS_KEYS = METRIC_NAMES + ("abs_logratio",)
+# mpo_loss, and abs_logratio, the mean |log pi - log pi_0| of a response, and the same per
+# response token (logged once, as ref_logratio_step0 and ref_logratio_step0_per_token).
+LOSS_KEYS = METRIC_NAMES + ("abs_logratio", "abs_logratio_per_token")
 CONSOLE_KEYS = ("loss", "loss_preference", "loss_quality", "loss_generation", "reward_margin", "reward_accuracy", "delta")
 
 
@@ -60,13 +61,26 @@ def router_aux_loss(chunks: list, micro_batches: int, pipeline_rank: int) -> Opt
     total = torch.zeros(2, dtype=torch.float64, device=platform.device())
     if entry is not None:
         total[0] = float(entry["values"].sum())
-    total[1] = 1.0 if pipeline_rank == 0 else 0.0
+    # Under sequence parallelism a tensor-parallel rank's value is its share of the positions'.
+    share = 1.0 / config.tensor_model_parallel_size if config.sequence_parallel else 1.0
+    total[1] = share if pipeline_rank == 0 else 0.0
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(total)
     clear_aux_losses_tracker()
     coeff = config.moe_aux_loss_coeff if config.moe_router_load_balancing_type != "none" else 0.0
-    # total[1] counts the ranks of the first pipeline stage: the replicas every layer has once.
+    # total[1] counts the replicas every layer has once (the first pipeline stage's ranks).
     return float(coeff) * float(total[0]) / max(float(total[1]), 1.0) / max(micro_batches, 1)
+
+
+def interval_peak_memory_gib() -> float:
+    """The largest per-rank peak memory since the previous call, in GiB (device memory held
+    by tensors on GPU, ``torch.cuda.max_memory_allocated``; peak resident set on CPU), then a
+    new interval starts. A collective: every rank calls it at every logged step."""
+    peak = torch.tensor([float(platform.max_memory_allocated())], dtype=torch.float64, device=platform.device())
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
+    platform.reset_peak_memory()
+    return float(peak) / 2**30
 
 
 def global_sum(numbers: dict[str, float]) -> dict[str, float]:
@@ -186,9 +200,12 @@ def console_line(step: int, m: dict, total_steps: Optional[int] = None, progress
             parts.append(f"{key} {m[key]:.4f}")
     # aux_loss: a mixture-of-experts LLM's router load-balancing term (absent for a dense one)
     for key, fmt in (("aux_loss", "{:.4g}"), ("lr", "{:.3g}"), ("grad_norm", "{:.3f}"), ("samples_per_s", "{:.2f}"),
-                     ("tokens_per_s", "{:.0f}"), ("mfu", "{:.4f}")):
+                     ("tokens_per_s", "{:.0f}"), ("mfu", "{:.4f}"), ("peak_memory_gib", "{:.2f}")):
         if key in m and m[key] is not None and not (isinstance(m[key], float) and math.isnan(m[key])):
             parts.append(f"{key} " + fmt.format(m[key]))
+    held_out = m.get("eval") or {}
+    parts.extend(f"eval_{key} {held_out[key]:.4f}" for key in ("loss", "reward_accuracy", "reward_margin")
+                 if key in held_out)
     parts.extend(_skip_parts(m))
     if progress:
         parts.append(progress)

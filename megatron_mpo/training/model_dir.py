@@ -81,34 +81,62 @@ def write_model_dir(
     return out
 
 
-def run_init(ckpt: str | Path) -> Optional[Path]:
-    """The ``model.init`` a training checkpoint's run started from (None for a model dir)."""
+def run_config(ckpt: str | Path) -> dict:
+    """The run config a training checkpoint was saved with ({} for a model dir)."""
     common = Path(ckpt) / "common.json"
     if not common.is_file():
-        return None
-    init = json.loads(common.read_text()).get("common", {}).get("config", {}).get("model", {}).get("init")
+        return {}
+    return json.loads(common.read_text()).get("common", {}).get("config", {})
+
+
+def run_init(ckpt: str | Path) -> Optional[Path]:
+    """The ``model.init`` a training checkpoint's run started from (None for a model dir)."""
+    init = run_config(ckpt).get("model", {}).get("init")
     return Path(init) if init else None
+
+
+def _run_chain(ckpt: str | Path) -> tuple[Path, list[Path]]:
+    """(the model directory behind ``ckpt``, the training checkpoints leading to it, newest first)."""
+    path, chain = Path(ckpt), []
+    for _ in range(32):  # rounds chain through model.init; a cycle is a damaged checkpoint
+        if (path / MODEL_CONFIG_FILE).is_file():
+            return path, chain
+        init = run_init(path)
+        if init is None:
+            break
+        chain.append(path)
+        path = init
+    raise UserError(f"{ckpt} has no {MODEL_CONFIG_FILE}: not a megatron_mpo model or training checkpoint")
 
 
 def model_dir_of(ckpt: str | Path) -> Path:
     """The model directory behind a checkpoint: itself, or the one its run (or the run of
     the checkpoint that run started from: MPO rounds chain) was initialised from."""
-    path = Path(ckpt)
-    for _ in range(32):  # rounds chain through model.init; a cycle is a damaged checkpoint
-        if (path / MODEL_CONFIG_FILE).is_file():
-            return path
-        init = run_init(path)
-        if init is None:
-            break
-        path = init
-    raise UserError(f"{ckpt} has no {MODEL_CONFIG_FILE}: not a megatron_mpo model or training checkpoint")
+    return _run_chain(ckpt)[0]
+
+
+def _as_trained(config, run_data: dict):
+    """``config`` stating the chat template and tiling a run with this ``data`` section used."""
+    from megatron_mpo.data.tile_settings import legacy_data_tiling, resolve_tiling, stated_tiling, with_tiling
+
+    data = legacy_data_tiling(run_data)  # runs older than the tiling keys used the defaults
+    with_tiling(config, resolve_tiling(data, stated_tiling(config))[0])
+    if data.get("template"):
+        config.template = data["template"]
+    return config
 
 
 def read_model_config(ckpt: str | Path):
-    """The InternVLConfig of a model dir, or of a training checkpoint (via its model.init)."""
+    """The InternVLConfig of a model dir, or of a training checkpoint: its run's model.init's,
+    stating the chat template and tiling that run used (what an export writes and the next
+    MPO round starts from)."""
     from megatron_mpo.models.config import InternVLConfig
 
-    return InternVLConfig.from_json((model_dir_of(ckpt) / MODEL_CONFIG_FILE).read_text())
+    home, chain = _run_chain(ckpt)
+    config = InternVLConfig.from_json((home / MODEL_CONFIG_FILE).read_text())
+    for step in reversed(chain):
+        config = _as_trained(config, run_config(step).get("data") or {})
+    return config.validate()
 
 
 def follow_latest(ckpt: str | Path, log: Callable[[str], None] = print) -> Path:

@@ -9,6 +9,7 @@ from megatron_mpo.config import RunConfig
 from megatron_mpo.errors import UserError
 from megatron_mpo.parallel import Layout
 from megatron_mpo.training.model_dir import MODEL_CONFIG_FILE
+from megatron_mpo.training.perf_settings import PerfSettings, for_run
 from megatron_mpo.training.precision import PrecisionPlan, training_precision
 from megatron_mpo.training.row_layout import attention_kind, packing_layout
 
@@ -53,16 +54,19 @@ def with_run_aux_loss_coef(cfg: RunConfig, model_config):
     return dataclasses.replace(model_config, language=language)
 
 
-def build_model_chunks(cfg: RunConfig, model_config, layout: Layout, plan: Optional[PrecisionPlan] = None) -> list:
+def build_model_chunks(cfg: RunConfig, model_config, layout: Layout, plan: Optional[PrecisionPlan] = None,
+                       speed: Optional[PerfSettings] = None) -> list:
     """This rank's model chunk(s) (several with the interleaved pipeline schedule), on the
     platform's device. ``plan``: the precision to build for (default: training's; the
-    reference tool passes its own)."""
+    reference tool passes its own). ``speed``: the run's speed settings (default: a
+    forward-only run's, as the reference tool's)."""
     from megatron.core import parallel_state
 
     from megatron_mpo.models.internvl import build_model
     from megatron_mpo.training.optim import freeze
 
     plan = plan or training_precision(cfg)
+    speed = speed or for_run(cfg, layout, model_config, training=False)
     chunks = []
     vp = cfg.parallel.virtual_pipeline or 1
     layers = cfg.parallel.pipeline_layers
@@ -82,10 +86,14 @@ def build_model_chunks(cfg: RunConfig, model_config, layout: Layout, plan: Optio
             pipeline_layers=layers,
             sequence_parallel=cfg.parallel.sequence,
             recompute=cfg.model.recompute,
+            drop_path_rate=cfg.model.drop_path_rate,
             # Packed pair rows need an explicit mask; plain rows let TE pick a causal kernel.
             attention_mask="arbitrary" if packing_layout(cfg) == "packed" else "causal",
             attention=attention_kind(cfg),
             vp_stage=vp_stage if cfg.parallel.virtual_pipeline else None,
+            aux_loss_convention=cfg.mpo.router_aux_loss_convention,
+            language_overrides=speed.language_overrides(),
+            model_overrides=speed.model_overrides(),
         )
         # Micro-batches differ in length: pipeline stages exchange shapes first.
         chunk.config.variable_seq_lengths = True

@@ -8,13 +8,15 @@ torch AdamW otherwise -- megatron-core makes that choice at import time.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
 from megatron_mpo.config import PrecisionSection, TrainSection
 from megatron_mpo.errors import UserError
+from megatron_mpo.training.perf_settings import PerfSettings
 
 FREEZABLE = {"vision": "vision_model", "projector": "vision_projection", "language": "language_model"}
 
@@ -72,20 +74,36 @@ def _skip_single_rank_buffer_collectives() -> None:
     pgb._mpo_skips_self_copies = True
 
 
-def wrap_data_parallel(model_chunks: list[torch.nn.Module], precision: PrecisionSection) -> list:
-    """Wrap each chunk in megatron-core DDP with a distributed-optimizer grad buffer."""
+def wrap_data_parallel(model_chunks: list[torch.nn.Module], precision: PrecisionSection,
+                       speed: Optional[PerfSettings] = None) -> list:
+    """Wrap each chunk in megatron-core DDP with a distributed-optimizer grad buffer.
+
+    ``speed``: the run's :class:`~megatron_mpo.training.perf_settings.PerfSettings` (None: no
+    overlap). With overlap, each bucket's reduce-scatter starts in the backward of the
+    step's last micro-batch as soon as its gradients are complete (the schedules get
+    Megatron-LM's ``no_sync_func`` and ``grad_sync_func``, training.py), and their
+    ``finalize_model_grads`` waits for every one, so the gradients the loop checks for
+    non-finite values are the reduced ones. The updated weights' all-gathers run during the
+    next forward, dispatched and waited for by forward pre-hooks (and by the interleaved
+    schedule's ``param_sync_func``). Both assume every data-parallel rank runs the same
+    modules in the same order (see :mod:`~megatron_mpo.training.perf_settings` for where
+    that fails). Checkpoint saves and evaluations make the weights whole first
+    (:func:`sync_params`, :func:`whole_weights`).
+    """
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed import finalize_model_grads
 
     _skip_single_rank_buffer_collectives()
-
+    speed = speed or PerfSettings()
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         use_distributed_optimizer=True,
-        overlap_grad_reduce=False,
+        overlap_grad_reduce=speed.overlap_grad_reduce,
+        overlap_param_gather=speed.overlap_param_gather,
+        align_param_gather=speed.align_param_gather,
+        bucket_size=speed.bucket_size,
         check_for_nan_in_grad=False,  # the loop skips non-finite steps itself
     )
-    from megatron.core.distributed import finalize_model_grads
-
     wrapped = []
     for index, chunk in enumerate(model_chunks):
         # Run by the schedules after the last backward: data-parallel gradient reduction,
@@ -96,14 +114,57 @@ def wrap_data_parallel(model_chunks: list[torch.nn.Module], precision: Precision
                 config=chunk.config,
                 ddp_config=ddp_config,
                 module=chunk,
-                # Only the first chunk's buckets may be skipped by overlap logic; keep all.
+                # Later chunks' communication overlaps with compute anyway (Megatron-LM).
                 disable_bucketing=index > 0,
             )
         )
-    no_sync = [chunk.no_sync for chunk in wrapped]
+
+    def hooks(name: str, wanted: bool):
+        funcs = [getattr(chunk, name) for chunk in wrapped] if wanted else None
+        return funcs[0] if funcs and len(funcs) == 1 else funcs
+
     for chunk in model_chunks:
-        chunk.config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+        chunk.config.no_sync_func = hooks("no_sync", True)
+        # Launch a chunk's reduce-scatter when its last backward is done (interleaved),
+        # or on every stage but the first after the pipeline's last backward.
+        chunk.config.grad_sync_func = hooks("start_grad_sync", speed.overlap_grad_reduce)
+        # The interleaved schedule dispatches each chunk's all-gathers itself (aligned).
+        chunk.config.param_sync_func = hooks("start_param_sync", speed.overlap_param_gather and speed.align_param_gather)
     return wrapped
+
+
+def sync_params(model_chunks: list) -> None:
+    """Finish the weights' all-gather now (Megatron-LM's ``force_param_sync`` before a save).
+
+    With ``overlap_param_gather`` an optimizer step updates only this rank's shard of the
+    weights; the other shards arrive in the next forward. A checkpoint written before then
+    would hold the previous step's values for them. No-op for chunks without that overlap
+    (or without DDP); collective over the data-parallel group otherwise.
+    """
+    for chunk in model_chunks:
+        ddp_config = getattr(chunk, "ddp_config", None)
+        if ddp_config is not None and ddp_config.overlap_param_gather:
+            chunk.start_param_sync(force_sync=True)
+
+
+@contextlib.contextmanager
+def whole_weights(model_chunks: list) -> Iterator[None]:
+    """Forward-only passes between steps (evaluation) on whole weights and without
+    all-gathers of their own: Megatron-LM's ``disable_forward_pre_hook`` / ``enable_forward_pre_hook``
+    around evaluation (training.py).
+
+    With ``overlap_param_gather`` the weights are gathered once here, on every rank at the
+    same point, and the forward pre-hooks are off inside, so ranks may run different numbers
+    of passes; the next training forward then finds the weights current. No-op otherwise.
+    """
+    hooked = [chunk for chunk in model_chunks if getattr(chunk, "use_forward_hook", False)]
+    for chunk in hooked:
+        chunk.disable_forward_pre_hook(param_sync=True)
+    try:
+        yield
+    finally:
+        for chunk in hooked:
+            chunk.enable_forward_pre_hook()
 
 
 def build_optimizer(model_chunks: list, train: TrainSection, precision: PrecisionSection):
@@ -124,6 +185,8 @@ def build_optimizer(model_chunks: list, train: TrainSection, precision: Precisio
         bf16=precision.dtype == "bf16",
         params_dtype=torch.bfloat16 if precision.dtype == "bf16" else torch.float32,
         use_distributed_optimizer=True,
+        # The same value as DDP's (Megatron-LM passes one flag to both).
+        overlap_param_gather=model_chunks[0].ddp_config.overlap_param_gather,
     )
     optimizer = get_megatron_optimizer(config, model_chunks)
     use_fused_torch_adam(optimizer)

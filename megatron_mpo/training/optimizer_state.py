@@ -4,13 +4,19 @@ Expert parallelism: megatron-core builds one sub-optimizer at expert-parallel si
 two (dense, expert) above it, so a resume across that line finds another number of saved
 param groups than it has; :func:`load_optimizer_state` regroups them.
 
+A never-stepped optimizer has no Adam moments: torch's AdamW and TE's / apex's FusedAdam
+all create them inside their first ``step()``. megatron-core 0.16.1 then cannot save it
+(``fully_reshardable`` fails with ``KeyError: 'exp_avg'``; ``dp_reshardable`` writes the
+master weights only, which its own load template, holding moments, then refuses) nor, with
+torch's AdamW, build a load template. :func:`prime_optimizer_state` gives it the state its
+first step would create.
+
 Without apex or Transformer Engine (e.g. on CPU) megatron-core falls back to torch's
-AdamW, and its checkpointing of that optimizer has three defects worked around here: a
-never-stepped optimizer cannot build its load template (:func:`prime_optimizer_state`),
+AdamW, and its checkpointing of that optimizer has two more defects worked around here:
 the loaded Adam ``step`` does not reach the per-parameter state the update reads
 (:func:`restore_adam_steps`), and the ``fully_reshardable`` loader fails on the
-per-parameter ``step`` it does not save (:func:`load_optimizer_state`). These are no-ops
-when megatron-core uses apex's or TE's fused Adam.
+per-parameter ``step`` it does not save (:func:`load_optimizer_state`). Fused Adam keeps
+its step count in the param groups, which megatron-core saves and loads itself.
 """
 
 from __future__ import annotations
@@ -97,19 +103,29 @@ def load_optimizer_state(optimizer: Any, loaded: Any) -> None:
 
 
 def prime_optimizer_state(optimizer: Any) -> None:
-    """Give a never-stepped DistributedOptimizer placeholder Adam state before a load.
+    """Give a never-stepped DistributedOptimizer the Adam state its first step would create,
+    before a save or a load.
 
-    megatron-core 0.16.1 with torch's Adam (no apex / Transformer Engine): building the
-    load template calls ``DistributedOptimizer.state_dict()``, which asserts that the inner
-    optimizer holds exactly one ``step`` value -- false while its state is still empty. Its
-    own ``load_state_dict`` allocates the state; the checkpoint then overwrites it.
+    TE's / apex's FusedAdam create zero moments for every parameter at their first step
+    and count steps in the param groups: megatron-core's own ``init_state_fn`` (the zero
+    moments it gives its non-distributed optimizers before a load) creates exactly that
+    state, so a save writes the moments a load expects, and the next step -- of this
+    optimizer or of one loaded from the save -- is the first step it would have been.
+
+    torch's Adam (no apex / Transformer Engine): building the load template calls
+    ``DistributedOptimizer.state_dict()``, which asserts that the inner optimizer holds
+    exactly one ``step`` value -- false while its state is still empty. Its own
+    ``load_state_dict`` allocates the state at step 0; a save writes that, a load
+    overwrites it.
     """
     from megatron.core.optimizer import distrib_optimizer
 
-    if distrib_optimizer.HAVE_APEX_OR_TE:
-        return
     for sub in distributed_optimizers(optimizer):
-        if len(sub.optimizer.state) == 0:
+        if sub.optimizer is None:  # a stub: no parameters of this kind on this rank
+            continue
+        if distrib_optimizer.HAVE_APEX_OR_TE:
+            sub.init_state_fn(sub.optimizer, sub.config)
+        elif len(sub.optimizer.state) == 0:
             groups = [
                 {**{k: v for k, v in g.items() if k != "params"}, "step": 0}
                 for g in sub.optimizer.state_dict()["param_groups"]

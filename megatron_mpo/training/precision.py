@@ -61,16 +61,21 @@ def training_precision(cfg: RunConfig) -> PrecisionPlan:
 
 
 def reference_precision(cfg: RunConfig) -> PrecisionPlan:
-    """The reference tool's forward.
+    """The reference tool's forward: the same numerics as the policy's whenever they can be.
 
-    Without FP8 (the default) the reference values are computed in ``precision.dtype``:
-    the reference tool runs under no_grad, where Transformer Engine never calibrates
-    delayed scaling, and data-parallel ranks see different numbers of shards, so turning
-    grad on to calibrate would hang the amax all-reduce. ``precision.reference_fp8`` keeps
-    FP8 for the reference with a current-scaling recipe only (checked by the config).
+    With a current-scaling FP8 recipe (``tensorwise``, ``mxfp8``; ``tensorwise`` is the
+    default) every GEMM computes its scales from the tensor it quantises, with or without
+    grad, so the reference pass quantises exactly as the policy's first forward does and
+    ``precision.reference_fp8`` (null = auto) keeps FP8. Delayed scaling reads an amax
+    history that Transformer Engine only updates when grad is enabled: under no_grad every
+    GEMM would use the initial scales, and data-parallel ranks see different numbers of
+    shards, so turning grad on to calibrate would hang the amax all-reduce. Its reference
+    is computed in ``precision.dtype``, and the trainer measures the gap at step 1
+    (:mod:`megatron_mpo.training.reference_gap`).
     """
     p = cfg.precision
-    if p.fp8 and p.reference_fp8:
+    fp8_reference = p.reference_fp8 if p.reference_fp8 is not None else p.fp8_recipe in CURRENT_SCALING_RECIPES
+    if p.fp8 and fp8_reference:
         return PrecisionPlan(p.dtype, p.fp8, p.fp8_recipe)
     return PrecisionPlan(p.dtype)
 

@@ -8,7 +8,9 @@ and the sidecars; the parallel layout comes from torchrun's environment (``WORLD
 
 Each failure is one :class:`~megatron_mpo.errors.UserError` line. The full sidecar check
 reads every sidecar, so only global rank 0 runs it (torchrun stops the others when it
-exits); every other check is cheap and runs on every rank.
+exits); every other check is cheap and runs on every rank. Rank 0 also measures the
+lengths of a small sample of pairs and warns when ``data.max_length`` would cut many
+responses (:mod:`megatron_mpo.training.length_check`).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ def check_training(cfg: RunConfig) -> tuple:
     """Everything the trainer can check before building a model; returns the model config
     and the run's total steps (the trainer reuses both)."""
     _check_output_dirs(cfg)
-    model_config = _check_common(cfg)
+    model_config, tok = _check_common(cfg)
     _check_flex_trains_here(cfg)
     layout = launch_layout(cfg)
     schedule.micro_batches_per_step(cfg, layout)
@@ -44,15 +46,16 @@ def check_training(cfg: RunConfig) -> tuple:
         warning = data_setup.check_reference_values(cfg, model_config)  # shards without a sidecar
         if warning:
             print(f"warning: {warning}", flush=True)
+        from megatron_mpo.training.heldout import check_eval_values
+
+        check_eval_values(cfg, model_config)  # held-out sidecars: every one there and sound
+        _warn_lengths(cfg, model_config, tok)
     return model_config, steps
 
 
 def _check_flex_trains_here(cfg: RunConfig) -> None:
     """FlexAttention has no backward on CPU (torch 2.13): refuse before building anything."""
-    from megatron_mpo import platform
-
-    on_cpu = cfg.train.device == "cpu" or (cfg.train.device == "auto" and not platform.cuda_available())
-    if on_cpu and row_layout.attention_kind(cfg) == "flex":
+    if not platform.current().is_cuda and row_layout.attention_kind(cfg) == "flex":
         raise UserError("model.attention=flex cannot train on a CPU (torch has no FlexAttention backward "
                         "there); use model.attention=sdpa (same result), or flex on a GPU")
 
@@ -84,11 +87,21 @@ def _probe_writable(name: str, folder: Path) -> None:
 
 def check_reference(cfg: RunConfig):
     """Everything the reference tool can check before building a model; returns the model config."""
-    model_config = _check_common(cfg)
+    model_config, tok = _check_common(cfg)
     launch_layout(cfg)
     if _is_rank_zero():
         _check_existing_sidecars(cfg, model_config)
+        _warn_lengths(cfg, model_config, tok)
     return model_config
+
+
+def _warn_lengths(cfg: RunConfig, model_config, tok) -> None:
+    """One line when data.max_length would cut many responses (a small sample, decoding no image)."""
+    from megatron_mpo.training.length_check import check_lengths
+
+    warning = check_lengths(cfg, model_config, tok)
+    if warning:
+        print(f"warning: {warning}", flush=True)
 
 
 def launch_layout(cfg: RunConfig) -> Layout:
@@ -102,21 +115,40 @@ def launch_layout(cfg: RunConfig) -> Layout:
                   expert=cfg.parallel.expert)
 
 
-def _check_common(cfg: RunConfig):
-    """Device and precision, model dir, tokenizer, shards and template; the model config."""
+def _check_common(cfg: RunConfig) -> tuple:
+    """Device and precision, model dir, tokenizer, shards and template; the model config and tokenizer."""
     platform.setup(cfg.train.device)
+    _check_torch_compile(cfg)
     precision.check_precision(cfg)
     if cfg.model.init and not Path(cfg.model.init).is_dir():
         raise UserError(f"model.init {cfg.model.init} does not exist: point it at a model directory written by "
                         "tools/convert_hf_to_megatron.py or tools/init_checkpoint.py")
     model_config = model_setup.model_config(cfg)
     cfg.parallel.check(model_config, _world_size())  # every layout rule, before any process group
-    data_setup.tokenizer(cfg)
+    tok = data_setup.tokenizer(cfg)
     _check_shards(cfg)
     from megatron_mpo.data.templates import get_template
 
     get_template(data_setup.loader_data(cfg, model_config).template)
-    return model_config
+    return model_config, tok
+
+
+def _check_torch_compile(cfg: RunConfig) -> None:
+    """Where torch.compile cannot run on the GPU (no C compiler for Triton): FlexAttention,
+    compiled there, is refused; megatron-core's jit fusions are off (the model builder asks
+    the platform too), said in one line."""
+    problem = platform.torch_compile_problem()
+    if problem is None:
+        return
+    if row_layout.attention_kind(cfg) == "flex":
+        other = "model.attention=sdpa" if cfg.model.spec != "transformer_engine" else \
+            "model.attention=sdpa, or data.packing=false (plain rows on TE's attention)"
+        raise UserError(f"model.attention=flex needs torch.compile on the GPU, which cannot run here: {problem}; "
+                        f"install a C compiler (gcc) or point CC at one, or use {other}")
+    if _is_rank_zero():
+        print(f"warning: torch.compile cannot run here ({problem}): megatron-core's jit fusions "
+              "(bias-dropout-add, bias-SwiGLU) are off (same results, somewhat slower); install gcc or point "
+              "CC at a C compiler to turn them on", flush=True)
 
 
 def _check_shards(cfg: RunConfig) -> None:

@@ -59,6 +59,6 @@ def restore_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and platform.current().is_cuda:
         torch.cuda.set_rng_state(state["cuda"])
-    tensor_parallel.get_cuda_rng_tracker().set_states(
-        {k: v.clone() for k, v in state["tracker"].items()}
-    )
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    # Streams the checkpoint lacks (added since it was written) keep their seeded state.
+    tracker.set_states({**tracker.get_states(), **{k: v.clone() for k, v in state["tracker"].items()}})

@@ -1,6 +1,6 @@
 """The trainer's console text besides the step lines' numbers (rank 0 prints all of it).
 
-* :func:`banner`: one block at start-up -- pairs, steps, parallel layout, template,
+* :func:`banner`: one block at start-up -- pairs, steps, parallel layout, template, tiling,
   precision, where the reference values come from;
 * :class:`Progress`: ``step 3/10`` with elapsed time and ETA for the step lines;
 * :func:`saved_line` and :func:`summary_line`: checkpoint saves and the run's last line;
@@ -75,8 +75,10 @@ class Progress:
 
 def banner(cfg: RunConfig, layout: Layout, *, total_steps: int, start_step: int, pairs: Optional[int],
            template: str, template_source: str, precision: str, reference_precision: str, rows: str,
-           mfu_peak: str) -> str:
-    """The start-up block: what will run, on which layout, with which data and numbers."""
+           mfu_peak: str, speed: Optional[str] = None, tiling: Optional[str] = None) -> str:
+    """The start-up block: what will run, on which layout, with which data and numbers;
+    ``speed``: which of Megatron-LM's speed settings are on (and why the others are off);
+    ``tiling``: how images are tiled and where each value came from."""
     world = layout.tensor * layout.pipeline * layout.data
     per_step = cfg.train.global_batch
     data = (f"{pairs} pairs in {cfg.data.shards}" if pairs is not None
@@ -85,14 +87,18 @@ def banner(cfg: RunConfig, layout: Layout, *, total_steps: int, start_step: int,
     start = f", resuming after step {start_step}" if start_step else ""
     vp = layout.virtual_pipeline or "-"
     sp = "on" if cfg.parallel.sequence else "off"
-    return "\n".join([
+    lines = [
         f"{BANNER_TITLE}: {data}; {total_steps} steps of {per_step} pairs{epochs}{start}",
         f"  layout: {world} process{'es' if world > 1 else ''} = TP {layout.tensor} x PP {layout.pipeline} x "
         f"DP {layout.data}; EP {layout.expert} (of DP); VP {vp}; SP {sp}",
         f"  template: {template} ({template_source})",
+        *([f"  tiling: {tiling}"] if tiling is not None else []),
         f"  precision: {precision}; rows: {rows}; mfu against {mfu_peak}",
         f"  reference values: {cfg.data.ref_logps} (computed in {reference_precision})",
-    ])
+    ]
+    if speed is not None:
+        lines.append(f"  speed: {speed}")
+    return "\n".join(lines)
 
 
 def saved_line(step: int, seconds: float) -> str:

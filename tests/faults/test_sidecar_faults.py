@@ -275,3 +275,28 @@ def test_trainer_check_does_not_import_the_reference_tool(workspace):
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=worker_env(), capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_reference_from_elsewhere_is_named_at_step_1(workspace, copied, tmp_path):
+    """Issue 27, item 8: reference values that are not the policy's own starting point (here
+    every value 3 nats off, checksums valid: as from another checkpoint) pass every start-up
+    check; the first step measures the gap and says so in one line (beta*gap = 0.3 > 0.1)."""
+    from megatron_mpo.data.refs import sidecar_checksum
+
+    def move(body):
+        for values in body["logps"].values():
+            values[0] -= 3.0
+            values[1] += 3.0
+        body["checksum"] = sidecar_checksum(body)
+
+    for sidecar in copied["refs"].glob("*.ref.json"):
+        _edit(sidecar, move)
+    cfg = base_config(workspace, data={"shards": str(copied["shards"]), "ref_logps": str(copied["refs"])},
+                      logging={"metrics": str(tmp_path / "metrics.jsonl")})
+    cfg["train"]["steps"] = 1
+    proc = run_tool("-m megatron_mpo.train", "--config", str(write_config(tmp_path / "config.yaml", cfg)))
+    (line,) = [x for x in proc.stdout.splitlines() if x.startswith("warning: reference gap at step 1")]
+    assert "beta*gap = 0.3 above 0.1" in line and "share numerics (fp32)" in line, line
+    record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert abs(record["ref_logratio_step0"] - 3.0) < 1e-3
+    assert 0 < record["ref_logratio_step0_per_token"] < record["ref_logratio_step0"]

@@ -185,6 +185,29 @@ def gpu_workspace(tmp_path_factory) -> Path:
     return ws
 
 
+@pytest.fixture
+def full_fp32() -> Iterator[None]:
+    """Plain fp32 matmuls and cuDNN convolutions (no TF32) for one test, set back after.
+
+    Through torch's own settings -- ``fp32_precision`` where this torch has it, else the
+    ``allow_tf32`` flags -- saved and restored here: ``monkeypatch`` cannot restore these
+    module-level properties (pytest 9.2 deletes, at teardown, an attribute it did not find in
+    the object's ``__dict__``: "'cuBLASModule' object has no attribute 'allow_tf32'")."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    if hasattr(matmul, "fp32_precision") and hasattr(getattr(cudnn, "conv", None), "fp32_precision"):
+        wanted = [(matmul, "fp32_precision", "ieee"), (cudnn.conv, "fp32_precision", "ieee")]
+    else:
+        wanted = [(matmul, "allow_tf32", False), (cudnn, "allow_tf32", False)]
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in wanted]
+    try:
+        for owner, name, value in wanted:
+            setattr(owner, name, value)
+        yield
+    finally:
+        for owner, name, value in reversed(saved):
+            setattr(owner, name, value)
+
+
 @pytest.fixture(scope="module")
 def world():
     """A one-process world on the test device for the module's in-process tests."""

@@ -286,7 +286,7 @@ def _logps_and_grads(model: torch.nn.Module, batch) -> tuple[torch.Tensor, torch
 
 
 @pytest.mark.gpu_timeout(210)  # first FlexAttention compiles (forward + backward, fp32 and bf16)
-def test_flex_attention_packed_rows_of_several_pairs_match_sdpa_and_unpacked_rows(world, monkeypatch):
+def test_flex_attention_packed_rows_of_several_pairs_match_sdpa_and_unpacked_rows(world, monkeypatch, full_fp32):
     """Packed rows holding 2-3 pairs each: the local spec with FlexAttention (block mask
     from ``segments``, torch.compile'd kernel on CUDA) against the same weights with the
     per-pair SDPA path and against unpacked causal rows, forward log-probs and gradients
@@ -301,9 +301,7 @@ def test_flex_attention_packed_rows_of_several_pairs_match_sdpa_and_unpacked_row
     from megatron_mpo.models.layers import FlexAttention, SDPAttention
     from megatron_mpo.models.presets import get_preset
 
-    # Plain fp32 on both sides (cuDNN would take TF32 for the vision patch convolution).
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    # Plain fp32 on both sides (full_fp32: cuDNN would take TF32 for the vision patch convolution).
     config = get_preset("tiny")
     layers = config.language.num_layers
     pairs = long_pairs(config, 8, seed=7)
@@ -438,6 +436,63 @@ def test_frozen_parts_stay_on_the_device_through_a_training_step(world, freeze):
             assert changed == [], f"frozen {part} changed"
         else:
             assert changed, f"trainable {part} did not change"
+
+
+# ---- Megatron-LM's CUDA-only speed settings ------------------------------------------------------
+
+
+def _step_gradients(cfg, config, world, speed, batches) -> torch.Tensor:
+    """The reduced gradient buffer of one trainer step (two micro-batches) from fixed weights."""
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from megatron_mpo.losses import MPOLoss
+    from megatron_mpo.training.forward import make_forward_step
+    from megatron_mpo.training.model_setup import build_model_chunks
+    from megatron_mpo.training.optim import wrap_data_parallel
+    from megatron_mpo.training.schedule import forward_backward_func, run_schedule
+
+    torch.manual_seed(3)
+    model_parallel_cuda_manual_seed(3)
+    model = wrap_data_parallel(build_model_chunks(cfg, config, world, speed=speed), cfg.precision, speed)
+    for chunk in model:
+        chunk.zero_grad_buffer()
+    run_schedule(forward_backward_func(), make_forward_step(MPOLoss(cfg.mpo, group=world.data_group)), model,
+                 batches, 0, forward_only=False)
+    return torch.cat([b.grad_data.float().clone() for chunk in model for b in chunk.buffers
+                      + chunk.expert_parallel_buffers])
+
+
+@pytest.mark.parametrize("setting,spec,preset", [
+    ("gradient_accumulation_fusion", "local", "tiny"),
+    ("gradient_accumulation_fusion", "transformer_engine", "tiny"),
+    ("moe_permute_fusion", "local", "tiny-moe"),
+])
+def test_cuda_only_speed_settings_give_the_same_gradients(world, setting, spec, preset):
+    """gradient_accumulation_fusion (weight gradients accumulated into DDP's fp32 buffer by
+    apex's / TE's GEMM, in the vision tower, projector and LLM) and moe_permute_fusion (TE's
+    token permutation): the step's gradients as without them, up to bf16 rounding (the fused
+    path adds bf16 products in fp32 instead of rounding each micro-batch's gradient first)."""
+    from dataclasses import replace
+
+    from megatron_mpo.config import from_dict
+    from megatron_mpo.models.presets import get_preset
+    from megatron_mpo.training.perf_settings import PerfSettings, detect
+
+    machine = detect()
+    if spec == "transformer_engine" and not _te_available():
+        pytest.skip("Transformer Engine is not installed")
+    if setting == "gradient_accumulation_fusion" and not machine.apex_wgrad:
+        pytest.skip("apex's fused_weight_gradient_mlp_cuda is not installed")
+    if setting == "moe_permute_fusion" and not machine.te_permute:
+        pytest.skip("Transformer Engine's fused MoE permutation (TE >= 2.1) is not installed")
+    cfg = from_dict({"model": {"preset": preset, "spec": spec}, "precision": {"dtype": "bf16"},
+                     "train": {"steps": 1, "micro_batch": 1, "global_batch": 2, "device": DEVICE}}).validate()
+    config = get_preset(preset)
+    batches = [collate(config, [pair]) for pair in tiny_pairs(config, 2, seed=4)]
+    plain = _step_gradients(cfg, config, world, PerfSettings(), batches)
+    fused = _step_gradients(cfg, config, world, replace(PerfSettings(), **{setting: True}), batches)
+    assert plain.abs().sum() > 0
+    assert float((fused - plain).norm() / plain.norm()) < 2e-2
 
 
 # ---- Transformer Engine and FP8 -----------------------------------------------------------------

@@ -98,16 +98,14 @@ def _upto_stop(ids, stops) -> list[int]:
 @requires_vllm
 @requires_cuda
 @pytest.mark.gpu_timeout(280)  # vLLM's start (model load, memory profiling) dominates
-def test_vllm_greedy_matches_transformers_and_sampling_is_reproducible(tiny_hf, monkeypatch):
+def test_vllm_greedy_matches_transformers_and_sampling_is_reproducible(tiny_hf, monkeypatch, full_fp32):
     from vllm import SamplingParams
 
     from megatron_mpo.generation.engines import SamplingSettings
     from megatron_mpo.generation.engines.transformers_engine import TransformersEngine
     from megatron_mpo.generation.engines.vllm_engine import VLLMEngine, completions, sampling_params
 
-    monkeypatch.setenv("NVIDIA_TF32_OVERRIDE", "0")  # vLLM's processes inherit it
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setenv("NVIDIA_TF32_OVERRIDE", "0")  # vLLM's processes inherit it; full_fp32 for this one
     tok, compared, thumbnail = _prompts(tiny_hf)
     everything = compared + [thumbnail]
 

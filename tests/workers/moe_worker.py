@@ -11,7 +11,8 @@ replicas accumulates ``EP`` times the single-replica gradient (the data-parallel
 divides it back in training): the check divides expert gradients by EP. Finally it saves
 the EP2 x PP2 model as a distributed checkpoint and reloads it at TP1/PP1/EP1: the same
 full state dict, and checks that a NaN in its expert-parallel gradient buffer fails the
-trainer's finiteness guard.
+trainer's finiteness guard. At TP2 with sequence parallelism the trainer's load-balancing
+term (padding left out) must not move with more padding and must equal TP1's.
 
 Usage: python -m torch.distributed.run --nproc-per-node=4 tests/workers/moe_worker.py ARTIFACTS
 """
@@ -82,6 +83,48 @@ def check_expert_grad_guard(model, where: str) -> list:
     return [] if not grads_are_finite([wrapped]) else [f"{where}: a NaN expert gradient passed grads_are_finite"]
 
 
+def aux_terms(config, artifacts: Path, sequence_parallel: bool) -> list:
+    """The load-balancing term the trainer logs (coefficient 0.01) for three pairs collated
+    unpacked and packed, each with its rows' own padding and with 6 padded positions more
+    (lengths even, for the sequence-parallel split): training-mode forwards of the model
+    directory at the current layout. A collective on every rank."""
+    import dataclasses
+
+    from megatron_mpo.batch import pad_to_length
+    from megatron_mpo.data.collate import collate_pairs
+    from megatron_mpo.models.internvl import build_model
+    from megatron_mpo.training.checkpoint import load_model_weights
+    from megatron_mpo.training.forward import model_inputs
+    from megatron_mpo.training.metrics import router_aux_loss
+    from tests.test_model import IMG_ID, _packed_pairs
+    import torch
+
+    language = dataclasses.replace(config.language, router_aux_loss_coef=0.01)
+    model = build_model(dataclasses.replace(config, language=language), sequence_parallel=sequence_parallel,
+                        attention_mask="arbitrary")
+    load_model_weights(artifacts / "megatron", [model])
+    model.train()
+    terms = []
+    for layout in ("unpacked", "packed"):
+        batch = collate_pairs(_packed_pairs(torch.Generator().manual_seed(11)), 0, IMG_ID, 4, pad_multiple=2,
+                              layout=layout, row_length=40, max_pairs_per_row=2)
+        for extra in (0, 6):
+            model(**model_inputs(model, pad_to_length(batch, batch.input_ids.shape[1] + extra)))
+            terms.append(router_aux_loss([model], micro_batches=1, pipeline_rank=0))
+    return terms
+
+
+def check_aux_terms(terms: list, reference: list, where: str) -> list:
+    """Padding changes no term; the terms equal ``reference`` (TP1's)."""
+    import math
+
+    failures = [f"{where}: 6 more padded positions moved the load-balancing term {a} -> {b}"
+                for a, b in zip(terms[::2], terms[1::2]) if not math.isclose(a, b, rel_tol=1e-6)]
+    if not all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(terms, reference)):
+        failures.append(f"{where}: load-balancing terms {terms} differ from TP1's {reference}")
+    return failures
+
+
 def _run(artifacts: Path, checked: list) -> list:
     import torch
     import torch.distributed as dist
@@ -104,6 +147,7 @@ def _run(artifacts: Path, checked: list) -> list:
     packed_grads = torch.load(artifacts / "packed_grads.pt")
     layers = config.language.num_layers
     failures: list = []
+    sp_terms = None  # the TP2 sequence-parallel load-balancing terms, checked against TP1's at the end
     only = os.environ.get("MOE_WORKER_GROUPINGS")  # e.g. "1,2,2" while debugging
     groupings = [tuple(map(int, g.split(","))) for g in only.split(";")] if only else GROUPINGS
     for tp, pp, ep in groupings:
@@ -120,7 +164,9 @@ def _run(artifacts: Path, checked: list) -> list:
                 failures += common.check_case(model, case, where)
             if tp > 1:
                 # megatron-core trains MoE layers under TP only with sequence parallelism,
-                # which needs rows split evenly over the TP ranks: forward checked here.
+                # which needs rows split evenly over the TP ranks: forward checked here, and
+                # the training-mode load-balancing term with sequence parallelism.
+                sp_terms = aux_terms(config, artifacts, sequence_parallel=True)
                 checked.append(f"TP{tp}PP{pp}EP{ep} forward")
                 parallel_state.destroy_model_parallel()
                 continue
@@ -153,6 +199,13 @@ def _run(artifacts: Path, checked: list) -> list:
         checked.append("EP2PP2->EP1 checkpoint")
     except Exception:
         failures.append(f"dist checkpoint rank{dist.get_rank()}: {traceback.format_exc()}")
+    if sp_terms is not None:  # else the TP2 grouping has reported why
+        try:
+            failures += check_aux_terms(sp_terms, aux_terms(config, artifacts, sequence_parallel=False),
+                                        f"TP2 sequence-parallel rank{dist.get_rank()}")
+            checked.append("TP2 sequence-parallel load balancing")
+        except Exception:
+            failures.append(f"TP1 load balancing rank{dist.get_rank()}: {traceback.format_exc()}")
     parallel_state.destroy_model_parallel()
     return failures
 
