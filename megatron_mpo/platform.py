@@ -302,6 +302,14 @@ def max_memory_allocated() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
+def device_memory() -> Optional[tuple[str, int]]:
+    """(name, total bytes) of this process's GPU; None on CPU."""
+    if not current().is_cuda:
+        return None
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return torch.cuda.get_device_name(), int(props.total_memory)
+
+
 def reset_peak_memory() -> None:
     """Start a new peak for :func:`max_memory_allocated` (per logging interval)."""
     if current().is_cuda:

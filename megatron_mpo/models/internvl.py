@@ -32,7 +32,8 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 from megatron_mpo import platform
 from megatron_mpo.errors import UserError
 from megatron_mpo.models.config import InternVLConfig
-from megatron_mpo.models.moe_balance import megatron_aux_loss_coeff, sequence_parallel_padding
+from megatron_mpo.models.moe_balance import (megatron_aux_loss_coeff, reset_load_balancing_tracker,
+                                          sequence_parallel_padding)
 from megatron_mpo.models.specs import (
     check_backend,
     default_attention,
@@ -632,6 +633,8 @@ def build_model(
     """
     config.validate()
     below_one("drop_path_rate", drop_path_rate)  # 1 would drop every branch (and divide by 0)
+    if config.language.is_moe:
+        reset_load_balancing_tracker()
     check_backend(spec, fp8)
     if attention_mask not in ("causal", "arbitrary"):
         raise UserError(f"attention_mask must be causal or arbitrary, not {attention_mask!r}")

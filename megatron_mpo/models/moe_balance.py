@@ -69,3 +69,18 @@ def sequence_parallel_padding(padding: Optional["Tensor"], config: "TransformerC
 
     part = tensor_parallel.scatter_to_sequence_parallel_region(padding.transpose(0, 1).contiguous(), group=tp_group)
     return part.transpose(0, 1).contiguous()
+
+
+def reset_load_balancing_tracker() -> None:
+    """Forget megatron-core's per-layer aux-loss log of any earlier model in this process.
+
+    The tracker is a module-level dict whose per-layer vector is sized by the first model
+    that logs into it; a later model with more MoE layers (a test, an evaluation beside the
+    trainer) would index past its end. Building a mixture-of-experts model starts it anew,
+    and forgets the aux loss's backward scale (another module-level value, whose shape the
+    first caller fixes: the schedules pass [1], a direct caller may pass []).
+    """
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, get_moe_layer_wise_logging_tracker
+
+    get_moe_layer_wise_logging_tracker().clear()
+    MoEAuxLossAutoScaler.main_loss_backward_scale = None

@@ -26,7 +26,7 @@ class MemoryEstimate:
 
         if self.error:
             return f"memory plan: not available ({self.error})"
-        text = (f"memory plan (python -m megatron_mpo.plan): ~{describe(self.worst)} per rank for a worst-case pair "
+        text = (f"memory plan (megatron-mpo plan): ~{describe(self.worst)} per rank for a worst-case pair "
                 f"(stage {self.stage}), ~{describe(self.typical)} for a typical one")
         if self.usable is not None:
             verdict = ("fits" if self.worst <= self.usable else "may NOT fit" if self.typical <= self.usable
@@ -66,11 +66,9 @@ def _estimate(cfg, model_config, data_parallel: int) -> MemoryEstimate:
                          recompute=cfg.model.recompute)
     device = usable = None
     kind = GpuKind("NVIDIA H100 80GB HBM3", 80.0)  # only the plan's time needs a peak; not printed
-    if platform.current().is_cuda:
-        import torch
-
-        device = torch.cuda.get_device_name()
-        memory = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GIB
+    gpu = platform.device_memory()
+    if gpu is not None:
+        device, memory = gpu[0], gpu[1] / GIB
         kind = GpuKind(kind.name, memory)
         usable = (memory - DEFAULT_RESERVE_GIB) * GIB
     plan = make_plan(cfg, model_config, layout, Hardware(gpus=layout.gpus, gpu=kind))
