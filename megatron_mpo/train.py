@@ -84,7 +84,7 @@ def train(cfg: RunConfig) -> dict:
     is_writer = rank == 0
 
     # ---- model ------------------------------------------------------------------------
-    speed = perf_settings_for_run(cfg, layout, model_config, training=True)  # Megatron-LM's fast paths
+    speed = perf_settings_for_run(layout, model_config, training=True)  # Megatron-LM's fast paths
     chunks = model_setup.build_model_chunks(cfg, model_config, layout, speed=speed)
     manager = ckpt_lib.CheckpointManager(cfg.checkpoint.save, cfg.checkpoint.keep_last,
                                          cfg.checkpoint.optimizer_format) if cfg.checkpoint.save else None

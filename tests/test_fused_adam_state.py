@@ -67,15 +67,16 @@ def fused_adam(monkeypatch):
     monkeypatch.setattr(distrib_optimizer, "USING_TE_OPTIMIZER", True)
 
 
-def _build(seed: int):
-    """The tiny preset in DDP with the distributed optimizer, as the trainer builds them."""
+def _build(seed: int, speed=None):
+    """The tiny preset in DDP with the distributed optimizer, as the trainer builds them
+    (``speed``: its PerfSettings, e.g. overlap with small buckets)."""
     from megatron_mpo import parallel
     from megatron_mpo.models.internvl import build_model
     from megatron_mpo.models.presets import get_preset
     from megatron_mpo.training.optim import build_optimizer, wrap_data_parallel
 
     parallel.initialize(1, 1, seed=seed, device="cpu")
-    chunks = wrap_data_parallel([build_model(get_preset("tiny"), spec="local")], PrecisionSection())
+    chunks = wrap_data_parallel([build_model(get_preset("tiny"), spec="local")], PrecisionSection(), speed)
     optimizer = build_optimizer(chunks, TrainSection(steps=1, lr=1e-2, weight_decay=0.05), PrecisionSection())
     return chunks, optimizer
 

@@ -623,17 +623,46 @@ def test_flop_counter_matches_torch_matmul_count(reference, megatron_tp1):
     assert ours - llm_scores - vision_scores - patch_input_grad == pytest.approx(counted.get_total_flops(), rel=1e-9)
 
 
-def test_text_only_batch_keeps_every_parameter_in_the_graph(reference, megatron_tp1):
-    ref = reference["qwen2"]
-    model = _tp1_model(ref)
-    case = next(c for c in ref["cases"] if c["name"] == "text_only")
-    assert case["pixel_values"].shape[0] == 0
-    calls = []
-    model.vision_model.register_forward_hook(lambda *a: calls.append(1))
-    loss = model(case["input_ids"], case["position_ids"], labels=case["labels"],
-                 pixel_values=case["pixel_values"], image_token_index=case["image_token_index"])
+def _grad_hook_order(model, case: dict) -> list:
+    """Parameter names in the order their gradient-accumulator hooks fire in one backward:
+    the hooks megatron-core's DDP dispatches overlapped reduce-scatters from."""
+    fired, accumulators = [], []  # held, as DDP holds them: a dropped one is made anew
+    for name, p in model.named_parameters():
+        accumulators.append(p.expand_as(p).grad_fn.next_functions[0][0])
+        accumulators[-1].register_hook(lambda *_, n=name: fired.append(n))
+    loss = model(case["input_ids"], case["position_ids"], attention_mask=case["attention_mask"],
+                 labels=case["labels"], pixel_values=case["pixel_values"], image_token_index=case["image_token_index"])
     loss.sum().backward()
-    assert not calls  # no vision pass
+    return fired
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "llama"])
+def test_text_only_batch_runs_the_vision_modules_on_a_blank_tile(reference, megatron_tp1, kind):
+    """Every parameter's gradient hook fires in the same order for a text-only micro-batch as
+    for any image one (overlapped gradient reduce relies on it across data-parallel ranks),
+    whatever its tiles and rows; the text-only numbers are those without the vision pass, bit
+    for bit, and its vision gradients exactly 0."""
+    ref = reference[kind]
+    model = _tp1_model(ref)
+    cases = {c["name"]: c for c in ref["cases"]}
+    text = cases["text_only"]
+    assert text["pixel_values"].shape[0] == 0
+    orders = {name: _grad_hook_order(model, cases[name])
+              for name in ("text_only", "one_tile", "several_tiles", "two_images", "pair", "packed_pairs")}
+    assert len(orders["one_tile"]) == len(list(model.parameters()))
+    for name, order in orders.items():
+        assert order == orders["one_tile"], name
+    model.zero_grad()
+    seen = []
+    model.vision_model.register_forward_hook(lambda mod, args, out: seen.append((args[0], out)))
+    inputs = dict(labels=text["labels"], pixel_values=text["pixel_values"], image_token_index=text["image_token_index"])
+    loss = model(text["input_ids"], text["position_ids"], **inputs)
+    (tile, features), = seen  # one vision pass, on one blank tile at the model's size, finite
+    assert tile.shape == (1, 3, 56, 56) and not tile.any() and features.isfinite().all()
+    loss.sum().backward()
+    with torch.no_grad():  # forward only: no vision pass, the numbers as without it
+        alone = model(text["input_ids"], text["position_ids"], **inputs)
+    assert len(seen) == 1 and torch.equal(loss, alone)
     for name, p in model.named_parameters():
         assert p.grad is not None, name
         if name.startswith("vision"):

@@ -9,8 +9,9 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
-from megatron_mpo.training.perf_settings import Machine, PerfSettings, bucket_size, choose, detect, graph_varies
+from megatron_mpo.training.perf_settings import Machine, PerfSettings, bucket_size, choose, detect
 
 GPU = Machine(cuda=True, apex_wgrad=True, te_permute=True)
 CPU = Machine(cuda=False, apex_wgrad=False, te_permute=False)
@@ -26,11 +27,10 @@ def _on(settings: PerfSettings) -> set:
 def test_a_gpu_with_apex_and_te_turns_on_what_megatron_lm_recipes_do():
     # examples/mixtral/train_mixtral_8x7b_distributed.sh: PP4 x EP8, distributed optimizer,
     # --overlap-grad-reduce --overlap-param-gather; interleaved: aligned all-gathers.
-    interleaved = choose(GPU, data_parallel=8, pipeline=4, interleaved=True, moe=True, training=True,
-                         varying_graph=False)
+    interleaved = choose(GPU, data_parallel=8, pipeline=4, interleaved=True, moe=True, training=True)
     assert _on(interleaved) == set(ON) and interleaved.why_off == {}
     assert interleaved.bucket_size == 40_000_000
-    plain = choose(GPU, data_parallel=64, pipeline=1, interleaved=False, moe=False, training=True, varying_graph=False)
+    plain = choose(GPU, data_parallel=64, pipeline=1, interleaved=False, moe=False, training=True)
     assert _on(plain) == {"overlap_grad_reduce", "overlap_param_gather", "gradient_accumulation_fusion"}
     assert plain.bucket_size == 64_000_000  # 1M parameters per data-parallel rank beyond 40M
     assert plain.why_off == {"align_param_gather": "not interleaved", "deallocate_pipeline_outputs": "one pipeline stage",
@@ -39,37 +39,26 @@ def test_a_gpu_with_apex_and_te_turns_on_what_megatron_lm_recipes_do():
 
 
 def test_each_setting_stays_off_where_its_requirement_fails():
-    cpu = choose(CPU, data_parallel=2, pipeline=2, interleaved=False, moe=True, training=True, varying_graph=False)
+    cpu = choose(CPU, data_parallel=2, pipeline=2, interleaved=False, moe=True, training=True)
     assert _on(cpu) == {"overlap_grad_reduce", "overlap_param_gather", "deallocate_pipeline_outputs"}
     assert cpu.why_off["gradient_accumulation_fusion"] == cpu.why_off["moe_permute_fusion"] == "no CUDA device"
     # gloo: the interleaved schedule would free outputs its async sends still read.
-    cpu_interleaved = choose(CPU, data_parallel=1, pipeline=2, interleaved=True, moe=False, training=True,
-                             varying_graph=False)
+    cpu_interleaved = choose(CPU, data_parallel=1, pipeline=2, interleaved=True, moe=False, training=True)
     assert _on(cpu_interleaved) == set()
     assert cpu_interleaved.why_off["deallocate_pipeline_outputs"] == "interleaved schedule's async sends on gloo"
     no_apex = choose(Machine(cuda=True, apex_wgrad=False, te_permute=True), data_parallel=4, pipeline=1,
-                     interleaved=False, moe=True, training=True, varying_graph=False)
+                     interleaved=False, moe=True, training=True)
     assert not no_apex.gradient_accumulation_fusion and no_apex.moe_permute_fusion
     assert "fused_weight_gradient_mlp_cuda" in no_apex.why_off["gradient_accumulation_fusion"]
     old_te = choose(Machine(cuda=True, apex_wgrad=True, te_permute=False), data_parallel=1, pipeline=1,
-                    interleaved=False, moe=True, training=True, varying_graph=False)
+                    interleaved=False, moe=True, training=True)
     assert _on(old_te) == {"gradient_accumulation_fusion"}
     assert old_te.why_off["moe_permute_fusion"] == "needs Transformer Engine >= 2.1"
     assert old_te.why_off["overlap_grad_reduce"] == "one data-parallel rank" and old_te.bucket_size is None
-    # The stage that trains the vision tower: data-parallel ranks may run different graphs.
-    vision = choose(GPU, data_parallel=8, pipeline=2, interleaved=False, moe=False, training=True, varying_graph=True)
-    assert _on(vision) == {"gradient_accumulation_fusion", "deallocate_pipeline_outputs"} and vision.bucket_size is None
-    assert "text-only micro-batches skip" in vision.why_off["overlap_grad_reduce"]
     # The reference tool: no gradients, so nothing to reduce, gather or accumulate.
-    reference = choose(GPU, data_parallel=8, pipeline=2, interleaved=True, moe=True, training=False,
-                       varying_graph=False)
+    reference = choose(GPU, data_parallel=8, pipeline=2, interleaved=True, moe=True, training=False)
     assert _on(reference) == {"deallocate_pipeline_outputs", "moe_permute_fusion"}
     assert reference.why_off["gradient_accumulation_fusion"] == reference.why_off["overlap_grad_reduce"] == "forward only"
-
-
-def test_only_the_stage_training_the_vision_tower_or_projector_varies():
-    assert graph_varies([], 0) and graph_varies(["vision"], 0) and graph_varies(["projector", "language"], 0)
-    assert not graph_varies(["vision", "projector"], 0) and not graph_varies([], 1)
 
 
 def test_the_banner_lists_the_settings_and_why_the_others_are_off():
@@ -77,7 +66,7 @@ def test_the_banner_lists_the_settings_and_why_the_others_are_off():
     from megatron_mpo.parallel import Layout
     from megatron_mpo.training.run_report import banner
 
-    speed = choose(CPU, data_parallel=2, pipeline=1, interleaved=False, moe=False, training=True, varying_graph=False)
+    speed = choose(CPU, data_parallel=2, pipeline=1, interleaved=False, moe=False, training=True)
     assert speed.describe() == (
         "overlap_grad_reduce, overlap_param_gather (buckets of 40M params); off: align_param_gather (not "
         "interleaved), gradient_accumulation_fusion (no CUDA device), deallocate_pipeline_outputs (one pipeline "
@@ -135,9 +124,10 @@ def test_overlap_and_deallocation_give_the_same_training(tmp_path):
         facts = result["facts"]
         # The worker's "on" runs are what the rule picks for those layouts on a GPU.
         assert facts["dp2_chosen"] == [True, True, 40_000_000] and facts["pp2_chosen"] is True
-        # The rule leaves overlap off for the full model (the vision stage) and turns it on
-        # with the vision tower and projector frozen, which the worker's DP2 runs then use.
-        assert facts["dp2_full_model_overlap"] is False
+        # The DP2 runs train the whole model (vision tower, projector, LLM) with overlap: text-only
+        # micro-batches run the vision modules on a blank tile, so both ranks' hooks fire alike.
+        moved, vision = facts["dp2_vision_moved"]
+        assert moved == vision > 30  # every vision tower and projector weight trained
         # Overlap really ran: several buckets, each reduced on its own, and forward pre-hooks
         # that wait for the all-gather (none without overlap).
         assert facts["dp2_bucket_groups"][0] == 1 and facts["dp2_bucket_groups"][1] > 2
@@ -156,3 +146,32 @@ def test_overlap_and_deallocation_give_the_same_training(tmp_path):
         assert all(after == 1 for _, after in facts["pp2_freed_on"])
         if rank == 0:
             assert all(before > 1000 for before, _ in facts["pp2_freed_on"])
+
+
+@pytest.mark.parametrize("optimizer_format", ["reshardable", "dp_reshardable"])
+def test_a_checkpoint_of_an_overlapped_run_resumes_exactly(world, tmp_path, optimizer_format):
+    """Overlap splits the gradient buffer into buckets, each padded at its end. A save after
+    step 1 and a load into other weights must take step 2 as the run that never saved
+    (megatron-core 0.16.1's reshardable save dropped the padding yet sliced each parameter
+    at its padded index: every parameter past the first bucket was saved with another's
+    Adam state and master weights)."""
+    from megatron_mpo.training.checkpoint import CheckpointManager
+    from tests.test_fused_adam_state import _build, _step
+
+    speed = PerfSettings(overlap_grad_reduce=True, overlap_param_gather=True, bucket_size=20_000)
+    straight, straight_opt = _build(seed=3, speed=speed)
+    assert len(straight[0].buffers[0].buckets) > 2
+    for seed in (11, 12):
+        _step(straight, straight_opt, seed)
+    chunks, optimizer = _build(seed=3, speed=speed)
+    _step(chunks, optimizer, 11)
+    manager = CheckpointManager(tmp_path, optimizer_format=optimizer_format)
+    saved = manager.save(1, chunks, optimizer, {"step": 1}, {})
+    resumed, resumed_opt = _build(seed=4, speed=speed)  # other weights: the load must replace them
+    manager.load(saved, resumed, resumed_opt)
+    _step(resumed, resumed_opt, 12)
+    for chunk in (straight, resumed):
+        chunk[0].start_param_sync(force_sync=True)  # overlap_param_gather: the last update's shards
+    want = dict(straight[0].module.named_parameters())
+    differ = [n for n, p in resumed[0].module.named_parameters() if not torch.equal(p, want[n])]
+    assert differ == [], f"{len(differ)} of {len(want)} parameters differ after the resume, e.g. {differ[:3]}"

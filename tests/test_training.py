@@ -116,10 +116,10 @@ def test_data_parallel_with_and_without_tensor_parallel(workspace, tmp_path):
     dp_tp2 = tmp_path / "dp2_tp2"
     first = train(workspace, dp_tp1, 2, train={"steps_override": 4})
     train(workspace, dp_tp2, 4, parallel={"tensor": 2}, train={"steps_override": 4})
-    # Start-up says which of Megatron-LM's speed settings run: here (the vision tower trains on
-    # this only stage, text-only pairs skip it) the overlap stays off, and says why.
-    assert ("  speed: none; off: overlap_grad_reduce (this stage trains the vision tower or projector, which "
-            "text-only micro-batches skip)") in first.stdout
+    # Start-up says which of Megatron-LM's speed settings run: overlap, also on this only stage
+    # where the vision tower trains (text-only pairs run it on a blank tile), and why the others do not.
+    assert ("  speed: overlap_grad_reduce, overlap_param_gather (buckets of 40M params); off: align_param_gather "
+            "(not interleaved), gradient_accumulation_fusion (no CUDA device)") in first.stdout
     a, b = read_jsonl(dp_tp1 / "metrics.jsonl"), read_jsonl(dp_tp2 / "metrics.jsonl")
     assert len(a) == len(b) == 4
     torch.testing.assert_close(torch.tensor(losses(b)), torch.tensor(losses(a)), rtol=1e-4, atol=1e-6)

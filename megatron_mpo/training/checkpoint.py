@@ -56,7 +56,12 @@ from megatron_mpo.fileio import TMP_PREFIX, fsync_path, fsync_tree, write_atomic
 from megatron_mpo.processes import init_helper_process
 from megatron_mpo.training import dcp_writes
 from megatron_mpo.training.optim import sync_params
-from megatron_mpo.training.optimizer_state import load_optimizer_state, prime_optimizer_state, restore_adam_steps
+from megatron_mpo.training.optimizer_state import (
+    load_optimizer_state,
+    padded_buffer_state,
+    prime_optimizer_state,
+    restore_adam_steps,
+)
 
 __all__ = [
     "CheckpointManager",
@@ -323,7 +328,8 @@ def _write_dist_checkpoint(
         # A run whose every step so far was skipped (non-finite) has no Adam state yet.
         prime_optimizer_state(optimizer)
         restore_adam_steps(optimizer)
-        state["optimizer"] = optimizer.sharded_state_dict(state, metadata=dict(metadata))
+        with padded_buffer_state(optimizer):
+            state["optimizer"] = optimizer.sharded_state_dict(state, metadata=dict(metadata))
     dist_checkpointing.save(
         state, str(tmp), sharded_strategy=_save_strategy(), content_metadata=dict(metadata)
     )
@@ -372,7 +378,8 @@ def _load_dist_checkpoint(
     if optimizer is not None:
         _refuse_unreshardable(path, metadata, layout_change)
         prime_optimizer_state(optimizer)
-        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=dict(metadata))
+        with padded_buffer_state(optimizer):
+            state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=dict(metadata))
     try:
         # RETURN_UNEXPECTED: keys the checkpoint lacks are dropped from the request and
         # returned (megatron-core calls them "unexpected"); surplus checkpoint keys are fine.

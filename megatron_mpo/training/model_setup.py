@@ -66,7 +66,7 @@ def build_model_chunks(cfg: RunConfig, model_config, layout: Layout, plan: Optio
     from megatron_mpo.training.optim import freeze
 
     plan = plan or training_precision(cfg)
-    speed = speed or for_run(cfg, layout, model_config, training=False)
+    speed = speed or for_run(layout, model_config, training=False)
     chunks = []
     vp = cfg.parallel.virtual_pipeline or 1
     layers = cfg.parallel.pipeline_layers

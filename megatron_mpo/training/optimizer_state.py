@@ -17,15 +17,23 @@ the loaded Adam ``step`` does not reach the per-parameter state the update reads
 (:func:`restore_adam_steps`), and the ``fully_reshardable`` loader fails on the
 per-parameter ``step`` it does not save (:func:`load_optimizer_state`). Fused Adam keeps
 its step count in the param groups, which megatron-core saves and loads itself.
+
+Several gradient buckets (``overlap_grad_reduce``): megatron-core 0.16.1's
+``fully_reshardable`` state reads each parameter at its index in the padded buffer from a
+gather that dropped every bucket's end padding, so each parameter past the first bucket
+was saved with another's master weights and moments (fixed upstream after 0.16.1, Megatron-LM
+#5077); :func:`padded_buffer_state` puts the padding back while the state is built.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
 import torch
 
-__all__ = ["distributed_optimizers", "load_optimizer_state", "prime_optimizer_state", "restore_adam_steps"]
+__all__ = ["distributed_optimizers", "load_optimizer_state", "padded_buffer_state", "prime_optimizer_state",
+           "restore_adam_steps"]
 
 
 def distributed_optimizers(optimizer: Any) -> list:
@@ -161,3 +169,47 @@ def restore_adam_steps(optimizer: Any) -> None:
                     state["step"] = torch.tensor(float(group["step"]), dtype=torch.float32,
                                                  device=state["step"].device)
             del group["step"]
+
+
+def _with_bucket_padding(sub: Any, state: dict) -> dict:
+    """``get_parameter_state_dp_zero``'s gathered state with each bucket at its buffer offset
+    (zeros in the padding), the index space of ``param_index_map``."""
+    for index, by_dtype in state.items():
+        if not isinstance(index, int):  # "buckets_coalesced"
+            continue
+        buckets = sub.buffers[index].buckets
+        for world in by_dtype.values():
+            for key, flat in list(world.items()):
+                if not isinstance(flat, torch.Tensor):  # "numel_unpadded"
+                    continue
+                padded = flat.new_zeros(sub.buffers[index].numel)
+                start = 0
+                for bucket in buckets:
+                    size = bucket.numel_unpadded
+                    padded[bucket.offset:bucket.offset + size] = flat[start:start + size]
+                    start += size
+                world[key] = padded
+    return state
+
+
+@contextlib.contextmanager
+def padded_buffer_state(optimizer: Any) -> Iterator[None]:
+    """Inside, every DistributedOptimizer's gathered parameter state keeps the padding between
+    its buckets, so megatron-core 0.16.1's ``fully_reshardable`` save and load template slice
+    each parameter's own state (with one bucket, as without overlap, nothing changes). Only
+    that format reads the gathered state (``dp_reshardable`` never gathers)."""
+    patched = []
+    for sub in distributed_optimizers(optimizer):
+        gather = sub.get_parameter_state_dp_zero
+
+        def padded(*args, _sub=sub, _gather=gather, **kwargs):
+            state = _gather(*args, **kwargs)
+            return None if state is None else _with_bucket_padding(_sub, state)
+
+        sub.get_parameter_state_dp_zero = padded  # this instance only
+        patched.append(sub)
+    try:
+        yield
+    finally:
+        for sub in patched:
+            del sub.get_parameter_state_dp_zero

@@ -7,9 +7,10 @@ train_mixtral_8x7b_distributed.sh), keep gradient-accumulation fusion (on unless
 (``core_transformer_config_from_args``); MoE recipes add ``--moe-permute-fusion``. Each has
 requirements -- a CUDA device, apex's or Transformer Engine's kernels, more than one
 data-parallel rank or pipeline stage, a training run, and for overlap the same graph on
-every data-parallel rank (not so on the stage that trains the vision tower: text-only
-micro-batches skip it). :func:`choose` is the one rule (pure: machine and layout in,
-settings out, so a CPU test checks it for any machine); :func:`detect` reads this machine;
+every data-parallel rank (the model keeps it: a text-only micro-batch runs the vision
+modules on a blank tile, ``InternVLModel._blank_features``). :func:`choose` is the one
+rule (pure: machine and layout in, settings out, so a CPU test checks it for any machine);
+:func:`detect` reads this machine;
 :meth:`PerfSettings.describe` is the banner's line.
 """
 
@@ -20,11 +21,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
 if TYPE_CHECKING:
-    from megatron_mpo.config import RunConfig
     from megatron_mpo.models.config import InternVLConfig
     from megatron_mpo.parallel import Layout
 
-__all__ = ["Machine", "PerfSettings", "choose", "detect", "bucket_size", "graph_varies", "for_run"]
+__all__ = ["Machine", "PerfSettings", "choose", "detect", "bucket_size", "for_run"]
 
 # megatron-core's DDP bucket size when none is given (DistributedDataParallel.__init__, as
 # Megatron-LM's ddp_bucket_size default): at least 40M parameters, 1M per data-parallel
@@ -84,25 +84,26 @@ def bucket_size(data_parallel: int) -> int:
 
 
 def choose(machine: Machine, *, data_parallel: int, pipeline: int, interleaved: bool, moe: bool,
-           training: bool, varying_graph: bool) -> PerfSettings:
+           training: bool) -> PerfSettings:
     """The settings for a run on ``machine`` at this layout (``interleaved``: virtual pipeline
     stages); ``training``: False for a forward-only run (the reference tool: no gradients,
-    no DDP); ``varying_graph``: this rank trains modules that only some micro-batches run
-    (:func:`graph_varies`)."""
+    no DDP)."""
     why: dict[str, str] = {}
 
     # Overlap needs the gradients' data-parallel collectives and the distributed optimizer
     # (always used by the trainer); gloo runs them too, so no device rule. Its collectives
     # are dispatched by hooks as gradients become ready and as modules run, so every
-    # data-parallel rank must run the same graph: with a varying one the ranks' reduce-
-    # scatters and all-gathers come in different orders (seen on gloo: "collective
-    # mismatch"; NCCL would hang). Without overlap_grad_reduce megatron-core keeps one
-    # bucket, so overlapping the all-gather alone would gain nothing: both go together.
-    overlap = training and data_parallel > 1 and not varying_graph
+    # data-parallel rank must run the same graph, whatever its data: with a varying one the
+    # ranks' reduce-scatters and all-gathers come in different orders (seen on gloo:
+    # "collective mismatch"; NCCL would hang). The model keeps one graph: text-only
+    # micro-batches run the vision modules on a blank tile; an MoE expert that receives no
+    # tokens still runs (on zero rows) in its place. Without overlap_grad_reduce
+    # megatron-core keeps one bucket, so overlapping the all-gather alone would gain
+    # nothing: both go together.
+    overlap = training and data_parallel > 1
     if not overlap:
         why["overlap_grad_reduce"] = why["overlap_param_gather"] = (
-            "forward only" if not training else "one data-parallel rank" if data_parallel == 1
-            else "this stage trains the vision tower or projector, which text-only micro-batches skip")
+            "forward only" if not training else "one data-parallel rank")
     # Megatron-LM aligns the stages' all-gathers only under the interleaved schedule (the
     # one that calls param_sync_func); otherwise it turns align off.
     align = overlap and interleaved
@@ -158,15 +159,7 @@ def detect() -> Machine:
                    te_permute=te_permute)
 
 
-def graph_varies(freeze: list[str], pipeline_rank: int) -> bool:
-    """True on the first pipeline stage while the vision tower or the projector trains: a
-    text-only micro-batch skips them (their gradients then come from a zero keep-alive term,
-    in another order), so two data-parallel ranks may run different graphs in a step."""
-    return pipeline_rank == 0 and not {"vision", "projector"} <= set(freeze)
-
-
-def for_run(cfg: RunConfig, layout: Layout, model_config: InternVLConfig, *, training: bool) -> PerfSettings:
-    """:func:`choose` for this machine, ``layout``, model and run config (``model.freeze``)."""
+def for_run(layout: Layout, model_config: InternVLConfig, *, training: bool) -> PerfSettings:
+    """:func:`choose` for this machine, ``layout`` and model."""
     return choose(detect(), data_parallel=layout.data, pipeline=layout.pipeline,
-                  interleaved=bool(layout.virtual_pipeline), moe=model_config.language.is_moe, training=training,
-                  varying_graph=graph_varies(cfg.model.freeze, layout.pipeline_rank))
+                  interleaved=bool(layout.virtual_pipeline), moe=model_config.language.is_moe, training=training)

@@ -6,12 +6,14 @@ forward step, grads_are_finite) twice from the same weights and data: with every
 and with what :func:`~megatron_mpo.training.perf_settings.choose` turns on for that layout
 on a CUDA machine with apex and TE (the CUDA-only ones left off: gloo cannot run them):
 
-* DP2, vision tower and projector frozen (with them training the rule leaves overlap off:
-  text-only micro-batches skip them, so the ranks' graphs differ): overlap_grad_reduce +
-  overlap_param_gather, with small buckets so that several reduce-scatters start inside
-  the backward and the forward pre-hooks wait for several all-gathers; micro-batches with
-  and without images at different positions on the two ranks. Step 3 has a non-finite
-  loss on rank 1 only and must be skipped on both ranks. An evaluation
+* DP2, the whole model training (vision tower with drop path, projector, LLM):
+  overlap_grad_reduce + overlap_param_gather, with small buckets so that several
+  reduce-scatters start inside the backward and the forward pre-hooks wait for several
+  all-gathers; micro-batches with and without images at different positions on the two
+  ranks (a text-only micro-batch runs the vision tower on a blank tile, so both ranks fire
+  the same gradient hooks in the same order; without it gloo stops with "Received data size
+  doesn't match expected size"). Step 3 has a non-finite loss on rank 1 only and must be
+  skipped on both ranks. An evaluation
   (rank 0 only) after step 2 runs inside ``whole_weights``. After the last step the "on"
   run's other shards are stale until :func:`sync_params`, and a checkpoint it saves
   (CheckpointManager, as the trainer's save) holds the updated weights.
@@ -22,8 +24,8 @@ Per step the losses and whether the step was applied, and at the end every weigh
 bit-identical to the "off" run's. Gradient clipping is off: with other bucket boundaries the
 gradient norm sums the shards' squares in another order (~1e-7 relative), which clipping
 would carry into the weights; the norms are compared to 1e-6. (Run by hand on 4 ranks with
-this CPU's rule: DP2 x PP2 with and without 2 virtual stages, vision tower frozen or training,
-bit-identical too.)
+this CPU's rule: DP2 x PP2 with and without 2 virtual stages, the whole model training with
+drop path, so overlapped on the vision stage too, bit-identical too.)
 Usage: python -m torch.distributed.run --nproc-per-node=2 tests/workers/overlap_worker.py OUT
 """
 
@@ -47,10 +49,11 @@ SMALL_BUCKET = 20_000  # parameters: several buckets for the tiny model (megatro
 CUDA_ONLY_OFF = dict(gradient_accumulation_fusion=False, moe_permute_fusion=False)  # gloo cannot run them
 
 
-def run_config(pipeline: int, freeze: list):
+def run_config(pipeline: int, freeze: list, drop_path: float = 0.0):
     from megatron_mpo.config import from_dict
 
-    return from_dict({"model": {"preset": "tiny", "freeze": freeze}, "parallel": {"pipeline": pipeline},
+    return from_dict({"model": {"preset": "tiny", "freeze": freeze, "drop_path_rate": drop_path},
+                      "parallel": {"pipeline": pipeline},
                       "data": {"shards": "unused", "ref_logps": "unused"},
                       "train": {"steps": STEPS, "global_batch": 8, "micro_batch": 1, "lr": 1e-2, "clip_grad": 1e9,
                                 "warmup": 0, "device": "cpu", "seed": 5}})
@@ -88,6 +91,7 @@ def train(cfg, layout, model_config, speed, micro: int, save_dir=None) -> dict:
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     from megatron_mpo.losses import MPOLoss
+    from megatron_mpo.models.drop_path import seed_rng
     from megatron_mpo.parallel import all_ranks_true
     from megatron_mpo.training import model_setup, schedule
     from megatron_mpo.training.checkpoint import CheckpointManager
@@ -96,8 +100,10 @@ def train(cfg, layout, model_config, speed, micro: int, save_dir=None) -> dict:
 
     torch.manual_seed(5)
     model_parallel_cuda_manual_seed(5)
+    seed_rng(5)
     chunks = model_setup.build_model_chunks(cfg, model_config, layout, speed=speed)
     model = wrap_data_parallel(chunks, cfg.precision, speed)
+    initial = named(model)
     optimizer = build_optimizer(model, cfg.train, cfg.precision)
     mpo = MPOLoss(cfg.mpo, group=layout.data_group)
     context = StepContext()
@@ -142,6 +148,8 @@ def train(cfg, layout, model_config, speed, micro: int, save_dir=None) -> dict:
         manager = CheckpointManager(save_dir)
         out["saved"] = str(manager.save(STEPS, model, optimizer, {"step": STEPS}, {}))
     out["weights"] = named(model)
+    vision = [n for n in initial if ".vision_" in n]
+    out["vision_moved"] = [sum(not torch.equal(out["weights"][n], initial[n]) for n in vision), len(vision)]
     return out
 
 
@@ -181,19 +189,15 @@ def _run(out: Path, failures: list, facts: dict) -> None:
 
     from megatron_mpo import parallel
     from megatron_mpo.models.presets import get_preset
-    from megatron_mpo.training.perf_settings import Machine, PerfSettings, choose, graph_varies
+    from megatron_mpo.training.perf_settings import Machine, PerfSettings, choose
 
     model_config = get_preset("tiny")
     gpu = Machine(cuda=True, apex_wgrad=True, te_permute=True)
 
-    # ---- DP2: overlapped reduce-scatter and all-gather --------------------------------
-    facts["dp2_full_model_overlap"] = choose(
-        gpu, data_parallel=2, pipeline=1, interleaved=False, moe=False, training=True,
-        varying_graph=graph_varies([], pipeline_rank=0)).overlap_grad_reduce
-    cfg = run_config(pipeline=1, freeze=["vision", "projector"])
+    # ---- DP2: overlapped reduce-scatter and all-gather, the whole model training --------
+    cfg = run_config(pipeline=1, freeze=[], drop_path=0.2)
     layout = parallel.initialize(1, 1, seed=5, device="cpu")
-    chosen = choose(gpu, data_parallel=2, pipeline=1, interleaved=False, moe=False, training=True,
-                    varying_graph=graph_varies(cfg.model.freeze, layout.pipeline_rank))
+    chosen = choose(gpu, data_parallel=2, pipeline=1, interleaved=False, moe=False, training=True)
     facts["dp2_chosen"] = [chosen.overlap_grad_reduce, chosen.overlap_param_gather, chosen.bucket_size]
     on = dataclasses.replace(chosen, bucket_size=SMALL_BUCKET, **CUDA_ONLY_OFF)
     off_run = train(cfg, layout, model_config, PerfSettings(), micro=2)
@@ -201,6 +205,7 @@ def _run(out: Path, failures: list, facts: dict) -> None:
     compare("DP2", off_run, on_run, failures)
     facts["dp2_applied"] = [s[0] for s in on_run["steps"]]
     facts["dp2_bucket_groups"] = [off_run["bucket_groups"], on_run["bucket_groups"]]
+    facts["dp2_vision_moved"] = on_run["vision_moved"]
     # Inside whole_weights (evaluation): the weights of the step just taken, no pre-hooks.
     facts["dp2_eval"] = {"stale_before": on_run["eval"]["stale"], "hooks_inside": on_run["eval"]["hooks_inside"],
                          "differ_from_off": sum(not torch.equal(on_run["eval"]["inside"][n], v)
@@ -227,8 +232,7 @@ def _run(out: Path, failures: list, facts: dict) -> None:
 
     schedules.deallocate_output_tensor = spy
     try:
-        chosen = choose(gpu, data_parallel=1, pipeline=2, interleaved=False, moe=False, training=True,
-                        varying_graph=graph_varies(cfg.model.freeze, layout.pipeline_rank))
+        chosen = choose(gpu, data_parallel=1, pipeline=2, interleaved=False, moe=False, training=True)
         facts["pp2_chosen"] = chosen.deallocate_pipeline_outputs
         off_run = train(cfg, layout, model_config, PerfSettings(), micro=4)
         facts["pp2_freed_off"] = len(freed)
