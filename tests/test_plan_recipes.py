@@ -311,11 +311,11 @@ def test_readme_shows_the_planner_s_real_output():
     """The README's "Planning a run" example is this planner's output, as pasted."""
     from megatron_mpo.plan.cli import build_parser, run
 
-    command = "megatron-mpo plan --config examples/recipes/internvl3_8b.yaml --gpus 16 --pairs 100000"
+    command = "python -m megatron_mpo.plan --config examples/recipes/internvl3_8b.yaml --gpus 16 --pairs 100000"
     section = (ROOT / "README.md").read_text().split("## Planning a run", 1)[1]
     pasted = section.split(f"    {command}\n\n", 1)[1].split("\n\nWhat it counts", 1)[0]
     shown = "\n".join(line[4:] for line in pasted.splitlines())
-    assert shown == run(build_parser().parse_args(command.split()[2:]))
+    assert shown == run(build_parser().parse_args(command.split()[3:]))
 
 
 def test_trainer_memory_line_never_stops_a_run():
