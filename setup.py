@@ -21,7 +21,7 @@ INSTALL_REQUIRES = [
     "pillow",
     "pyyaml",
     "psutil",  # dist_checkpointing's filesystem writer needs it
-    "matplotlib",  # training-curve plots of the demo and tools/plot_metrics.py
+    "matplotlib",  # training-curve plots of the demo and megatron-mpo plot
     "math-verify>=0.7",  # math-answer checking of the pair pipeline (megatron_mpo/generation/scoring.py)
     "transformers>=4.52",  # the generation engine of the pair pipeline and evaluation (generate, KV cache)
 ]
@@ -46,6 +46,8 @@ setup(
     extras_require=EXTRAS,
     entry_points={
         "console_scripts": [
+            # the whole flow: megatron-mpo convert, shards, lengths, reference, train, evaluate, export (--help)
+            "megatron-mpo=megatron_mpo.cli:main",
             "megatron-mpo-train=megatron_mpo.train:main",
         ]
     },

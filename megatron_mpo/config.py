@@ -38,8 +38,8 @@ def _preset_names() -> tuple:
 class ModelSection:
     """The model to train and how its layers are built."""
 
-    init: Optional[str] = setting(None, "Megatron model dir (tools/convert_hf_to_megatron.py or "
-                                  "tools/init_checkpoint.py): architecture, weights, tokenizer",
+    init: Optional[str] = setting(None, "Megatron model dir (`megatron-mpo convert` or `megatron-mpo init`): "
+                                  "architecture, weights, tokenizer",
                                   required="model.preset")
     preset: Optional[str] = setting(None, "build this architecture randomly initialised instead of "
                                     "`model.init` (demos and tests; name case-insensitive)",
@@ -236,9 +236,10 @@ class LoggingSection:
 class EvalSection:
     """Held-out preference pairs scored during training (no optimizer state, no effect on training)."""
 
-    shards: Optional[str] = setting(None, "held-out shards (a make_shards dir, as data.shards; null: no evaluation)")
-    ref_logps: Optional[str] = setting(None, "reference sidecars of eval.shards (precompute_ref_logps with "
-                                       "data.shards and data.ref_logps set to these two)")
+    shards: Optional[str] = setting(None, "held-out shards (a `megatron-mpo shards` dir, as data.shards; null: no "
+                                    "evaluation)")
+    ref_logps: Optional[str] = setting(None, "reference sidecars of eval.shards (`megatron-mpo reference` writes "
+                                       "them with data.ref_logps's)")
     interval: int = setting(500, "evaluate every this many steps, and at the last step")
 
     def validate(self) -> None:

@@ -1,23 +1,26 @@
 """The embedded-default demo: MPO visibly teaching a tiny InternVL to read colours, first
 from given pairs, then from pairs built out of its own sampled answers (the paper's loop).
 
-    python -m megatron_mpo.demo [--out runs/demo] [--steps N] [--self-steps N]
+    megatron-mpo demo [--out runs/demo] [--steps N] [--self-steps N]     (or python -m megatron_mpo.demo)
 
 Nothing is downloaded. The demo
 1. draws a synthetic visual question set ("What color is the shape?"; chosen = the
    correct colour, rejected = a wrong one, each ending in "Final answer: <colour>") in MMPR
    format, plus held-out images; the same records, with their ``answer``, are a question set;
-2. trains a tiny tokenizer, writes shards (tools/make_shards.py) and a randomly
-   initialised tiny InternVL (tools/init_checkpoint.py);
+2. trains a tiny tokenizer, writes shards (``megatron-mpo shards``) and a randomly
+   initialised tiny InternVL (``megatron-mpo init``);
 3. precomputes reference log-probs and trains with MPO, both on 2 processes (TP=2,
    gloo on CPU), exactly as on a cluster;
 4. samples 8 answers per question of a fresh question set from the trained model
-   (tools/sample_responses.py), scores them and builds correctness pairs
-   (tools/build_pairs.py), shards them and runs one more MPO round from the trained
+   (``megatron-mpo sample``), scores them and builds correctness pairs
+   (``megatron-mpo pairs``), shards them and runs one more MPO round from the trained
    checkpoint on them;
 5. reports held-out answer accuracy (engine + scorer), reward-margin accuracy and per-token
    log-prob accuracy before training, after it and after the round on its own pairs
-   (``python -m megatron_mpo.evaluate`` at TP=2), and plots the training curves to a PNG.
+   (``megatron-mpo evaluate`` at TP=2), and plots the training curves to a PNG.
+
+Each step runs as ``python -m megatron_mpo.cli COMMAND``: the installed command's code,
+without depending on where the console script went.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from megatron_mpo.console import exit_on_user_error, failure_line
 from megatron_mpo.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
+_CLI = ("-m", "megatron_mpo.cli")  # the megatron-mpo command, through this interpreter
 COLORS = ("red", "green", "blue", "yellow")
 QUESTION = "<image>\nWhat color is the shape in the image?"
 
@@ -131,11 +135,11 @@ def _train_config(out: Path, name: str, init: Path, shards: Path, refs: Path, st
 def _train(out: Path, config_path: Path, name: str, steps: int, nproc: int, logs: Path, what: str) -> Path:
     """Reference values, then MPO training from scratch of the run dir; the final checkpoint."""
     cfg = yaml.safe_load(config_path.read_text())
-    _run(_torchrun(nproc, str(REPO / "tools/precompute_ref_logps.py"), "--config", str(config_path)),
+    _run(_torchrun(nproc, *_CLI, "reference", "--config", str(config_path)),
          logs / f"reference_{name}.log", f"reference log-probs for {what} (TP={nproc})")
     Path(cfg["logging"]["metrics"]).unlink(missing_ok=True)
     shutil.rmtree(cfg["checkpoint"]["save"], ignore_errors=True)
-    _run(_torchrun(nproc, "-m", "megatron_mpo.train", "--config", str(config_path)), logs / f"train_{name}.log",
+    _run(_torchrun(nproc, *_CLI, "train", "--config", str(config_path)), logs / f"train_{name}.log",
          f"{what}, {steps} steps (TP={nproc})")
     return Path(cfg["checkpoint"]["save"]) / f"step_{steps:09d}"
 
@@ -144,7 +148,7 @@ def _evaluate(out: Path, ckpt: Path, name: str, heldout: Path, nproc: int, logs:
     """Held-out answer accuracy (engine + scorer) and preference accuracy (at TP = nproc)."""
     result_dir = out / f"eval_{name}"
     shutil.rmtree(result_dir, ignore_errors=True)
-    _run(_torchrun(nproc, "-m", "megatron_mpo.evaluate", "--ckpt", str(ckpt), "--out", str(result_dir),
+    _run(_torchrun(nproc, *_CLI, "evaluate", "--ckpt", str(ckpt), "--out", str(result_dir),
                    "--questions", str(heldout / "questions.json"), "--prompt", "plain", "--max-new-tokens", "40",
                    "-k", "8",
                    "--shards", str(out / "heldout_shards"), "--ref-logps", str(out / "heldout_refs"),
@@ -170,16 +174,16 @@ def run_demo(out: Path, steps: int, train_pairs: int, heldout: int, nproc: int =
         build_tiny_tokenizer(str(tok))
     for source, shards in ((meta, out / "shards"), (heldout_meta, out / "heldout_shards")):
         if not (shards / "index.json").is_file():
-            _run([sys.executable, str(REPO / "tools/make_shards.py"), "--meta", str(source), "--out", str(shards),
+            _run([sys.executable, *_CLI, "shards", "--meta", str(source), "--out", str(shards),
                   "--samples-per-shard", "64", "--seed", str(seed)], logs / f"make_{shards.name}.log", "make shards")
     init = out / "init"
     if not (init / "model_config.json").is_file():
-        _run([sys.executable, str(REPO / "tools/init_checkpoint.py"), "--preset", "tiny", "--tokenizer", str(tok),
+        _run([sys.executable, *_CLI, "init", "--preset", "tiny", "--tokenizer", str(tok),
               "--out", str(init), "--seed", str(seed)], logs / "init.log", "initial checkpoint")
     # The held-out pairs' reference values: the initial model's (preference accuracy is a margin over them).
     heldout_cfg = _train_config(out, "heldout", init, out / "heldout_shards", out / "heldout_refs", 1, nproc, seed,
                                 1e-3, tok)
-    _run(_torchrun(nproc, str(REPO / "tools/precompute_ref_logps.py"), "--config", str(heldout_cfg)),
+    _run(_torchrun(nproc, *_CLI, "reference", "--config", str(heldout_cfg)),
          logs / "reference_heldout.log", f"held-out reference log-probs (TP={nproc})")
 
     config_path = _train_config(out, "mpo", init, out / "shards", out / "refs", steps, nproc, seed, 3.0e-3, tok)
@@ -193,14 +197,14 @@ def run_demo(out: Path, steps: int, train_pairs: int, heldout: int, nproc: int =
     if self_steps > 0:  # the paper's loop: pairs from the model's own samples, one more MPO round
         questions = write_color_set(out / "data" / "own", self_questions, seed + 3, image_size, 8).parent
         own = out / "own"
-        _run([sys.executable, str(REPO / "tools/sample_responses.py"), "--questions", str(questions / "questions.json"),
+        _run([sys.executable, *_CLI, "sample", "--questions", str(questions / "questions.json"),
               "--model", str(final), "--out", str(own / "samples"), "-n", str(samples), "--prompt", "plain",
               "--max-new-tokens", "40", "--max-length", "256", "--max-tiles", "1", "--seed", str(seed),
               "--device", "cpu", "--part-size", "32"],
              logs / "sample.log", f"sampling {samples} answers per question from the trained model")
-        _run([sys.executable, str(REPO / "tools/build_pairs.py"), "--samples", str(own / "samples"), "--out",
+        _run([sys.executable, *_CLI, "pairs", "--samples", str(own / "samples"), "--out",
               str(own / "pairs"), "--overwrite"], logs / "pairs.log", "correctness pairs from its own answers")
-        _run([sys.executable, str(REPO / "tools/make_shards.py"), "--meta", str(own / "pairs" / "meta.json"), "--out",
+        _run([sys.executable, *_CLI, "shards", "--meta", str(own / "pairs" / "meta.json"), "--out",
               str(own / "shards"), "--samples-per-shard", "64", "--seed", str(seed), "--overwrite"],
              logs / "make_own_shards.log", "make shards of its own pairs")
         own_cfg = _train_config(own, "round", final, own / "shards", own / "refs", self_steps, nproc, seed, 3.0e-3, tok)
@@ -233,8 +237,8 @@ def run_demo(out: Path, steps: int, train_pairs: int, heldout: int, nproc: int =
 
 
 @exit_on_user_error
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="CPU demo: MPO on a tiny InternVL, nothing to download.")
+def main(argv=None, prog=None) -> None:
+    parser = argparse.ArgumentParser(prog=prog, description="CPU demo: MPO on a tiny InternVL, nothing to download.")
     parser.add_argument("--out", default="runs/demo", help="work directory (default runs/demo)")
     parser.add_argument("--steps", type=int, default=60, help="MPO steps on the given pairs")
     parser.add_argument("--train-pairs", type=int, default=512)

@@ -1,14 +1,15 @@
 """Held-out evaluation of a checkpoint: answer accuracy and preference accuracy.
 
-    [torchrun --nproc-per-node N] python -m megatron_mpo.evaluate --ckpt DIR --out DIR
+    [torchrun --nproc-per-node N --no-python] megatron-mpo evaluate --ckpt DIR --out DIR
         [--questions meta.json [-k 8]] [--shards DIR --ref-logps DIR [--tensor-parallel T]]
         [--max-length 8192] [--max-tiles N]
+    megatron-mpo evaluate --config run.yaml --out DIR    # the run's last checkpoint on its eval.shards
 
 - ``--questions``: a question set (MMPR-style meta.json whose records carry ``answer``;
   images under each dataset's ``root``). The generation engine answers (greedy, and
   pass@k with ``-k``), each dataset's scorer checks; questions are split over the ranks.
 - ``--shards`` + ``--ref-logps``: held-out preference pairs and the initial model's
-  reference values of them (tools/precompute_ref_logps.py). The checkpoint's log-probs
+  reference values of them (megatron-mpo reference). The checkpoint's log-probs
   come from the same forward at ``--tensor-parallel`` / ``--pipeline-parallel`` (ranks
   beyond them are data-parallel); reported: reward-margin accuracy, per-token log-prob
   accuracy, mean margin.
@@ -47,15 +48,24 @@ def _preference(args, rank: int) -> dict:
                  f"train.micro_batch={args.micro_batch}", "train.global_batch=1", "train.steps=1"]
     if args.template:
         overrides.append(f"data.template={args.template}")
-    precompute(load_config(None, overrides), log=print if rank == 0 else (lambda _m: None))
+    cfg = load_config(None, overrides)
+    cfg.data.system_message = args.system_message  # free text: set as it is, not parsed as a YAML override
+    precompute(cfg, log=print if rank == 0 else (lambda _m: None))
     return preference_accuracy(policy_dir, args.ref_logps) if rank == 0 else {}
 
 
-@exit_on_user_error
-def main(argv=None) -> dict:
-    from megatron_mpo.generation.cli import add_model_args, add_sampling_args, dist_rank
+# With --config: the run's keys as defaults (its last checkpoint, held-out pairs, lengths, layout).
+KEYS = {"ckpt": "checkpoint.save", "shards": "eval.shards", "ref_logps": "eval.ref_logps",
+        "max_length": "data.max_length", "max_tiles": "data.max_tiles", "template": "data.template",
+        "system_message": "data.system_message", "tensor_parallel": "parallel.tensor",
+        "pipeline_parallel": "parallel.pipeline", "micro_batch": "train.micro_batch", "device": "train.device"}
 
-    parser = argparse.ArgumentParser(description="Answer accuracy and preference accuracy of a checkpoint.")
+
+def build_parser(prog=None) -> argparse.ArgumentParser:
+    from megatron_mpo.config_args import add_config_keys
+    from megatron_mpo.generation.cli import add_model_args, add_sampling_args
+
+    parser = argparse.ArgumentParser(prog=prog, description="Answer accuracy and preference accuracy of a checkpoint.")
     parser.add_argument("--ckpt", required=True, help="Megatron model dir, training checkpoint or run save dir "
                         "(or, for answers only, an HF InternVL directory)")
     parser.add_argument("--out", required=True, help="result directory (eval.json; the engine's export)")
@@ -63,13 +73,22 @@ def main(argv=None) -> dict:
     parser.add_argument("-k", type=int, default=0, help="pass@k over k samples per question (0: greedy only)")
     parser.add_argument("--prompt", default="reasoning", choices=["reasoning", "plain"],
                         help="reasoning: 'Final answer:' instruction; plain: the question as is (short answers)")
-    parser.add_argument("--shards", help="held-out preference shards (make_shards) for preference accuracy")
+    parser.add_argument("--shards", help="held-out preference shards (megatron-mpo shards) for preference accuracy")
     parser.add_argument("--ref-logps", help="the initial model's reference sidecars of --shards")
     parser.add_argument("--pipeline-parallel", type=int, default=1)
     parser.add_argument("--micro-batch", type=int, default=1)
     add_model_args(parser, model=False)
     add_sampling_args(parser, {"n": 1, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "max_new_tokens": 1024})
-    args = parser.parse_args(argv)
+    add_config_keys(parser, KEYS)
+    return parser
+
+
+@exit_on_user_error
+def main(argv=None, prog=None) -> dict:
+    from megatron_mpo.config_args import parse_with_config
+    from megatron_mpo.generation.cli import dist_rank
+
+    args = parse_with_config(build_parser(prog), argv, KEYS)
     args.model = args.ckpt
     if not args.questions and not args.shards:
         raise UserError("nothing to evaluate: give --questions (answer accuracy) and/or --shards with --ref-logps")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Any, NamedTuple
 
 import torch
 
@@ -52,39 +53,71 @@ def _is_complete(path: str, expected: dict, content: dict) -> bool:
 # ---- computation -----------------------------------------------------------------------
 
 
+class _Reference(NamedTuple):
+    """The frozen initial policy on this rank and the run's loader settings, built once for
+    every shard set of the run."""
+
+    cfg: RunConfig
+    model_config: Any
+    layout: Any
+    chunks: list
+    tok: Any
+    data: Any
+    loading: Any
+    expected: dict
+
+
 def precompute(cfg: RunConfig, log=print) -> dict:
-    """Compute missing sidecars for the shards of ``cfg.data.shards``; returns a summary."""
-    from megatron_mpo.data import build_loader
-    from megatron_mpo.data.shardlist import expand_shards, read_index_counts
+    """Compute missing sidecars for the shards of ``cfg.data.shards`` and, when the run sets
+    ``eval.shards``, for the held-out shards into ``eval.ref_logps`` (the same initial model
+    and settings, as the trainer checks both); returns a summary."""
     from megatron_mpo.training.checkpoint import load_model_weights
+    from megatron_mpo.training.heldout import eval_run_config
 
     if not cfg.data.ref_logps:
         raise UserError("set data.ref_logps: the directory the reference sidecars go to")
     # Shards, template, model dir, tokenizer, precision, sidecars: before any group or model.
     model_config = preflight.check_reference(cfg)
     layout = model_setup.start_parallel(cfg)
-    is_writer = layout.is_last_stage and layout.tensor_rank == 0
     chunks = model_setup.build_model_chunks(cfg, model_config, layout, precision.reference_precision(cfg))
     load_model_weights(cfg.model.init, chunks)
     for chunk in chunks:
         chunk.eval()
-    tok = data_setup.tokenizer(cfg)
-    data = data_setup.loader_data(cfg, model_config, for_reference=True)
-    loading = data_setup.loader_plan(cfg, model_config, for_reference=True)
-    expected = data_setup.reference_fingerprint(cfg, model_config)
-    out_dir = cfg.data.ref_logps
+    model = _Reference(cfg, model_config, layout, chunks, data_setup.tokenizer(cfg),
+                       data_setup.loader_data(cfg, model_config, for_reference=True),
+                       data_setup.loader_plan(cfg, model_config, for_reference=True),
+                       data_setup.reference_fingerprint(cfg, model_config))
+    if torch.distributed.get_rank() == 0:
+        log(f"reference log-probs in {precision.reference_precision(cfg).describe()}, template "
+            f"{data_setup.describe_template(cfg, model_config)}, "
+            f"tiling {data_setup.describe_tiling(cfg, model_config)}")
+    summary = _compute(model, cfg.data.shards, cfg.data.ref_logps, log)
+    heldout = eval_run_config(cfg)
+    if heldout is not None:
+        if torch.distributed.get_rank() == 0:
+            log(f"held-out pairs (eval.shards) into {heldout.data.ref_logps}:")
+        summary["heldout"] = _compute(model, heldout.data.shards, heldout.data.ref_logps, log)
+    parallel.shutdown()
+    return summary
+
+
+def _compute(model: _Reference, shards, out_dir: str, log) -> dict:
+    """The missing sidecars of one shard set (this rank's share of its shards)."""
+    from megatron_mpo.data import build_loader
+    from megatron_mpo.data.shardlist import expand_shards, read_index_counts
+
+    cfg, model_config, layout, chunks, tok, data, loading, expected = model
+    is_writer = layout.is_last_stage and layout.tensor_rank == 0
     os.makedirs(out_dir, exist_ok=True)
 
-    urls = expand_shards(cfg.data.shards, cfg.data.allow_outside_index)
-    counts = read_index_counts(cfg.data.shards) if isinstance(cfg.data.shards, str) else {}
+    urls = expand_shards(shards, cfg.data.allow_outside_index)
+    counts = read_index_counts(shards) if isinstance(shards, str) else {}
     mine = [u for i, u in enumerate(urls) if i % layout.data == layout.data_rank]
     contents = shard_contents(mine)
     todo = [u for u in mine if not _is_complete(sidecar_path(out_dir, shard_name(u)), expected, contents[u])]
     planned = sum(counts.get(os.path.basename(u), 0) for u in todo)
     if torch.distributed.get_rank() == 0:
-        log(f"reference log-probs in {precision.reference_precision(cfg).describe()}, template "
-            f"{data_setup.describe_template(cfg, model_config)}, tiling {data_setup.describe_tiling(cfg, model_config)}: "
-            f"{len(urls)} shards, {len(mine) - len(todo)} of this rank's {len(mine)} already complete, "
+        log(f"  {len(urls)} shards, {len(mine) - len(todo)} of this rank's {len(mine)} already complete, "
             f"{len(todo)} to compute")
 
     def loader_for(url: str):
@@ -152,5 +185,4 @@ def precompute(cfg: RunConfig, log=print) -> dict:
     elapsed = time.perf_counter() - started
     if torch.distributed.get_rank() == 0:
         log(f"reference log-probs done: {len(computed)} shards computed on this rank in {elapsed:.1f}s")
-    parallel.shutdown()
     return {"computed": computed, "skipped_complete": len(mine) - len(todo), "pairs": done_pairs}

@@ -22,8 +22,8 @@ from typing import Optional
 import torch
 
 from megatron_mpo import parallel
-from megatron_mpo.config import RunConfig, load_config, read_config
-from megatron_mpo.config_docs import config_yaml
+from megatron_mpo.config import RunConfig, load_config
+from megatron_mpo.config_args import print_config_if_asked, run_config_parser
 from megatron_mpo.console import exit_on_user_error, setup_console
 from megatron_mpo.errors import UserError
 from megatron_mpo.losses import MPOLoss
@@ -47,13 +47,8 @@ from megatron_mpo.training.optim import (build_optimizer, build_scheduler, grads
 from megatron_mpo.training.perf_settings import for_run as perf_settings_for_run
 
 
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="megatron_mpo.train", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", help="YAML run configuration")
-    parser.add_argument("--print-config", action="store_true",
-                        help="print the resolved config (defaults included) with a help line per key, then exit")
-    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    return parser.parse_args(argv)
+def parse_args(argv: Optional[list[str]] = None, prog: str = "megatron_mpo.train") -> argparse.Namespace:
+    return run_config_parser(prog, __doc__.split("\n")[0]).parse_args(argv)
 
 
 def resolve_resume(cfg: RunConfig, manager: Optional[ckpt_lib.CheckpointManager]) -> Optional[Path]:
@@ -301,11 +296,10 @@ def train(cfg: RunConfig) -> dict:
 
 
 @exit_on_user_error
-def main(argv: Optional[list[str]] = None) -> None:
+def main(argv: Optional[list[str]] = None, prog: str = "megatron_mpo.train") -> None:
     setup_console()
-    args = parse_args(argv)
-    if args.print_config:  # keys and types are checked; a config still being written prints too
-        print(config_yaml(read_config(args.config, args.overrides)), end="")
+    args = parse_args(argv, prog)
+    if print_config_if_asked(args):  # keys and types are checked; a config still being written prints too
         return
     cfg = load_config(args.config, args.overrides)  # all config errors surface before any process group work
     train(cfg)

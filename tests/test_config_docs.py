@@ -2,7 +2,7 @@
 
 Help, allowed values and required marks live once, on the fields of megatron_mpo.config;
 these tests hold the printed config and the README table to those fields and to what the
-parser and validation accept, and train the CPU example for two steps on the workspace.
+parser and validation accept. The CPU example trains in tests/test_cli.py, as the README's quick start.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import yaml
 from megatron_mpo import train as train_module
 from megatron_mpo.config import RunConfig, from_dict, load_config
 from megatron_mpo.errors import UserError
-from tests.conftest import read_jsonl, run_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "examples" / "configs").glob("*.yaml"))
@@ -56,14 +55,10 @@ def test_example_loads_and_its_header_gives_the_flow(path):
     assert cfg.model.spec == "local"  # runs without Transformer Engine
     header = "\n".join(line for line in path.read_text().split("\n\n")[0].splitlines() if line.startswith("#"))
     rel = f"examples/configs/{path.name}"
-    convert = re.search(r"tools/convert_hf_to_megatron\.py --hf \S+ --out (\S+)", header)
-    assert convert and convert.group(1) == cfg.model.init
-    assert re.search(r"tools/make_shards\.py --meta \S+ --out " + re.escape(cfg.data.shards) + r"\s", header)
-    assert f"tools/precompute_ref_logps.py --config {rel}" in header
-    assert f"-m megatron_mpo.train --config {rel}" in header
+    for step in (r"convert --hf \S+", r"shards --meta \S+", "lengths", "reference", "train", "evaluate", "export"):
+        assert re.search(rf"megatron-mpo {step} --config {re.escape(rel)}(\s|$)", header, re.M), step
+    assert re.search(r"megatron-mpo shards --meta \S+ --out " + re.escape(cfg.eval.shards) + r"\s", header)
     assert f"--print-config --config {rel}" in header
-    export = re.search(r"tools/convert_megatron_to_hf\.py --ckpt (\S+)", header)
-    assert export and export.group(1).startswith(cfg.checkpoint.save + "/")
 
 
 def test_cpu_and_gpu_examples_fit_their_machines():
@@ -71,16 +66,6 @@ def test_cpu_and_gpu_examples_fit_their_machines():
     assert (cpu.train.device, cpu.precision.dtype, cpu.parallel.tensor) == ("cpu", "fp32", 1)
     gpu = load_config(ROOT / "examples" / "configs" / "single_gpu.yaml")
     assert (gpu.train.device, gpu.precision.dtype, gpu.precision.fp8) == ("cuda", "bf16", None)
-
-
-def test_cpu_example_trains_two_steps(workspace, tmp_path):
-    """The CPU example as written, with only the workspace's paths and its reference settings."""
-    run_tool("-m megatron_mpo.train", "--config", str(CPU_SMALL.relative_to(ROOT)),
-             f"model.init={workspace / 'init'}", f"data.shards={workspace / 'shards'}",
-             f"data.ref_logps={workspace / 'refs'}", "data.max_length=512", "data.max_tiles=4",
-             "train.steps=2", f"checkpoint.save={tmp_path / 'ckpt'}", f"logging.metrics={tmp_path / 'm.jsonl'}")
-    assert [r["step"] for r in read_jsonl(tmp_path / "m.jsonl")] == [1, 2]
-    assert (tmp_path / "ckpt" / "latest").read_text().strip().endswith("2")
 
 
 # ---- --print-config ---------------------------------------------------------------------------

@@ -300,7 +300,7 @@ def test_suggestions_fit_and_come_fastest_first():
 def test_trainer_prints_the_plan_and_the_real_peak_after_step_1(straight_run):
     out = (straight_run / "stdout.txt").read_text()
     size = r"[\d.]+ [KMG]?i?B"
-    assert re.search(rf"^memory plan \(python -m megatron_mpo\.plan\): ~{size} per rank for a worst-case pair "
+    assert re.search(rf"^memory plan \(megatron-mpo plan\): ~{size} per rank for a worst-case pair "
                      rf"\(stage 0\), ~{size} for a typical one$", out, re.M), out
     assert re.search(rf"^memory after step 1: peak {size} on the fullest rank \(on CPU: .*\); planned ~{size} "
                      rf"typical, ~{size} worst case$", out, re.M), out
@@ -311,11 +311,11 @@ def test_readme_shows_the_planner_s_real_output():
     """The README's "Planning a run" example is this planner's output, as pasted."""
     from megatron_mpo.plan.cli import build_parser, run
 
-    command = "python -m megatron_mpo.plan --config examples/recipes/internvl3_8b.yaml --gpus 16 --pairs 100000"
+    command = "megatron-mpo plan --config examples/recipes/internvl3_8b.yaml --gpus 16 --pairs 100000"
     section = (ROOT / "README.md").read_text().split("## Planning a run", 1)[1]
     pasted = section.split(f"    {command}\n\n", 1)[1].split("\n\nWhat it counts", 1)[0]
     shown = "\n".join(line[4:] for line in pasted.splitlines())
-    assert shown == run(build_parser().parse_args(command.split()[3:]))
+    assert shown == run(build_parser().parse_args(command.split()[2:]))
 
 
 def test_trainer_memory_line_never_stops_a_run():

@@ -96,6 +96,15 @@ def test_data_faults_stop_before_process_groups(workspace, tripwires, tmp_path, 
     _refused(entry, cfg, "unknown chat template", "chatml-typo")
 
 
+def test_reference_checks_the_held_out_shards_before_process_groups(workspace, tripwires, tmp_path):
+    """With eval.shards set the reference tool computes the held-out sidecars in the same launch
+    (issue 28, item 9): their shards and existing sidecars are checked before the model too."""
+    held = {"shards": str(tmp_path / "no-held"), "ref_logps": str(tmp_path / "held-refs")}
+    _refused(_reference, _cfg(workspace, eval=held), "no-held", "does not exist")
+    held = {"shards": str(workspace / "shards"), "ref_logps": str(_broken_sidecars(workspace, tmp_path))}
+    _refused(_reference, _cfg(workspace, eval=held), "shard-000001.ref.json", "truncated")
+
+
 @pytest.mark.parametrize("entry", [_train, _reference], ids=["train", "reference"])
 def test_model_and_tokenizer_faults_stop_before_process_groups(workspace, tripwires, tmp_path, entry):
     _refused(entry, _cfg(workspace, model={"init": str(tmp_path / "no-model")}), "model.init", "does not exist")
@@ -150,7 +159,7 @@ def test_a_max_length_that_cuts_responses_is_warned_at_start_up(workspace, tripw
         assert len(lines) == 1, lines
         assert lines[0].startswith("warning: at data.max_length 215, ") and "p90 response " in lines[0], lines
         assert f"{100 * dropped / 60:.0f}% of the pairs dropped" in lines[0], lines
-        assert "tools/data_lengths.py --config" in lines[0], lines
+        assert "megatron-mpo lengths --config" in lines[0], lines
 
 
 def test_layout_faults_stop_before_process_groups(workspace, tripwires, monkeypatch):

@@ -194,15 +194,16 @@ def test_recipe_header_gives_the_full_flow(path):
     cfg = load_config(path)
     header = _header(path)
     rel = f"examples/recipes/{path.name}"
-    convert = re.search(r"tools/convert_hf_to_megatron\.py --hf \S+ --out (\S+) --tp (\d+) --pp (\d+)", header)
+    convert = re.search(r"megatron-mpo convert --hf \S+ --out (\S+) --tp (\d+) --pp (\d+)", header)
     assert convert, "missing the HF -> Megatron conversion command"
     assert convert.group(1) == cfg.model.init
     assert (int(convert.group(2)), int(convert.group(3))) == (cfg.parallel.tensor, cfg.parallel.pipeline)
-    assert re.search(r"tools/make_shards\.py --meta \S+ --out " + re.escape(cfg.data.shards) + r"\b", header)
-    assert re.search(r"(precompute_ref_logps\.py --config|MPO_TASK=ref \S.*) " + re.escape(rel), header)
-    assert re.search(r"(megatron_mpo\.train --config|slurm_mpo\.sbatch) " + re.escape(rel), header)
-    export = re.search(r"tools/convert_megatron_to_hf\.py --ckpt (.+?) --out \S+", header)
-    assert export and export.group(1).startswith(cfg.checkpoint.save + "/")
+    assert re.search(r"megatron-mpo shards --meta \S+ --out " + re.escape(cfg.data.shards) + r"\b", header)
+    assert re.search(r"(--no-python megatron-mpo reference --config|MPO_TASK=ref \S.*) " + re.escape(rel), header)
+    assert re.search(r"(--no-python megatron-mpo train --config|slurm_mpo\.sbatch) " + re.escape(rel), header)
+    export = re.search(r"megatron-mpo export --ckpt (\S+) --out \S+", header)
+    assert export and export.group(1) == cfg.checkpoint.save  # a run's save dir: its latest checkpoint
+    assert "tools/" not in header.split("# Full flow", 1)[1]
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
@@ -604,7 +605,7 @@ def test_launcher_passes_on_failures_and_runs_the_reference_tool(fake):
     assert args[args.index("--node-rank") + 1] == "1"
     assert args[args.index("--master-addr") + 1] == "node0"
     assert args[args.index("--master-port") + 1] == "6000"
-    assert args[-3:] == [str(ROOT / "tools" / "precompute_ref_logps.py"), "--config", RECIPE]
+    assert args[-5:] == ["-m", "megatron_mpo.cli", "reference", "--config", RECIPE]
 
     env.pop("MASTER_ADDR")
     rc, output = _finish(_start([str(LAUNCH_DIR / "torchrun_multinode.sh"), RECIPE], env))

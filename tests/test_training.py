@@ -249,34 +249,6 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(workspace, tmp_path):
     assert records[-1]["skipped"]["nonfinite_steps"] == 2
 
 
-def test_train_a_converted_checkpoint_and_export_to_transformers(workspace, tmp_path):
-    """HF (transformers) -> Megatron -> reference values -> MPO steps -> HF: loads and generates."""
-    from transformers import InternVLForConditionalGeneration
-
-    from tests.conftest import run_tool
-    from tests.test_conversion import _image_prompt, _tiny_internvl
-
-    original, tok = _tiny_internvl(tmp_path / "hf", "qwen2", seed=4)
-    run_tool("tools/convert_hf_to_megatron.py", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "mcore"),
-             "--tp", "1", "--pp", "1")
-    sections = dict(model={"init": str(tmp_path / "mcore")}, data={"ref_logps": str(tmp_path / "refs")})
-    cfg = base_config(workspace, **sections)
-    run_tool("tools/precompute_ref_logps.py", "--config", str(write_config(tmp_path / "ref.yaml", cfg)))
-    train(workspace, tmp_path / "run", 1, **sections, checkpoint={"save": str(tmp_path / "ckpt"), "interval": 2},
-          train={"steps_override": 2})
-    assert read_jsonl(tmp_path / "run" / "metrics.jsonl")[0]["ref_logratio_step0"] < 1e-4
-    run_tool("tools/convert_megatron_to_hf.py", "--ckpt", str(tmp_path / "ckpt" / "step_000000002"),
-             "--out", str(tmp_path / "exported"), "--format", "native")
-    model, info = InternVLForConditionalGeneration.from_pretrained(tmp_path / "exported", output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"], info
-    # Training changed the weights, and the exported model generates.
-    before = dict(original.named_parameters())
-    assert any(not torch.equal(p.detach(), before[n].detach()) for n, p in model.named_parameters())
-    ids, pixels = _image_prompt(tok)
-    out = model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=4, do_sample=False)
-    assert out.shape[1] > ids.shape[1]
-
-
 def test_torch_adam_fallback_runs_the_fused_kernel_with_the_same_update():
     """Without TE / apex megatron-core builds torch's AdamW; build_optimizer switches it
     to torch's fused kernel, which must give the foreach update."""

@@ -1,23 +1,10 @@
-"""Score sampled responses and write MPO preference pairs in MMPR format (step 2).
+"""``megatron-mpo pairs`` as a file, for scripts that name it (same arguments)."""
 
-    python tools/build_pairs.py --samples samples/ --out pairs/ [--max-pairs-per-question 15]
+import sys
 
-Correctness pairs (positives x negatives) for questions with a ground truth, Dropout NTP
-pairs for those without; pairs/meta.json goes straight into tools/make_shards.py, and
-pairs/summary.json holds the counts.
-"""
+from megatron_mpo.cli import as_tool
 
-from megatron_mpo.console import setup_console
-from megatron_mpo.console import exit_on_user_error
+main = as_tool("pairs")
 
-
-@exit_on_user_error
-def main(argv=None) -> None:
-    setup_console()
-    from megatron_mpo.generation.cli import pairs_main
-
-    pairs_main(argv)
-
-
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # spawned helper processes re-import this file
+    sys.exit(main())

@@ -14,7 +14,7 @@
 #   RDZV_BACKEND  static (default: fixed NODE_RANK, torchrun --master-addr) or c10d (torchrun's
 #                 dynamic rendezvous at MASTER_ADDR:MASTER_PORT; node ranks are assigned, NODE_RANK is
 #                 ignored; RDZV_ID names the run, RDZV_TIMEOUT (900 s) bounds the wait for all nodes)
-#   MPO_TASK      train (default: python -m megatron_mpo.train) or ref (tools/precompute_ref_logps.py)
+#   MPO_TASK      train (default: python -m megatron_mpo.train) or ref (python -m megatron_mpo.cli reference, the installed `megatron-mpo reference`)
 #   MPO_STOP_FILE optional path polled every MPO_STOP_POLL seconds (5); once it exists the workers
 #                 are asked to checkpoint and stop (used by slurm_mpo.sbatch; must be on a file system
 #                 every node sees)
@@ -53,7 +53,6 @@ config=$1
 shift
 [[ -f $config ]] || die "config file $config does not exist"
 
-repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 nnodes=${NNODES:-1}
 node_rank=${NODE_RANK:-0}
 master_addr=${MASTER_ADDR:-127.0.0.1}
@@ -70,7 +69,7 @@ fi
 task=${MPO_TASK:-train}
 case $task in
     train) entry=(-m megatron_mpo.train) ;;
-    ref) entry=("$repo/tools/precompute_ref_logps.py") ;;
+    ref) entry=(-m megatron_mpo.cli reference) ;;
     *) die "MPO_TASK must be train or ref, got '${MPO_TASK}'" ;;
 esac
 

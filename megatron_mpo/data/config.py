@@ -35,10 +35,10 @@ class DataConfig:
     """
 
     shards: Optional[Union[str, List[str]]] = setting(
-        None, "shards from tools/make_shards.py: a dir with index.json, a brace pattern, an http(s) URL (or "
+        None, "shards from `megatron-mpo shards`: a dir with index.json, a brace pattern, an http(s) URL (or "
         "`pipe:`, see `allow_pipe_sources`)", required=True)
-    ref_logps: Optional[str] = setting(None, "dir of reference sidecars written by "
-                                       "tools/precompute_ref_logps.py with this config", required=True)
+    ref_logps: Optional[str] = setting(None, "dir of reference sidecars written by `megatron-mpo reference` "
+                                       "with this config", required=True)
     on_missing_ref: str = setting("warn", "shards without a reference sidecar: `warn` names them at start-up "
                                   "and refuses when they hold over 10% of the pairs, `skip` names them and "
                                   "trains without them, `error` refuses any; a pair without a value is "

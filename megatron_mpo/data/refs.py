@@ -41,7 +41,7 @@ FINGERPRINT_FIELDS = ("checkpoint", "tokenizer", "template", "system_message", "
                       "fp8_recipe")
 # Fields added after sidecars were first written: such a sidecar was computed with these values.
 _FINGERPRINT_BEFORE = {"dynamic_tiling": True, "thumbnail": True, "min_tiles": 1}
-FIX = "delete it and recompute with tools/precompute_ref_logps.py"
+FIX = "delete it and recompute with megatron-mpo reference"
 
 
 class StaleSidecar(UserError):
@@ -241,7 +241,7 @@ def shard_contents(urls: Iterable[str]) -> Dict[str, dict]:
         entry = _index_entries(os.path.dirname(url), cache).get(os.path.basename(url), {})
         if entry.get("sha256") and entry.get("bytes") != size:
             raise UserError(f"shard {url} has {size} bytes but its index.json says {entry.get('bytes')}: it changed "
-                            "after make_shards wrote it; rewrite the shards with tools/make_shards.py --overwrite")
+                            "after make_shards wrote it; rewrite the shards with megatron-mpo shards --overwrite")
         contents[url] = {"bytes": size, "sha256": entry.get("sha256"), "samples": entry.get("samples")}
     return contents
 
@@ -257,10 +257,10 @@ def check_sidecar(path: str, expected: Mapping, content: Optional[Mapping]) -> d
     if why:
         raise UserError(f"reference values in {os.path.dirname(path)} do not match this run: {why} "
                         f"({os.path.basename(path)}); recompute them into a new data.ref_logps directory "
-                        "with tools/precompute_ref_logps.py")
+                        "with megatron-mpo reference")
     if content is not None and body.get("shard_content") != dict(content):
         raise StaleSidecar(f"reference sidecar {path} was computed from other content of shard {body['shard']} "
-                           "(the shard changed since, e.g. re-sharded); rerun tools/precompute_ref_logps.py, "
+                           "(the shard changed since, e.g. re-sharded); rerun megatron-mpo reference, "
                            "which recomputes stale sidecars")
     return body
 
@@ -284,7 +284,7 @@ def check_sidecars(directory: str, expected: Mapping, urls: List[str]) -> Covera
                         f"checksum and are no longer read; {FIX}")
     if not found:
         raise UserError(f"data.ref_logps {directory} holds no reference sidecars: run "
-                        "tools/precompute_ref_logps.py with this config first")
+                        "megatron-mpo reference with this config first")
     contents = {shard_name(url): c for url, c in shard_contents(urls).items()}
     for path in found:
         check_sidecar(str(path), expected, contents.get(path.name[: -len(SUFFIX)]))

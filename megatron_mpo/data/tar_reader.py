@@ -89,12 +89,12 @@ def _tar_samples(stream, url: str) -> Iterator[dict]:
                     yield current
                 if key in seen:
                     raise RepeatedKey(f"shard {url} holds sample key {key!r} twice: its samples would share one "
-                                      "reference value; rebuild the shards with tools/make_shards.py")
+                                      "reference value; rebuild the shards with megatron-mpo shards")
                 current = {"__key__": key, "__shard__": name, "__url__": url, "__index__": len(seen)}
                 seen.add(key)
             elif suffix.lower() in current:
                 raise RepeatedKey(f"shard {url} holds member {info.name!r} twice (sample key {key!r} repeated); "
-                                  "rebuild the shards with tools/make_shards.py")
+                                  "rebuild the shards with megatron-mpo shards")
             current[suffix.lower()] = data
     if current is not None:
         yield current

@@ -11,7 +11,7 @@ The paper's pair construction (arXiv 2411.10442, InternVL's ``mm_reasoning_pipel
 - ``sampler``: rank-split, resumable sampling runs
 - ``pairs``: correctness and Dropout NTP pairs in MMPR format, and the counts
 - ``evaluation``: answer accuracy and reward-margin preference accuracy
-- ``cli``: the command lines behind ``tools/sample_responses.py`` / ``tools/build_pairs.py``
+- ``cli``: the command lines behind ``megatron-mpo sample`` / ``megatron-mpo pairs``
 
 It sits above ``data`` (templates, tiling, meta files) and ``conversion`` (export); nothing
 below it imports it.

@@ -1,4 +1,4 @@
-"""Command lines of the pair pipeline (``tools/sample_responses.py``, ``tools/build_pairs.py``)."""
+"""Command lines of the pair pipeline (``megatron-mpo sample``, ``megatron-mpo pairs``)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,10 @@ from typing import Optional, Sequence
 from megatron_mpo.errors import UserError
 
 SAMPLING_DEFAULTS = {"n": 8, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "max_new_tokens": 2048}
+# With --config: the run's keys as defaults, so prompts are cut and tiled as its training's, from
+# the policy the run starts from (on-policy pairs for that run).
+SAMPLE_KEYS = {"model": "model.init", "template": "data.template", "system_message": "data.system_message",
+               "max_length": "data.max_length", "max_tiles": "data.max_tiles", "device": "train.device"}
 
 
 def add_model_args(parser: argparse.ArgumentParser, model: bool = True) -> None:
@@ -69,12 +73,10 @@ def open_engine(args, out_dir: str, log):
     return model, tok, builder, engine
 
 
-def sample_main(argv: Optional[Sequence[str]] = None) -> dict:
-    from megatron_mpo.generation.engines import SamplingSettings
-    from megatron_mpo.generation.questions import load_questions
-    from megatron_mpo.generation.sampler import Sampler, check_run_record, make_parts, run_record
+def sample_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
+    from megatron_mpo.config_args import add_config_keys
 
-    parser = argparse.ArgumentParser(description="Sample responses of your own model for a question set "
+    parser = argparse.ArgumentParser(prog=prog, description="Sample responses of your own model for a question set "
                                      "(MPO's pair construction, step 1 of 2).")
     parser.add_argument("--questions", required=True, help="meta.json of question sets (records: image, question, "
                         "answer, [choices]; datasets: root, annotation, [scoring])")
@@ -87,7 +89,17 @@ def sample_main(argv: Optional[Sequence[str]] = None) -> dict:
                         help="refuse questions without 'answer' (no_answer) instead of Dropout NTP")
     parser.add_argument("--part-size", type=int, default=64, help="questions per resumable part")
     parser.add_argument("--overwrite", action="store_true", help="start over in a --out made with other settings")
-    args = parser.parse_args(argv)
+    add_config_keys(parser, SAMPLE_KEYS)
+    return parser
+
+
+def sample_main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> dict:
+    from megatron_mpo.config_args import parse_with_config
+    from megatron_mpo.generation.engines import SamplingSettings
+    from megatron_mpo.generation.questions import load_questions
+    from megatron_mpo.generation.sampler import Sampler, check_run_record, make_parts, run_record
+
+    args = parse_with_config(sample_parser(prog), argv, SAMPLE_KEYS)
     rank, world = dist_rank()
     log = print if rank == 0 else (lambda m: print(m) if m.startswith("[rank") else None)
     if args.overwrite and world > 1:  # ranks could write parts while rank 0 clears the folder
@@ -128,12 +140,12 @@ def sample_main(argv: Optional[Sequence[str]] = None) -> dict:
     return dict(counts)
 
 
-def pairs_main(argv: Optional[Sequence[str]] = None) -> dict:
+def pairs_main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> dict:
     from megatron_mpo.generation.pairs import build_pairs
 
-    parser = argparse.ArgumentParser(description="Score sampled responses and write MPO preference pairs in MMPR "
-                                     "format (step 2 of 2; then tools/make_shards.py).")
-    parser.add_argument("--samples", required=True, help="the --out of tools/sample_responses.py")
+    parser = argparse.ArgumentParser(prog=prog, description="Score sampled responses and write MPO preference pairs "
+                                     "in MMPR format (step 2 of 2; then megatron-mpo shards).")
+    parser.add_argument("--samples", required=True, help="the --out of megatron-mpo sample")
     parser.add_argument("--out", required=True, help="pair directory: meta.json + JSONL + summary.json")
     parser.add_argument("--max-pairs-per-question", type=int, default=15)
     parser.add_argument("--seed", type=int, default=0, help="pair shuffle seed")

@@ -122,7 +122,7 @@ def preference_accuracy(policy_dir: str, reference_dir: str) -> dict:
         ref_path = Path(reference_dir) / path.name
         if not ref_path.is_file():
             raise UserError(f"no reference values for {path.name} in {reference_dir}: run "
-                            "tools/precompute_ref_logps.py with the initial model on these shards")
+                            "megatron-mpo reference with the initial model on these shards")
         policy, ref = load_sidecar(str(path)), load_sidecar(str(ref_path))
         fp_p = {k: v for k, v in complete_fingerprint(policy["fingerprint"]).items() if k != "checkpoint"}
         fp_r = {k: v for k, v in complete_fingerprint(ref["fingerprint"]).items() if k != "checkpoint"}

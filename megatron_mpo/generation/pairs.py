@@ -11,7 +11,7 @@ image, rejected = its first half continued without the image.
 
 Output: ``meta.json`` (one dataset per source dataset and kind, ``root`` the source's image
 root) plus JSONL records ``{image, question, chosen, rejected, ...provenance}``, which
-``tools/make_shards.py`` reads unchanged; ``summary.json`` holds the counts.
+``megatron-mpo shards`` reads unchanged; ``summary.json`` holds the counts.
 """
 
 from __future__ import annotations
@@ -39,12 +39,12 @@ def read_samples(sample_dir: str) -> Tuple[dict, List[dict]]:
     base = Path(sample_dir)
     run_path = base / RUN_FILE
     if not run_path.is_file():
-        raise UserError(f"{sample_dir} has no {RUN_FILE}: run tools/sample_responses.py into it first")
+        raise UserError(f"{sample_dir} has no {RUN_FILE}: run megatron-mpo sample into it first")
     run = json.loads(run_path.read_text())
     missing = [p for p in run["parts"] if not (base / SAMPLES_DIR / f"{p}.jsonl").is_file()]
     if missing:
         raise UserError(f"{len(missing)} of {len(run['parts'])} sample parts are missing (first: {missing[0]}); "
-                        "rerun the same tools/sample_responses.py command to finish them")
+                        "rerun the same megatron-mpo sample command to finish them")
     records = []
     for part in run["parts"]:
         path = base / SAMPLES_DIR / f"{part}.jsonl"

@@ -1,6 +1,6 @@
-"""``python -m megatron_mpo.plan``: does a run config fit the GPUs, and how long does it take?
+"""``megatron-mpo plan``: does a run config fit the GPUs, and how long does it take?
 
-    python -m megatron_mpo.plan --config examples/recipes/internvl3_8b.yaml --gpus 16 --gpu H100 [--pairs N]
+    megatron-mpo plan --config examples/recipes/internvl3_8b.yaml --gpus 16 --gpu H100 [--pairs N]
 """
 
 from __future__ import annotations
@@ -100,12 +100,13 @@ def run(args: argparse.Namespace) -> str:
     return render(plan, title, source, smallest, suggestions)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: Optional[list[str]] = None, prog: Optional[str] = None) -> int:
     """Print the plan; 0, or 2 with one ``error:`` line on bad input."""
     from megatron_mpo.console import report_failure, setup_console
 
     setup_console()
-    args = build_parser().parse_args(argv)
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0]) if prog else None
+    args = build_parser(parser).parse_args(argv)
     try:
         print(run(args), flush=True)
     except UserError as exc:

@@ -26,7 +26,7 @@ class MemoryEstimate:
 
         if self.error:
             return f"memory plan: not available ({self.error})"
-        text = (f"memory plan (python -m megatron_mpo.plan): ~{describe(self.worst)} per rank for a worst-case pair "
+        text = (f"memory plan (megatron-mpo plan): ~{describe(self.worst)} per rank for a worst-case pair "
                 f"(stage {self.stage}), ~{describe(self.typical)} for a typical one")
         if self.usable is not None:
             verdict = ("fits" if self.worst <= self.usable else "may NOT fit" if self.typical <= self.usable

@@ -150,7 +150,7 @@ def build_loader(cfg: RunConfig, model_config, tok, layout: Layout):
     if not cfg.data.ref_logps:
         raise UserError(
             "set data.ref_logps: MPO needs reference log-probs; compute them with "
-            "tools/precompute_ref_logps.py first"
+            "megatron-mpo reference first"
         )
     return build(loader_data(cfg, model_config), loader_plan(cfg, model_config), tok, dp_rank=layout.data_rank,
                  dp_size=layout.data)

@@ -1,10 +1,10 @@
 """Token lengths of a run's pairs before the expensive steps: the report tool
-(``tools/data_lengths.py``) and the start-up warning of the trainer and the reference tool.
+(``megatron-mpo lengths``) and the start-up warning of the trainer and the reference tool.
 
 Both measure with the loader the reference tool builds from the run config, so template,
 tokenizer, tiling and ``data.max_length`` are the run's own (:mod:`megatron_mpo.data.lengths`).
 
-    python tools/data_lengths.py --config run.yaml [--samples 2000] [--json FILE] [section.key=value ...]
+    megatron-mpo lengths --config run.yaml [--samples 2000] [--json FILE] [section.key=value ...]
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ CHECK_SAMPLES = 200  # the start-up check's sample: a fraction of a second (READ
 # above 5% the setting, not the tail, is wrong. On the 200-pair sample a true share of 5% is
 # measured within about 1.5 points (one standard error), so shares of 0-2% never warn.
 WARN_SHARE = 0.05
-COMMAND = "python tools/data_lengths.py --config CONFIG"
+COMMAND = "megatron-mpo lengths --config CONFIG"
 
 
 def run_lengths(cfg: RunConfig, model_config, tok, samples: int) -> LengthReport:
@@ -68,12 +68,12 @@ def check_lengths(cfg: RunConfig, model_config, tok) -> Optional[str]:
     return length_warning(run_lengths(cfg, model_config, tok, CHECK_SAMPLES))
 
 
-def main(argv: Optional[list[str]] = None) -> LengthReport:
+def main(argv: Optional[list[str]] = None, prog: str = "megatron-mpo lengths") -> LengthReport:
     """The report tool: tables on stdout, optionally JSON; returns the report."""
     from megatron_mpo.errors import UserError
 
     parser = argparse.ArgumentParser(
-        prog="tools/data_lengths.py",
+        prog=prog,
         description="Token lengths of the pairs under the run's template, tokenizer and tiling, and the share "
                     "data.max_length would drop or cut, per dataset (a sample spread over the shards).")
     parser.add_argument("--config", help="the run's YAML config (model.init or model.tokenizer, data.*)")

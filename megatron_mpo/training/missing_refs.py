@@ -32,7 +32,7 @@ def verdict(mode: str, directory: str, coverage: Coverage) -> Optional[str]:
     names = ", ".join(missing[:NAMED]) + (f" and {len(missing) - NAMED} more" if len(missing) > NAMED else "")
     share, held = _share(coverage)
     what = f"{len(missing)} of {len(coverage.samples)} shards have no reference sidecar in {directory} ({names}): {held}"
-    fix = "compute them with tools/precompute_ref_logps.py"
+    fix = "compute them with megatron-mpo reference"
     if mode == "error":
         raise UserError(f"{what}; {fix} (data.on_missing_ref is error)")
     if mode == "warn" and share > LIMIT:

@@ -39,7 +39,7 @@ def model_config(cfg: RunConfig):
             return read_model_config(cfg.model.init)
         except UserError:
             raise UserError(f"model.init {cfg.model.init} has no {MODEL_CONFIG_FILE}: point it at a directory written "
-                            "by tools/convert_hf_to_megatron.py or tools/init_checkpoint.py, or at a training "
+                            "by megatron-mpo convert or megatron-mpo init, or at a training "
                             "checkpoint") from None
     return get_preset(cfg.model.preset)
 

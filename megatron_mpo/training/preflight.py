@@ -41,7 +41,7 @@ def check_training(cfg: RunConfig) -> tuple:
     steps = schedule.total_steps(cfg, layout)
     if not cfg.data.ref_logps:
         raise UserError("set data.ref_logps: MPO needs reference log-probs; compute them with "
-                        "tools/precompute_ref_logps.py first")
+                        "megatron-mpo reference first")
     if _is_rank_zero():
         warning = data_setup.check_reference_values(cfg, model_config)  # shards without a sidecar
         if warning:
@@ -87,10 +87,16 @@ def _probe_writable(name: str, folder: Path) -> None:
 
 def check_reference(cfg: RunConfig):
     """Everything the reference tool can check before building a model; returns the model config."""
+    from megatron_mpo.training.heldout import eval_run_config
+
     model_config, tok = _check_common(cfg)
     launch_layout(cfg)
+    heldout = eval_run_config(cfg)  # the held-out shards' values are computed in the same launch
+    if heldout is not None:
+        _check_shards(heldout)
     if _is_rank_zero():
-        _check_existing_sidecars(cfg, model_config)
+        for run in (cfg, heldout) if heldout is not None else (cfg,):
+            _check_existing_sidecars(run, model_config)
         _warn_lengths(cfg, model_config, tok)
     return model_config
 
@@ -122,7 +128,7 @@ def _check_common(cfg: RunConfig) -> tuple:
     precision.check_precision(cfg)
     if cfg.model.init and not Path(cfg.model.init).is_dir():
         raise UserError(f"model.init {cfg.model.init} does not exist: point it at a model directory written by "
-                        "tools/convert_hf_to_megatron.py or tools/init_checkpoint.py")
+                        "megatron-mpo convert or megatron-mpo init")
     model_config = model_setup.model_config(cfg)
     cfg.parallel.check(model_config, _world_size())  # every layout rule, before any process group
     tok = data_setup.tokenizer(cfg)

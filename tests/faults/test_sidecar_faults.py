@@ -80,7 +80,7 @@ def test_missing_sidecar_is_named_and_refused_past_a_tenth_of_the_pairs(workspac
     _refused(workspace, copied, held, "more than 10%", "set data.on_missing_ref: skip")
     skipped = _check(workspace, copied, on_missing_ref="skip")
     assert skipped == f"{held}, skipped as missing_ref (data.on_missing_ref: skip)"
-    _refused(workspace, copied, held, "precompute_ref_logps", "on_missing_ref is error", on_missing_ref="error")
+    _refused(workspace, copied, held, "megatron-mpo reference", "on_missing_ref is error", on_missing_ref="error")
 
 
 def test_missing_sidecars_below_the_limit_warn_and_are_named_first_few():
