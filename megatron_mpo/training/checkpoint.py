@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
 import shutil
 from pathlib import Path
@@ -53,7 +54,6 @@ import torch
 
 from megatron_mpo.errors import UserError
 from megatron_mpo.fileio import TMP_PREFIX, fsync_path, fsync_tree, write_atomic
-from megatron_mpo.processes import init_helper_process
 from megatron_mpo.training import dcp_writes
 from megatron_mpo.training.optim import sync_params
 from megatron_mpo.training.optimizer_state import (
@@ -217,36 +217,27 @@ def _apply_model_state(chunks: Sequence[torch.nn.Module], state: dict) -> Option
     return None
 
 
-_WRITER_MANAGERS: list = []
-
-
 def start_writer() -> None:
-    """Start the checkpoint writer's helper process now, at start-up.
-
-    Started lazily it would come up inside the first save -- often the preemption save,
-    right after a job signal, while the new process still has Python's default handlers.
-    """
+    """Set up the checkpoint writer's result queue now, at start-up (see
+    :func:`_ensure_writer_queue`)."""
     _ensure_writer_queue()
 
 
 def _ensure_writer_queue() -> None:
-    """Start the torch_dist writer's result-queue manager ourselves, tied to this process.
+    """Give megatron-core's torch_dist writer an in-process result queue.
 
-    megatron-core's filesystem writer lazily spawns a ``multiprocessing.Manager`` that lives
-    as long as the trainer; when the trainer is killed (SIGKILL, or SIGTERM without our
-    handler) that process is orphaned, lingers, and keeps the launcher's stdout pipe open.
+    Left alone, its filesystem writer spawns a ``multiprocessing.Manager`` process per rank
+    for a queue its forked bucket writers report on; that process lives as long as the
+    trainer, costs each rank a spawn (an interpreter importing the trainer's modules) and,
+    when the trainer is killed, lingers holding the launcher's stdout pipe. Our bucket
+    writes are threads of the trainer (:mod:`megatron_mpo.training.dcp_writes`) and saves
+    are synchronous, so a thread-safe ``queue.Queue`` carries the same results.
     """
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    if filesystem_async._results_queue is not None:
-        return
-    import multiprocessing
-    from multiprocessing.managers import SyncManager
-
-    manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
-    manager.start(initializer=init_helper_process, initargs=(os.getpid(),))
-    _WRITER_MANAGERS.append(manager)  # keep it referenced; it shuts down at interpreter exit
-    filesystem_async._results_queue = manager.Queue()
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
+    dcp_writes.install()  # the writes the queue carries: threads, no fork from the (threaded) trainer
 
 
 def _save_strategy():
@@ -258,7 +249,6 @@ def _save_strategy():
     )
 
     _ensure_writer_queue()
-    dcp_writes.install()  # no fork from the (threaded) trainer
     strategy = get_default_save_sharded_strategy()
     if parallel_state.model_parallel_is_initialized():
         group = parallel_state.get_data_parallel_group(with_context_parallel=True)
