@@ -216,6 +216,8 @@ def check_drop_path(run: dict, expected: dict, where: str) -> list[str]:
 
 
 def _run(artifacts: Path, checked: list) -> list[str]:
+    from megatron_mpo.parallel import release_model_parallel  # its torch.distributed groups too
+
     import torch
     import torch.distributed as dist
 
@@ -288,7 +290,7 @@ def _run(artifacts: Path, checked: list) -> list[str]:
                     save_dist_checkpoint(model, ckpt_dir / kind)
             except Exception:
                 failures.append(f"{where}: {traceback.format_exc()}")
-        parallel_state.destroy_model_parallel()
+        release_model_parallel()
     # Reload the TP=2/PP=2 distributed checkpoint at TP=1/PP=1: the same full state dict.
     parallel_state.initialize_model_parallel(1, 1)
     model_parallel_cuda_manual_seed(1234)
@@ -302,7 +304,7 @@ def _run(artifacts: Path, checked: list) -> list[str]:
                     failures.append(f"dist checkpoint TP2PP2 -> TP1 {kind}: {name} changed")
         except Exception:
             failures.append(f"dist checkpoint {kind} rank{dist.get_rank()}: {traceback.format_exc()}")
-    parallel_state.destroy_model_parallel()
+    release_model_parallel()
     return failures
 
 

@@ -508,6 +508,7 @@ def test_sequence_log_probs_sums_response_tokens_only():
 @pytest.fixture
 def megatron_tp1():
     import torch.distributed as dist
+    from megatron_mpo.parallel import release_model_parallel  # its groups too, not only megatron-core's names
     from megatron.core import parallel_state
 
     owned = not dist.is_initialized()  # other in-process tests may have left a 1-rank world
@@ -515,12 +516,12 @@ def megatron_tp1():
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     assert dist.get_world_size() == 1
     if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+        release_model_parallel()
     try:
         parallel_state.initialize_model_parallel(1, 1)
         yield
     finally:
-        parallel_state.destroy_model_parallel()
+        release_model_parallel()
         if owned:
             dist.destroy_process_group()
 

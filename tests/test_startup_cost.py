@@ -83,3 +83,24 @@ def test_a_checkpoint_save_starts_no_helper_process(tmp_path):
     for name, value in model.state_dict().items():
         if isinstance(value, torch.Tensor):
             assert torch.equal(again.state_dict()[name], value), name
+
+
+def test_laying_out_ranks_again_leaves_no_process_group_behind(world):
+    """Old: each new layout in a process (the planner's checks, a tool building several
+    layouts, a test module) kept all of the previous layout's gloo groups alive in
+    torch.distributed, ~60 threads each; one test process reached 3300 threads."""
+    import os
+
+    from torch.distributed import distributed_c10d
+
+    from megatron_mpo import parallel
+
+    def threads() -> int:
+        return len(os.listdir("/proc/self/task"))
+
+    parallel.initialize(1, 1, device="cpu")
+    groups, before = len(distributed_c10d._world.pg_map), threads()
+    for expert in (1, 1, 1):
+        parallel.initialize(1, 1, expert=expert, device="cpu")
+    assert len(distributed_c10d._world.pg_map) == groups
+    assert threads() <= before + 2, (before, threads())

@@ -126,6 +126,8 @@ def check_aux_terms(terms: list, reference: list, where: str) -> list:
 
 
 def _run(artifacts: Path, checked: list) -> list:
+    from megatron_mpo.parallel import release_model_parallel  # its torch.distributed groups too
+
     import torch
     import torch.distributed as dist
 
@@ -168,7 +170,7 @@ def _run(artifacts: Path, checked: list) -> list:
                 # the training-mode load-balancing term with sequence parallelism.
                 sp_terms = aux_terms(config, artifacts, sequence_parallel=True)
                 checked.append(f"TP{tp}PP{pp}EP{ep} forward")
-                parallel_state.destroy_model_parallel()
+                release_model_parallel()
                 continue
             model.train()
             tp_group = parallel_state.get_tensor_model_parallel_group()
@@ -185,7 +187,7 @@ def _run(artifacts: Path, checked: list) -> list:
         except Exception:
             failures.append(f"{where}: {traceback.format_exc()}")
             print(failures[-1], flush=True)
-        parallel_state.destroy_model_parallel()
+        release_model_parallel()
     # The EP2 x PP2 checkpoint read back at TP1/PP1/EP1: every tensor as converted.
     parallel_state.initialize_model_parallel(1, 1)
     model_parallel_cuda_manual_seed(1234)
@@ -206,7 +208,7 @@ def _run(artifacts: Path, checked: list) -> list:
             checked.append("TP2 sequence-parallel load balancing")
         except Exception:
             failures.append(f"TP1 load balancing rank{dist.get_rank()}: {traceback.format_exc()}")
-    parallel_state.destroy_model_parallel()
+    release_model_parallel()
     return failures
 
 
