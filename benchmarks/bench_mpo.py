@@ -2,7 +2,7 @@
 """MPO throughput and memory: this trainer vs TRL's DPOTrainer, same model, same pairs.
 
     python benchmarks/bench_mpo.py [--size bench] [--profile fixed|mmpr] [--reps 3] [--steps 6]
-                                   [--warmup-steps 2] [--micro-batch 1] [--global-batch 2]
+                                   [--warmup-steps 2] [--micro-batch 1] [--global-batch 2] [--dp 1]
                                    [--sides ours,ours-unpacked,trl] [--workdir DIR] [--out FILE]
 
 One run does everything, in this order, each piece in its own subprocess:
@@ -32,10 +32,12 @@ One run does everything, in this order, each piece in its own subprocess:
 
    * ``ours``: ``python -m megatron_mpo.train --config ...`` (single process, TP=1,
      packed rows -- the default -- with as many pairs per row as fit in
-     ``data.max_length``), ``ours-one-per-row``: packed with ``data.pairs_per_row=1``,
+     ``data.max_length``; ``--dp N``: N data-parallel processes of one thread each under
+     ``torch.distributed.run``, steps balanced over them), ``ours-one-per-row``: packed with ``data.pairs_per_row=1``,
      ``ours-unpacked``: ``data.packing=false``, ``ours-recompute``: packed with
      ``model.recompute=full`` (activation recomputation, the counterpart of TRL's
-     gradient checkpointing);
+     gradient checkpointing), ``ours-unbalanced``: packed with ``data.balance=false`` (each
+     data-parallel rank takes its next pairs as they come; the same as ``ours`` at one rank);
    * ``trl``: TRL's ``DPOTrainer`` with ``loss_type=["sigmoid", "bco_pair", "sft"]``,
      ``loss_weights=[0.8, 0.2, 1.0]``, ``beta=0.1``, fp32, on the HF model directory,
      the same images / prompts / answers (same chat template text), gradient
@@ -553,6 +555,7 @@ OURS_SIDES = {
     "ours-one-per-row": dict(packing=True, pairs_per_row=1, recompute=None),
     "ours-unpacked": dict(packing=False, pairs_per_row=None, recompute=None),
     "ours-recompute": dict(packing=True, pairs_per_row=None, recompute="full"),
+    "ours-unbalanced": dict(packing=True, pairs_per_row=None, recompute=None, balance=False),
 }
 TRL_SIDES = {"trl": False, "trl-gc": True}  # gradient checkpointing
 ALL_SIDES = tuple(OURS_SIDES) + tuple(TRL_SIDES)
@@ -574,14 +577,53 @@ def ours_config(ws: Path, args, side: str, metrics: Optional[Path], steps: int, 
             "shuffle_buffer": 16,
             "packing": s["packing"],
             "pairs_per_row": s["pairs_per_row"],
+            "balance": s.get("balance", True),
         },
         "train": {"global_batch": global_batch, "micro_batch": micro_batch, "steps": steps,
                   "lr": 1.0e-6, "min_lr": 0.0, "warmup": 0, "schedule": "constant", "weight_decay": 0.05,
                   "clip_grad": 1.0, "device": "cpu", "seed": args.seed},
         "mpo": {"beta": BETA, "weights": {"preference": MPO_LOSS_WEIGHTS[0], "quality": MPO_LOSS_WEIGHTS[1],
                                            "generation": MPO_LOSS_WEIGHTS[2]}},
-        "logging": {"metrics": str(metrics) if metrics else None, "interval": 1},
+        "logging": {"metrics": str(metrics) if metrics else None, "interval": 1,
+                    "sample_log": str(sample_log_dir(metrics)) if metrics else None},
     }
+
+
+def sample_log_dir(metrics: Path) -> Path:
+    """Where a run of ours writes which pairs each rank trained per step (logging.sample_log)."""
+    return metrics.with_name(metrics.stem + "_samples")
+
+
+def compute_log_dir(metrics: Path) -> Path:
+    """Where a --dp run of ours writes each rank's compute time per step (``_train_worker``)."""
+    return metrics.with_name(metrics.stem + "_compute")
+
+
+def train_worker(config: str, out: str) -> None:
+    """Runs inside each rank of a --dp run: the trainer, with the CPU seconds of the main
+    thread (one thread per rank: all of its compute) and the wall seconds of every training
+    schedule call written to ``out/rank{N}.jsonl``. CPU time is what the rank computed; waiting
+    for the other rank (a blocking gloo receive) and other processes' load do not count."""
+    import torch
+
+    from megatron_mpo.train import main as train_main
+    from megatron_mpo.training import schedule
+
+    run, steps = schedule.run_schedule, []
+
+    def timed(*a, **kw):
+        cpu, wall = time.thread_time(), time.perf_counter()
+        result = run(*a, **kw)
+        if not kw.get("forward_only"):
+            steps.append({"step": len(steps) + 1, "cpu_s": time.thread_time() - cpu,
+                          "wall_s": time.perf_counter() - wall})
+            Path(out).mkdir(parents=True, exist_ok=True)
+            with open(Path(out) / f"rank{torch.distributed.get_rank()}.jsonl", "a") as f:
+                f.write(json.dumps(steps[-1]) + "\n")
+        return result
+
+    schedule.run_schedule = timed
+    train_main(["--config", config])
 
 
 def write_yaml(path: Path, cfg: dict) -> Path:
@@ -724,7 +766,14 @@ def run_ours(ws: Path, args, side: str, rep: int, batches: Optional[List[dict]] 
     if metrics.exists():
         metrics.unlink()
     cfg = write_yaml(ws / "configs" / f"{side}.yaml", ours_config(ws, args, side, metrics, args.steps))
+    if sample_log_dir(metrics).exists():
+        shutil.rmtree(sample_log_dir(metrics))
     cmd = [sys.executable, "-m", "megatron_mpo.train", "--config", str(cfg)]
+    if args.dp > 1:  # one thread per rank (torch.distributed.run's default), compute CPU time recorded
+        if compute_log_dir(metrics).exists():
+            shutil.rmtree(compute_log_dir(metrics))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.dp}",
+               str(THIS), "_train_worker", str(cfg), str(compute_log_dir(metrics))]
     rc, wall, stamps, rss, pss, text, load = run_child(cmd, ws / "logs" / f"{side}_{rep}.log", "step ", args.timeout)
     extra = _load_extra(stamps, load, args)
     rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if metrics.is_file() else []
@@ -1080,6 +1129,8 @@ def parse_args(argv: list) -> argparse.Namespace:
     p.add_argument("--warmup-steps", type=int, default=2, help="leading steps left out of pairs/s")
     p.add_argument("--global-batch", type=int, default=2)
     p.add_argument("--micro-batch", type=int, default=1)
+    p.add_argument("--dp", type=int, default=1, help="data-parallel processes of our sides (torch.distributed.run, "
+                   "one thread each; no TRL sides, no floors)")
     p.add_argument("--pairs", type=int, default=32, help="synthetic pairs in the dataset")
     p.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True,
                    help="measure each side's memory floor (one run per side on the minimal floor set)")
@@ -1100,8 +1151,12 @@ def parse_args(argv: list) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     if not args.table:
-        if args.global_batch % args.micro_batch:
-            p.error("--global-batch must be a multiple of --micro-batch")
+        if args.global_batch % (args.micro_batch * args.dp):
+            p.error("--global-batch must be a multiple of --micro-batch x --dp")
+        if args.dp > 1 and any(s in TRL_SIDES for s in args.sides.split(",")):
+            p.error("--dp > 1 runs our sides only")
+        if args.dp > 1:
+            args.floor = False  # a floor run's one-pair steps do not split over ranks
         if not 0 < args.warmup_steps < args.steps:
             p.error("need 0 < --warmup-steps < --steps")
         bad = set(s for s in args.sides.split(",") if s) - set(ALL_SIDES)
@@ -1154,6 +1209,9 @@ def main(argv=None) -> None:
     if argv and argv[0] == "_reference_worker":
         reference_worker(argv[1:])
         return
+    if argv and argv[0] == "_train_worker":
+        train_worker(*argv[1:3])
+        return
     args = parse_args(argv)
     if args.table:
         print_saved_table(args.table)
@@ -1175,7 +1233,7 @@ def main(argv=None) -> None:
             "different pairs (choose --pairs = global batch x timed steps = global batch x warm-up steps)")
     ours = [s for s in sides if s in OURS_SIDES]
     reference = None
-    if not (args.skip_reference and (ws / "refs").exists() and (ws / "floor" / "refs").exists()):
+    if not (args.skip_reference and (ws / "refs").exists() and (not args.floor or (ws / "floor" / "refs").exists())):
         log("reference precompute ...")
         reference = run_reference(ws, args, with_floor=args.floor and bool(ours))
         log(f"reference: {reference['wall_s']:.1f} s for {reference['pairs']} pairs, peak RSS "
@@ -1183,6 +1241,9 @@ def main(argv=None) -> None:
 
     micro_batches = {}
     for side in ours:
+        if args.dp > 1:
+            log("--dp > 1: the harness rebuilds one rank's loader only; no padding share or positions check")
+            break
         micro_batches[side] = ours_micro_batches(ws, args, side)
         if args.num_workers:
             log("--num-workers > 0: the harness cannot see the loader workers' micro-batches; no padding share")

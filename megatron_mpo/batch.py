@@ -25,7 +25,7 @@ loss.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -48,7 +48,11 @@ class PairBatch:
     ref_chosen_logps: Optional[torch.Tensor] = None  # [P] float64/float32 reference sums
     ref_rejected_logps: Optional[torch.Tensor] = None  # [P]
     keys: list = field(default_factory=list)  # sample keys, for joins and debugging
-    epoch: Optional[int] = None  # the loader epoch the pairs came from (set by the loader)
+    epoch: Optional[Union[int, list]] = None  # the loader epoch of the pairs, or one per pair (balanced steps)
+
+    def pair_epochs(self) -> list:
+        """The loader epoch of each pair."""
+        return list(self.epoch) if isinstance(self.epoch, list) else [self.epoch] * self.num_pairs
 
     @property
     def num_slots(self) -> int:

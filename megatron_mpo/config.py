@@ -146,7 +146,8 @@ class TrainSection:
 
     global_batch: int = setting(256, "preference pairs per optimizer step (all data-parallel ranks)")
     micro_batch: int = setting(1, "pairs per micro-batch per data-parallel rank (gradient "
-                               "accumulation makes up the rest)")
+                               "accumulation makes up the rest); with `data.balance` on average: "
+                               "the micro-batch count per step stays, a cheap rank's hold more pairs")
     steps: Optional[int] = setting(None, "optimizer steps to run; wins over `epochs`", required="train.epochs")
     epochs: Optional[float] = setting(None, "passes over the shards (needs sample counts in index.json)",
                                       required="train.steps")

@@ -414,10 +414,11 @@ def mpo_loss(
             "loss_preference": loss_p.detach(),
             "loss_quality": loss_q.detach(),
             "loss_generation": loss_g.detach(),
-            "reward_chosen": cr.mean(),
-            "reward_rejected": rj.mean(),
-            "reward_margin": (cr - rj).mean(),
-            "reward_accuracy": (cr > rj).to(dtype).mean(),
+            # Shares of the step's pair means (as the losses): micro-batches may hold different counts.
+            "reward_chosen": pair_mean(cr),
+            "reward_rejected": pair_mean(rj),
+            "reward_margin": pair_mean(cr - rj),
+            "reward_accuracy": pair_mean((cr > rj).to(dtype)),
             "delta": torch.tensor(reward_shift.current(), dtype=dtype, device=pc.device),
         }
     return loss, metrics

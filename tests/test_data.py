@@ -757,3 +757,28 @@ def test_attended_keys_count_the_visible_query_key_pairs(data_tok):
     R, S = unpacked.input_ids.shape
     assert unpacked.attended_keys() == int(torch.ones(R, S, S).tril().sum())
     assert packed.attended_keys() < unpacked.attended_keys()
+
+
+def test_resume_keeps_what_an_earlier_layout_consumed_for_ranks_still_in_that_epoch(data_shards, data_tok):
+    """DP1 consumes part of epoch 0, DP2 goes on; rank 0 reaches epoch 1 while rank 1 is still
+    in epoch 0 when the job stops. The checkpoint keeps one copy of what the DP1 layout consumed
+    (every rank's entry shares it): rank 1, resumed exactly, must still skip those samples."""
+    cfg = _cfg(data_shards["dir"], epochs=2, shuffle_buffer=3)
+    every = sorted(_keys(build_loader(*_cfg(data_shards["dir"]), data_tok)))
+    first = build_loader(*cfg, data_tok, 0, 1)
+    before = _epoch_keys(first, 4)
+    saved = _json(bundle_states([first.state_dict()]))
+    ranks = [build_loader(*cfg, data_tok, r, 2) for r in range(2)]
+    for loader in ranks:
+        loader.resume(saved)
+    middle, it = [], iter(ranks[0])
+    while ranks[0].epoch == 0:  # rank 0 into epoch 1
+        batch = next(it)
+        middle += [(batch.epoch, k) for k in batch.keys]
+    middle += _epoch_keys(ranks[1], 1)  # rank 1 one micro-batch into the rest of epoch 0
+    assert ranks[1].epoch == 0
+    stopped = _json(bundle_states([r.state_dict() for r in ranks]))
+    again = build_loader(*cfg, data_tok, 1, 2)
+    assert again.resume(stopped) == "data position restored exactly"
+    after = _epoch_keys(again)
+    assert sorted(k for e, k in before + middle + after if e == 0) == every

@@ -644,3 +644,29 @@ def test_which_delta_update_reproduces_the_released_shift():
     # With accumulation the step's first micro-batch sees only its own half of the step.
     assert all(abs(first - want) > 1e-3 for (first, _), want in zip(accumulated, released))
     assert [last for _, last in accumulated] == pytest.approx(released, abs=1e-12)  # equal halves
+
+
+def test_step_metrics_are_pair_means_whatever_the_split():
+    """Balanced steps give micro-batches different pair counts: every logged metric, averaged
+    over the step's micro-batches as the trainer logs it (metrics.reduce_loss_metrics), must
+    be the mean over the step's pairs -- the same as one micro-batch of all of them."""
+    gen = torch.Generator().manual_seed(3)
+    pc, pr = -torch.rand(6, generator=gen, dtype=torch.float64) * 50, -torch.rand(6, generator=gen, dtype=torch.float64) * 50
+    rc, rr = pc + torch.randn(6, generator=gen, dtype=torch.float64), pr + torch.randn(6, generator=gen, dtype=torch.float64)
+    n = torch.randint(5, 60, (6,), generator=gen).double()
+    cfg = MPOLossConfig()
+
+    def logged(split):
+        values, start = [], 0
+        for size in split:
+            part = slice(start, start + size)
+            values.append(mpo_loss(pc[part], pr[part], rc[part], rr[part], n[part], n[part], cfg, RewardShift(),
+                                   step_pairs=6 / len(split))[1])
+            start += size
+        return {k: float(sum(v[k] for v in values) / len(values)) for k in values[0]}
+
+    whole = logged([6])
+    for split in ([5, 1], [1, 2, 3]):
+        got = logged(split)
+        for key, value in whole.items():
+            assert got[key] == pytest.approx(value, rel=1e-12, abs=1e-12), (split, key)

@@ -77,6 +77,13 @@ class DataConfig:
     pairs_per_row: Optional[int] = setting(None, "packed rows: most pairs per row (first-fit within "
                                            "`max_length` over each micro-batch); null: as many as fit; "
                                            "a longer pair gets a row of its own")
+    balance: bool = setting(True, "balance each step's cost over the data-parallel ranks: every rank reads "
+                            "ahead from its own shards, the ranks share the pairs' costs (model FLOPs) and "
+                            "each trains the pairs a common plan gives it (cheap ranks may take more); the "
+                            "step keeps `train.global_batch` pairs and the micro-batch count. Off: every "
+                            "rank takes the next pairs as they come. No effect at one data-parallel rank")
+    balance_lookahead: int = setting(32, "`balance`: pairs each rank buffers beyond its share of a step "
+                                     "(more choice, better balance; each holds its decoded image tiles)")
 
     def validate(self) -> None:
         """Raise :class:`UserError` on the first bad value (the run config calls this)."""
@@ -97,3 +104,5 @@ class DataConfig:
             raise UserError("data.num_workers must be >= 0")
         if self.shuffle_buffer < 0:
             raise UserError("data.shuffle_buffer must be >= 0")
+        if self.balance_lookahead < 0:
+            raise UserError(f"data.balance_lookahead must be >= 0, got {self.balance_lookahead}")

@@ -37,6 +37,10 @@ class SampleSet:
         self._whole.add(shard)
         self._some.pop(shard, None)
 
+    def discard(self, shard: str, ordinal: int) -> None:
+        """Forget one sample of a partly consumed shard (whole shards stay whole)."""
+        self._some.get(shard, set()).discard(ordinal)
+
     def has(self, shard: str, ordinal: int) -> bool:
         return shard in self._whole or ordinal in self._some.get(shard, ())
 
@@ -129,6 +133,22 @@ def identity_change(saved: Mapping[str, Optional[str]], now: Mapping[str, Option
             more = f" and {len(keys) - 1} more" if len(keys) > 1 else ""
             parts.append(f"{what}: {keys[0]}{more}")
     return "; ".join(parts)
+
+
+def fingerprint_changes(theirs: Mapping, mine: Mapping) -> List[str]:
+    """``key old -> new`` of the loader-state fingerprint entries that differ (None counts as
+    absent); a wrapper's settings (balanced steps: a dict) read ``on`` / ``off`` / ``changed``."""
+    out = []
+    for k in dict.fromkeys([*mine, *theirs]):
+        a, b = theirs.get(k), mine.get(k)
+        if a != b:
+            both = isinstance(a, dict) and isinstance(b, dict)
+            out.append(f"{k} changed" if both else f"{k} {_shown(a)} -> {_shown(b)}")
+    return out
+
+
+def _shown(value: object) -> object:
+    return "on" if isinstance(value, dict) else "off" if value is None else value
 
 
 def changed_data_error(change: str) -> UserError:

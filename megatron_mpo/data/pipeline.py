@@ -29,6 +29,11 @@ consumed are skipped inside the others. Every pair is still trained once per epo
 order of the rest differs from the uninterrupted run's. The state also names the data
 (index sha256 per shard): a resume on other shards is refused unless allowed.
 
+:meth:`PairLoader.iter_pairs` hands out the same pairs one at a time, each with the position
+to read it again from (balanced steps buffer them: :mod:`.balanced_loader`). A state may then
+name samples consumed beyond its positions (``ahead``): an exact resume hands them out
+``done``, a resume at another layout counts them as consumed.
+
 Skips are counted per reason (``bad_tar``, ``truncated_shard`` (samples index.json
 promised that a shard did not deliver), ``bad_json``, ``missing_field``, ``bad_field``,
 ``missing_image``, ``bad_image`` (undecodable, or over ``max_image_pixels``),
@@ -52,8 +57,8 @@ from megatron_mpo.batch import PairBatch
 from megatron_mpo.data.collate import collate_pairs
 from megatron_mpo.data.config import DataConfig
 from megatron_mpo.data.consumed import (
-    SampleSet, changed_data_error, data_identity, epochs_from_json, epochs_to_json, identity_change, merge_epochs,
-    shard_keys, summed_counters,
+    SampleSet, changed_data_error, data_identity, epochs_from_json, epochs_to_json, fingerprint_changes,
+    identity_change, merge_epochs, shard_keys, summed_counters,
 )
 from megatron_mpo.data.plan import LoaderPlan
 from megatron_mpo.data.refs import RefLogps
@@ -84,10 +89,31 @@ class _Item:
     batch: Optional[PairBatch] = None
     skips: Dict[str, int] = field(default_factory=dict)
     message: str = ""
+    pair: Optional[TokenizedPair] = None  # iter_pairs: one pair instead of a batch
+    sample: Tuple[str, int] = ("", -1)  # the pair's (shard key, ordinal in its shard)
+
+
+@dataclass
+class LoadedPair:
+    """One pair of :meth:`PairLoader.iter_pairs`: its epoch, sample identity (shard key,
+    ordinal), the loader position to restart from to hand it out again (``before``), and
+    ``done``: consumed before a resume (trained from a look-ahead), not to be trained again."""
+
+    pair: Optional[TokenizedPair]
+    epoch: int
+    sample: Tuple[str, int]
+    before: dict
+    done: bool = False
 
 
 def _identity(x):
     return x
+
+
+def collate(pairs: Sequence[TokenizedPair], config: DataConfig, loading: LoaderPlan, tok: Tokenizer) -> PairBatch:
+    """``pairs`` as one micro-batch in the rows the loader's settings ask for."""
+    return collate_pairs(pairs, tok.pad_id, tok.img_context_id, loading.tokens_per_tile, loading.pad_multiple,
+                         loading.layout, row_length=config.max_length, max_pairs_per_row=config.pairs_per_row)
 
 
 def sample_parts(raw: dict) -> Tuple[dict, List[bytes]]:
@@ -114,8 +140,9 @@ class _EpochStreams(torch.utils.data.IterableDataset):
 
     def __init__(self, config: DataConfig, loading: LoaderPlan, builder: PairBuilder, plans: List[StreamPlan],
                  epoch: int, dp_rank: int, start: List[int], done: List[bool], expected: Dict[str, int],
-                 consumed: Optional[SampleSet] = None, keys: Optional[Dict[str, str]] = None):
+                 consumed: Optional[SampleSet] = None, keys: Optional[Dict[str, str]] = None, pairs: bool = False):
         super().__init__()
+        self.one_by_one = pairs  # hand out single pairs, not collated micro-batches
         self.config, self.loading, self.builder, self.plans = config, loading, builder, plans
         self.epoch, self.dp_rank = epoch, dp_rank
         self.start, self.done = start, done
@@ -154,6 +181,10 @@ class _EpochStreams(torch.utils.data.IterableDataset):
             pair = self._pair(raw, refs, counter)
             if pair is None:
                 continue
+            if self.one_by_one:
+                sample = (self.keys[raw["__url__"]], raw["__index__"])
+                yield _Item("pair", w, self.epoch, pos, pair=pair, sample=sample, skips=counter.pop())
+                continue
             pairs.append(pair)
             if len(pairs) == self.loading.micro_batch:
                 yield _Item("batch", w, self.epoch, pos, self._collate(pairs), counter.pop())
@@ -167,10 +198,7 @@ class _EpochStreams(torch.utils.data.IterableDataset):
         yield _Item("end", w, self.epoch, pos, None, counter.pop())
 
     def _collate(self, pairs: List[TokenizedPair]) -> PairBatch:
-        tok = self.builder.tokenizer
-        c, rows = self.config, self.loading
-        return collate_pairs(pairs, tok.pad_id, tok.img_context_id, rows.tokens_per_tile, rows.pad_multiple,
-                             rows.layout, row_length=c.max_length, max_pairs_per_row=c.pairs_per_row)
+        return collate(pairs, self.config, self.loading, self.builder.tokenizer)
 
     def _pair(self, raw: dict, refs: Optional[RefLogps], counter: SkipCounter) -> Optional[TokenizedPair]:
         shard, key = raw["__shard__"], raw["__key__"]
@@ -225,6 +253,8 @@ class PairLoader:
         if config.ref_logps:
             RefLogps(config.ref_logps)  # fail early on a missing folder
         self.num_streams = max(1, config.num_workers)
+        self.ahead: Dict[int, SampleSet] = {}  # consumed beyond the positions (see iter_pairs)
+        self.extra_fingerprint: dict = {}  # what a wrapper's own state depends on
         self._reset_epoch(0)
         self._totals: Counter = Counter()
         self._last: Dict[str, int] = {}
@@ -245,16 +275,12 @@ class PairLoader:
             "seed": c.seed, "dp_rank": self.dp_rank, "dp_size": self.dp_size, "num_streams": self.num_streams,
             "micro_batch": self.loading.micro_batch, "shuffle_buffer": c.shuffle_buffer,
             "shuffle_shards": self.loading.shuffle_shards,
-            "shards": len(self.urls),
+            "shards": len(self.urls), **self.extra_fingerprint,
         }
 
-    def state_dict(self) -> dict:
-        """Position after the last micro-batch handed out (JSON-serialisable)."""
+    def position(self) -> dict:
+        """Where the streams stand: the part of the state that moves (JSON-serialisable)."""
         return {
-            "version": STATE_VERSION,
-            "fingerprint": self._fingerprint(),
-            "identity": dict(self.identity),
-            "base": epochs_to_json(self.base),
             "epoch": self.epoch,
             "positions": list(self._pos),
             "done": list(self._done),
@@ -265,6 +291,18 @@ class PairLoader:
             "skip_counts": dict(self._totals),
         }
 
+    def state_dict(self, at: Optional[dict] = None, ahead: Optional[Dict[int, SampleSet]] = None) -> dict:
+        """Position after the last micro-batch handed out (JSON-serialisable); or the
+        :meth:`position` ``at`` with the samples consumed beyond it (``ahead``)."""
+        return {
+            "version": STATE_VERSION,
+            "fingerprint": self._fingerprint(),
+            "identity": dict(self.identity),
+            "base": epochs_to_json(self.base),
+            **(at if at is not None else self.position()),
+            "ahead": epochs_to_json(ahead or {}),
+        }
+
     def load_state_dict(self, state: dict) -> None:
         """Continue from ``state``; UserError if it was taken with other settings."""
         if state.get("version") != STATE_VERSION:
@@ -273,8 +311,7 @@ class PairLoader:
         if change is not None:
             raise changed_data_error(change)
         mine = self._fingerprint()
-        theirs = state.get("fingerprint", {})
-        diff = [f"{k}: {theirs.get(k)} -> {v}" for k, v in mine.items() if theirs.get(k) != v]
+        diff = fingerprint_changes(state.get("fingerprint", {}), mine)
         if diff:
             raise UserError("cannot resume the data loader with changed settings (" + "; ".join(diff) + ")")
         self.base = epochs_from_json(state.get("base", {}))
@@ -287,6 +324,7 @@ class PairLoader:
         self.pairs = int(state["pairs"])
         self._totals = Counter(state.get("skip_counts", {}))
         self._last = {}
+        self.ahead = epochs_from_json(state.get("ahead", {}))
 
     # -- resume at any layout -------------------------------------------------------------
     def resume(self, saved: dict, share: Tuple[int, int] = (0, 1),
@@ -313,7 +351,8 @@ class PairLoader:
                     "the data position restarts at epoch 0")
         states = [{**r, "version": STATE_VERSION, "identity": saved["identity"], "base": saved["base"]}
                   for r in ranks]
-        if len(states) == self.dp_size and states[self.dp_rank]["fingerprint"] == self._fingerprint():
+        theirs = states[self.dp_rank]["fingerprint"] if len(states) == self.dp_size else None
+        if theirs is not None and not fingerprint_changes(theirs, self._fingerprint()):
             self.load_state_dict(states[self.dp_rank])
             return "data position restored exactly"
         base = epochs_from_json(saved["base"])
@@ -325,13 +364,14 @@ class PairLoader:
                  for s, w, e in tasks[share[0]::share[1]]]
         mine = epochs_to_json(merge_epochs(found))
         parts = gather(mine) if gather is not None else [mine]
-        consumed = merge_epochs([base] + [epochs_from_json(p) for p in parts])
+        ahead = [epochs_from_json(r.get("ahead", {})) for r in ranks]  # taken from look-ahead buffers
+        consumed = merge_epochs([base] + [epochs_from_json(p) for p in parts] + ahead)
         self.base = {e: s for e, s in consumed.items() if e >= start}
+        self.ahead = {}
         self._take_counters(ranks)
         self._reset_epoch(start)
         old = ranks[0]["fingerprint"]
-        changed = ", ".join(f"{k} {old.get(k)} -> {v}" for k, v in self._fingerprint().items()
-                            if k != "dp_rank" and old.get(k) != v)
+        changed = ", ".join(d for d in fingerprint_changes(old, self._fingerprint()) if not d.startswith("dp_rank "))
         sizes = {self.keys[u]: n for u, n in self.expected.items()}
         done = self.base[start].count(sizes) if start in self.base else 0
         done_text = f"{done} samples" if done is not None else "the samples"
@@ -357,12 +397,12 @@ class PairLoader:
         return dict(self._last)
 
     # -- iteration ------------------------------------------------------------------------
-    def _epoch_items(self) -> Iterator[_Item]:
+    def _epoch_items(self, pairs: bool) -> Iterator[_Item]:
         consumed = self.base.get(self.epoch)
         plans = plan_streams(self.urls, self.epoch, self.config.seed, self.dp_rank, self.dp_size,
                              self.num_streams, self.loading.shuffle_shards, consumed, self.keys)
         dataset = _EpochStreams(self.config, self.loading, self.builder, plans, self.epoch, self.dp_rank,
-                                list(self._pos), list(self._done), self.expected, consumed, self.keys)
+                                list(self._pos), list(self._done), self.expected, consumed, self.keys, pairs)
         if self.config.num_workers == 0:
             return iter(dataset)
         loader = torch.utils.data.DataLoader(
@@ -384,9 +424,24 @@ class PairLoader:
         return after
 
     def __iter__(self) -> Iterator[PairBatch]:
+        for item, _ in self._items(pairs=False):
+            item.batch.epoch = item.epoch
+            yield item.batch
+
+    def iter_pairs(self) -> Iterator[LoadedPair]:
+        """The streams' pairs one at a time, in the loader's fixed order; pairs the state
+        names ``ahead`` come marked ``done``."""
+        for item, before in self._items(pairs=True):
+            ahead = self.ahead.get(item.epoch, SampleSet())
+            done = ahead.has(*item.sample)
+            ahead.discard(*item.sample)
+            yield LoadedPair(item.pair, item.epoch, item.sample, before, done)
+
+    def _items(self, pairs: bool) -> Iterator[Tuple[_Item, dict]]:
+        """Every stream's batches (or pairs) round-robin, each with the position before it."""
         pending: Counter = Counter()
         while self.loading.epochs is None or self.epoch < self.loading.epochs:
-            items = self._epoch_items()
+            items = self._epoch_items(pairs)
             buffers = [deque() for _ in range(self.num_streams)]
             if self._done[self._next]:
                 self._next = self._next_active(self._next)
@@ -401,6 +456,7 @@ class PairLoader:
                         raise UserError(item.message)
                     buffers[item.stream].append(item)
                 item = buffers[w].popleft()
+                before = self.position() if pairs and item.kind == "pair" else {}
                 pending.update(item.skips)
                 self._totals.update(item.skips)
                 self._pos[w] = item.pos
@@ -410,12 +466,11 @@ class PairLoader:
                     continue
                 self._next = self._next_active(w)
                 self._epoch_batches += 1
-                self.micro_batches += 1
-                self.pairs += item.batch.num_pairs
-                item.batch.epoch = self.epoch
+                self.micro_batches += 0 if pairs else 1
+                self.pairs += 1 if pairs else item.batch.num_pairs
                 self._last = dict(pending)
                 pending.clear()
-                yield item.batch
+                yield item, before
             del items
             # An endless stream that finds nothing would spin; a finite read (the reference
             # tool's one pass over a shard) may be empty. A resumed epoch may have nothing left.
@@ -425,7 +480,7 @@ class PairLoader:
                     f"the shards yielded no usable sample for data-parallel rank {self.dp_rank}/{self.dp_size} "
                     f"in epoch {self.epoch} ({len(self.urls)} shards; skip counts: {counts})"
                 )
-            self.base.pop(self.epoch, None)
+            # ``base`` stays (all ranks' states share one copy); a later layout change prunes it.
             self._reset_epoch(self.epoch + 1)
 
 

@@ -145,6 +145,8 @@ def loader_plan(cfg: RunConfig, model_config, *, for_reference: bool = False) ->
 
 
 def build_loader(cfg: RunConfig, model_config, tok, layout: Layout):
+    """This rank's training micro-batches: balanced steps (``data.balance``, several
+    data-parallel ranks), else the loader's micro-batches as they come."""
     from megatron_mpo.data import build_loader as build
 
     if not cfg.data.ref_logps:
@@ -152,8 +154,32 @@ def build_loader(cfg: RunConfig, model_config, tok, layout: Layout):
             "set data.ref_logps: MPO needs reference log-probs; compute them with "
             "megatron-mpo reference first"
         )
-    return build(loader_data(cfg, model_config), loader_plan(cfg, model_config), tok, dp_rank=layout.data_rank,
-                 dp_size=layout.data)
+    loader = build(loader_data(cfg, model_config), loader_plan(cfg, model_config), tok, dp_rank=layout.data_rank,
+                   dp_size=layout.data)
+    if not cfg.data.balance or layout.data == 1:
+        return loader
+    from megatron_mpo.data.balanced_loader import BalancedLoader
+    from megatron_mpo.training.flops import FlopCounter
+
+    counter = FlopCounter(model_config, frozen=cfg.model.freeze, fp8=cfg.precision.fp8 is not None)
+    micro_batches = cfg.train.global_batch // (cfg.train.micro_batch * layout.data)  # schedule.micro_batches_per_step
+    return BalancedLoader(loader, counter.pair_costs(packing_layout(cfg) == "packed"), cfg.train.global_batch,
+                          micro_batches, cfg.data.balance_lookahead, _gather_rows(layout.data_group))
+
+
+def _gather_rows(group):
+    """All-gather one equal-length list of floats per rank of ``group``, in rank order."""
+    import torch
+
+    from megatron_mpo.platform import collective_device
+
+    def gather(row: list) -> list:
+        mine = torch.tensor(row, dtype=torch.float64, device=collective_device(group))
+        rows = [torch.empty_like(mine) for _ in range(torch.distributed.get_world_size(group))]
+        torch.distributed.all_gather(rows, mine, group=group)
+        return [r.tolist() for r in rows]
+
+    return gather
 
 
 def reference_fingerprint(cfg: RunConfig, model_config) -> dict:

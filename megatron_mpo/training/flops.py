@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 import torch
 
 from megatron_mpo import platform
+from megatron_mpo.data.balance import CostModel
 
 __all__ = ["FlopCounter", "Peak", "device_peak", "nominal_peak", "measure_matmul_peak", "NOMINAL_PEAKS"]
 
@@ -215,6 +216,13 @@ class FlopCounter:
         else:
             llm = tokens * self.llm_linear_flops_per_token() + attended * self.llm_score_flops_per_key()
         return llm + scored * self.logits_flops_per_token() + tiles * self.vision_flops_per_tile()
+
+    def pair_costs(self, packed: bool) -> CostModel:
+        """These FLOP terms per pair, for balancing steps before the model runs
+        (:mod:`megatron_mpo.data.balance`): a pair collated alone costs what :meth:`step_flops`
+        counts for it."""
+        return CostModel(position=self.llm_linear_flops_per_token(), key=self.llm_score_flops_per_key(),
+                         scored=self.logits_flops_per_token(), tile=self.vision_flops_per_tile(), packed=packed)
 
     def peak(self) -> "Peak":
         """The FLOP/s one process counts MFU against (looked up or measured once)."""

@@ -152,8 +152,10 @@ def make_forward_step(
             # Before any update policy == reference: this is ~0 when the sidecars are right.
             gaps = torch.cat([(chosen - ref_c).abs(), (rejected - ref_r).abs()])
             tokens = torch.cat([n_chosen, n_rejected]).float().clamp(min=1)
-            metrics = {**metrics, **collected, "abs_logratio": gaps.mean().detach(),
-                       "abs_logratio_per_token": (gaps / tokens).mean().detach()}
+            # Response means over the step (a share of them per micro-batch, as the losses).
+            responses = 2 * step.pairs if step is not None and step.pairs is not None else gaps.numel()
+            metrics = {**metrics, **collected, "abs_logratio": gaps.sum().detach() / responses,
+                       "abs_logratio_per_token": (gaps / tokens).sum().detach() / responses}
             return loss, metrics
 
         return output, loss_func

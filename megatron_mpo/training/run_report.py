@@ -91,6 +91,7 @@ def banner(cfg: RunConfig, layout: Layout, *, total_steps: int, start_step: int,
         f"{BANNER_TITLE}: {data}; {total_steps} steps of {per_step} pairs{epochs}{start}",
         f"  layout: {world} process{'es' if world > 1 else ''} = TP {layout.tensor} x PP {layout.pipeline} x "
         f"DP {layout.data}; EP {layout.expert} (of DP); VP {vp}; SP {sp}",
+        *([_steps_line(cfg)] if layout.data > 1 else []),
         f"  template: {template} ({template_source})",
         *([f"  tiling: {tiling}"] if tiling is not None else []),
         f"  precision: {precision}; rows: {rows}; mfu against {mfu_peak}",
@@ -99,6 +100,14 @@ def banner(cfg: RunConfig, layout: Layout, *, total_steps: int, start_step: int,
     if speed is not None:
         lines.append(f"  speed: {speed}")
     return "\n".join(lines)
+
+
+def _steps_line(cfg: RunConfig) -> str:
+    """How a step's pairs are split over the data-parallel ranks."""
+    if cfg.data.balance:
+        return (f"  steps: balanced over the data-parallel ranks by cost (data.balance; each rank reads "
+                f"{cfg.data.balance_lookahead} pairs ahead)")
+    return "  steps: each data-parallel rank takes its next pairs as they come (data.balance off)"
 
 
 def saved_line(step: int, seconds: float) -> str:

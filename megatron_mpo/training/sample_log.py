@@ -43,7 +43,7 @@ class SampleLog:
         if self._file is None:
             return
         record = {"step": step, "applied": applied,
-                  "epoch": [b.epoch for b in batches for _ in b.keys],
+                  "epoch": [e for b in batches for e in b.pair_epochs()],
                   "keys": [k for b in batches for k in b.keys]}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
