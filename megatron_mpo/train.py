@@ -83,8 +83,6 @@ def train(cfg: RunConfig) -> dict:
     chunks = model_setup.build_model_chunks(cfg, model_config, layout, speed=speed)
     manager = ckpt_lib.CheckpointManager(cfg.checkpoint.save, cfg.checkpoint.keep_last,
                                          cfg.checkpoint.optimizer_format) if cfg.checkpoint.save else None
-    if manager is not None:
-        ckpt_lib.start_writer()
     resume_from = resolve_resume(cfg, manager)
     if cfg.model.init and resume_from is None:  # a resumed run loads its weights below
         ckpt_lib.load_model_weights(cfg.model.init, chunks)

@@ -81,10 +81,6 @@ class BalancedLoader:
         ahead = merge_epochs([trained, self.loader.ahead])
         return self.loader.state_dict(at=head.loaded.before if head is not None else None, ahead=ahead)
 
-    def load_state_dict(self, state: dict) -> None:
-        self.loader.load_state_dict(state)
-        self._window.clear()
-
     def resume(self, saved: dict, share=(0, 1), gather=None, allow_changed_data: bool = False) -> str:
         """:meth:`PairLoader.resume` of the wrapped loader (its buffer starts empty)."""
         line = self.loader.resume(saved, share, gather, allow_changed_data)
@@ -94,10 +90,6 @@ class BalancedLoader:
     @property
     def skip_counts(self) -> Dict[str, int]:
         return self.loader.skip_counts
-
-    @property
-    def last_skip_counts(self) -> Dict[str, int]:
-        return self.loader.last_skip_counts
 
     # -- iteration ------------------------------------------------------------------------
     def __iter__(self) -> Iterator[PairBatch]:

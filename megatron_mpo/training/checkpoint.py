@@ -217,12 +217,6 @@ def _apply_model_state(chunks: Sequence[torch.nn.Module], state: dict) -> Option
     return None
 
 
-def start_writer() -> None:
-    """Set up the checkpoint writer's result queue now, at start-up (see
-    :func:`_ensure_writer_queue`)."""
-    _ensure_writer_queue()
-
-
 def _ensure_writer_queue() -> None:
     """Give megatron-core's torch_dist writer an in-process result queue.
 
